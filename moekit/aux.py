@@ -1,0 +1,73 @@
+"""MoEAux: what one MoE forward reports besides its output (returned, never stored)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from moekit.dispatch.local import DispatchPlan
+from moekit.losses import load_balance_loss, router_z_loss
+from moekit.routing import Routing
+
+
+class MoEAux(NamedTuple):
+    """Losses and routing statistics of one MoE forward, over the T routed tokens.
+
+    loss:              scalar, balance_loss_weight * balance_loss + z_loss_weight * z_loss
+                       (add it to the task loss). Zero when losses are off (see below).
+    balance_loss:      scalar, unweighted E * sum_i f_i * P_i.
+    z_loss:            scalar, unweighted mean_t logsumexp(logits_t)^2.
+    router_logits:     [T, E] router dtype (float32, or float64 for float64 inputs).
+    router_probs:      [T, E] the router's per-token distribution over experts.
+    expert_indices:    [T, K] int64.
+    expert_weights:    [T, K] combine weights before capacity drops.
+    tokens_per_expert: [E] int64 assignments each expert processed (after capacity).
+    dropped_fraction:  0-dim float32, fraction of the T*K assignments dropped.
+    """
+
+    loss: torch.Tensor
+    balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+    router_logits: torch.Tensor
+    router_probs: torch.Tensor
+    expert_indices: torch.Tensor
+    expert_weights: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped_fraction: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        """Plain floats: load_max_over_mean and load_cv of tokens_per_expert
+        (NaN when no tokens), router_entropy (mean per-token entropy of
+        router_probs, in nats), dropped_fraction, and the three losses."""
+        load = self.tokens_per_expert.double()
+        mean = load.mean().item()
+        no_load = mean == 0 or load.numel() == 0
+        probs = self.router_probs.detach().double()
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean().item() \
+            if probs.shape[0] else math.nan
+        return {
+            "load_max_over_mean": math.nan if no_load else load.max().item() / mean,
+            "load_cv": math.nan if no_load else load.std(unbiased=False).item() / mean,
+            "router_entropy": entropy,
+            "dropped_fraction": float(self.dropped_fraction),
+            "loss": float(self.loss.detach()),
+            "balance_loss": float(self.balance_loss.detach()),
+            "z_loss": float(self.z_loss.detach()),
+        }
+
+
+def moe_aux(routing: Routing, plan: DispatchPlan, balance_loss_weight: float,
+            z_loss_weight: float, compute_losses: bool) -> MoEAux:
+    """Assemble MoEAux. With compute_losses False (eval or no_grad) the losses are
+    detached zeros and nothing is computed for them."""
+    logits_TE, probs_TE = routing.router_logits, routing.router_probs
+    if compute_losses:
+        balance = load_balance_loss(probs_TE, routing.expert_indices)
+        z = router_z_loss(logits_TE)
+        loss = balance_loss_weight * balance + z_loss_weight * z
+    else:
+        balance = z = loss = torch.zeros((), dtype=logits_TE.dtype, device=logits_TE.device)
+    return MoEAux(loss, balance, z, logits_TE, probs_TE, routing.expert_indices,
+                  routing.expert_weights, plan.counts_E, plan.dropped_fraction)

@@ -1,0 +1,54 @@
+"""Expert capacity and the token-dropping policies.
+
+Capacity (GShard, Switch Transformer): C = max(min_capacity, ceil(factor * T * k / E)),
+clamped to T since an expert can take each token at most once.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+from moekit.config import DROP_POLICIES
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
+                    capacity_factor: float, min_capacity: int = 0) -> int:
+    """Assignments one expert may take. Exact rational math, so that
+    1.1 * 10 tokens is capacity 11, not 12 from a float rounding error."""
+    if capacity_factor <= 0 or not math.isfinite(capacity_factor):
+        raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor}")
+    exact = Fraction(repr(float(capacity_factor))) * num_tokens * top_k / num_experts
+    return min(num_tokens, max(min_capacity, math.ceil(exact)))
+
+
+def capacity_keep_mask(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
+                       capacity: int, drop_policy: str = "position") -> torch.Tensor:
+    """Which assignments survive capacity: bool [T, K], True = kept.
+
+    Each expert keeps its first ``capacity`` assignments in priority order:
+    - "position": all first choices before any second choice, then earlier
+      tokens first (GShard, Switch);
+    - "score": highest combine weight first, ties broken by position order.
+    Not differentiable (a mask).
+    """
+    if drop_policy not in DROP_POLICIES:
+        raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+    num_tokens, top_k = ids_TK.shape
+    # Flatten choice-major: assignment j * T + t, which is the position order.
+    ids_A = ids_TK.t().reshape(-1)
+    priority_A = torch.arange(ids_A.numel(), device=ids_A.device)
+    if drop_policy == "score":
+        priority_A = torch.argsort(-weights_TK.detach().t().reshape(-1), stable=True)
+    ids_by_priority = ids_A[priority_A]
+    by_expert = torch.argsort(ids_by_priority, stable=True)
+    counts_E = torch.bincount(ids_A, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_in_expert = torch.arange(ids_A.numel(), device=ids_A.device) - starts_E[ids_by_priority[by_expert]]
+    keep_by_priority = torch.empty_like(ids_A, dtype=torch.bool)
+    keep_by_priority[by_expert] = rank_in_expert < capacity
+    keep_A = torch.empty_like(keep_by_priority)
+    keep_A[priority_A] = keep_by_priority
+    return keep_A.view(top_k, num_tokens).t()

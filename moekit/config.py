@@ -1,0 +1,177 @@
+"""MoEConfig: the one frozen, validated description of an MoE layer.
+
+Every field is checked in ``__post_init__``; a bad value raises ``TypeError``
+(wrong kind of value) or ``ValueError`` (right kind, bad value) whose message
+names the field, the value and what is allowed. ``dataclasses.replace`` re-runs
+the checks, so a derived config is as safe as a fresh one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+ROUTERS = ("topk",)
+SCORE_FUNCS = ("softmax", "sigmoid")
+ROUTER_NOISES = ("none", "jitter", "gaussian")
+DROP_POLICIES = ("position", "score")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+EXPERTS_BACKENDS = ("auto", "grouped_mm", "loop")
+
+# A capacity factor this large is a typo, not a wish: capacity is clamped to the
+# token count anyway, so anything above num_experts can never change the result.
+MAX_CAPACITY_FACTOR = 1000.0
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _require_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+
+
+def _require_float(name: str, value: Any, minimum: float, maximum: float = math.inf,
+                   *, open_minimum: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    too_low = value <= minimum if open_minimum else value < minimum
+    if not math.isfinite(value) or too_low or value > maximum:
+        low = f"> {minimum}" if open_minimum else f">= {minimum}"
+        high = "" if math.isinf(maximum) else f" and <= {maximum}"
+        raise ValueError(f"{name} must be a finite number {low}{high}, got {value}")
+
+
+def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Configuration of one MoE layer (see the README's config table).
+
+    Sizes
+        dim: model width D. expert_dim: hidden width F of each expert.
+        num_experts: E routed experts. top_k: k experts per token, 1 <= k <= E.
+    Router
+        router: routing strategy ("topk").
+        score_func: "softmax" or "sigmoid" scores over the E router logits.
+        normalize_topk: renormalise the k selected scores to sum to 1 (for
+            softmax this is softmax over the top-k logits); False keeps the raw
+            selected scores (Switch Transformer, Qwen2-MoE).
+        route_scale: constant multiplier on the combine weights.
+        router_noise: "none", "jitter" (multiplicative uniform noise of width
+            jitter_eps on the router input, Switch) or "gaussian" (noisy top-k,
+            Shazeer et al. 2017). Noise is applied in training mode only.
+        router_bias: add a learned bias to the router logits.
+    Capacity
+        capacity_factor: None (default) is dropless; otherwise each expert takes
+            at most C = max(min_capacity, ceil(capacity_factor * T * k / E))
+            assignments, and the rest are dropped by drop_policy ("position":
+            first choices before second choices, then earlier tokens first;
+            "score": highest combine weight first).
+    Experts
+        activation: "swiglu" (default), "geglu", "gelu", "relu" or "silu".
+        bias: learned biases in the expert projections (off, as in most LLMs).
+        num_shared_experts / shared_expert_dim / shared_expert_gate: experts
+            that see every token, as in DeepSeek and Qwen2-MoE; their hidden
+            width is num_shared_experts * shared_expert_dim (default expert_dim).
+        experts_backend: "auto" picks grouped_mm where it is exact and falls
+            back to a per-expert loop otherwise; "grouped_mm" or "loop" force one.
+    Losses
+        balance_loss_weight: alpha in alpha * E * sum_i f_i * P_i.
+        z_loss_weight: beta in beta * mean_t logsumexp(logits_t)^2 (ST-MoE).
+    Checks
+        check_finite: raise if the input holds NaN or Inf (costs a sync).
+    """
+
+    dim: int
+    expert_dim: int
+    num_experts: int
+    top_k: int = 2
+    router: str = "topk"
+    score_func: str = "softmax"
+    normalize_topk: bool = True
+    route_scale: float = 1.0
+    router_noise: str = "none"
+    jitter_eps: float = 0.01
+    router_bias: bool = False
+    capacity_factor: float | None = None
+    min_capacity: int = 0
+    drop_policy: str = "position"
+    activation: str = "swiglu"
+    bias: bool = False
+    num_shared_experts: int = 0
+    shared_expert_dim: int | None = None
+    shared_expert_gate: bool = False
+    experts_backend: str = "auto"
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    check_finite: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "expert_dim", "num_experts", "top_k"):
+            _require_int(name, getattr(self, name), 1)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k must be <= num_experts ({self.num_experts}), got {self.top_k}")
+        _require_choice("router", self.router, ROUTERS)
+        _require_choice("score_func", self.score_func, SCORE_FUNCS)
+        _require_bool("normalize_topk", self.normalize_topk)
+        _require_float("route_scale", self.route_scale, 0.0, open_minimum=True)
+        _require_choice("router_noise", self.router_noise, ROUTER_NOISES)
+        _require_float("jitter_eps", self.jitter_eps, 0.0, 1.0)
+        _require_bool("router_bias", self.router_bias)
+        if self.capacity_factor is not None:
+            _require_float("capacity_factor", self.capacity_factor, 0.0, MAX_CAPACITY_FACTOR,
+                           open_minimum=True)
+        _require_int("min_capacity", self.min_capacity, 0)
+        _require_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        _require_choice("activation", self.activation, ACTIVATIONS)
+        _require_bool("bias", self.bias)
+        _require_int("num_shared_experts", self.num_shared_experts, 0)
+        if self.shared_expert_dim is not None:
+            _require_int("shared_expert_dim", self.shared_expert_dim, 1)
+        _require_bool("shared_expert_gate", self.shared_expert_gate)
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1, got 0")
+        _require_choice("experts_backend", self.experts_backend, EXPERTS_BACKENDS)
+        _require_float("balance_loss_weight", self.balance_loss_weight, 0.0)
+        _require_float("z_loss_weight", self.z_loss_weight, 0.0)
+        _require_bool("check_finite", self.check_finite)
+
+    @property
+    def is_gated(self) -> bool:
+        """True when the activation multiplies a gate by an up projection."""
+        return self.activation in ("swiglu", "geglu")
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity_factor is None
+
+    @property
+    def shared_hidden_dim(self) -> int:
+        """Hidden width of the merged shared experts (0 when there are none)."""
+        per_expert = self.shared_expert_dim or self.expert_dim
+        return self.num_shared_experts * per_expert
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MoEConfig":
+        """Inverse of ``to_dict``; an unknown key is an error, not ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MoEConfig field(s): {', '.join(unknown)}")
+        return cls(**values)

@@ -1,0 +1,74 @@
+"""Single-process dispatch: sort assignments by expert, gather, and combine back.
+
+dispatch: x_TD [T, D] + Routing -> rows_RD [R, D] grouped by expert, counts_E [E]
+combine:  out_RD [R, D] -> y_TD [T, D] = sum_j w_tj * out(t, j), in fixed order.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from moekit.dispatch.permute import permute_tokens, unpermute
+from moekit.routing import Routing
+
+
+class DispatchPlan(NamedTuple):
+    """What combine needs to undo a dispatch.
+
+    order_R:   [R] int64 flat assignment index (t * K + j) of each dispatched row.
+    counts_E:  [E] int64 rows per expert (after capacity).
+    weights_TK:[T, K] combine weights, 0 where an assignment was dropped.
+    kept_TK:   [T, K] bool, or None when nothing can be dropped.
+    """
+
+    order_R: torch.Tensor
+    counts_E: torch.Tensor
+    weights_TK: torch.Tensor
+    kept_TK: torch.Tensor | None
+
+    @property
+    def dropped_fraction(self) -> torch.Tensor:
+        """Fraction of the T*K assignments dropped (0-dim float32)."""
+        if self.kept_TK is None or self.kept_TK.numel() == 0:
+            return torch.zeros((), device=self.counts_E.device)
+        return 1.0 - self.kept_TK.float().mean()
+
+
+class LocalDispatcher:
+    """Dropless dispatch in one process. Stateless; subclasses decide what to drop."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+
+    def keep_mask(self, routing: Routing) -> torch.Tensor | None:
+        """bool [T, K] of assignments to keep, or None to keep all (dropless)."""
+        return None
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
+        """Rows grouped by expert (stable: by token, then choice, within an expert)."""
+        ids_A = routing.expert_indices.reshape(-1)
+        kept_TK = self.keep_mask(routing)
+        weights_TK = routing.expert_weights
+        if kept_TK is None:
+            order_R = torch.argsort(ids_A, stable=True)
+            counts_E = torch.bincount(ids_A, minlength=self.num_experts)
+        else:
+            kept_A = kept_TK.reshape(-1)
+            # Dropped assignments sort last under the sentinel id E, then are cut off.
+            sort_key_A = torch.where(kept_A, ids_A, self.num_experts)
+            counts_E = torch.bincount(ids_A[kept_A], minlength=self.num_experts)
+            order_R = torch.argsort(sort_key_A, stable=True)[: int(counts_E.sum())]
+            weights_TK = weights_TK * kept_TK
+        rows_RD = permute_tokens(x_TD, order_R, routing.top_k)
+        return rows_RD, DispatchPlan(order_R, counts_E, weights_TK, kept_TK)
+
+    def combine(self, out_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """y_TD [T, D] in out_RD's dtype; the weighted sum over K runs in the
+        combine weights' dtype (float32 for half inputs) in a fixed order."""
+        num_tokens, top_k = plan.weights_TK.shape
+        out_AD = unpermute(out_RD, plan.order_R, num_tokens * top_k)
+        out_TKD = out_AD.view(num_tokens, top_k, -1).to(plan.weights_TK.dtype)
+        y_TD = torch.bmm(plan.weights_TK.unsqueeze(1), out_TKD).squeeze(1)
+        return y_TD.to(out_RD.dtype)

@@ -1,0 +1,10 @@
+"""Expert backends: forward(rows_RD, counts_E) -> out_RD, plus shared experts."""
+
+from moekit.experts.activations import apply_activation
+from moekit.experts.grouped import grouped_matmul, grouped_mm_supports
+from moekit.experts.loop import loop_matmul
+from moekit.experts.shared import SharedExperts
+from moekit.experts.stacked import Experts
+
+__all__ = ["Experts", "SharedExperts", "apply_activation", "grouped_matmul",
+           "grouped_mm_supports", "loop_matmul"]

@@ -1,0 +1,62 @@
+"""A safe wrapper around ``torch.nn.functional.grouped_mm``.
+
+It hides the operator's traps (torch 2.13, CPU): offsets must be int32; sizes
+must be 16-byte aligned; rows past the last offset are left uninitialised in
+the output and the input gradient; an expanded (stride-0) upstream gradient
+crashes its backward; float64 is unsupported. ``grouped_mm_supports`` says when
+the operator can be used at all; ``grouped_matmul`` makes the rest safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_INT32_MAX = 2**31 - 1
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_mm_supports(dtype: torch.dtype, *sizes: int) -> bool:
+    """True when grouped_mm handles this dtype and every size is 16-byte aligned."""
+    if not hasattr(F, "grouped_mm") or dtype not in _SUPPORTED_DTYPES:
+        return False
+    multiple = 16 // torch.empty((), dtype=dtype).element_size()
+    return all(size % multiple == 0 for size in sizes)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def grouped_matmul(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    """y_RO where rows of expert e are x_RI[rows of e] @ w_EOI[e].T, via grouped_mm.
+
+    counts_E: rows per expert as Python ints summing to at most R. Rows past
+    the last group never reach the operator: they are 0 in the output and get 0
+    gradient. Same contract as ``loop_matmul``; check ``grouped_mm_supports``
+    first.
+    """
+    total = sum(counts_E)
+    if total > _INT32_MAX:
+        raise ValueError(f"grouped_mm offsets are int32; {total} rows exceed {_INT32_MAX}")
+    out_features = w_EOI.shape[1]
+    if total == 0:
+        # An exact 0 (a sum over nothing) keeps the output in the graph of both
+        # inputs, so their gradients exist (as zeros) even with no rows.
+        nothing = w_EOI.reshape(-1)[:0].sum() + x_RI.reshape(-1)[:0].sum()
+        return x_RI.new_zeros(x_RI.shape[0], out_features) + nothing
+    offsets_E = torch.tensor(counts_E, dtype=torch.int64).cumsum(0).to(torch.int32)
+    y = F.grouped_mm(x_RI[:total], w_EOI.transpose(-2, -1), offs=offsets_E.to(x_RI.device))
+    y = _ContiguousGrad.apply(y)
+    tail = x_RI.shape[0] - total
+    if tail:
+        y = torch.cat([y, y.new_zeros(tail, out_features)], dim=0)
+    return y

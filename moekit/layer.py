@@ -1,0 +1,88 @@
+"""MoE: a drop-in replacement for a transformer feed-forward block.
+
+Wires router -> dispatcher -> experts (+ shared experts) and returns the
+output with an MoEAux record; the logic lives in those parts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.aux import MoEAux, moe_aux
+from moekit.config import MoEConfig
+from moekit.dispatch import build_dispatcher
+from moekit.experts import Experts, SharedExperts
+from moekit.routers import build_router
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts feed-forward layer.
+
+    forward(x [..., D], padding_mask [...] bool or None) -> (y [..., D], MoEAux).
+    y has x's shape and dtype. Padded positions (mask False) are not routed,
+    produce zeros and take no part in losses, counts or metrics; the MoEAux
+    per-token fields then cover only the real tokens, in flattened order.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.router = build_router(config)
+        self.dispatcher = build_dispatcher(config)
+        self.experts = Experts(config)
+        self.shared_experts = SharedExperts(config) if config.num_shared_experts else None
+
+    def forward(self, x: torch.Tensor,
+                padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        self._check_input(x, padding_mask)
+        x_TD = x.reshape(-1, self.config.dim)
+        if padding_mask is not None:
+            real_T = padding_mask.reshape(-1).nonzero().squeeze(1)
+            x_TD = x_TD.index_select(0, real_T)
+        routing = self.router(x_TD)
+        rows_RD, plan = self.dispatcher.dispatch(x_TD, routing)
+        out_RD = self.experts(rows_RD, plan.counts_E)
+        y_TD = self.dispatcher.combine(out_RD, plan)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        if padding_mask is not None:
+            y_TD = y_TD.new_zeros(x.numel() // self.config.dim, self.config.dim) \
+                .index_copy(0, real_T, y_TD)
+        compute_losses = self.training and torch.is_grad_enabled()
+        aux = moe_aux(routing, plan, self.config.balance_loss_weight,
+                      self.config.z_loss_weight, compute_losses)
+        return y_TD.view(x.shape), aux
+
+    def _check_input(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"x must be a floating tensor (float16/bfloat16/float32/float64), "
+                            f"got dtype {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.config.dim:
+            raise ValueError(f"x must have shape [..., dim={self.config.dim}], got {tuple(x.shape)}")
+        weight_dtype = self.experts.down_proj.dtype
+        if x.dtype != weight_dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the layer's weights are {weight_dtype}; "
+                            f"cast one to the other (e.g. moe.to({x.dtype}))")
+        if padding_mask is not None:
+            if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
+                raise TypeError("padding_mask must be a bool tensor (True = real token), got "
+                                f"{getattr(padding_mask, 'dtype', type(padding_mask).__name__)}")
+            if padding_mask.shape != x.shape[:-1]:
+                raise ValueError(f"padding_mask must have shape {tuple(x.shape[:-1])} (x's leading "
+                                 f"dims), got {tuple(padding_mask.shape)}")
+        if self.config.check_finite and not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).any(-1).sum().item()
+            raise ValueError(f"x holds NaN or Inf in {bad} token(s) (check_finite=True)")
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"dim={c.dim}, expert_dim={c.expert_dim}, num_experts={c.num_experts}, "
+                f"top_k={c.top_k}, router={c.router!r}, "
+                f"capacity_factor={c.capacity_factor}, activation={c.activation!r}")

@@ -1,0 +1,47 @@
+"""The routing decision: a plain record every router returns.
+
+Shape letters used across moekit: T tokens (after flattening), D model dim,
+F expert hidden dim, E experts, K experts per token, A = T*K assignments,
+R dispatched rows (A minus dropped assignments), C capacity per expert.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Routing(NamedTuple):
+    """Which experts each token goes to, and with what weight.
+
+    expert_indices: [T, K] int64, distinct experts per token, in [0, E).
+    expert_weights: [T, K] router dtype; combine weights (differentiable).
+    router_probs:   [T, E] router dtype; a per-token distribution over experts
+                    (softmax, or sigmoid scores renormalised to sum to 1) used by
+                    the balance loss and the entropy metric (differentiable).
+    router_logits:  [T, E] router dtype; raw logits (noise included in training),
+                    used by the z-loss (differentiable).
+    """
+
+    expert_indices: torch.Tensor
+    expert_weights: torch.Tensor
+    router_probs: torch.Tensor
+    router_logits: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_indices.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_indices.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.router_logits.shape[1]
+
+
+def router_dtype(activation_dtype: torch.dtype) -> torch.dtype:
+    """The dtype routing math runs in: float32, or float64 for float64 inputs."""
+    return torch.float64 if activation_dtype == torch.float64 else torch.float32
