@@ -12,6 +12,7 @@ from fractions import Fraction
 import torch
 
 from moekit.config import DROP_POLICIES
+from moekit.routing import expert_counts
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
@@ -44,7 +45,7 @@ def capacity_keep_mask(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_exper
         priority_A = torch.argsort(-weights_TK.detach().t().reshape(-1), stable=True)
     ids_by_priority = ids_A[priority_A]
     by_expert = torch.argsort(ids_by_priority, stable=True)
-    counts_E = torch.bincount(ids_A, minlength=num_experts)
+    counts_E = expert_counts(ids_A, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_in_expert = torch.arange(ids_A.numel(), device=ids_A.device) - starts_E[ids_by_priority[by_expert]]
     keep_by_priority = torch.empty_like(ids_A, dtype=torch.bool)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from moekit.routing import expert_counts
+
 
 def load_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
     """E * sum_i f_i * P_i (Switch Transformer, eq. 4, generalised to top-k).
@@ -17,7 +19,7 @@ def load_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Ten
     probs_TE: [T, E]; ids_TK: [T, K] int64. Differentiable in probs_TE.
     """
     num_tokens, num_experts = probs_TE.shape
-    counts_E = torch.bincount(ids_TK.reshape(-1), minlength=num_experts)
+    counts_E = expert_counts(ids_TK, num_experts)
     fraction_E = counts_E.to(probs_TE.dtype) / max(ids_TK.numel(), 1)
     mean_prob_E = probs_TE.sum(dim=0) / max(num_tokens, 1)
     return num_experts * torch.dot(fraction_E, mean_prob_E)

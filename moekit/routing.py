@@ -45,3 +45,17 @@ class Routing(NamedTuple):
 def router_dtype(activation_dtype: torch.dtype) -> torch.dtype:
     """The dtype routing math runs in: float32, or float64 for float64 inputs."""
     return torch.float64 if activation_dtype == torch.float64 else torch.float32
+
+
+def expert_counts(ids: torch.Tensor, num_experts: int,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[E] int64: how often each expert id occurs in ids (any shape), counting
+    only positions where the bool ``mask`` (ids' shape) is True, if given.
+
+    A scatter-add rather than bincount: its output shape is static, so it
+    traces under torch.compile without a graph break.
+    """
+    flat = ids.reshape(-1)
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    ones = torch.ones_like(flat) if mask is None else mask.reshape(-1).to(torch.int64)
+    return counts_E.scatter_add_(0, flat, ones)

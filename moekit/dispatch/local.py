@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from moekit.dispatch.permute import permute_tokens, unpermute
-from moekit.routing import Routing
+from moekit.routing import Routing, expert_counts
 
 
 class DispatchPlan(NamedTuple):
@@ -53,12 +53,12 @@ class LocalDispatcher:
         weights_TK = routing.expert_weights
         if kept_TK is None:
             order_R = torch.argsort(ids_A, stable=True)
-            counts_E = torch.bincount(ids_A, minlength=self.num_experts)
+            counts_E = expert_counts(ids_A, self.num_experts)
         else:
             kept_A = kept_TK.reshape(-1)
             # Dropped assignments sort last under the sentinel id E, then are cut off.
             sort_key_A = torch.where(kept_A, ids_A, self.num_experts)
-            counts_E = torch.bincount(ids_A[kept_A], minlength=self.num_experts)
+            counts_E = expert_counts(ids_A, self.num_experts, kept_A)
             order_R = torch.argsort(sort_key_A, stable=True)[: int(counts_E.sum())]
             weights_TK = weights_TK * kept_TK
         rows_RD = permute_tokens(x_TD, order_R, routing.top_k)
@@ -69,6 +69,6 @@ class LocalDispatcher:
         combine weights' dtype (float32 for half inputs) in a fixed order."""
         num_tokens, top_k = plan.weights_TK.shape
         out_AD = unpermute(out_RD, plan.order_R, num_tokens * top_k)
-        out_TKD = out_AD.view(num_tokens, top_k, -1).to(plan.weights_TK.dtype)
+        out_TKD = out_AD.view(num_tokens, top_k, out_AD.shape[1]).to(plan.weights_TK.dtype)
         y_TD = torch.bmm(plan.weights_TK.unsqueeze(1), out_TKD).squeeze(1)
         return y_TD.to(out_RD.dtype)

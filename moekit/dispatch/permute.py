@@ -23,7 +23,7 @@ class _PermuteTokens(torch.autograd.Function):
     def backward(ctx, grad_RD: torch.Tensor):
         (order_R,) = ctx.saved_tensors
         grad_AD = unpermute(grad_RD, order_R, ctx.num_tokens * ctx.top_k)
-        return grad_AD.view(ctx.num_tokens, ctx.top_k, -1).sum(dim=1), None, None
+        return grad_AD.view(ctx.num_tokens, ctx.top_k, grad_AD.shape[1]).sum(dim=1), None, None
 
 
 def permute_tokens(x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int) -> torch.Tensor:

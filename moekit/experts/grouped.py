@@ -3,7 +3,8 @@
 It hides the operator's traps (torch 2.13, CPU): offsets must be int32; sizes
 must be 16-byte aligned; rows past the last offset are left uninitialised in
 the output and the input gradient; an expanded (stride-0) upstream gradient
-crashes its backward; float64 is unsupported. ``grouped_mm_supports`` says when
+crashes its backward; float64 is unsupported; under torch.compile only
+bfloat16 traces (its meta function rejects other dtypes). ``grouped_mm_supports`` says when
 the operator can be used at all; ``grouped_matmul`` makes the rest safe.
 """
 
@@ -19,6 +20,8 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def grouped_mm_supports(dtype: torch.dtype, *sizes: int) -> bool:
     """True when grouped_mm handles this dtype and every size is 16-byte aligned."""
     if not hasattr(F, "grouped_mm") or dtype not in _SUPPORTED_DTYPES:
+        return False
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
         return False
     multiple = 16 // torch.empty((), dtype=dtype).element_size()
     return all(size % multiple == 0 for size in sizes)

@@ -1,0 +1,32 @@
+"""Shared test helpers: building layers with every parameter randomised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit
+
+
+def randomized_moe(seed: int = 0, dtype: torch.dtype = torch.float32, **fields) -> moekit.MoE:
+    """An MoE whose every parameter (biases and gates included) is random, not its init."""
+    torch.manual_seed(seed)
+    moe = moekit.MoE(moekit.MoEConfig(**fields))
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.5 if p.dim() < 2 else 1.0 / p.shape[-1] ** 0.5)
+    return moe.to(dtype)
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = ""):
+    """||actual - expected|| <= tol * max(||expected||, 1e-12), in float64."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    err = (actual - expected).norm().item()
+    scale = max(expected.norm().item(), 1e-12)
+    assert err <= tol * scale, f"{what}: relative error {err / scale:.3g} > {tol}"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    torch.manual_seed(1234)

@@ -1,0 +1,325 @@
+"""The MoE layer against the float64 per-token reference, forward and backward."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import moekit
+from tests.conftest import assert_rel_close, randomized_moe
+from tests.reference import float64_params, reference_moe
+
+
+def check_against_reference(moe: moekit.MoE, num_tokens: int, dtype=torch.float32,
+                            tol: float = 1e-5, grad_tol: float = 1e-3, seed: int = 0):
+    cfg = moe.config
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, cfg.dim, generator=gen).to(dtype).requires_grad_()
+    upstream = torch.randn(num_tokens, cfg.dim, generator=gen).to(dtype)
+    moe.train()
+    y, aux = moe(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    ((y.float() * upstream.float()).sum() + aux.loss).backward()
+
+    p = float64_params(moe)
+    x64 = x.detach().double().requires_grad_()
+    y_ref, ids_ref, keep_ref, balance_ref, z_ref, counts_ref = reference_moe(cfg, p, x64)
+    loss_ref = cfg.balance_loss_weight * balance_ref + cfg.z_loss_weight * z_ref
+    ((y_ref * upstream.double()).sum() + loss_ref).backward()
+
+    assert aux.expert_indices.tolist() == ids_ref
+    assert aux.tokens_per_expert.tolist() == counts_ref
+    assert_rel_close(y, y_ref, tol, "output")
+    if num_tokens:
+        assert_rel_close(aux.balance_loss, balance_ref.detach(), tol, "balance loss")
+        assert_rel_close(aux.z_loss, z_ref.detach(), tol, "z loss")
+    assert x.grad is not None
+    x_grad_ref = x64.grad if x64.grad is not None else torch.zeros_like(x64)
+    assert_rel_close(x.grad, x_grad_ref, grad_tol, "input grad")
+    for name, param in moe.named_parameters():
+        assert param.grad is not None, f"{name} has no gradient"
+        expected = p[name].grad if p[name].grad is not None else torch.zeros_like(p[name])
+        assert_rel_close(param.grad, expected, grad_tol, f"grad of {name}")
+    return aux
+
+
+CASES = [
+    dict(num_experts=1, top_k=1),
+    dict(num_experts=8, top_k=1),
+    dict(num_experts=8, top_k=2),
+    dict(num_experts=8, top_k=8),
+    dict(num_experts=64, top_k=8, expert_dim=12),
+    dict(num_experts=8, top_k=2, normalize_topk=False, route_scale=2.5),
+    dict(num_experts=8, top_k=1, normalize_topk=False),  # Switch
+    dict(num_experts=8, top_k=2, score_func="sigmoid"),
+    dict(num_experts=8, top_k=3, score_func="sigmoid", normalize_topk=False),
+    dict(num_experts=8, top_k=2, activation="geglu", bias=True, router_bias=True),
+    dict(num_experts=6, top_k=2, activation="gelu", bias=True),
+    dict(num_experts=6, top_k=2, activation="relu"),
+    dict(num_experts=6, top_k=2, activation="silu"),
+    dict(num_experts=8, top_k=2, num_shared_experts=2, shared_expert_dim=5),
+    dict(num_experts=8, top_k=2, num_shared_experts=1, shared_expert_gate=True, activation="gelu"),
+    dict(num_experts=8, top_k=2, z_loss_weight=0.1, balance_loss_weight=0.5),
+    dict(num_experts=8, top_k=2, capacity_factor=1.0),
+    dict(num_experts=8, top_k=2, capacity_factor=0.5, drop_policy="score"),
+    dict(num_experts=4, top_k=1, capacity_factor=1.25, min_capacity=2),
+    dict(num_experts=8, top_k=2, experts_backend="loop"),
+]
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 5, 33])
+@pytest.mark.parametrize("dim,expert_dim", [(16, 8), (7, 5)])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_matches_reference_fp32(case, num_tokens, dim, expert_dim):
+    fields = dict(dim=dim, expert_dim=expert_dim) | case
+    check_against_reference(randomized_moe(**fields), num_tokens)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_configs_match_reference(seed):
+    """Property test: random sizes and options, fp32, forward and every gradient."""
+    rnd = random.Random(seed)
+    num_experts = rnd.choice([1, 2, 3, 8, 16])
+    fields = dict(
+        dim=rnd.choice([4, 5, 8, 13]), expert_dim=rnd.choice([3, 4, 8]),
+        num_experts=num_experts, top_k=rnd.randint(1, min(num_experts, 4)),
+        score_func=rnd.choice(["softmax", "sigmoid"]), normalize_topk=rnd.random() < 0.5,
+        activation=rnd.choice(["swiglu", "geglu", "gelu", "relu", "silu"]),
+        bias=rnd.random() < 0.3, router_bias=rnd.random() < 0.3,
+        capacity_factor=rnd.choice([None, 0.5, 1.0, 2.0]),
+        drop_policy=rnd.choice(["position", "score"]),
+        num_shared_experts=rnd.choice([0, 0, 1]), z_loss_weight=rnd.choice([0.0, 0.01]),
+    )
+    check_against_reference(randomized_moe(seed=seed, **fields), rnd.choice([1, 7, 20]), seed=seed)
+
+
+@pytest.mark.parametrize("case", [dict(num_experts=8, top_k=2), dict(num_experts=64, top_k=8),
+                                  dict(num_experts=8, top_k=2, capacity_factor=1.0)])
+def test_matches_reference_bf16(case):
+    moe = randomized_moe(dtype=torch.bfloat16, dim=32, expert_dim=16, **case)
+    assert moe.experts.backend_for(torch.bfloat16) == "grouped_mm"
+    check_against_reference(moe, 33, dtype=torch.bfloat16, tol=2e-2, grad_tol=5e-2)
+
+
+def test_float64_gradcheck():
+    moe = randomized_moe(dtype=torch.float64, dim=5, expert_dim=3, num_experts=4, top_k=2,
+                         bias=True, num_shared_experts=1, z_loss_weight=0.1)
+    names = [n for n, _ in moe.named_parameters()]
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+
+    def run(x, *params):
+        y, aux = torch.func.functional_call(moe, dict(zip(names, params)), (x,))
+        return y, aux.loss
+
+    params = tuple(p.detach().clone().requires_grad_() for p in moe.parameters())
+    assert torch.autograd.gradcheck(run, (x, *params))
+
+
+def test_single_expert_equals_dense_ffn():
+    moe = randomized_moe(dim=12, expert_dim=20, num_experts=1, top_k=1)
+    x = torch.randn(2, 9, 12, requires_grad=True)
+    y, _ = moe(x)
+    w1, w2 = moe.experts.gate_up_proj[0], moe.experts.down_proj[0]
+    x_ = x.detach().clone().requires_grad_()
+    gate, up = (x_ @ w1.t()).chunk(2, dim=-1)
+    y_dense = (torch.nn.functional.silu(gate) * up) @ w2.t()
+    torch.testing.assert_close(y, y_dense)
+    g = torch.randn_like(y)
+    (grad_moe,) = torch.autograd.grad(y, x, g)
+    (grad_dense,) = torch.autograd.grad(y_dense, x_, g)
+    torch.testing.assert_close(grad_moe, grad_dense)
+
+
+@pytest.mark.parametrize("drop_policy", ["position", "score"])
+def test_dropless_equals_capacity_when_nothing_drops(drop_policy):
+    dropless = randomized_moe(dim=16, expert_dim=8, num_experts=8, top_k=2)
+    capped = randomized_moe(dim=16, expert_dim=8, num_experts=8, top_k=2, capacity_factor=8.0,
+                            drop_policy=drop_policy)
+    capped.load_state_dict(dropless.state_dict())
+    x = torch.randn(40, 16)
+    results = []
+    for moe in (dropless, capped):
+        moe.zero_grad()
+        xi = x.clone().requires_grad_()
+        y, aux = moe(xi)
+        (y.square().sum() + aux.loss).backward()
+        results.append((y, xi.grad, [p.grad for p in moe.parameters()], aux))
+    assert results[1][3].dropped_fraction.item() == 0.0
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+    for g0, g1 in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(g0, g1, rtol=0, atol=0)
+
+
+def test_all_tokens_to_one_expert():
+    moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=1)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[2, 0] = 10.0
+    x = torch.randn(20, 8)
+    x[:, 0] = x[:, 0].abs() + 1.0
+    y, aux = moe(x)
+    assert aux.expert_indices.unique().tolist() == [2]
+    assert aux.tokens_per_expert.tolist() == [0, 0, 20, 0]
+    y.sum().backward()
+    for e in (0, 1, 3):
+        assert torch.count_nonzero(moe.experts.gate_up_proj.grad[e]) == 0
+        assert torch.count_nonzero(moe.experts.down_proj.grad[e]) == 0
+    assert torch.count_nonzero(moe.experts.down_proj.grad[2]) > 0
+
+
+def test_zero_tokens_keeps_graph_and_grads():
+    moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=2, num_shared_experts=1)
+    x = torch.randn(0, 3, 8, requires_grad=True)
+    y, aux = moe(x)
+    assert y.shape == (0, 3, 8)
+    (y.sum() + aux.loss).backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    for name, p in moe.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
+    assert aux.tokens_per_expert.tolist() == [0, 0, 0, 0]
+
+
+def test_padding_mask_excludes_padded_tokens():
+    moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=2, capacity_factor=1.0)
+    x = torch.randn(2, 6, 8)
+    mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
+    y, aux = moe(x, padding_mask=mask)
+    y_real, aux_real = moe(x[mask])
+    torch.testing.assert_close(y[mask], y_real, rtol=0, atol=0)
+    assert torch.count_nonzero(y[~mask]) == 0
+    assert aux.tokens_per_expert.tolist() == aux_real.tokens_per_expert.tolist()
+    assert aux.expert_indices.shape == (9, 2)
+    torch.testing.assert_close(aux.balance_loss, aux_real.balance_loss)
+    # Garbage in the padded positions changes nothing.
+    x_garbage = x.clone()
+    x_garbage[~mask] = float("nan")
+    y_garbage, aux_garbage = moe(x_garbage, padding_mask=mask)
+    torch.testing.assert_close(y_garbage, y, rtol=0, atol=0)
+    assert aux_garbage.metrics() == aux.metrics()
+
+
+def test_nan_token_keeps_ids_valid_and_others_clean():
+    moe = randomized_moe(dim=8, expert_dim=8, num_experts=8, top_k=3)
+    x = torch.randn(10, 8)
+    y_clean, _ = moe(x)
+    x[4, 2] = float("nan")
+    x[7] = float("inf")
+    y, aux = moe(x)
+    ids = aux.expert_indices
+    assert ids.min() >= 0 and ids.max() < 8
+    assert all(len(set(row)) == 3 for row in ids.tolist())
+    clean = [t for t in range(10) if t not in (4, 7)]
+    torch.testing.assert_close(y[clean], y_clean[clean])
+
+
+def test_check_finite_raises_clearly():
+    moe = randomized_moe(dim=4, expert_dim=4, num_experts=2, top_k=1, check_finite=True)
+    x = torch.randn(3, 4)
+    moe(x)
+    x[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or Inf in 1 token"):
+        moe(x)
+
+
+def test_deterministic_and_batch_independent():
+    moe = randomized_moe(dim=16, expert_dim=8, num_experts=8, top_k=2)
+    x = torch.randn(30, 16)
+
+    def run():
+        moe.zero_grad()
+        y, aux = moe(x)
+        (y.square().sum() + aux.loss).backward()
+        return y, [p.grad.clone() for p in moe.parameters()]
+
+    (y1, g1), (y2, g2) = run(), run()
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    y_subset, _ = moe(x[:7])
+    torch.testing.assert_close(y_subset, y1[:7], rtol=1e-6, atol=1e-6)
+
+
+def test_router_runs_in_float32_for_bf16_inputs():
+    moe = randomized_moe(dtype=torch.bfloat16, dim=16, expert_dim=8, num_experts=8, top_k=2)
+    x = torch.randn(20, 16, dtype=torch.bfloat16)
+    y, aux = moe(x)
+    assert y.dtype == torch.bfloat16
+    assert aux.router_logits.dtype == torch.float32 and aux.router_probs.dtype == torch.float32
+    logits32 = x.float() @ moe.router.weight.float().t()
+    torch.testing.assert_close(aux.router_logits, logits32)
+    assert aux.expert_indices.tolist() == logits32.topk(2).indices.tolist()
+
+
+def test_losses_off_under_no_grad_and_eval():
+    moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=2, z_loss_weight=0.1)
+    x = torch.randn(10, 8)
+    _, aux = moe(x)
+    assert aux.loss.item() > 0 and aux.loss.requires_grad
+    with torch.no_grad():
+        _, aux = moe(x)
+    assert aux.loss.item() == 0 and not aux.loss.requires_grad
+    moe.eval()
+    _, aux = moe(x)
+    assert aux.loss.item() == 0 and aux.balance_loss.item() == 0
+    assert aux.metrics()["load_max_over_mean"] >= 1.0
+
+
+def test_balance_loss_gradient_reaches_router_once():
+    alpha = 0.3
+    moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=2, balance_loss_weight=alpha)
+    _, aux = moe(torch.randn(16, 8))
+    aux.loss.backward()
+    assert torch.count_nonzero(moe.router.weight.grad) > 0
+    torch.testing.assert_close(aux.loss, alpha * aux.balance_loss)
+
+
+def test_noise_only_in_training():
+    for noise in ("jitter", "gaussian"):
+        moe = randomized_moe(dim=8, expert_dim=8, num_experts=8, top_k=2, router_noise=noise,
+                             jitter_eps=0.5)
+        x = torch.randn(50, 8)
+        moe.eval()
+        _, a = moe(x)
+        _, b = moe(x)
+        assert torch.equal(a.router_logits, b.router_logits)
+        moe.train()
+        _, c = moe(x)
+        assert not torch.equal(a.router_logits, c.router_logits), noise
+
+
+def test_compiles():
+    moe = randomized_moe(dim=16, expert_dim=8, num_experts=4, top_k=2)
+    x = torch.randn(12, 16)
+    y_eager, _ = moe(x)
+    compiled = torch.compile(moe, backend="aot_eager")
+    y, aux = compiled(x)
+    torch.testing.assert_close(y, y_eager)
+    (y.sum() + aux.loss).backward()
+    assert moe.router.weight.grad is not None
+
+
+@pytest.mark.parametrize("bad_x,error,match", [
+    ("list", TypeError, "torch.Tensor"),
+    (torch.zeros(3, 8, dtype=torch.int64), TypeError, "floating tensor"),
+    (torch.zeros(3, 7), ValueError, r"dim=8\], got \(3, 7\)"),
+    (torch.zeros(3, 8, dtype=torch.float64), TypeError, "dtype torch.float64 but the layer"),
+])
+def test_bad_input_errors(bad_x, error, match):
+    moe = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, top_k=2))
+    with pytest.raises(error, match=match):
+        moe([1.0] if isinstance(bad_x, str) else bad_x)
+
+
+def test_bad_padding_mask_errors():
+    moe = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, top_k=2))
+    x = torch.zeros(2, 3, 8)
+    with pytest.raises(TypeError, match="padding_mask must be a bool tensor"):
+        moe(x, padding_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"padding_mask must have shape \(2, 3\)"):
+        moe(x, padding_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_config_must_be_moeconfig():
+    with pytest.raises(TypeError, match="config must be a MoEConfig, got dict"):
+        moekit.MoE({"dim": 8})
