@@ -323,3 +323,18 @@ def test_bad_padding_mask_errors():
 def test_config_must_be_moeconfig():
     with pytest.raises(TypeError, match="config must be a MoEConfig, got dict"):
         moekit.MoE({"dim": 8})
+
+
+def test_state_dict_round_trips_through_weights_only_load(tmp_path):
+    import json
+    moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=2, bias=True,
+                         num_shared_experts=1, shared_expert_gate=True, router_noise="gaussian")
+    torch.save(moe.state_dict(), tmp_path / "moe.pt")
+    (tmp_path / "config.json").write_text(json.dumps(moe.config.to_dict()))
+    config = moekit.MoEConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
+    restored = moekit.MoE(config)
+    restored.load_state_dict(torch.load(tmp_path / "moe.pt", weights_only=True))
+    moe.eval()
+    restored.eval()
+    x = torch.randn(10, 8)
+    assert torch.equal(moe(x)[0], restored(x)[0])

@@ -50,6 +50,8 @@ def grouped_matmul(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts_E: list[int])
     total = sum(counts_E)
     if total > _INT32_MAX:
         raise ValueError(f"grouped_mm offsets are int32; {total} rows exceed {_INT32_MAX}")
+    if total > x_RI.shape[0]:
+        raise ValueError(f"counts_E sum to {total} rows but x_RI has {x_RI.shape[0]}")
     out_features = w_EOI.shape[1]
     if total == 0:
         # An exact 0 (a sum over nothing) keeps the output in the graph of both

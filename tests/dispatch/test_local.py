@@ -36,3 +36,9 @@ def test_capacity_drops_contribute_zero():
     assert abs(plan.dropped_fraction.item() - 0.5) < 1e-7
     y = dispatcher.combine(rows, plan)
     assert y.squeeze(1).tolist() == [1.0, 0.0, 0.2]  # surviving weights are not renormalised
+
+
+def test_index_tensors_are_int64():
+    r = _routing([[2, 0], [0, 1]], [[0.5, 0.5], [0.7, 0.3]])
+    _, plan = LocalDispatcher(3).dispatch(torch.ones(2, 1, dtype=torch.float64), r)
+    assert plan.order_R.dtype == torch.int64 and plan.counts_E.dtype == torch.int64

@@ -71,3 +71,11 @@ def test_supports():
     assert grouped_mm_supports(torch.bfloat16, 16, 8)
     assert not grouped_mm_supports(torch.bfloat16, 16, 4)  # 8 bytes: unaligned
     assert not grouped_mm_supports(torch.float64, 16)
+
+
+def test_counts_beyond_int32_or_rows_are_rejected():
+    x, w = torch.randn(4, 8), torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="offsets are int32; 2147483648 rows exceed"):
+        grouped_matmul(x, w, [2**31, 0])
+    with pytest.raises(ValueError, match="counts_E sum to 5 rows but x_RI has 4"):
+        grouped_matmul(x, w, [2, 3])
