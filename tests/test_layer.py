@@ -304,6 +304,7 @@ def test_compiles():
     (torch.zeros(3, 8, dtype=torch.int64), TypeError, "floating tensor"),
     (torch.zeros(3, 7), ValueError, r"dim=8\], got \(3, 7\)"),
     (torch.zeros(3, 8, dtype=torch.float64), TypeError, "dtype torch.float64 but the layer"),
+    (torch.zeros(3, 8, device="meta"), ValueError, "x is on meta but the layer's weights are on cpu"),
 ])
 def test_bad_input_errors(bad_x, error, match):
     moe = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, top_k=2))

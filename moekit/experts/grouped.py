@@ -17,9 +17,19 @@ _INT32_MAX = 2**31 - 1
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def grouped_mm_supports(dtype: torch.dtype, *sizes: int) -> bool:
-    """True when grouped_mm handles this dtype and every size is 16-byte aligned."""
+def grouped_mm_supports(device: torch.device, dtype: torch.dtype, *sizes: int) -> bool:
+    """True when grouped_mm runs this device and dtype and every size is 16-byte aligned.
+
+    CPU: float32/bfloat16/float16. CUDA: the same from compute capability 8.0
+    (a fast kernel for bfloat16 from 9.0, a fallback otherwise). Elsewhere: no.
+    """
     if not hasattr(F, "grouped_mm") or dtype not in _SUPPORTED_DTYPES:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return False
+    elif device.type != "cpu":
         return False
     if torch.compiler.is_compiling() and dtype != torch.bfloat16:
         return False

@@ -67,21 +67,23 @@ class Experts(nn.Module):
                 nn.init.uniform_(bias, -bound, bound)
 
     def backend_for(self, dtype: torch.dtype) -> str:
-        """The matmul backend used for activations of this dtype."""
+        """The matmul backend used for activations of this dtype on this module's device."""
         choice = self.config.experts_backend
+        device = self.down_proj.device
         sizes = (self.config.dim, self.first_proj.shape[1], self.config.expert_dim)
-        supported = grouped_mm_supports(dtype, *sizes)
+        supported = grouped_mm_supports(device, dtype, *sizes)
         if choice == "grouped_mm" and not supported:
             raise ValueError(
-                f"experts_backend='grouped_mm' cannot run dtype {dtype} with sizes {sizes}: "
-                "it needs float32/bfloat16/float16 and sizes that are multiples of 16 bytes; "
-                "use experts_backend='auto' or 'loop'")
+                f"experts_backend='grouped_mm' cannot run dtype {dtype} on {device} with sizes "
+                f"{sizes}: it needs float32/bfloat16/float16 on CPU or CUDA (capability >= 8.0) "
+                "and sizes that are multiples of 16 bytes; use experts_backend='auto' or 'loop'")
         if choice != "auto":
             return choice
         backend = "grouped_mm" if supported else "loop"
         if (backend, dtype) not in self._logged_backends:
             self._logged_backends.add((backend, dtype))
-            logger.debug("moekit experts: backend %r for dtype %s, sizes %s", backend, dtype, sizes)
+            logger.debug("moekit experts: backend %r for %s on %s, sizes %s",
+                         backend, dtype, device, sizes)
         return backend
 
     def forward(self, rows_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

@@ -66,11 +66,13 @@ def test_float64_gradcheck_of_loop():
 
 
 def test_supports():
-    assert grouped_mm_supports(torch.float32, 16, 8, 4)
-    assert not grouped_mm_supports(torch.float32, 16, 6)   # 24 bytes: unaligned
-    assert grouped_mm_supports(torch.bfloat16, 16, 8)
-    assert not grouped_mm_supports(torch.bfloat16, 16, 4)  # 8 bytes: unaligned
-    assert not grouped_mm_supports(torch.float64, 16)
+    cpu = torch.device("cpu")
+    assert grouped_mm_supports(cpu, torch.float32, 16, 8, 4)
+    assert not grouped_mm_supports(cpu, torch.float32, 16, 6)   # 24 bytes: unaligned
+    assert grouped_mm_supports(cpu, torch.bfloat16, 16, 8)
+    assert not grouped_mm_supports(cpu, torch.bfloat16, 16, 4)  # 8 bytes: unaligned
+    assert not grouped_mm_supports(cpu, torch.float64, 16)
+    assert not grouped_mm_supports(torch.device("meta"), torch.float32, 16)
 
 
 def test_counts_beyond_int32_or_rows_are_rejected():

@@ -26,7 +26,7 @@ def test_auto_backend_choice():
     assert odd.backend_for(torch.float32) == "loop"
     forced = Experts(MoEConfig(dim=7, expert_dim=8, num_experts=2, top_k=1,
                                experts_backend="grouped_mm"))
-    with pytest.raises(ValueError, match=r"cannot run dtype torch.float32 with sizes \(7, 16, 8\)"):
+    with pytest.raises(ValueError, match=r"cannot run dtype torch.float32 on cpu with sizes \(7, 16, 8\)"):
         forced.backend_for(torch.float32)
 
 
