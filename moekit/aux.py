@@ -7,8 +7,9 @@ from typing import NamedTuple
 
 import torch
 
+from moekit.config import MoEConfig
 from moekit.dispatch.local import DispatchPlan
-from moekit.losses import load_balance_loss, router_z_loss
+from moekit.losses import load_balance_loss, router_z_loss, sequence_balance_loss
 from moekit.routing import Routing
 
 
@@ -17,12 +18,15 @@ class MoEAux(NamedTuple):
 
     loss:              scalar, balance_loss_weight * balance_loss + z_loss_weight * z_loss
                        (add it to the task loss). Zero when losses are off (see below).
-    balance_loss:      scalar, unweighted E * sum_i f_i * P_i.
+    balance_loss:      scalar, unweighted E * sum_i f_i * P_i (over the batch, or
+                       averaged over sequences with balance_scope="sequence").
     z_loss:            scalar, unweighted mean_t logsumexp(logits_t)^2.
     router_logits:     [T, E] router dtype (float32, or float64 for float64 inputs).
     router_probs:      [T, E] the router's per-token distribution over experts.
     expert_indices:    [T, K] int64.
     expert_weights:    [T, K] combine weights before capacity drops.
+    assignment_mask:   [T, K] bool slots that are assignments (expert choice),
+                       or None when all are.
     tokens_per_expert: [E] int64 assignments each expert processed (after capacity).
     dropped_fraction:  0-dim float32, fraction of the T*K assignments dropped.
     """
@@ -36,6 +40,7 @@ class MoEAux(NamedTuple):
     expert_weights: torch.Tensor
     tokens_per_expert: torch.Tensor
     dropped_fraction: torch.Tensor
+    assignment_mask: torch.Tensor | None = None
 
     def metrics(self) -> dict[str, float]:
         """Plain floats: load_max_over_mean and load_cv of tokens_per_expert
@@ -58,16 +63,21 @@ class MoEAux(NamedTuple):
         }
 
 
-def moe_aux(routing: Routing, plan: DispatchPlan, balance_loss_weight: float,
-            z_loss_weight: float, compute_losses: bool) -> MoEAux:
+def moe_aux(routing: Routing, plan: DispatchPlan, config: MoEConfig, compute_losses: bool,
+            sequence_T: torch.Tensor | None = None, num_sequences: int = 1) -> MoEAux:
     """Assemble MoEAux. With compute_losses False (eval or no_grad) the losses are
-    detached zeros and nothing is computed for them."""
+    detached zeros and nothing is computed for them. sequence_T [T] (sequence
+    index of each token) is needed for balance_scope="sequence"."""
     logits_TE, probs_TE = routing.router_logits, routing.router_probs
+    ids_TK, mask_TK = routing.expert_indices, routing.assignment_mask
     if compute_losses:
-        balance = load_balance_loss(probs_TE, routing.expert_indices)
+        if config.balance_scope == "sequence":
+            balance = sequence_balance_loss(probs_TE, ids_TK, sequence_T, num_sequences, mask_TK)
+        else:
+            balance = load_balance_loss(probs_TE, ids_TK, mask_TK)
         z = router_z_loss(logits_TE)
-        loss = balance_loss_weight * balance + z_loss_weight * z
+        loss = config.balance_loss_weight * balance + config.z_loss_weight * z
     else:
         balance = z = loss = torch.zeros((), dtype=logits_TE.dtype, device=logits_TE.device)
-    return MoEAux(loss, balance, z, logits_TE, probs_TE, routing.expert_indices,
-                  routing.expert_weights, plan.counts_E, plan.dropped_fraction)
+    return MoEAux(loss, balance, z, logits_TE, probs_TE, ids_TK, routing.expert_weights,
+                  plan.counts_E, plan.dropped_fraction, mask_TK)

@@ -26,9 +26,12 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
 
 
 def capacity_keep_mask(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
-                       capacity: int, drop_policy: str = "position") -> torch.Tensor:
+                       capacity: int, drop_policy: str = "position",
+                       assignment_mask_TK: torch.Tensor | None = None) -> torch.Tensor:
     """Which assignments survive capacity: bool [T, K], True = kept.
 
+    Slots outside assignment_mask_TK (if given) are not assignments: they take
+    no capacity and are never kept.
     Each expert keeps its first ``capacity`` assignments in priority order:
     - "position": all first choices before any second choice, then earlier
       tokens first (GShard, Switch);
@@ -40,16 +43,19 @@ def capacity_keep_mask(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_exper
     num_tokens, top_k = ids_TK.shape
     # Flatten choice-major: assignment j * T + t, which is the position order.
     ids_A = ids_TK.t().reshape(-1)
+    if assignment_mask_TK is not None:  # non-assignments queue for a sentinel expert E
+        ids_A = torch.where(assignment_mask_TK.t().reshape(-1), ids_A, num_experts)
     priority_A = torch.arange(ids_A.numel(), device=ids_A.device)
     if drop_policy == "score":
         priority_A = torch.argsort(-weights_TK.detach().t().reshape(-1), stable=True)
     ids_by_priority = ids_A[priority_A]
     by_expert = torch.argsort(ids_by_priority, stable=True)
-    counts_E = expert_counts(ids_A, num_experts)
+    counts_E = expert_counts(ids_A, num_experts + 1)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
-    rank_in_expert = torch.arange(ids_A.numel(), device=ids_A.device) - starts_E[ids_by_priority[by_expert]]
+    sorted_ids = ids_by_priority[by_expert]
+    rank_in_expert = torch.arange(ids_A.numel(), device=ids_A.device) - starts_E[sorted_ids]
     keep_by_priority = torch.empty_like(ids_A, dtype=torch.bool)
-    keep_by_priority[by_expert] = rank_in_expert < capacity
+    keep_by_priority[by_expert] = (rank_in_expert < capacity) & (sorted_ids < num_experts)
     keep_A = torch.empty_like(keep_by_priority)
     keep_A[priority_A] = keep_by_priority
     return keep_A.view(top_k, num_tokens).t()

@@ -13,12 +13,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-ROUTERS = ("topk",)
+ROUTERS = ("topk", "expert_choice", "hash", "balanced", "dense")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_NOISES = ("none", "jitter", "gaussian")
 DROP_POLICIES = ("position", "score")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
 EXPERTS_BACKENDS = ("auto", "grouped_mm", "loop")
+HASH_WEIGHTS = ("uniform", "router")
+BALANCE_SCOPES = ("batch", "sequence")
 
 # A capacity factor this large is a typo, not a wish: capacity is clamped to the
 # token count anyway, so anything above num_experts can never change the result.
@@ -62,7 +64,8 @@ class MoEConfig:
         dim: model width D. expert_dim: hidden width F of each expert.
         num_experts: E routed experts. top_k: k experts per token, 1 <= k <= E.
     Router
-        router: routing strategy ("topk").
+        router: routing strategy: "topk" (token choice, default), "expert_choice",
+            "hash", "balanced" or "dense" (see docs/routing.md).
         score_func: "softmax" or "sigmoid" scores over the E router logits.
         normalize_topk: renormalise the k selected scores to sum to 1 (for
             softmax this is softmax over the top-k logits); False keeps the raw
@@ -72,6 +75,14 @@ class MoEConfig:
             jitter_eps on the router input, Switch) or "gaussian" (noisy top-k,
             Shazeer et al. 2017). Noise is applied in training mode only.
         router_bias: add a learned bias to the router logits.
+        hash_seed / hash_weights: for router="hash", the seed of the fixed hash
+            and the combine weights ("uniform": 1/k each; "router": softmax of a
+            learned router's logits over the k hashed experts).
+        bias_update_rate: > 0 turns on auxiliary-loss-free balancing (DeepSeek-V3):
+            a per-expert bias buffer added to the scores for selection only.
+        num_groups / topk_groups: group-limited routing (DeepSeek-V3): experts
+            form num_groups groups; a token picks topk_groups groups by the sum
+            of each group's top-2 scores, then its top_k experts inside them.
     Capacity
         capacity_factor: None (default) is dropless; otherwise each expert takes
             at most C = max(min_capacity, ceil(capacity_factor * T * k / E))
@@ -86,8 +97,11 @@ class MoEConfig:
             width is num_shared_experts * shared_expert_dim (default expert_dim).
         experts_backend: "auto" picks grouped_mm where it is exact and falls
             back to a per-expert loop otherwise; "grouped_mm" or "loop" force one.
+        slots_per_expert: slots each expert processes in moekit.SoftMoE.
     Losses
         balance_loss_weight: alpha in alpha * E * sum_i f_i * P_i.
+        balance_scope: "batch" (f, P over all tokens) or "sequence" (per
+            sequence, then averaged: DeepSeek-V3's sequence-wise loss).
         z_loss_weight: beta in beta * mean_t logsumexp(logits_t)^2 (ST-MoE).
     Checks
         check_finite: raise if the input holds NaN or Inf (costs a sync).
@@ -104,6 +118,11 @@ class MoEConfig:
     router_noise: str = "none"
     jitter_eps: float = 0.01
     router_bias: bool = False
+    hash_seed: int = 0
+    hash_weights: str = "uniform"
+    bias_update_rate: float = 0.0
+    num_groups: int = 1
+    topk_groups: int = 1
     capacity_factor: float | None = None
     min_capacity: int = 0
     drop_policy: str = "position"
@@ -113,7 +132,9 @@ class MoEConfig:
     shared_expert_dim: int | None = None
     shared_expert_gate: bool = False
     experts_backend: str = "auto"
+    slots_per_expert: int = 1
     balance_loss_weight: float = 0.01
+    balance_scope: str = "batch"
     z_loss_weight: float = 0.0
     check_finite: bool = False
 
@@ -130,6 +151,12 @@ class MoEConfig:
         _require_choice("router_noise", self.router_noise, ROUTER_NOISES)
         _require_float("jitter_eps", self.jitter_eps, 0.0, 1.0)
         _require_bool("router_bias", self.router_bias)
+        _require_int("hash_seed", self.hash_seed, 0)
+        _require_choice("hash_weights", self.hash_weights, HASH_WEIGHTS)
+        _require_float("bias_update_rate", self.bias_update_rate, 0.0)
+        _require_int("num_groups", self.num_groups, 1)
+        _require_int("topk_groups", self.topk_groups, 1)
+        self._check_router_combination()
         if self.capacity_factor is not None:
             _require_float("capacity_factor", self.capacity_factor, 0.0, MAX_CAPACITY_FACTOR,
                            open_minimum=True)
@@ -144,9 +171,32 @@ class MoEConfig:
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1, got 0")
         _require_choice("experts_backend", self.experts_backend, EXPERTS_BACKENDS)
+        _require_int("slots_per_expert", self.slots_per_expert, 1)
         _require_float("balance_loss_weight", self.balance_loss_weight, 0.0)
+        _require_choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
         _require_float("z_loss_weight", self.z_loss_weight, 0.0)
         _require_bool("check_finite", self.check_finite)
+
+    def _check_router_combination(self) -> None:
+        """Options that only some routers understand, and their joint limits."""
+        if self.num_experts % self.num_groups:
+            raise ValueError(f"num_experts ({self.num_experts}) must be divisible by "
+                             f"num_groups, got {self.num_groups}")
+        if self.topk_groups > self.num_groups:
+            raise ValueError(f"topk_groups must be <= num_groups ({self.num_groups}), "
+                             f"got {self.topk_groups}")
+        if self.num_groups > 1:
+            available = self.topk_groups * (self.num_experts // self.num_groups)
+            if self.top_k > available:
+                raise ValueError(f"top_k ({self.top_k}) must be <= the {available} experts in "
+                                 f"topk_groups={self.topk_groups} groups of "
+                                 f"{self.num_experts // self.num_groups}")
+        if self.router != "topk" and (self.num_groups > 1 or self.bias_update_rate > 0):
+            raise ValueError(f"num_groups and bias_update_rate need router='topk', "
+                             f"got router={self.router!r}")
+        if self.router == "dense" and self.top_k != self.num_experts:
+            raise ValueError(f"router='dense' sends every token to every expert: set top_k to "
+                             f"num_experts ({self.num_experts}), got top_k={self.top_k}")
 
     @property
     def is_gated(self) -> bool:

@@ -21,10 +21,13 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class MoE(nn.Module):
     """Mixture-of-Experts feed-forward layer.
 
-    forward(x [..., D], padding_mask [...] bool or None) -> (y [..., D], MoEAux).
+    forward(x [..., D], padding_mask [...] bool or None, token_ids [...] int or None)
+    -> (y [..., D], MoEAux).
     y has x's shape and dtype. Padded positions (mask False) are not routed,
     produce zeros and take no part in losses, counts or metrics; the MoEAux
     per-token fields then cover only the real tokens, in flattened order.
+    token_ids feed router="hash" (other routers ignore them). A sequence, for
+    balance_scope="sequence", is the second-to-last dim of x (all of x if 2-D).
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -37,14 +40,18 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         self.shared_experts = SharedExperts(config) if config.num_shared_experts else None
 
-    def forward(self, x: torch.Tensor,
-                padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
-        self._check_input(x, padding_mask)
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        self._check_input(x, padding_mask, token_ids)
         x_TD = x.reshape(-1, self.config.dim)
+        token_ids_T = None if token_ids is None else token_ids.reshape(-1)
+        sequence_T, num_sequences = self._sequence_index(x)
         if padding_mask is not None:
             real_T = padding_mask.reshape(-1).nonzero().squeeze(1)
             x_TD = x_TD.index_select(0, real_T)
-        routing = self.router(x_TD)
+            token_ids_T = None if token_ids_T is None else token_ids_T.index_select(0, real_T)
+            sequence_T = None if sequence_T is None else sequence_T.index_select(0, real_T)
+        routing = self.router(x_TD, token_ids_T)
         rows_RD, plan = self.dispatcher.dispatch(x_TD, routing)
         out_RD = self.experts(rows_RD, plan.counts_E)
         y_TD = self.dispatcher.combine(out_RD, plan)
@@ -54,11 +61,22 @@ class MoE(nn.Module):
             y_TD = y_TD.new_zeros(x.numel() // self.config.dim, self.config.dim) \
                 .index_copy(0, real_T, y_TD)
         compute_losses = self.training and torch.is_grad_enabled()
-        aux = moe_aux(routing, plan, self.config.balance_loss_weight,
-                      self.config.z_loss_weight, compute_losses)
+        aux = moe_aux(routing, plan, self.config, compute_losses, sequence_T, num_sequences)
         return y_TD.view(x.shape), aux
 
-    def _check_input(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
+    def _sequence_index(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """[T] sequence index of every token, and the number of sequences, when
+        balance_scope="sequence" (else None, 1)."""
+        if self.config.balance_scope != "sequence":
+            return None, 1
+        num_tokens = x.numel() // self.config.dim
+        seq_len = x.shape[-2] if x.dim() >= 3 else num_tokens
+        num_sequences = num_tokens // seq_len if seq_len else 0
+        sequence_T = torch.arange(num_tokens, device=x.device) // max(seq_len, 1)
+        return sequence_T, num_sequences
+
+    def _check_input(self, x: torch.Tensor, padding_mask: torch.Tensor | None,
+                     token_ids: torch.Tensor | None) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in _FLOAT_DTYPES:
@@ -79,6 +97,16 @@ class MoE(nn.Module):
             if padding_mask.shape != x.shape[:-1]:
                 raise ValueError(f"padding_mask must have shape {tuple(x.shape[:-1])} (x's leading "
                                  f"dims), got {tuple(padding_mask.shape)}")
+        if token_ids is not None:
+            if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point() \
+                    or token_ids.is_complex() or token_ids.dtype == torch.bool:
+                raise TypeError("token_ids must be an integer tensor, got "
+                                f"{getattr(token_ids, 'dtype', type(token_ids).__name__)}")
+            if token_ids.shape != x.shape[:-1]:
+                raise ValueError(f"token_ids must have shape {tuple(x.shape[:-1])} (x's leading "
+                                 f"dims), got {tuple(token_ids.shape)}")
+            if token_ids.numel() and int(token_ids.min()) < 0:
+                raise ValueError(f"token_ids must be >= 0, got {int(token_ids.min())}")
         if self.config.check_finite and not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).any(-1).sum().item()
             raise ValueError(f"x holds NaN or Inf in {bad} token(s) (check_finite=True)")

@@ -22,12 +22,17 @@ class Routing(NamedTuple):
                     the balance loss and the entropy metric (differentiable).
     router_logits:  [T, E] router dtype; raw logits (noise included in training),
                     used by the z-loss (differentiable).
+    assignment_mask:[T, K] bool or None. For routers where a token gets a
+                    variable number of experts (expert choice), K = E slots and
+                    False marks slots that are not assignments; None means every
+                    one of the K slots is an assignment.
     """
 
     expert_indices: torch.Tensor
     expert_weights: torch.Tensor
     router_probs: torch.Tensor
     router_logits: torch.Tensor
+    assignment_mask: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

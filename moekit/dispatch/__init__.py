@@ -9,8 +9,9 @@ from moekit.dispatch.permute import permute_tokens, unpermute
 
 
 def build_dispatcher(config: MoEConfig) -> LocalDispatcher:
-    """Dropless when capacity_factor is None, capacity-limited otherwise."""
-    if config.capacity_factor is None:
+    """Dropless when capacity_factor is None, capacity-limited otherwise.
+    Expert choice builds its capacity into the routing, so it never drops here."""
+    if config.capacity_factor is None or config.router == "expert_choice":
         return LocalDispatcher(config.num_experts)
     return CapacityDispatcher(config.num_experts, config.capacity_factor,
                               config.min_capacity, config.drop_policy)

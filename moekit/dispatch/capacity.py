@@ -30,4 +30,5 @@ class CapacityDispatcher(LocalDispatcher):
     def keep_mask(self, routing: Routing) -> torch.Tensor:
         capacity = self.capacity(routing.num_tokens, routing.top_k)
         return capacity_keep_mask(routing.expert_indices, routing.expert_weights,
-                                  self.num_experts, capacity, self.drop_policy)
+                                  self.num_experts, capacity, self.drop_policy,
+                                  routing.assignment_mask)

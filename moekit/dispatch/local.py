@@ -20,20 +20,27 @@ class DispatchPlan(NamedTuple):
     order_R:   [R] int64 flat assignment index (t * K + j) of each dispatched row.
     counts_E:  [E] int64 rows per expert (after capacity).
     weights_TK:[T, K] combine weights, 0 where an assignment was dropped.
-    kept_TK:   [T, K] bool, or None when nothing can be dropped.
+    kept_TK:   [T, K] bool assignments dispatched, or None when all T*K were.
+    assigned_TK: [T, K] bool slots that are assignments (the routing's
+               assignment_mask), or None when all are.
     """
 
     order_R: torch.Tensor
     counts_E: torch.Tensor
     weights_TK: torch.Tensor
     kept_TK: torch.Tensor | None
+    assigned_TK: torch.Tensor | None = None
 
     @property
     def dropped_fraction(self) -> torch.Tensor:
-        """Fraction of the T*K assignments dropped (0-dim float32)."""
-        if self.kept_TK is None or self.kept_TK.numel() == 0:
-            return torch.zeros((), device=self.counts_E.device)
-        return 1.0 - self.kept_TK.float().mean()
+        """Fraction of the assignments dropped by capacity (0-dim float32)."""
+        zero = torch.zeros((), device=self.counts_E.device)
+        if self.kept_TK is None:
+            return zero
+        assigned = self.kept_TK.numel() if self.assigned_TK is None else int(self.assigned_TK.sum())
+        if assigned == 0:
+            return zero
+        return 1.0 - self.kept_TK.sum().float() / assigned
 
 
 class LocalDispatcher:
@@ -43,8 +50,9 @@ class LocalDispatcher:
         self.num_experts = num_experts
 
     def keep_mask(self, routing: Routing) -> torch.Tensor | None:
-        """bool [T, K] of assignments to keep, or None to keep all (dropless)."""
-        return None
+        """bool [T, K] of slots to dispatch, or None for all: here the routing's
+        own assignment_mask (dropless)."""
+        return routing.assignment_mask
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
         """Rows grouped by expert (stable: by token, then choice, within an expert)."""
@@ -62,7 +70,8 @@ class LocalDispatcher:
             order_R = torch.argsort(sort_key_A, stable=True)[: int(counts_E.sum())]
             weights_TK = weights_TK * kept_TK
         rows_RD = permute_tokens(x_TD, order_R, routing.top_k)
-        return rows_RD, DispatchPlan(order_R, counts_E, weights_TK, kept_TK)
+        return rows_RD, DispatchPlan(order_R, counts_E, weights_TK, kept_TK,
+                                     routing.assignment_mask)
 
     def combine(self, out_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """y_TD [T, D] in out_RD's dtype; the weighted sum over K runs in the

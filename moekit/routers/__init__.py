@@ -1,4 +1,5 @@
-"""Routing strategies. Each maps x_TD [T, D] to a :class:`moekit.routing.Routing`.
+"""Routing strategies. Each maps (x_TD [T, D], token_ids_T or None) to a
+:class:`moekit.routing.Routing`, so all of them share dispatch and experts.
 
 Adding a strategy: one file here, one entry in ``ROUTERS`` (and its name in
 ``moekit.config.ROUTERS``).
@@ -9,9 +10,20 @@ from __future__ import annotations
 from torch import nn
 
 from moekit.config import MoEConfig
+from moekit.routers.balanced import BalancedRouter, balanced_assignment
+from moekit.routers.base import LinearRouter
+from moekit.routers.dense import DenseRouter
+from moekit.routers.expert_choice import ExpertChoiceRouter
+from moekit.routers.hash import HashRouter, hash_experts
 from moekit.routers.topk import TopKRouter, route_topk
 
-ROUTERS: dict[str, type[nn.Module]] = {"topk": TopKRouter}
+ROUTERS: dict[str, type[nn.Module]] = {
+    "topk": TopKRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "hash": HashRouter,
+    "balanced": BalancedRouter,
+    "dense": DenseRouter,
+}
 
 
 def build_router(config: MoEConfig) -> nn.Module:
@@ -19,4 +31,6 @@ def build_router(config: MoEConfig) -> nn.Module:
     return ROUTERS[config.router](config)
 
 
-__all__ = ["ROUTERS", "TopKRouter", "build_router", "route_topk"]
+__all__ = ["ROUTERS", "BalancedRouter", "DenseRouter", "ExpertChoiceRouter", "HashRouter",
+           "LinearRouter", "TopKRouter", "balanced_assignment", "build_router", "hash_experts",
+           "route_topk"]

@@ -51,7 +51,7 @@ def test_ids_distinct_and_in_range_for_nan_rows():
 
 
 def test_unknown_score_func():
-    with pytest.raises(ValueError, match="score_func must be 'softmax' or 'sigmoid', got 'relu'"):
+    with pytest.raises(ValueError, match=r"score_func must be one of \('softmax', 'sigmoid'\), got 'relu'"):
         route_topk(torch.zeros(2, 2), 1, "relu")
 
 

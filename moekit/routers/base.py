@@ -1,0 +1,61 @@
+"""LinearRouter: the learned linear gate most routers share.
+
+Parameters: ``weight`` [E, D]; ``bias`` [E] if router_bias; ``noise_weight``
+[E, D] for router_noise="gaussian" (initialised to zero, as in Shazeer et al.
+2017, so the starting noise std is softplus(0) = log 2). The math runs in
+float32 (float64 for float64 inputs) whatever the input dtype; the weights are
+cast to that dtype on the fly. Noise and jitter apply in training mode only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.config import MoEConfig
+from moekit.routing import Routing, router_dtype
+
+
+class LinearRouter(nn.Module):
+    """Base of the learned routers: ``compute_logits(x_TD) -> logits_TE``.
+
+    Subclasses implement ``forward(x_TD, token_ids_T=None) -> Routing``.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.dim))
+        self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
+        self.noise_weight = (
+            nn.Parameter(torch.zeros(config.num_experts, config.dim))
+            if config.router_noise == "gaussian" else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        if self.noise_weight is not None:
+            nn.init.zeros_(self.noise_weight)
+
+    def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """x_TD [T, D] any float dtype -> logits [T, E] in the router dtype."""
+        dtype = router_dtype(x_TD.dtype)
+        x_TD = x_TD.to(dtype)
+        config = self.config
+        if self.training and config.router_noise == "jitter" and config.jitter_eps > 0:
+            eps = config.jitter_eps
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        logits_TE = F.linear(x_TD, self.weight.to(dtype), bias)
+        if self.training and self.noise_weight is not None:
+            noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight.to(dtype)))
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+        return logits_TE
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
+        raise NotImplementedError
