@@ -4,7 +4,8 @@ from moekit.aux import MoEAux
 from moekit.config import MoEConfig
 from moekit.layer import MoE
 from moekit.routing import Routing
+from moekit.soft_moe import SoftMoE
 
 __version__ = "0.1.0"
 
-__all__ = ["MoE", "MoEAux", "MoEConfig", "Routing", "__version__"]
+__all__ = ["MoE", "MoEAux", "MoEConfig", "Routing", "SoftMoE", "__version__"]

@@ -57,26 +57,65 @@ def _shared_ffn(cfg, p: dict, x_D: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def route_token(cfg, p: dict, x_D: torch.Tensor):
-    """(expert ids, weights, probs, logits) of one token, float64."""
+def token_scores(cfg, p: dict, x_D: torch.Tensor):
+    """(logits, scores, probs) of one token, float64."""
     logits = p["router.weight"] @ x_D
     if cfg.router_bias:
         logits = logits + p["router.bias"]
     if cfg.score_func == "softmax":
         scores = torch.softmax(logits, 0)
-        probs = scores
-    else:
-        scores = torch.sigmoid(logits)
-        probs = scores / scores.sum()
-    order = sorted(range(cfg.num_experts), key=lambda e: -float(scores[e].detach()))
-    ids = order[: cfg.top_k]
+        return logits, scores, scores
+    scores = torch.sigmoid(logits)
+    return logits, scores, scores / scores.sum()
+
+
+def _by_score(values: list[float], candidates) -> list[int]:
+    return sorted(candidates, key=lambda e: -values[e])
+
+
+def select_topk(cfg, scores: torch.Tensor, expert_bias=None) -> list[int]:
+    """Top-k of scores + bias, inside the topk_groups best groups (by top-2 sum)."""
+    select = [float(v) for v in scores.detach()]
+    if expert_bias is not None:
+        select = [v + float(b) for v, b in zip(select, expert_bias)]
+    allowed = range(cfg.num_experts)
+    if cfg.num_groups > 1:
+        size = cfg.num_experts // cfg.num_groups
+        group_score = [sum(sorted(select[g * size:(g + 1) * size], reverse=True)[:2])
+                       for g in range(cfg.num_groups)]
+        groups = _by_score(group_score, range(cfg.num_groups))[: cfg.topk_groups]
+        allowed = [e for g in groups for e in range(g * size, (g + 1) * size)]
+    return _by_score(select, allowed)[: cfg.top_k]
+
+
+def token_weights(cfg, logits, scores, ids) -> torch.Tensor:
+    """Combine weights of the chosen experts, from the formula of each router."""
+    if cfg.router == "hash":
+        if cfg.hash_weights == "uniform":
+            return torch.full((len(ids),), cfg.route_scale / cfg.top_k, dtype=torch.float64)
+        return torch.softmax(logits[ids], 0) * cfg.route_scale
+    if cfg.router == "expert_choice":
+        return scores[ids] * cfg.route_scale
     if cfg.normalize_topk and cfg.score_func == "softmax":
-        weights = torch.softmax(logits[ids], 0)  # softmax over the top-k logits
-    elif cfg.normalize_topk:
-        weights = scores[ids] / scores[ids].sum()
-    else:
-        weights = scores[ids]
-    return ids, weights * cfg.route_scale, probs, logits
+        return torch.softmax(logits[ids], 0) * cfg.route_scale  # softmax over the top-k logits
+    if cfg.normalize_topk:
+        return scores[ids] / scores[ids].sum() * cfg.route_scale
+    return scores[ids] * cfg.route_scale
+
+
+def expert_choice_ids(cfg, scores_per_token: list[torch.Tensor]) -> list[list[int]]:
+    """Each expert takes its C highest-scoring tokens; returns each token's experts."""
+    T = len(scores_per_token)
+    factor = cfg.capacity_factor or 1.0
+    from fractions import Fraction
+    capacity = min(T, max(cfg.min_capacity,
+                          math.ceil(Fraction(repr(factor)) * T * cfg.top_k / cfg.num_experts)))
+    chosen = [[] for _ in range(T)]
+    for e in range(cfg.num_experts):
+        tokens = sorted(range(T), key=lambda t: -float(scores_per_token[t][e].detach()))
+        for t in tokens[:capacity]:
+            chosen[t].append(e)
+    return chosen
 
 
 def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]]) -> list[list[bool]]:
@@ -100,32 +139,56 @@ def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]]) -> l
     return keep
 
 
-def reference_moe(cfg, p: dict, x_TD: torch.Tensor):
-    """Returns (y_TD, ids, keep, balance_loss, z_loss, counts) for x_TD [T, D], float64."""
+def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, ids=None,
+                  expert_bias=None, seq_len: int | None = None):
+    """The layer by hand, float64. ids: each token's experts when they cannot be
+    recomputed here (hash, balanced in training). Returns a dict with y [T, D],
+    ids, keep, balance, z, counts."""
     T = x_TD.shape[0]
-    routed = [route_token(cfg, p, x_TD[t]) for t in range(T)]
-    ids = [r[0] for r in routed]
-    keep = keep_assignments(cfg, ids, [r[1].detach().tolist() for r in routed])
-    rows = []
+    scored = [token_scores(cfg, p, x_TD[t]) for t in range(T)] if "router.weight" in p else \
+        [(torch.zeros(cfg.num_experts, dtype=torch.float64),) * 2
+         + (torch.full((cfg.num_experts,), 1.0 / cfg.num_experts, dtype=torch.float64),)] * T
+    if ids is not None and (cfg.router == "hash" or (cfg.router == "balanced" and training)):
+        token_ids = [list(map(int, row)) for row in ids]
+    elif cfg.router == "expert_choice":
+        token_ids = expert_choice_ids(cfg, [s[1] for s in scored])
+    elif cfg.router == "dense":
+        token_ids = [list(range(cfg.num_experts)) for _ in range(T)]
+    else:
+        token_ids = [select_topk(cfg, s[1], expert_bias) for s in scored]
+    weights = [token_weights(cfg, s[0], s[1], e) for s, e in zip(scored, token_ids)]
+    keep = [[True] * len(e) for e in token_ids] if cfg.router == "expert_choice" else \
+        keep_assignments(cfg, token_ids, [w.detach().tolist() for w in weights])
     counts = [0] * cfg.num_experts
-    for t, (token_ids, weights, _, _) in enumerate(routed):
+    rows = []
+    for t in range(T):
         y = torch.zeros(cfg.dim, dtype=torch.float64)
-        for j, e in enumerate(token_ids):
+        for j, e in enumerate(token_ids[t]):
             if keep[t][j]:
                 counts[e] += 1
-                y = y + weights[j] * _expert_ffn(cfg, p, e, x_TD[t])
+                y = y + weights[t][j] * _expert_ffn(cfg, p, e, x_TD[t])
         if cfg.num_shared_experts:
             y = y + _shared_ffn(cfg, p, x_TD[t])
         rows.append(y)
     y_TD = torch.stack(rows) if rows else x_TD.new_zeros(0, cfg.dim)
-    zero = p["router.weight"].sum() * 0
+    zero = x_TD.sum() * 0
+    result = dict(y=y_TD, ids=token_ids, keep=keep, counts=counts, balance=zero, z=zero)
     if T == 0:
-        return y_TD, ids, keep, zero, zero, counts
-    assigned = [0] * cfg.num_experts
-    for token_ids in ids:
-        for e in token_ids:
-            assigned[e] += 1
-    balance = sum(cfg.num_experts * assigned[e] / (T * cfg.top_k)
-                  * sum(r[2][e] for r in routed) / T for e in range(cfg.num_experts))
-    z = sum(torch.logsumexp(r[3], 0) ** 2 for r in routed) / T
-    return y_TD, ids, keep, balance, z, counts
+        return result
+    seq_len = seq_len or T
+    sequences = [range(s, min(s + seq_len, T)) for s in range(0, T, seq_len)]
+    if cfg.balance_scope == "batch":
+        sequences = [range(T)]
+    balance = 0
+    for seq in sequences:
+        assigned = [0] * cfg.num_experts
+        for t in seq:
+            for e in token_ids[t]:
+                assigned[e] += 1
+        total = sum(assigned)
+        balance = balance + sum(cfg.num_experts * assigned[e] / total
+                                * sum(scored[t][2][e] for t in seq) / len(seq)
+                                for e in range(cfg.num_experts))
+    result["balance"] = balance / len(sequences)
+    result["z"] = sum(torch.logsumexp(s[0], 0) ** 2 for s in scored) / T
+    return result

@@ -13,28 +13,43 @@ from tests.reference import float64_params, reference_moe
 
 
 def check_against_reference(moe: moekit.MoE, num_tokens: int, dtype=torch.float32,
-                            tol: float = 1e-5, grad_tol: float = 1e-3, seed: int = 0):
+                            tol: float = 1e-5, grad_tol: float = 1e-3, seed: int = 0,
+                            token_ids=None, batch: int | None = None):
+    """Forward and every gradient of one training step against the reference.
+
+    batch: split the tokens into that many sequences (x of shape [B, S, D])."""
     cfg = moe.config
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(num_tokens, cfg.dim, generator=gen).to(dtype).requires_grad_()
     upstream = torch.randn(num_tokens, cfg.dim, generator=gen).to(dtype)
+    expert_bias = None if getattr(moe.router, "expert_bias", None) is None \
+        else moe.router.expert_bias.tolist()  # the bias before this step's update
     moe.train()
-    y, aux = moe(x)
+    shape = (batch, num_tokens // batch, cfg.dim) if batch else x.shape
+    ids_shape = shape[:-1]
+    y, aux = moe(x.view(shape), token_ids=None if token_ids is None else token_ids.view(ids_shape))
+    y = y.reshape(num_tokens, cfg.dim)
     assert y.dtype == dtype and y.shape == x.shape
     ((y.float() * upstream.float()).sum() + aux.loss).backward()
 
     p = float64_params(moe)
     x64 = x.detach().double().requires_grad_()
-    y_ref, ids_ref, keep_ref, balance_ref, z_ref, counts_ref = reference_moe(cfg, p, x64)
-    loss_ref = cfg.balance_loss_weight * balance_ref + cfg.z_loss_weight * z_ref
-    ((y_ref * upstream.double()).sum() + loss_ref).backward()
+    ref = reference_moe(cfg, p, x64, ids=aux.expert_indices.tolist(), expert_bias=expert_bias,
+                        seq_len=shape[1] if batch else None)
+    loss_ref = cfg.balance_loss_weight * ref["balance"] + cfg.z_loss_weight * ref["z"]
+    ((ref["y"] * upstream.double()).sum() + loss_ref).backward()
 
-    assert aux.expert_indices.tolist() == ids_ref
-    assert aux.tokens_per_expert.tolist() == counts_ref
-    assert_rel_close(y, y_ref, tol, "output")
+    if aux.assignment_mask is None:
+        assert aux.expert_indices.tolist() == ref["ids"]
+    else:
+        chosen = [[e for e, m in zip(row, mask) if m]
+                  for row, mask in zip(aux.expert_indices.tolist(), aux.assignment_mask.tolist())]
+        assert chosen == ref["ids"]
+    assert aux.tokens_per_expert.tolist() == ref["counts"]
+    assert_rel_close(y, ref["y"], tol, "output")
     if num_tokens:
-        assert_rel_close(aux.balance_loss, balance_ref.detach(), tol, "balance loss")
-        assert_rel_close(aux.z_loss, z_ref.detach(), tol, "z loss")
+        assert_rel_close(aux.balance_loss, ref["balance"].detach(), tol, "balance loss")
+        assert_rel_close(aux.z_loss, ref["z"].detach(), tol, "z loss")
     assert x.grad is not None
     x_grad_ref = x64.grad if x64.grad is not None else torch.zeros_like(x64)
     assert_rel_close(x.grad, x_grad_ref, grad_tol, "input grad")
