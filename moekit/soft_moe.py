@@ -53,8 +53,8 @@ class SoftMoE(nn.Module):
         x_BSD = x if x.dim() == 3 else x.unsqueeze(0)
         mask_BS = None if padding_mask is None else padding_mask.reshape(x_BSD.shape[:2])
         batch, seq_len, _ = x_BSD.shape
-        if seq_len == 0 or batch == 0:
-            return x * 0 + self.slot_embeds.reshape(-1)[:0].sum()
+        if seq_len == 0 or batch == 0:  # keep every parameter in the graph (exact zeros)
+            return x * 0 + sum(p.reshape(-1)[:0].sum() for p in self.parameters())
         dtype = router_dtype(x.dtype)
         logits_BSN = x_BSD.to(dtype) @ self.slot_embeds.to(dtype)
         dispatch_logits = logits_BSN if mask_BS is None else \

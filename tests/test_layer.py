@@ -354,3 +354,21 @@ def test_state_dict_round_trips_through_weights_only_load(tmp_path):
     restored.eval()
     x = torch.randn(10, 8)
     assert torch.equal(moe(x)[0], restored(x)[0])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sequence_scope_balance_loss_matches_reference(batch):
+    moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=2, balance_scope="sequence",
+                         balance_loss_weight=0.5)
+    check_against_reference(moe, 12, batch=batch)
+
+
+def test_sequence_scope_with_padding_uses_real_tokens_per_sequence():
+    from moekit.losses import load_balance_loss
+    moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=2, balance_scope="sequence")
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    _, aux = moe(x, padding_mask=mask)
+    probs, ids = aux.router_probs, aux.expert_indices
+    expected = (load_balance_loss(probs[:5], ids[:5]) + load_balance_loss(probs[5:], ids[5:])) / 2
+    torch.testing.assert_close(aux.balance_loss, expected)

@@ -54,3 +54,23 @@ def test_losses_at_zero_tokens_are_zero_and_connected():
     assert total.item() == 0.0
     total.backward()
     assert logits.grad.shape == (0, 4)
+
+
+def test_sequence_balance_loss_is_the_mean_of_per_sequence_losses():
+    from moekit.losses import sequence_balance_loss
+    gen = torch.Generator().manual_seed(1)
+    probs = torch.randn(12, 4, generator=gen).softmax(-1)
+    ids = probs.topk(2).indices
+    sequence = torch.tensor([0] * 5 + [2] * 7)  # sequence 1 is empty and skipped
+    expected = (load_balance_loss(probs[:5], ids[:5]) + load_balance_loss(probs[5:], ids[5:])) / 2
+    torch.testing.assert_close(sequence_balance_loss(probs, ids, sequence, 3), expected)
+
+
+def test_balance_loss_counts_only_real_assignments():
+    probs = torch.full((4, 2), 0.5)
+    ids = torch.tensor([[0, 1]] * 4)
+    mask = torch.tensor([[True, False]] * 4)  # everything on expert 0
+    torch.testing.assert_close(load_balance_loss(probs, ids, mask), torch.tensor(1.0))
+    torch.testing.assert_close(load_balance_loss(probs, ids), torch.tensor(1.0))
+    probs = torch.tensor([[1.0, 0.0]] * 4)
+    torch.testing.assert_close(load_balance_loss(probs, ids, mask), torch.tensor(2.0))

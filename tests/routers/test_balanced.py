@@ -4,31 +4,13 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 import torch
 
+from benchmarks.routing_balance import exact_optimum
 from moekit.routers.balanced import balanced_assignment, greedy_balanced, improve_assignment
 from tests.conftest import randomized_moe
 from tests.test_layer import check_against_reference
-
-
-def exact_optimum(scores: torch.Tensor, k: int) -> float:
-    """The LP optimum (integral: the constraint matrix is totally unimodular)."""
-    from scipy.optimize import linprog
-    T, E = scores.shape
-    low, high = T * k // E, -(-T * k // E)
-    rows = np.zeros((T, T * E))
-    for t in range(T):
-        rows[t, t * E:(t + 1) * E] = 1
-    cols = np.zeros((E, T * E))
-    for e in range(E):
-        cols[e, e::E] = 1
-    result = linprog(-scores.flatten().numpy(), A_eq=rows, b_eq=np.full(T, k),
-                     A_ub=np.vstack([cols, -cols]), b_ub=np.r_[np.full(E, high), np.full(E, -low)],
-                     bounds=(0, 1), method="highs")
-    assert result.success
-    return -result.fun
 
 
 def random_case(seed: int):
