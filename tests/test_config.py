@@ -42,6 +42,23 @@ BASE = dict(dim=8, expert_dim=16, num_experts=4, top_k=2)
                                                  r">= 0.0, got -0.1"),
     (dict(z_loss_weight=float("inf")), ValueError, r"z_loss_weight .* got inf"),
     (dict(check_finite="yes"), TypeError, r"check_finite must be a bool, got 'yes'"),
+    (dict(hash_seed=-1), ValueError, r"hash_seed must be >= 0, got -1"),
+    (dict(hash_weights="learned"), ValueError, r"hash_weights must be one of 'uniform', 'router'; "
+                                               r"got 'learned'"),
+    (dict(bias_update_rate=-0.1), ValueError, r"bias_update_rate must be a finite number >= 0.0, "
+                                              r"got -0.1"),
+    (dict(num_groups=3), ValueError, r"num_experts \(4\) must be divisible by num_groups, got 3"),
+    (dict(num_groups=2, topk_groups=3), ValueError, r"topk_groups must be <= num_groups \(2\), got 3"),
+    (dict(num_experts=8, num_groups=4, topk_groups=1, top_k=3), ValueError,
+     r"top_k \(3\) must be <= the 2 experts in topk_groups=1 groups of 2"),
+    (dict(router="hash", num_groups=2), ValueError, r"num_groups and bias_update_rate need "
+                                                    r"router='topk', got router='hash'"),
+    (dict(router="balanced", bias_update_rate=0.1), ValueError, r"need router='topk'"),
+    (dict(router="dense", top_k=2), ValueError, r"router='dense' .* set top_k to num_experts \(4\), "
+                                                r"got top_k=2"),
+    (dict(balance_scope="token"), ValueError, r"balance_scope must be one of 'batch', 'sequence'; "
+                                              r"got 'token'"),
+    (dict(slots_per_expert=0), ValueError, r"slots_per_expert must be >= 1, got 0"),
 ])
 def test_bad_values_are_rejected_with_a_clear_message(changes, error, match):
     with pytest.raises(error, match=match):
