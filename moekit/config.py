@@ -18,7 +18,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_NOISES = ("none", "jitter", "gaussian")
 DROP_POLICIES = ("position", "score")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
-EXPERTS_BACKENDS = ("auto", "grouped_mm", "loop")
+EXPERTS_BACKENDS = ("auto", "fused", "grouped_mm", "loop")
 HASH_WEIGHTS = ("uniform", "router")
 BALANCE_SCOPES = ("batch", "sequence")
 
@@ -95,8 +95,9 @@ class MoEConfig:
         num_shared_experts / shared_expert_dim / shared_expert_gate: experts
             that see every token, as in DeepSeek and Qwen2-MoE; their hidden
             width is num_shared_experts * shared_expert_dim (default expert_dim).
-        experts_backend: "auto" picks grouped_mm where it is exact and falls
-            back to a per-expert loop otherwise; "grouped_mm" or "loop" force one.
+        experts_backend: "auto" picks "fused" on CPU (gather, FFN and weighted
+            scatter in one op, per expert), grouped_mm on CUDA where it is exact,
+            and a per-expert loop otherwise; "fused", "grouped_mm" or "loop" force one.
         slots_per_expert: slots each expert processes in moekit.SoftMoE.
     Losses
         balance_loss_weight: alpha in alpha * E * sum_i f_i * P_i.

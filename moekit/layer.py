@@ -52,9 +52,7 @@ class MoE(nn.Module):
             token_ids_T = None if token_ids_T is None else token_ids_T.index_select(0, real_T)
             sequence_T = None if sequence_T is None else sequence_T.index_select(0, real_T)
         routing = self.router(x_TD, token_ids_T)
-        rows_RD, plan = self.dispatcher.dispatch(x_TD, routing)
-        out_RD = self.experts(rows_RD, plan.counts_E)
-        y_TD = self.dispatcher.combine(out_RD, plan)
+        y_TD, plan = self.dispatcher.run_experts(x_TD, routing, self.experts)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         if padding_mask is not None:

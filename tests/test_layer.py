@@ -81,6 +81,8 @@ CASES = [
     dict(num_experts=8, top_k=2, capacity_factor=0.5, drop_policy="score"),
     dict(num_experts=4, top_k=1, capacity_factor=1.25, min_capacity=2),
     dict(num_experts=8, top_k=2, experts_backend="loop"),
+    dict(num_experts=8, top_k=2, experts_backend="grouped_mm", capacity_factor=1.0),
+    dict(num_experts=6, top_k=2, experts_backend="loop", bias=True, num_shared_experts=1),
 ]
 
 
@@ -89,6 +91,10 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_matches_reference_fp32(case, num_tokens, dim, expert_dim):
     fields = dict(dim=dim, expert_dim=expert_dim) | case
+    if case.get("experts_backend") == "grouped_mm" and dim % 4:
+        with pytest.raises(ValueError, match="cannot run dtype torch.float32 on cpu"):
+            check_against_reference(randomized_moe(**fields), num_tokens)
+        return
     check_against_reference(randomized_moe(**fields), num_tokens)
 
 
@@ -110,11 +116,12 @@ def test_random_configs_match_reference(seed):
     check_against_reference(randomized_moe(seed=seed, **fields), rnd.choice([1, 7, 20]), seed=seed)
 
 
+@pytest.mark.parametrize("backend", ["fused", "grouped_mm", "loop"])
 @pytest.mark.parametrize("case", [dict(num_experts=8, top_k=2), dict(num_experts=64, top_k=8),
                                   dict(num_experts=8, top_k=2, capacity_factor=1.0)])
-def test_matches_reference_bf16(case):
-    moe = randomized_moe(dtype=torch.bfloat16, dim=32, expert_dim=16, **case)
-    assert moe.experts.backend_for(torch.bfloat16) == "grouped_mm"
+def test_matches_reference_bf16(case, backend):
+    moe = randomized_moe(dtype=torch.bfloat16, dim=32, expert_dim=16, experts_backend=backend, **case)
+    assert moe.experts.backend_for(torch.bfloat16) == backend
     check_against_reference(moe, 33, dtype=torch.bfloat16, tol=2e-2, grad_tol=5e-2)
 
 

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from moekit.dispatch.permute import permute_tokens, unpermute
+from moekit.experts import Experts
 from moekit.routing import Routing, expert_counts
 
 
@@ -54,8 +55,26 @@ class LocalDispatcher:
         own assignment_mask (dropless)."""
         return routing.assignment_mask
 
+    def run_experts(self, x_TD: torch.Tensor, routing: Routing,
+                    experts: Experts) -> tuple[torch.Tensor, DispatchPlan]:
+        """combine(experts(dispatch(x_TD))) -> (y_TD [T, D], plan). When the experts
+        take tokens directly (the fused CPU backend) no dispatched rows are built."""
+        if experts.backend_for(x_TD.dtype) != "fused":
+            rows_RD, plan = self.dispatch(x_TD, routing)
+            return self.combine(experts(rows_RD, plan.counts_E), plan), plan
+        plan = self.plan(routing)
+        token_R = torch.div(plan.order_R, routing.top_k, rounding_mode="floor")
+        weights_R = plan.weights_TK.reshape(-1).index_select(0, plan.order_R)
+        return experts.forward_tokens(x_TD, token_R, weights_R, plan.counts_E), plan
+
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
-        """Rows grouped by expert (stable: by token, then choice, within an expert)."""
+        """Rows [R, D] grouped by expert, and the plan to combine them."""
+        plan = self.plan(routing)
+        return permute_tokens(x_TD, plan.order_R, routing.top_k), plan
+
+    def plan(self, routing: Routing) -> DispatchPlan:
+        """Sort the assignments by expert (stable: by token, then choice, within
+        an expert), leaving out what keep_mask drops."""
         ids_A = routing.expert_indices.reshape(-1)
         kept_TK = self.keep_mask(routing)
         weights_TK = routing.expert_weights
@@ -69,9 +88,7 @@ class LocalDispatcher:
             counts_E = expert_counts(ids_A, self.num_experts, kept_A)
             order_R = torch.argsort(sort_key_A, stable=True)[: int(counts_E.sum())]
             weights_TK = weights_TK * kept_TK
-        rows_RD = permute_tokens(x_TD, order_R, routing.top_k)
-        return rows_RD, DispatchPlan(order_R, counts_E, weights_TK, kept_TK,
-                                     routing.assignment_mask)
+        return DispatchPlan(order_R, counts_E, weights_TK, kept_TK, routing.assignment_mask)
 
     def combine(self, out_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """y_TD [T, D] in out_RD's dtype; the weighted sum over K runs in the

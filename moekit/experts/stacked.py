@@ -17,20 +17,24 @@ from torch import nn
 
 from moekit.config import MoEConfig
 from moekit.experts.activations import apply_activation
+from moekit.experts.fused import fused_experts
 from moekit.experts.grouped import grouped_matmul, grouped_mm_supports
 from moekit.experts.loop import loop_matmul
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = {"grouped_mm": grouped_matmul, "loop": loop_matmul}
+MATMULS = {"grouped_mm": grouped_matmul, "loop": loop_matmul}
 
 
 class Experts(nn.Module):
     """forward(rows_RD, counts_E) -> out_RD: rows already grouped by expert.
 
-    Knows nothing about routing. ``config.experts_backend`` picks the matmul:
-    "auto" uses grouped_mm where it is exact for the dtype and sizes and the
-    loop otherwise; ``backend_for(dtype)`` tells which one a dtype gets.
+    Knows nothing about routing. ``config.experts_backend`` picks how:
+    "fused" (CPU: one autograd op per call, see experts/fused.py; it can also
+    take tokens directly with ``forward_tokens``), "grouped_mm" or "loop"
+    (matmuls on dispatched rows). "auto" picks fused on CPU outside
+    torch.compile, grouped_mm where it is exact for the device, dtype and sizes,
+    and the loop otherwise; ``backend_for(dtype)`` tells which one a dtype gets.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -77,23 +81,45 @@ class Experts(nn.Module):
                 f"experts_backend='grouped_mm' cannot run dtype {dtype} on {device} with sizes "
                 f"{sizes}: it needs float32/bfloat16/float16 on CPU or CUDA (capability >= 8.0) "
                 "and sizes that are multiples of 16 bytes; use experts_backend='auto' or 'loop'")
+        if choice == "fused" and device.type != "cpu":
+            raise ValueError(f"experts_backend='fused' runs on CPU only, not {device}; "
+                             "use experts_backend='auto'")
         if choice != "auto":
             return choice
-        backend = "grouped_mm" if supported else "loop"
+        if device.type == "cpu" and not torch.compiler.is_compiling():
+            backend = "fused"
+        else:
+            backend = "grouped_mm" if supported else "loop"
         if (backend, dtype) not in self._logged_backends:
             self._logged_backends.add((backend, dtype))
             logger.debug("moekit experts: backend %r for %s on %s, sizes %s",
                          backend, dtype, device, sizes)
         return backend
 
-    def forward(self, rows_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """rows_RD: [R, D] grouped by expert; counts_E: [E] ints summing to R -> [R, D]."""
+    def _checked_counts(self, counts_E: torch.Tensor, num_rows: int) -> list[int]:
         counts = counts_E.tolist()
         if len(counts) != self.config.num_experts or min(counts, default=0) < 0 \
-                or sum(counts) != rows_RD.shape[0]:
+                or sum(counts) != num_rows:
             raise ValueError(f"counts_E must be {self.config.num_experts} non-negative counts "
-                             f"summing to the {rows_RD.shape[0]} rows; got {counts}")
-        matmul = BACKENDS[self.backend_for(rows_RD.dtype)]
+                             f"summing to the {num_rows} rows; got {counts}")
+        return counts
+
+    def forward_tokens(self, x_TD: torch.Tensor, token_R: torch.Tensor,
+                       weights_R: torch.Tensor | None, counts_E: torch.Tensor) -> torch.Tensor:
+        """Fused backend only: y_TD [T, D] = sum over rows r of
+        weights_R[r] * FFN_{e(r)}(x_TD[token_R[r]]), rows grouped by expert."""
+        counts = self._checked_counts(counts_E, token_R.shape[0])
+        return fused_experts(x_TD, token_R, weights_R, counts, self.first_proj, self.down_proj,
+                             self.config.activation, self.first_proj_bias, self.down_proj_bias)
+
+    def forward(self, rows_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """rows_RD: [R, D] grouped by expert; counts_E: [E] ints summing to R -> [R, D]."""
+        backend = self.backend_for(rows_RD.dtype)
+        if backend == "fused":
+            token_R = torch.arange(rows_RD.shape[0], device=rows_RD.device)
+            return self.forward_tokens(rows_RD, token_R, None, counts_E)
+        counts = self._checked_counts(counts_E, rows_RD.shape[0])
+        matmul = MATMULS[backend]
         h = matmul(rows_RD, self.first_proj, counts)
         expert_of_row = None
         if self.config.bias:

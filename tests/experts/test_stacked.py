@@ -20,25 +20,36 @@ def test_parameter_layout_follows_transformers():
 
 def test_auto_backend_choice():
     aligned = Experts(MoEConfig(dim=16, expert_dim=8, num_experts=2, top_k=1))
-    assert aligned.backend_for(torch.float32) == "grouped_mm"
-    assert aligned.backend_for(torch.float64) == "loop"
-    odd = Experts(MoEConfig(dim=7, expert_dim=8, num_experts=2, top_k=1))
-    assert odd.backend_for(torch.float32) == "loop"
+    assert aligned.backend_for(torch.float32) == "fused"  # CPU
+    assert aligned.backend_for(torch.float64) == "fused"
+    on_meta = Experts(MoEConfig(dim=16, expert_dim=8, num_experts=2, top_k=1)).to("meta")
+    assert on_meta.backend_for(torch.float32) == "loop"  # no grouped_mm off CPU/CUDA
+    forced = Experts(MoEConfig(dim=16, expert_dim=8, num_experts=2, top_k=1,
+                               experts_backend="fused")).to("meta")
+    with pytest.raises(ValueError, match="experts_backend='fused' runs on CPU only, not meta"):
+        forced.backend_for(torch.float32)
     forced = Experts(MoEConfig(dim=7, expert_dim=8, num_experts=2, top_k=1,
                                experts_backend="grouped_mm"))
     with pytest.raises(ValueError, match=r"cannot run dtype torch.float32 on cpu with sizes \(7, 16, 8\)"):
         forced.backend_for(torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("backend", ["fused", "grouped_mm", "loop"])
 def test_backends_agree(backend):
     torch.manual_seed(0)
     experts = Experts(MoEConfig(dim=16, expert_dim=8, num_experts=3, top_k=1, bias=True,
                                 experts_backend=backend))
-    auto = Experts(MoEConfig(dim=16, expert_dim=8, num_experts=3, top_k=1, bias=True))
-    auto.load_state_dict(experts.state_dict())
-    rows, counts = torch.randn(9, 16), torch.tensor([4, 0, 5])
-    torch.testing.assert_close(experts(rows, counts), auto(rows, counts))
+    loop = Experts(MoEConfig(dim=16, expert_dim=8, num_experts=3, top_k=1, bias=True,
+                             experts_backend="loop"))
+    loop.load_state_dict(experts.state_dict())
+    rows, counts = torch.randn(9, 16, requires_grad=True), torch.tensor([4, 0, 5])
+    grads = []
+    for module in (experts, loop):
+        out = module(rows, counts)
+        grads.append(torch.autograd.grad(out.square().sum(), [rows, *module.parameters()]))
+    torch.testing.assert_close(experts(rows, counts), loop(rows, counts))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_bad_counts_are_rejected():
