@@ -1,32 +1,76 @@
 """Fused expert execution for CPU: gather, FFN and weighted scatter in one autograd op.
 
-For each expert e, with token_R[rows of e] the tokens it serves:
-    x_e = x_TD[tokens]            (gather, a small per-expert buffer)
-    h_e = x_e @ W1[e]^T (+ b1[e]) [n_e, 2F] gated or [n_e, F]   (saved for backward)
-    a_e = act(h_e)
-    y_TD[tokens] += w_r * (a_e @ W2[e]^T (+ b2[e]))                (index_add, in row order)
-No [R, D] or [R, 2F] buffer is ever built: every temporary is one expert's,
+For each expert e, with token_R[rows of e] the tokens it serves and w their
+combine weights:
+    x_e = x_TD[tokens]                 (gather, a small per-expert buffer)
+    h_e = x_e @ W1[e]^T (+ b1[e])      [n_e, 2F] gated or [n_e, F]   (saved for backward)
+    y_TD[tokens] += (w * act(h_e)) @ W2[e]^T (+ w * b2[e])          (index_add, in row order)
+The weight scales the [n_e, F] activation rather than the [n_e, D] output, and
+no [R, D] or [R, 2F] buffer is ever built: every temporary is one expert's,
 which stays under the allocator's mmap threshold and is reused instead of
 page-faulting on each call. Backward is written by hand so that each expert's
 weight gradient is written into its slice once (autograd on ``w[e]`` slices
 would build a full-size zero gradient per slice) and costs exactly twice the
-forward FLOPs: grad_a = w * (g_e @ W2[e]) also gives the combine-weight gradient
-as (a_e * (g_e @ W2[e])).sum(-1) (+ g_e . b2[e]), so the expert output is never
-stored.
+forward FLOPs: g_e @ W2[e] gives both the activation gradient and the
+combine-weight gradient (act(h_e) * (g_e @ W2[e])).sum(-1) (+ g_e . b2[e]),
+so the expert output is never stored.
 
 Deterministic on CPU (index_add_ accumulates rows in order). Not for CUDA,
-where index_add_ uses atomics. Not twice differentiable.
+where index_add_ uses atomics. Not twice differentiable. Under torch.compile
+it runs eagerly between the compiled parts (router, dispatch planning).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from moekit.experts.activations import apply_activation
 
 
+# Up to this many rows per expert, products are taken as W @ x^T: MKL's GEMM
+# packs the weight matrix for a skinny x @ W^T, which costs 2-4x the weight
+# read at a few rows (decode), while W @ x^T with x^T column-major streams it
+# (measured on this 2-core AVX2 machine; see docs/benchmarks.md).
+SKINNY_ROWS = 256
+
+
+def _rows_times_weight_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [n, K] @ w[N, K]^T -> [n, N], in the faster form for n."""
+    if x.shape[0] <= SKINNY_ROWS:
+        return torch.mm(w, x.t()).t()
+    return torch.mm(x, w.t())
+
+
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _activation_backward(h: torch.Tensor, grad_a: torch.Tensor, activation: str):
+    """(act(h), dL/dh) for one expert's pre-activation h. SwiGLU by hand (no
+    concatenation); the other activations through a local autograd call."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_h = torch.empty_like(h)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad_a, silu, out=grad_up)
+        # d silu / d gate = sig * (1 + gate * (1 - sig))
+        torch.mul(grad_a * up, sig * (1 + gate * (1 - sig)), out=grad_gate)
+        return silu.mul_(up), grad_h
+    h = h.detach().requires_grad_()
+    with torch.enable_grad():
+        a = apply_activation(h, activation)
+    (grad_h,) = torch.autograd.grad(a, h, grad_a)
+    return a.detach(), grad_h
+
+
+def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
+    return apply_activation(h, activation)
 
 
 class _FusedExperts(torch.autograd.Function):
@@ -42,16 +86,17 @@ class _FusedExperts(torch.autograd.Function):
                 saved_h.append(None)
                 continue
             tokens = token_R[start:start + n]
-            h = torch.mm(x_TD.index_select(0, tokens), w1_EHD[e].t())
+            h = _rows_times_weight_t(x_TD.index_select(0, tokens), w1_EHD[e]).contiguous()
             if b1_EH is not None:
                 h += b1_EH[e]
-            out = torch.mm(apply_activation(h, activation), w2_EDF[e].t())
+            a = _activate(h, activation)
+            w = None if weights_R is None else weights_R[start:start + n, None].to(a.dtype)
+            if w is not None:
+                a.mul_(w)
+            out = _rows_times_weight_t(a, w2_EDF[e])
             if b2_ED is not None:
-                out += b2_ED[e]
-            out = out.to(acc)
-            if weights_R is not None:
-                out *= weights_R[start:start + n, None].to(acc)
-            y_TD.index_add_(0, tokens, out)
+                out += b2_ED[e] if w is None else w * b2_ED[e]
+            y_TD.index_add_(0, tokens, out.to(acc))
             saved_h.append(h)
             start += n
         ctx.save_for_backward(x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R)
@@ -67,37 +112,34 @@ class _FusedExperts(torch.autograd.Function):
         grad_y_TD = grad_y_TD.contiguous()
         grad_x = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device) if need_x else None
         grad_weights = torch.zeros_like(weights_R) if need_w else None
-        grad_w1 = torch.zeros_like(w1_EHD) if need_w1 else None
-        grad_w2 = torch.zeros_like(w2_EDF) if need_w2 else None
+        # Every slice of an expert with rows is overwritten below: only empty ones need zeros.
+        grad_w1 = torch.empty_like(w1_EHD) if need_w1 else None
+        grad_w2 = torch.empty_like(w2_EDF) if need_w2 else None
         grad_b1 = torch.zeros_like(b1_EH) if need_b1 else None
         grad_b2 = torch.zeros_like(b2_ED) if need_b2 else None
         start = 0
         for e, n in enumerate(ctx.counts):
             if n == 0:
+                for grad in (grad_w1, grad_w2):
+                    if grad is not None:
+                        grad[e].zero_()
                 continue
             rows = slice(start, start + n)
             tokens = token_R[rows]
-            h = ctx.saved_h[e].detach().requires_grad_()
-            with torch.enable_grad():
-                a = apply_activation(h, ctx.activation)
-            g = grad_y_TD.index_select(0, tokens)                    # dL/d(w * out)
-            ga_raw = torch.mm(g, w2_EDF[e])                          # dL/da without w
-            if weights_R is not None:
-                w = weights_R[rows, None]
-                if need_w:  # g . out = g . (a W2^T + b2) = (g W2) . a + g . b2
-                    grad_w = (a.detach().to(acc) * ga_raw.to(acc)).sum(-1)
-                    if b2_ED is not None:
-                        grad_w += torch.mv(g.to(acc), b2_ED[e].to(acc))
-                    grad_weights[rows] = grad_w.to(grad_weights.dtype)
-                g = g * w.to(g.dtype)
-                ga = ga_raw * w.to(ga_raw.dtype)
-            else:
-                ga = ga_raw
+            g = grad_y_TD.index_select(0, tokens)           # dL/dy rows, before the weight
+            ga_raw = torch.mm(g, w2_EDF[e])                 # dL/da, before the weight
+            w = None if weights_R is None else weights_R[rows, None].to(ga_raw.dtype)
+            a, grad_h = _activation_backward(ctx.saved_h[e], ga_raw if w is None else ga_raw * w,
+                                             ctx.activation)
+            if need_w:  # g . (a W2^T + b2) = (g W2) . a + g . b2
+                grad_w = (a.to(acc) * ga_raw.to(acc)).sum(-1)
+                if b2_ED is not None:
+                    grad_w += torch.mv(g.to(acc), b2_ED[e].to(acc))
+                grad_weights[rows] = grad_w.to(grad_weights.dtype)
             if need_w2:
-                torch.mm(g.t(), a.detach(), out=grad_w2[e])
+                torch.mm(g.t(), a if w is None else a.mul_(w), out=grad_w2[e])
             if need_b2:
-                grad_b2[e] = g.sum(0)
-            (grad_h,) = torch.autograd.grad(a, h, ga)
+                grad_b2[e] = g.sum(0) if w is None else torch.mv(g.t(), w.squeeze(1))
             if need_w1:
                 torch.mm(grad_h.t(), x_TD.index_select(0, tokens), out=grad_w1[e])
             if need_b1:
@@ -109,6 +151,7 @@ class _FusedExperts(torch.autograd.Function):
         return grad_x, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2, None, None, None
 
 
+@torch.compiler.disable  # data-dependent Python loop: run eagerly inside compiled graphs
 def fused_experts(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R: torch.Tensor | None,
                   counts_E: list[int], w1_EHD: torch.Tensor, w2_EDF: torch.Tensor,
                   activation: str, b1_EH: torch.Tensor | None = None,

@@ -32,9 +32,9 @@ class Experts(nn.Module):
     Knows nothing about routing. ``config.experts_backend`` picks how:
     "fused" (CPU: one autograd op per call, see experts/fused.py; it can also
     take tokens directly with ``forward_tokens``), "grouped_mm" or "loop"
-    (matmuls on dispatched rows). "auto" picks fused on CPU outside
-    torch.compile, grouped_mm where it is exact for the device, dtype and sizes,
-    and the loop otherwise; ``backend_for(dtype)`` tells which one a dtype gets.
+    (matmuls on dispatched rows). "auto" picks fused on CPU, grouped_mm where
+    it is exact for the device, dtype and sizes, and the loop otherwise;
+    ``backend_for(dtype)`` tells which one a dtype gets.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -86,7 +86,7 @@ class Experts(nn.Module):
                              "use experts_backend='auto'")
         if choice != "auto":
             return choice
-        if device.type == "cpu" and not torch.compiler.is_compiling():
+        if device.type == "cpu":
             backend = "fused"
         else:
             backend = "grouped_mm" if supported else "loop"
