@@ -10,3 +10,12 @@ def test_routing_balance_runs():
     for name in routing_balance.ROUTERS:
         assert f"| {name} | isotropic |" in report
     assert "| cycle cancelling to convergence |" in report
+
+
+def test_moe_speed_runs_at_a_tiny_shape():
+    from benchmarks import moe_speed
+    tiny = moe_speed.Shape("tiny", tokens=16, dim=32, expert_dim=16, num_experts=4, top_k=2)
+    report = moe_speed.main([], repeats=1, compile_rows=False, custom=tiny)
+    assert "| moekit dropless (backend fused) |" in report
+    assert "| naive per-expert loop |" in report
+    assert "weight-streaming bound" in report  # small token counts get the decode bound
