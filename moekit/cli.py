@@ -1,0 +1,272 @@
+"""The ``moekit`` command: train, generate, compare, params.
+
+    moekit train                     # the tiny MoE LM on the built-in corpus
+    moekit train --preset deepseek --steps 2000 --out runs/ds
+    moekit train --resume runs/ds    # continue exactly where it stopped
+    moekit generate --run runs/ds --prompt "def "
+    moekit compare                   # tiny (MoE) against dense at equal active parameters
+    moekit params mixtral-8x7b       # total vs active parameters and FLOPs per token
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ROUTERS, SCORE_FUNCS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# flag name -> MoEConfig field, for the MoE overrides of `train` and `compare`
+MOE_FLAGS = {"num_experts": "num_experts", "top_k": "top_k", "expert_dim": "expert_dim",
+             "router": "router", "score_func": "score_func", "capacity_factor": "capacity_factor",
+             "balance_loss_weight": "balance_loss_weight", "z_loss_weight": "z_loss_weight",
+             "bias_update_rate": "bias_update_rate", "num_shared_experts": "num_shared_experts"}
+TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "seed", "eval_every", "save_every",
+               "grad_accum", "warmup_steps")
+
+
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training (defaults from the preset)")
+    group.add_argument("--steps", type=int)
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--seq-len", type=int)
+    group.add_argument("--lr", type=float)
+    group.add_argument("--warmup-steps", type=int)
+    group.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    group.add_argument("--seed", type=int)
+    group.add_argument("--eval-every", type=int)
+    group.add_argument("--save-every", type=int)
+    group.add_argument("--data", help="a text file or a folder of text files "
+                       "(default: the Python standard library's source)")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    group.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                       help="parameter dtype (bfloat16 is slow on CPUs without AVX512-BF16)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    moe = parser.add_argument_group("MoE overrides (MoE presets only)")
+    moe.add_argument("--num-experts", type=int)
+    moe.add_argument("--top-k", type=int)
+    moe.add_argument("--expert-dim", type=int)
+    moe.add_argument("--router", choices=ROUTERS)
+    moe.add_argument("--score-func", choices=SCORE_FUNCS)
+    moe.add_argument("--capacity-factor", type=float)
+    moe.add_argument("--balance-loss-weight", type=float)
+    moe.add_argument("--z-loss-weight", type=float)
+    moe.add_argument("--bias-update-rate", type=float)
+    moe.add_argument("--num-shared-experts", type=int)
+    moe.add_argument("--moe-every", type=int, help="every N-th block is MoE, the others dense")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .lm.presets import PRESETS
+
+    parser = argparse.ArgumentParser(prog="moekit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a small MoE language model")
+    train.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    train.add_argument("--out", help="run folder (default runs/<preset>-<timestamp>)")
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    train.add_argument("--stop-after", type=int, metavar="STEP",
+                       help="stop after this step (with a checkpoint); --resume continues")
+    _add_training_flags(train)
+
+    generate = commands.add_parser("generate", help="sample text from a trained run")
+    generate.add_argument("--run", required=True, help="a run folder written by `moekit train`")
+    generate.add_argument("--prompt", default="def ")
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=50)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--device", default="cpu")
+
+    compare = commands.add_parser("compare", help="train tiny (MoE) and dense on the same budget")
+    compare.add_argument("--out", help="folder for both runs (default runs/compare-<timestamp>)")
+    compare.add_argument("--moe-preset", default="tiny", choices=[p for p in PRESETS if p != "dense"])
+    _add_training_flags(compare)
+
+    params = commands.add_parser("params", help="total vs active parameters and FLOPs per token")
+    params.add_argument("name", help="a preset or a known architecture (see `moekit params --list`)",
+                        nargs="?")
+    params.add_argument("--list", action="store_true", help="list the names")
+    params.add_argument("--context", type=int, default=4096,
+                        help="context length for the attention FLOPs (default 4096)")
+    return parser
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _configured(args: argparse.Namespace, preset_name: str):
+    """The preset's configs with the command-line overrides applied."""
+    from .lm.presets import get_preset
+
+    preset = get_preset(preset_name)
+    model_cfg, train_cfg = preset.model, preset.train
+    moe_overrides = {field: getattr(args, flag) for flag, field in MOE_FLAGS.items()
+                     if getattr(args, flag) is not None}
+    if moe_overrides or args.moe_every is not None:
+        if model_cfg.moe is None:
+            raise ValueError(f"preset {preset_name!r} is dense; MoE flags "
+                             f"({', '.join('--' + k.replace('_', '-') for k in moe_overrides)}) need an MoE preset")
+        moe = dataclasses.replace(model_cfg.moe, **moe_overrides)
+        model_cfg = dataclasses.replace(model_cfg, moe=moe,
+                                        moe_every=args.moe_every or model_cfg.moe_every)
+    train_overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    train_cfg = dataclasses.replace(train_cfg, **train_overrides)
+    if train_cfg.seq_len > model_cfg.max_seq_len:
+        model_cfg = dataclasses.replace(model_cfg, max_seq_len=train_cfg.seq_len)
+    return model_cfg, train_cfg
+
+
+def _report(result, model_cfg, log) -> None:
+    from .lm.plots import plot_run, read_metrics
+
+    bits = result.val_loss / math.log(2)
+    log(f"validation loss {result.val_loss:.4f} nats/byte ({bits:.3f} bits/byte), "
+        f"perplexity {math.exp(result.val_loss):.2f}; unigram baseline {result.unigram_loss:.4f} nats/byte")
+    train_records, _ = read_metrics(result.run_dir)
+    if model_cfg.moe is not None and train_records:
+        loads = ", ".join(f"{v:.2f}" for v in train_records[-1]["load_max_over_mean"])
+        log(f"load max/mean per MoE layer at the end: {loads}")
+    plots = plot_run(result.run_dir)
+    if not plots:
+        log("plots skipped: matplotlib is not installed (pip install 'moekit[plot]')")
+    log(f"run folder: {result.run_dir} (config.json, model.safetensors, checkpoints/, metrics.jsonl"
+        + "".join(f", {p.name}" for p in plots) + ")")
+
+
+def cmd_train(args: argparse.Namespace, log=print) -> int:
+    from .lm.checkpoint import read_run_config
+    from .lm.data import load_corpus
+    from .lm.train import train
+
+    device, dtype = _resolve_device(args.device), DTYPES[args.dtype]
+    if args.resume:
+        given = [f"--{n.replace('_', '-')}" for n in (*TRAIN_FLAGS, *MOE_FLAGS, "moe_every", "out")
+                 if getattr(args, n, None) is not None]
+        if given:
+            raise ValueError(f"--resume continues a run with its own configs; drop {', '.join(given)}")
+        run_dir = Path(args.resume)
+        model_cfg, train_cfg, extra = read_run_config(run_dir)
+        data = args.data if args.data is not None else extra.get("data")
+    else:
+        model_cfg, train_cfg = _configured(args, args.preset)
+        run_dir = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        data = args.data
+        extra = {"preset": args.preset, "data": data}
+    corpus = load_corpus(data, train_cfg.seq_len)
+    log(f"data: {corpus.source}: {corpus.train.numel():,} training and {corpus.val.numel():,} "
+        f"validation bytes from {corpus.num_files} file(s)")
+    result = train(model_cfg, train_cfg, corpus, run_dir, resume=bool(args.resume), device=device,
+                   dtype=dtype, stop_after=args.stop_after, progress=not args.no_progress,
+                   extra_config=extra, log=log)
+    if not result.finished:
+        log(f"stopped after step {result.step} of {train_cfg.steps}; continue with "
+            f"`moekit train --resume {run_dir}`")
+    _report(result, model_cfg, log)
+    return 0
+
+
+def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """The trained model of a run folder (its model.safetensors), in eval mode."""
+    from .lm.checkpoint import MODEL_FILE, load_weights, read_run_config
+    from .lm.model import MoETransformer
+
+    model_cfg, _, _ = read_run_config(Path(run_dir))
+    model = MoETransformer(model_cfg)
+    load_weights(model, Path(run_dir) / MODEL_FILE)
+    return model.to(device).eval()
+
+
+def cmd_generate(args: argparse.Namespace, log=print) -> int:
+    from .lm.generate import generate_text
+
+    model = load_run_model(args.run, _resolve_device(args.device))
+    sys.stdout.write(args.prompt)
+    generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                  on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, log=print) -> int:
+    from .lm.data import load_corpus
+    from .lm.plots import plot_validation_curves
+    from .lm.train import train
+
+    device, dtype = _resolve_device(args.device), DTYPES[args.dtype]
+    out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    configs = {args.moe_preset: _configured(args, args.moe_preset)}
+    dense_args = argparse.Namespace(**{**vars(args), **{flag: None for flag in MOE_FLAGS},
+                                       "moe_every": None})
+    configs["dense"] = _configured(dense_args, "dense")
+    corpus = load_corpus(args.data, max(t.seq_len for _, t in configs.values()))
+    results = {}
+    for name, (model_cfg, train_cfg) in configs.items():
+        log(f"training {name} ...")
+        results[name] = train(model_cfg, train_cfg, corpus, out / name, device=device, dtype=dtype,
+                              progress=not args.no_progress,
+                              extra_config={"preset": name, "data": args.data}, log=log)
+    moe_result, dense_result = results[args.moe_preset], results["dense"]
+    log(f"\n| run | validation loss (nats/byte) | tokens/s |\n|---|---|---|")
+    for name, result in results.items():
+        log(f"| {name} | {result.val_loss:.4f} | {result.tokens_per_second:.0f} |")
+    log(f"\n{args.moe_preset} - dense = {moe_result.val_loss - dense_result.val_loss:+.4f} nats/byte; "
+        f"throughput dense/{args.moe_preset} = "
+        f"{dense_result.tokens_per_second / max(moe_result.tokens_per_second, 1e-9):.2f}x; "
+        f"unigram baseline {moe_result.unigram_loss:.4f}")
+    plot = plot_validation_curves({n: r.run_dir for n, r in results.items()}, out / "compare.png")
+    log(f"runs in {out}" + (f", plot {plot}" if plot else ""))
+    return 0
+
+
+def cmd_params(args: argparse.Namespace, log=print) -> int:
+    from .lm.params import KNOWN_ARCHITECTURES, count_parameters, format_breakdown, spec_from_lm_config
+    from .lm.presets import PRESETS
+
+    if args.list or not args.name:
+        log("presets: " + ", ".join(PRESETS))
+        log("known architectures: " + ", ".join(KNOWN_ARCHITECTURES))
+        return 0
+    if args.name in PRESETS:
+        spec = spec_from_lm_config(PRESETS[args.name].model, name=args.name)
+    elif args.name in KNOWN_ARCHITECTURES:
+        spec = KNOWN_ARCHITECTURES[args.name]
+    else:
+        raise ValueError(f"unknown preset or architecture {args.name!r}; known: "
+                         f"{', '.join([*PRESETS, *KNOWN_ARCHITECTURES])}")
+    log(format_breakdown(count_parameters(spec), context=args.context))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "compare": cmd_compare, "params": cmd_params}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, TypeError) as error:
+        parser.exit(2, f"moekit {args.command}: error: {error}\n")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

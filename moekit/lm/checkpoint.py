@@ -1,0 +1,190 @@
+"""Run folders and checkpoints that are never half-written.
+
+A run folder holds::
+
+    config.json                    the model and training configs (written once)
+    model.safetensors              the latest weights (replaced atomically)
+    metrics.jsonl                  one JSON line per logged step or evaluation
+    checkpoints/step-00000500/     model.safetensors, trainer_state.pt, manifest.json
+
+A checkpoint is written into a hidden temporary folder and renamed into place
+only when complete, so a crash leaves the previous checkpoint untouched; its
+``manifest.json`` records the SHA-256 of both files, checked on load.
+``trainer_state.pt`` holds only tensors and plain values and loads with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import LMConfig, TrainConfig
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "manifest.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+
+
+class CheckpointError(ValueError):
+    """A run folder or checkpoint that is missing, partial or corrupt."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(temporary_path)``, flush it to disk, then rename it onto path."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict (parameters and persistent buffers) as contiguous CPU tensors."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def save_weights(model: torch.nn.Module, path: Path, step: int) -> None:
+    atomic_write(path, lambda tmp: save_file(weights_of(model), str(tmp), metadata={"step": str(step)}))
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors file into model; a missing, unreadable or mismatched file is a CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"no weights file at {path}")
+    try:
+        weights = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from error
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not match the model of this run: {error}") from error
+
+
+def write_run_config(run_dir: Path, model_cfg: LMConfig, train_cfg: TrainConfig,
+                     extra: dict[str, Any] | None = None) -> None:
+    values = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), **(extra or {})}
+    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(values, indent=2) + "\n")
+
+
+def read_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig, dict[str, Any]]:
+    """(model config, training config, the other keys) of a run folder."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder: it has no {CONFIG_FILE}")
+    try:
+        values = json.loads(path.read_text())
+        model_cfg = LMConfig.from_dict(values.pop("model"))
+        train_cfg = TrainConfig.from_dict(values.pop("train"))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a valid run config: {error}") from error
+    return model_cfg, train_cfg, values
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first (temporary ones are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
+                    trainer_state: dict[str, Any], keep: int = KEEP_CHECKPOINTS) -> Path:
+    """Write checkpoints/step-<step>/ atomically, update the run's model.safetensors,
+    and keep only the newest ``keep`` checkpoints. Returns the checkpoint folder."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(weights_of(model), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+    torch.save(trainer_state, tmp / STATE_FILE)
+    manifest = {"step": step, "sha256": {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    for name in (MODEL_FILE, STATE_FILE, MANIFEST_FILE):
+        _fsync(tmp / name)
+    if final.exists():  # the same step saved again (e.g. right after a resume): swap, then drop the old
+        old = root / f".step-{step:08d}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    for stale in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(stale)
+    atomic_write(Path(run_dir) / MODEL_FILE,
+                 lambda path: shutil.copyfile(final / MODEL_FILE, path))
+    return final
+
+
+def verify_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint whose files match their recorded hashes;
+    otherwise a CheckpointError that names the checkpoint and what is wrong."""
+    manifest_path = checkpoint / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        hashes = manifest["sha256"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {checkpoint} is partial or corrupt: "
+                              f"unreadable {MANIFEST_FILE} ({error})") from error
+    for name in (MODEL_FILE, STATE_FILE):
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {checkpoint} is partial: {name} is missing")
+        if _sha256(path) != hashes.get(name):
+            raise CheckpointError(f"checkpoint {checkpoint} is corrupt: {name} does not match "
+                                  f"the hash in its {MANIFEST_FILE}")
+    return manifest
+
+
+def load_checkpoint(checkpoint: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Verify a checkpoint, load its weights into model and return its trainer state."""
+    verify_checkpoint(checkpoint)
+    load_weights(model, checkpoint / MODEL_FILE)
+    return torch.load(checkpoint / STATE_FILE, weights_only=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint folder of a run; CheckpointError if there is none."""
+    found = checkpoint_dirs(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir} has no checkpoint to resume from (no {CHECKPOINTS}/step-*)")
+    return found[-1]

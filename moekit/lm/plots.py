@@ -1,0 +1,87 @@
+"""Plots of a run's metrics.jsonl (matplotlib, an optional extra: ``pip install moekit[plot]``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import METRICS_FILE
+
+LOSS_PLOT = "loss.png"
+LOAD_PLOT = "expert_load.png"
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training records, evaluation records) of a run, in step order."""
+    path = Path(run_dir) / METRICS_FILE
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return ([r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"])
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write loss.png (train and validation loss) and, for MoE models,
+    expert_load.png (per MoE layer: each expert's share of the routed tokens
+    over training) into the run folder. Returns the files written; [] without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    run_dir = Path(run_dir)
+    train, evals = read_metrics(run_dir)
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", alpha=0.7)
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss (nats/byte)", title=run_dir.name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / LOSS_PLOT, dpi=120)
+    plt.close(fig)
+    written.append(run_dir / LOSS_PLOT)
+
+    layers = len(train[0]["tokens_per_expert"]) if train else 0
+    if layers:
+        fig, axes = plt.subplots(layers, 1, figsize=(8, 1.6 * layers + 0.8), sharex=True, squeeze=False)
+        steps = [r["step"] for r in train]
+        for layer, ax in enumerate(axes[:, 0]):
+            counts = [r["tokens_per_expert"][layer] for r in train]
+            shares = [[c / max(sum(row), 1) for c in row] for row in counts]
+            image = ax.imshow(list(zip(*shares)), aspect="auto", origin="lower", cmap="viridis",
+                              extent=(steps[0], max(steps[-1], steps[0] + 1), -0.5, len(shares[0]) - 0.5))
+            ax.set_ylabel(f"MoE {layer}\nexpert")
+            fig.colorbar(image, ax=ax, label="share")
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle("tokens per expert over training")
+        fig.tight_layout()
+        fig.savefig(run_dir / LOAD_PLOT, dpi=120)
+        plt.close(fig)
+        written.append(run_dir / LOAD_PLOT)
+    return written
+
+
+def plot_validation_curves(runs: dict[str, Path], path: Path) -> Path | None:
+    """One figure with the validation curve of each named run; None without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, run_dir in runs.items():
+        _, evals = read_metrics(run_dir)
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label=name)
+    ax.set(xlabel="step", ylabel="validation loss (nats/byte)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,233 @@
+"""Training loop of the language model: AdamW, warm-up + cosine, clipping, evaluation, checkpoints.
+
+On CPU a run is deterministic: the same configs and seed give bitwise the same
+weights, and a run stopped at step N and resumed gives bitwise the same
+weights and losses as one that never stopped (the optimizer, the step and every
+random generator are checkpointed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import (METRICS_FILE, CheckpointError, checkpoint_dirs, latest_checkpoint,
+                         load_checkpoint, read_run_config, save_checkpoint, write_run_config)
+from .config import LMConfig, TrainConfig
+from .data import Corpus, evaluation_batches, sample_batch
+from .model import MoETransformer
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val_loss: float
+    tokens_per_second: float
+    unigram_loss: float
+    finished: bool
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warm-up to cfg.lr over
+    warmup_steps, then cosine decay to min_lr_ratio * lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(cfg.steps - cfg.warmup_steps - 1, 1)
+    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (and the stacked expert weights), not on norms or biases."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, batches: list[tuple[torch.Tensor, torch.Tensor]],
+             device: torch.device) -> float:
+    """Mean next-byte cross-entropy (nats) over the batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for inputs, targets in batches:
+        logits = model(inputs.to(device)).logits
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten()))
+    model.train(was_training)
+    return total / len(batches)
+
+
+class _Window:
+    """Statistics of the steps since the last log line."""
+
+    def __init__(self, num_moe_layers: int, num_experts: int) -> None:
+        self.loss = self.aux_loss = self.dropped = 0.0
+        self.steps = self.tokens = 0
+        self.started = time.perf_counter()
+        self.counts = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64)
+
+    def add(self, loss: float, aux_loss: float, tokens: int, moe_aux: list) -> None:
+        self.loss += loss
+        self.aux_loss += aux_loss
+        self.tokens += tokens
+        for layer, aux in enumerate(moe_aux):
+            self.counts[layer] += aux.tokens_per_expert.cpu()
+            self.dropped += float(aux.dropped_fraction) / max(len(moe_aux), 1)
+
+    def record(self, step: int, lr: float, grad_norm: float, micro_steps: int) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.started
+        counts = self.counts.double()
+        load = (counts.amax(1) / counts.mean(1).clamp_min(1e-9)).tolist() if counts.numel() else []
+        return {"kind": "train", "step": step, "loss": self.loss / micro_steps,
+                "aux_loss": self.aux_loss / micro_steps, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_second": self.tokens / max(seconds, 1e-9),
+                "tokens_per_expert": self.counts.tolist(), "load_max_over_mean": load,
+                "dropped_fraction": self.dropped / micro_steps}
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines past last_step (written after the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: str | Path, *,
+          resume: bool = False, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+          stop_after: int | None = None, progress: bool = True,
+          extra_config: dict[str, Any] | None = None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train (or, with ``resume``, continue) a run in ``run_dir``.
+
+    ``stop_after`` ends this call after that optimizer step (with a checkpoint),
+    as an interruption would; resuming then continues the same schedule.
+    """
+    run_dir = Path(run_dir)
+    device = torch.device(device)
+    if model_cfg.max_seq_len < train_cfg.seq_len:
+        raise ValueError(f"seq_len {train_cfg.seq_len} exceeds the model's max_seq_len "
+                         f"{model_cfg.max_seq_len}")
+    torch.manual_seed(train_cfg.seed)
+    model = MoETransformer(model_cfg)
+    data_rng = torch.Generator().manual_seed(train_cfg.seed)
+    step = 0
+    elapsed = 0.0
+    metrics_path = run_dir / METRICS_FILE
+    if resume:
+        saved_model, saved_train, _ = read_run_config(run_dir)
+        if (saved_model, saved_train) != (model_cfg, train_cfg):
+            raise CheckpointError(f"the configs given differ from {run_dir}/config.json; "
+                                  "resume with the run's own configs")
+        checkpoint = latest_checkpoint(run_dir)
+        try:
+            state = load_checkpoint(checkpoint, model)
+        except CheckpointError as error:
+            older = [p.name for p in checkpoint_dirs(run_dir)[:-1]]
+            hint = f"; older checkpoints: {', '.join(older)} (move {checkpoint.name} away to use them)" \
+                if older else ""
+            raise CheckpointError(f"{error}{hint}") from error
+        model.to(device=device, dtype=dtype)
+        optimizer = build_optimizer(model, train_cfg)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        data_rng.set_state(state["data_rng"])
+        step, elapsed = int(state["step"]), float(state["elapsed_seconds"])
+        _truncate_metrics(metrics_path, step)
+        log(f"resumed {run_dir} at step {step} from {checkpoint.name}")
+    else:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ValueError(f"output folder {run_dir} exists and is not empty; "
+                             "choose another --out or --resume it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        model.to(device=device, dtype=dtype)
+        optimizer = build_optimizer(model, train_cfg)
+        write_run_config(run_dir, model_cfg, train_cfg, extra_config)
+    model.train()
+
+    def trainer_state() -> dict[str, Any]:
+        return {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "data_rng": data_rng.get_state(), "elapsed_seconds": elapsed,
+                "schedule": "warmup_cosine"}
+
+    eval_data = evaluation_batches(corpus.val, train_cfg.eval_batches, train_cfg.batch_size,
+                                   train_cfg.seq_len)
+    num_moe = len(model.moe_layers)
+    num_experts = model_cfg.moe.num_experts if model_cfg.moe is not None else 0
+    last_stop = train_cfg.steps if stop_after is None else min(stop_after, train_cfg.steps)
+    window = _Window(num_moe, num_experts)
+    val_loss = math.nan
+    tokens_per_second = 0.0
+    bar = _progress_bar(train_cfg.steps, step, progress)
+    micro_batches = 0
+    try:
+        with open(metrics_path, "a") as metrics_file:
+            while step < last_stop:
+                lr = learning_rate(step, train_cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                started = time.perf_counter()
+                for _ in range(train_cfg.grad_accum):
+                    inputs, targets = sample_batch(corpus.train, train_cfg.batch_size,
+                                                   train_cfg.seq_len, data_rng)
+                    out = model(inputs.to(device))
+                    loss = F.cross_entropy(out.logits.flatten(0, 1).float(),
+                                           targets.to(device).flatten())
+                    ((loss + out.aux_loss) / train_cfg.grad_accum).backward()
+                    window.add(float(loss.detach()), float(out.aux_loss.detach()), inputs.numel(), out.moe_aux)
+                    micro_batches += 1
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                elapsed += time.perf_counter() - started
+                if step % train_cfg.log_every == 0 or step == last_stop:
+                    record = window.record(step, lr, grad_norm, micro_batches)
+                    tokens_per_second = record["tokens_per_second"]
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_second:.0f}",
+                                    load=f"{max(record['load_max_over_mean'], default=1.0):.2f}",
+                                    refresh=False)
+                    window = _Window(num_moe, num_experts)
+                    micro_batches = 0
+                if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+                    val_loss = evaluate(model, eval_data, device)
+                    metrics_file.write(json.dumps({"kind": "eval", "step": step, "val_loss": val_loss,
+                                                   "val_perplexity": math.exp(val_loss)}) + "\n")
+                    metrics_file.flush()
+                    bar.write(f"step {step}: validation loss {val_loss:.4f} nats/byte")
+                if step % train_cfg.save_every == 0 or step == last_stop:
+                    save_checkpoint(run_dir, step, model, trainer_state())
+                bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        save_checkpoint(run_dir, step, model, trainer_state())
+        log(f"interrupted: saved step {step} in {run_dir}; continue with --resume {run_dir}")
+        raise
+    bar.close()
+    if math.isnan(val_loss):
+        val_loss = evaluate(model, eval_data, device)
+    return TrainResult(run_dir, step, val_loss, tokens_per_second, corpus.unigram_loss(),
+                       step == train_cfg.steps)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step",
+                dynamic_ncols=True, desc="train")
