@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("name", help="a preset or a known architecture (see `moekit params --list`)",
                         nargs="?")
     params.add_argument("--list", action="store_true", help="list the names")
-    params.add_argument("--context", type=int, default=4096,
-                        help="context length for the attention FLOPs (default 4096)")
+    params.add_argument("--context", type=int,
+                        help="keys each query attends to, for the attention FLOPs "
+                             "(default: a preset's max_seq_len, else 4096)")
     return parser
 
 
@@ -243,14 +244,16 @@ def cmd_params(args: argparse.Namespace, log=print) -> int:
         log("presets: " + ", ".join(PRESETS))
         log("known architectures: " + ", ".join(KNOWN_ARCHITECTURES))
         return 0
+    context = args.context or 4096
     if args.name in PRESETS:
         spec = spec_from_lm_config(PRESETS[args.name].model, name=args.name)
+        context = args.context or PRESETS[args.name].model.max_seq_len
     elif args.name in KNOWN_ARCHITECTURES:
         spec = KNOWN_ARCHITECTURES[args.name]
     else:
         raise ValueError(f"unknown preset or architecture {args.name!r}; known: "
                          f"{', '.join([*PRESETS, *KNOWN_ARCHITECTURES])}")
-    log(format_breakdown(count_parameters(spec), context=args.context))
+    log(format_breakdown(count_parameters(spec, context_length=context)))
     return 0
 
 

@@ -1,0 +1,97 @@
+"""The moekit command: train, resume, generate, compare, params, and its errors (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moekit.cli import main
+
+from .lm.helpers import write_text_files
+
+SMALL = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2",
+         "--save-every", "2", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return str(write_text_files(tmp_path / "data", count=30, size=300))
+
+
+def test_train_writes_the_run_and_reports(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", data_dir, "--out", str(out), "--num-experts", "4",
+                 "--top-k", "1", *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "validation loss" in printed and "unigram baseline" in printed and str(out) in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["moe"]["num_experts"] == 4 and config["model"]["moe"]["top_k"] == 1
+    assert config["train"]["steps"] == 4 and config["preset"] == "tiny"
+    for name in ("model.safetensors", "metrics.jsonl", "loss.png", "expert_load.png"):
+        assert (out / name).is_file(), name
+
+
+def test_stop_and_resume_from_the_command_line(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    main(["train", "--data", data_dir, "--out", str(out), "--stop-after", "2", *SMALL])
+    assert "continue with `moekit train --resume" in capsys.readouterr().out
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--resume", str(out), "--steps", "10"])
+    assert exit_info.value.code == 2
+    assert "drop --steps" in capsys.readouterr().err
+
+
+def test_generate_prints_the_prompt_and_new_text(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    main(["train", "--data", data_dir, "--out", str(out), *SMALL])
+    capsys.readouterr()
+    assert main(["generate", "--run", str(out), "--prompt", "def ", "--max-new-tokens", "20",
+                 "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+
+
+def test_compare_trains_both_and_prints_the_gap(tmp_path, data_dir, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--data", data_dir, "--out", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "| tiny |" in printed and "| dense |" in printed and "tiny - dense =" in printed
+    assert (out / "tiny" / "model.safetensors").is_file() and (out / "dense" / "model.safetensors").is_file()
+    assert (out / "compare.png").is_file()
+
+
+def test_params_lists_and_counts(capsys):
+    assert main(["params", "mixtral-8x7b"]) == 0
+    printed = capsys.readouterr().out
+    assert "46.70B" in printed and "12.88B" in printed
+    assert main(["params", "tiny"]) == 0
+    assert "routed experts" in capsys.readouterr().out
+    assert main(["params", "--list"]) == 0
+    assert "deepseek-v3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "/no/such/path"], "does not exist"),
+    (["train", "--preset", "dense", "--num-experts", "4"], "is dense"),
+    (["train", "--top-k", "9"], "top_k"),
+    (["train", "--steps", "0"], "steps must be >= 1"),
+    (["generate", "--run", "/no/such/run"], "not a run folder"),
+    (["params", "gpt-5"], "unknown preset or architecture"),
+])
+def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--out", str(tmp_path / "x")] if argv[0] == "train" else argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_same_command():
+    done = subprocess.run([sys.executable, "-m", "moekit", "params", "--list"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "tiny" in done.stdout
