@@ -1,4 +1,4 @@
-"""The ``moekit`` command: train, generate, compare, params.
+"""The ``moekit`` command: train, generate, compare, params, bench.
 
     moekit train                     # the tiny MoE LM on the built-in corpus
     moekit train --preset deepseek --steps 2000 --out runs/ds
@@ -6,6 +6,7 @@
     moekit generate --run runs/ds --prompt "def "
     moekit compare                   # tiny (MoE) against dense at equal active parameters
     moekit params mixtral-8x7b       # total vs active parameters and FLOPs per token
+    moekit bench --shapes S3         # layer speed against the FLOPs limit and peers
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     moe.add_argument("--bias-update-rate", type=float)
     moe.add_argument("--num-shared-experts", type=int)
     moe.add_argument("--moe-every", type=int, help="every N-th block is MoE, the others dense")
+    moe.add_argument("--first-dense-layers", type=int, help="keep the first N blocks dense")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import bench as bench_module
     from .lm.presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__,
@@ -100,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--context", type=int,
                         help="keys each query attends to, for the attention FLOPs "
                              "(default: a preset's max_seq_len, else 4096)")
+    bench = commands.add_parser("bench", help="CPU speed of the MoE layer against the FLOPs "
+                                "limit and peers (docs/benchmarks.md)")
+    bench_module.add_arguments(bench)
     return parser
 
 
@@ -120,13 +126,14 @@ def _configured(args: argparse.Namespace, preset_name: str):
     model_cfg, train_cfg = preset.model, preset.train
     moe_overrides = {field: getattr(args, flag) for flag, field in MOE_FLAGS.items()
                      if getattr(args, flag) is not None}
-    if moe_overrides or args.moe_every is not None:
+    layout = {name: getattr(args, name) for name in ("moe_every", "first_dense_layers")
+              if getattr(args, name) is not None}
+    if moe_overrides or layout:
         if model_cfg.moe is None:
-            raise ValueError(f"preset {preset_name!r} is dense; MoE flags "
-                             f"({', '.join('--' + k.replace('_', '-') for k in moe_overrides)}) need an MoE preset")
+            flags = ", ".join("--" + k.replace("_", "-") for k in (*moe_overrides, *layout))
+            raise ValueError(f"preset {preset_name!r} is dense; MoE flags ({flags}) need an MoE preset")
         moe = dataclasses.replace(model_cfg.moe, **moe_overrides)
-        model_cfg = dataclasses.replace(model_cfg, moe=moe,
-                                        moe_every=args.moe_every or model_cfg.moe_every)
+        model_cfg = dataclasses.replace(model_cfg, moe=moe, **layout)
     train_overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
     train_cfg = dataclasses.replace(train_cfg, **train_overrides)
     if train_cfg.seq_len > model_cfg.max_seq_len:
@@ -158,8 +165,8 @@ def cmd_train(args: argparse.Namespace, log=print) -> int:
 
     device, dtype = _resolve_device(args.device), DTYPES[args.dtype]
     if args.resume:
-        given = [f"--{n.replace('_', '-')}" for n in (*TRAIN_FLAGS, *MOE_FLAGS, "moe_every", "out")
-                 if getattr(args, n, None) is not None]
+        config_flags = (*TRAIN_FLAGS, *MOE_FLAGS, "moe_every", "first_dense_layers", "out")
+        given = [f"--{n.replace('_', '-')}" for n in config_flags if getattr(args, n, None) is not None]
         if given:
             raise ValueError(f"--resume continues a run with its own configs; drop {', '.join(given)}")
         run_dir = Path(args.resume)
@@ -214,7 +221,7 @@ def cmd_compare(args: argparse.Namespace, log=print) -> int:
     out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     configs = {args.moe_preset: _configured(args, args.moe_preset)}
     dense_args = argparse.Namespace(**{**vars(args), **{flag: None for flag in MOE_FLAGS},
-                                       "moe_every": None})
+                                       "moe_every": None, "first_dense_layers": None})
     configs["dense"] = _configured(dense_args, "dense")
     corpus = load_corpus(args.data, max(t.seq_len for _, t in configs.values()))
     results = {}
@@ -257,7 +264,15 @@ def cmd_params(args: argparse.Namespace, log=print) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "compare": cmd_compare, "params": cmd_params}
+def cmd_bench(args: argparse.Namespace, log=print) -> int:
+    from . import bench
+
+    bench.run(args)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "compare": cmd_compare, "params": cmd_params,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ def test_routing_balance_runs():
 
 
 def test_moe_speed_runs_at_a_tiny_shape():
-    from benchmarks import moe_speed
+    from moekit import bench as moe_speed
     tiny = moe_speed.Shape("tiny", tokens=16, dim=32, expert_dim=16, num_experts=4, top_k=2)
     report = moe_speed.main([], repeats=1, compile_rows=False, custom=tiny)
     assert "| moekit dropless (backend fused) |" in report

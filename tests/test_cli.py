@@ -76,6 +76,13 @@ def test_params_lists_and_counts(capsys):
     assert "deepseek-v3" in capsys.readouterr().out
 
 
+def test_bench_is_a_subcommand_with_the_benchmark_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "--shapes" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--data", "/no/such/path"], "does not exist"),
     (["train", "--preset", "dense", "--num-experts", "4"], "is dense"),
@@ -83,6 +90,7 @@ def test_params_lists_and_counts(capsys):
     (["train", "--steps", "0"], "steps must be >= 1"),
     (["generate", "--run", "/no/such/run"], "not a run folder"),
     (["params", "gpt-5"], "unknown preset or architecture"),
+    (["bench", "--repeats", "0"], "--repeats must be >= 1"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:

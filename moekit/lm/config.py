@@ -28,7 +28,8 @@ def _from_dict(cls, values: dict[str, Any]):
 class LMConfig:
     """A decoder-only transformer with RMSNorm, rotary positions and MoE feed-forward blocks.
 
-    Block ``i`` (0-based) uses the MoE layer when ``moe`` is set and
+    Block ``i`` (0-based) uses the MoE layer when ``moe`` is set,
+    ``i >= first_dense_layers`` (DeepSeek-V3 keeps its first blocks dense) and
     ``(i + 1) % moe_every == 0`` (``moe_every=2``: every other block, as in
     GShard and Switch); the other blocks use a dense SwiGLU FFN of hidden width
     ``ffn_dim``.
@@ -40,6 +41,7 @@ class LMConfig:
     ffn_dim: int
     moe: MoEConfig | None = None
     moe_every: int = 1
+    first_dense_layers: int = 0
     vocab_size: int = 256
     max_seq_len: int = 256
     tie_embeddings: bool = True
@@ -49,7 +51,8 @@ class LMConfig:
 
     def __post_init__(self) -> None:
         for name, minimum in (("dim", 1), ("num_layers", 1), ("num_heads", 1), ("ffn_dim", 1),
-                              ("moe_every", 1), ("vocab_size", 2), ("max_seq_len", 1)):
+                              ("moe_every", 1), ("first_dense_layers", 0), ("vocab_size", 2),
+                              ("max_seq_len", 1)):
             _require_int(name, getattr(self, name), minimum)
         _require_bool("tie_embeddings", self.tie_embeddings)
         _require_float("rope_theta", self.rope_theta, 0.0, open_minimum=True)
@@ -66,7 +69,8 @@ class LMConfig:
             if self.moe.dim != self.dim:
                 raise ValueError(f"moe.dim ({self.moe.dim}) must equal dim ({self.dim})")
             if not self.moe_layers:
-                raise ValueError(f"moe_every={self.moe_every} leaves no MoE block in "
+                raise ValueError(f"moe_every={self.moe_every} with first_dense_layers="
+                                 f"{self.first_dense_layers} leaves no MoE block in "
                                  f"{self.num_layers} layers; use moe=None for a dense model")
 
     @property
@@ -78,7 +82,8 @@ class LMConfig:
         """Indices of the blocks whose feed-forward is an MoE layer."""
         if self.moe is None:
             return ()
-        return tuple(i for i in range(self.num_layers) if (i + 1) % self.moe_every == 0)
+        return tuple(i for i in range(self.first_dense_layers, self.num_layers)
+                     if (i + 1) % self.moe_every == 0)
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

@@ -76,7 +76,8 @@ def _as_tensor(chunks: list[bytes]) -> torch.Tensor:
 def load_corpus(path: str | Path | None = None, seq_len: int = 256,
                 val_percent: int = VAL_PERCENT) -> Corpus:
     """Read a corpus: ``None`` for the built-in one (every ``*.py`` of the standard
-    library, without installed packages), a text file, or a folder of text files (every non-hidden file, recursively).
+    library, without installed packages), a text file, or a folder of text
+    files (every non-hidden file, recursively).
 
     Raises ValueError for a missing path, an empty or binary file, or a split
     with fewer than ``seq_len + 1`` bytes (one training sequence and its target).

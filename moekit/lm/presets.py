@@ -4,7 +4,7 @@ Every preset shares the same transformer trunk (4 blocks, width 128, 4 heads,
 byte vocabulary, tied embeddings) and the same training budget, so their
 validation losses compare at equal steps and tokens. ``dense`` has one SwiGLU
 FFN of hidden width 512; ``tiny`` and ``deepseek`` spend the same active
-expert width per token (k * expert_dim + shared = 512), ``switch`` too
+expert width per token (k * expert_dim + shared width = 512), ``switch`` too
 (top-1 of 512-wide experts), ``mixtral`` twice that (top-2 of full-width experts).
 """
 
@@ -32,12 +32,14 @@ def _lm(moe: MoEConfig | None, **overrides) -> LMConfig:
                     max_seq_len=256, **overrides)
 
 
-TRAIN = TrainConfig(steps=800, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=50,
-                    eval_every=200, eval_batches=8, save_every=200, log_every=10)
+TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=50,
+                    eval_every=250, eval_batches=16, save_every=250, log_every=10)
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("tiny", "8 experts of width 256, top-2, softmax gate, load-balance loss 0.01 (default)",
-           _lm(MoEConfig(dim=DIM, expert_dim=256, num_experts=8, top_k=2)), TRAIN),
+    Preset("tiny", "16 experts of width 128, top-3, plus one always-on shared expert of width 128 "
+           "(DeepSeekMoE's fine-grained + shared recipe), softmax gate, load-balance loss 0.01 (default)",
+           _lm(MoEConfig(dim=DIM, expert_dim=128, num_experts=16, top_k=3, num_shared_experts=1)),
+           TRAIN),
     Preset("dense", "one SwiGLU FFN of width 512: the same active parameters per token as tiny",
            _lm(None), TRAIN),
     Preset("switch", "Switch Transformer: top-1 of 8 experts of width 512, capacity 1.25, "

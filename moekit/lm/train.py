@@ -187,7 +187,8 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                     loss = F.cross_entropy(out.logits.flatten(0, 1).float(),
                                            targets.to(device).flatten())
                     ((loss + out.aux_loss) / train_cfg.grad_accum).backward()
-                    window.add(float(loss.detach()), float(out.aux_loss.detach()), inputs.numel(), out.moe_aux)
+                    window.add(float(loss.detach()), float(out.aux_loss.detach()), inputs.numel(),
+                               out.moe_aux)
                     micro_batches += 1
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
                     model.parameters(), train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf))

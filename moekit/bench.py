@@ -1,0 +1,311 @@
+"""MoE layer speed on CPU: ratios to the active-FLOPs limit and to peers, measured in one run.
+
+Run: moekit bench [--shapes S1 S2 S3] [--repeats N] [--no-compile]
+ (or python benchmarks/moe_speed.py with the same flags)
+
+For each shape (SwiGLU experts, float32 unless the row says otherwise, all
+cores) every row is timed forward (under no_grad) and forward+backward
+(upstream gradient random, gradients reset to None each time), interleaved
+round-robin over --repeats rounds after two warm-up calls; the table gives the
+median and the spread ((max - min) / median). Ratios divide by the limit of the
+same run:
+  limit: exactly the active FLOPs, the T*k rows through one expert's SwiGLU
+         weights, as one chain and as E equal chunks, whichever is faster;
+  S3 also gets the weight-streaming bound: the bytes of the experts its tokens
+         touch, divided by the read bandwidth measured here (a large sum).
+Peers: a naive per-expert loop, and Hugging Face transformers' Mixtral block
+with experts_implementation "eager" and "grouped_mm" (skipped if transformers
+is not installed), all with the same weights and routing as moekit.
+Peak memory: the rise of the process's peak resident set (VmHWM, reset
+through /proc/self/clear_refs after malloc_trim) over one forward+backward;
+it sees every allocation torch makes on CPU, which tracemalloc does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import moekit
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    tokens: int
+    dim: int
+    expert_dim: int
+    num_experts: int
+    top_k: int
+
+
+SHAPES = {
+    "S1": Shape("Mixtral-like", 4096, 1024, 896, 8, 2),
+    "S2": Shape("fine-grained", 4096, 1024, 256, 64, 8),
+    "S3": Shape("decode", 16, 1024, 896, 8, 2),
+}
+
+
+@dataclass
+class Row:
+    """A candidate: forward() and forward_backward() each run one call."""
+
+    name: str
+    forward: Callable[[], object]
+    forward_backward: Callable[[], object]
+    note: str = ""
+
+
+# ---------------------------------------------------------------- the limit
+
+def _swiglu_chain(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, w1).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def limit_rows(shape: Shape) -> list[Row]:
+    """The active FLOPs alone: one chain, and E equal chunks, through one expert."""
+    torch.manual_seed(0)
+    rows_count = shape.tokens * shape.top_k
+    x = torch.randn(rows_count, shape.dim)
+    w1 = (torch.randn(2 * shape.expert_dim, shape.dim) * 0.02).requires_grad_()
+    w2 = (torch.randn(shape.dim, shape.expert_dim) * 0.02).requires_grad_()
+    x_grad = x.clone().requires_grad_()
+    grad = torch.randn(rows_count, shape.dim)
+
+    def run(chunks: int, backward: bool):
+        for w in (w1, w2, x_grad):
+            w.grad = None
+        source = x_grad if backward else x
+        for part, g in zip(source.chunk(chunks), grad.chunk(chunks)):
+            if backward:
+                _swiglu_chain(part, w1, w2).backward(g)
+            else:
+                with torch.no_grad():
+                    _swiglu_chain(part, w1, w2)
+
+    return [Row("limit: one chain", lambda: run(1, False), lambda: run(1, True)),
+            Row(f"limit: {shape.num_experts} chunks", lambda: run(shape.num_experts, False),
+                lambda: run(shape.num_experts, True))]
+
+
+# ---------------------------------------------------------------- candidates
+
+def _timed_module(name: str, module: torch.nn.Module, x: torch.Tensor, note: str = "") -> Row:
+    grad = torch.randn_like(x)
+    x_grad = x.detach().clone().requires_grad_()
+    params = list(module.parameters())
+
+    def output(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward():
+        with torch.no_grad():
+            return module(x)
+
+    def forward_backward():
+        for p in params:
+            p.grad = None
+        x_grad.grad = None
+        output(module(x_grad)).backward(grad)
+
+    return Row(name, forward, forward_backward, note)
+
+
+class NaiveLoopMoE(torch.nn.Module):
+    """Peer: softmax top-k, then a Python loop over experts indexing w[e]."""
+
+    def __init__(self, moe: moekit.MoE) -> None:
+        super().__init__()
+        self.top_k = moe.config.top_k
+        self.router = torch.nn.Parameter(moe.router.weight.detach().clone())
+        self.gate_up_proj = torch.nn.Parameter(moe.experts.gate_up_proj.detach().clone())
+        self.down_proj = torch.nn.Parameter(moe.experts.down_proj.detach().clone())
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        weights, ids = (x_TD @ self.router.t()).softmax(-1).topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        y = torch.zeros_like(x_TD)
+        for e in range(self.gate_up_proj.shape[0]):
+            token, slot = torch.where(ids == e)
+            if token.numel():
+                out = _swiglu_chain(x_TD[token], self.gate_up_proj[e], self.down_proj[e])
+                y.index_add_(0, token, out * weights[token, slot, None])
+        return y
+
+
+def hf_rows(moe: moekit.MoE, x: torch.Tensor) -> list[Row]:
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return []
+    c = moe.config
+    rows = []
+    for implementation in ("eager", "grouped_mm"):
+        config = MixtralConfig(hidden_size=c.dim, intermediate_size=c.expert_dim,
+                               num_local_experts=c.num_experts, num_experts_per_tok=c.top_k,
+                               experts_implementation=implementation)
+        block = MixtralSparseMoeBlock(config)
+        with torch.no_grad():
+            block.gate.weight.copy_(moe.router.weight)
+            block.experts.gate_up_proj.copy_(moe.experts.gate_up_proj)
+            block.experts.down_proj.copy_(moe.experts.down_proj)
+        rows.append(_timed_module(f"transformers Mixtral block, {implementation}", block,
+                                  x.unsqueeze(0)))
+    return rows
+
+
+def candidate_rows(shape: Shape, compile_rows: bool) -> tuple[list[Row], moekit.MoE, torch.Tensor]:
+    torch.manual_seed(0)
+    base = dict(dim=shape.dim, expert_dim=shape.expert_dim, num_experts=shape.num_experts,
+                top_k=shape.top_k)
+    moe = moekit.MoE(moekit.MoEConfig(**base))
+    x = torch.randn(shape.tokens, shape.dim)
+    rows = [_timed_module("moekit dropless", moe, x, f"backend {moe.experts.backend_for(x.dtype)}")]
+
+    def variant(dtype=torch.float32, **fields) -> moekit.MoE:
+        other = moekit.MoE(moekit.MoEConfig(**(base | fields)))
+        other.load_state_dict(moe.state_dict())
+        return other.to(dtype)
+
+    rows.append(_timed_module("moekit capacity 1.25", variant(capacity_factor=1.25), x))
+    rows.append(_timed_module("moekit grouped_mm backend", variant(experts_backend="grouped_mm"), x))
+    rows.append(_timed_module("moekit bf16", variant(torch.bfloat16), x.bfloat16(),
+                              "no AVX512-BF16/AMX here: bf16 matmul is emulated"))
+    if compile_rows:
+        rows.append(_timed_module("moekit torch.compile", torch.compile(variant()), x))
+    rows.append(_timed_module("naive per-expert loop", NaiveLoopMoE(moe), x))
+    rows.extend(hf_rows(moe, x))
+    return rows, moe, x
+
+
+# ---------------------------------------------------------------- measuring
+
+def time_rows(rows: list[Row], repeats: int) -> dict[tuple[str, str], list[float]]:
+    times: dict[tuple[str, str], list[float]] = {}
+    for row in rows:  # warm-up (and compilation) first
+        for _ in range(2):
+            row.forward()
+            row.forward_backward()
+    for _ in range(repeats):
+        for row in rows:
+            for kind, fn in (("f", row.forward), ("fb", row.forward_backward)):
+                start = time.perf_counter()
+                fn()
+                times.setdefault((row.name, kind), []).append(time.perf_counter() - start)
+    return times
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mib(fn: Callable[[], object]) -> float:
+    """Rise of the peak resident set over one call of fn (Linux only; NaN elsewhere)."""
+    try:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        baseline = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # reset VmHWM to the current resident set
+        fn()
+        return (_status_kib("VmHWM") - baseline) / 1024
+    except (OSError, RuntimeError):
+        return float("nan")
+
+
+def read_bandwidth_gbs() -> float:
+    big = torch.ones(64 * 2**20)  # 256 MiB
+    big.sum()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        big.sum()
+        times.append(time.perf_counter() - start)
+    return big.numel() * 4 / min(times) / 1e9
+
+
+def streaming_bound_s(moe: moekit.MoE, x: torch.Tensor, bandwidth_gbs: float) -> float:
+    """Seconds to read the weights of the experts x's tokens are routed to, once."""
+    with torch.no_grad():
+        _, aux = moe(x)
+    touched = int((aux.tokens_per_expert > 0).sum())
+    per_expert = moe.experts.gate_up_proj[0].numel() + moe.experts.down_proj[0].numel()
+    router = moe.router.weight.numel()
+    return (touched * per_expert + router) * 4 / (bandwidth_gbs * 1e9)
+
+
+def shape_report(key: str, shape: Shape, repeats: int, compile_rows: bool) -> str:
+    limits = limit_rows(shape)
+    rows, moe, x = candidate_rows(shape, compile_rows)
+    times = time_rows(limits + rows, repeats)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()}
+    limit = {kind: min(median[(row.name, kind)] for row in limits) for kind in ("f", "fb")}
+    lines = [f"### {key} {shape.name}: T={shape.tokens}, dim={shape.dim}, "
+             f"expert_dim={shape.expert_dim}, E={shape.num_experts}, k={shape.top_k}", "",
+             f"limit: forward {limit['f'] * 1e3:.1f} ms, forward+backward {limit['fb'] * 1e3:.1f} ms"]
+    bound = None
+    if shape.tokens <= 64:
+        bandwidth = read_bandwidth_gbs()
+        bound = streaming_bound_s(moe, x, bandwidth)
+        lines[-1] += (f"; weight-streaming bound {bound * 1e3:.2f} ms "
+                      f"(read bandwidth {bandwidth:.1f} GB/s)")
+    header = "| row | forward ms | vs limit | forward+backward ms | vs limit | peak MiB (f+b) |"
+    if bound is not None:
+        header = header.replace("| forward+backward", "| vs streaming | forward+backward")
+    lines += ["", header, "|" + "---|" * (header.count("|") - 1)]
+    for row in limits + rows:
+        f, fb = median[(row.name, "f")], median[(row.name, "fb")]
+        cells = [row.name + (f" ({row.note})" if row.note else ""),
+                 f"{f * 1e3:.1f} ±{spread[(row.name, 'f')] * 50:.0f}%", f"{f / limit['f']:.2f}"]
+        if bound is not None:
+            cells.append(f"{f / bound:.2f}")
+        cells += [f"{fb * 1e3:.1f} ±{spread[(row.name, 'fb')] * 50:.0f}%", f"{fb / limit['fb']:.2f}",
+                  f"{peak_memory_mib(row.forward_backward):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(shapes: list[str], repeats: int = 5, compile_rows: bool = True,
+         custom: Shape | None = None) -> str:
+    torch.manual_seed(0)
+    header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"moekit {moekit.__version__}")
+    targets = {"custom": custom} if custom else {k: SHAPES[k] for k in shapes}
+    report = "\n\n".join([header] + [shape_report(k, s, repeats, compile_rows)
+                                     for k, s in targets.items()])
+    print(report)
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+
+
+def run(args: argparse.Namespace) -> str:
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    return main(args.shapes, args.repeats, not args.no_compile)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
