@@ -19,3 +19,9 @@ def test_moe_speed_runs_at_a_tiny_shape():
     assert "| moekit dropless (backend fused) |" in report
     assert "| naive per-expert loop |" in report
     assert "weight-streaming bound" in report  # small token counts get the decode bound
+
+
+def test_lm_throughput_runs_at_a_small_batch():
+    from benchmarks import lm_throughput
+    report = lm_throughput.main(["tiny"], repeats=1, batch_size=2, seq_len=16)
+    assert "| tiny |" in report and "| dense | " in report

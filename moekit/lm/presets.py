@@ -36,9 +36,11 @@ TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=256, lr=3e-3, warmup_step
                     eval_every=250, eval_batches=16, save_every=250, log_every=10)
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("tiny", "16 experts of width 128, top-3, plus one always-on shared expert of width 128 "
-           "(DeepSeekMoE's fine-grained + shared recipe), softmax gate, load-balance loss 0.01 (default)",
-           _lm(MoEConfig(dim=DIM, expert_dim=128, num_experts=16, top_k=3, num_shared_experts=1)),
+    Preset("tiny", "first block dense, then 16 experts of width 128, top-3, plus one always-on "
+           "shared expert of width 128 (DeepSeekMoE's fine-grained + shared recipe), softmax gate, "
+           "load-balance loss 0.02 (default)",
+           _lm(MoEConfig(dim=DIM, expert_dim=128, num_experts=16, top_k=3, num_shared_experts=1,
+                         balance_loss_weight=0.02), first_dense_layers=1),
            TRAIN),
     Preset("dense", "one SwiGLU FFN of width 512: the same active parameters per token as tiny",
            _lm(None), TRAIN),
