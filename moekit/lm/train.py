@@ -27,6 +27,9 @@ from .model import MoETransformer
 
 @dataclass
 class TrainResult:
+    """Where a call of ``train`` ended; tokens_per_second is its mean over the
+    optimizer steps it ran (evaluation and checkpoints excluded)."""
+
     run_dir: Path
     step: int
     val_loss: float
@@ -170,7 +173,7 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
     last_stop = train_cfg.steps if stop_after is None else min(stop_after, train_cfg.steps)
     window = _Window(num_moe, num_experts)
     val_loss = math.nan
-    tokens_per_second = 0.0
+    trained_tokens, training_seconds = 0, 0.0  # this call's, for the mean throughput
     bar = _progress_bar(train_cfg.steps, step, progress)
     micro_batches = 0
     try:
@@ -195,13 +198,15 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                elapsed += time.perf_counter() - started
+                step_seconds = time.perf_counter() - started
+                elapsed += step_seconds
+                training_seconds += step_seconds
+                trained_tokens += train_cfg.tokens_per_step
                 if step % train_cfg.log_every == 0 or step == last_stop:
                     record = window.record(step, lr, grad_norm, micro_batches)
-                    tokens_per_second = record["tokens_per_second"]
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_second:.0f}",
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}",
                                     load=f"{max(record['load_max_over_mean'], default=1.0):.2f}",
                                     refresh=False)
                     window = _Window(num_moe, num_experts)
@@ -223,6 +228,7 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
     bar.close()
     if math.isnan(val_loss):
         val_loss = evaluate(model, eval_data, device)
+    tokens_per_second = trained_tokens / training_seconds if training_seconds else 0.0
     return TrainResult(run_dir, step, val_loss, tokens_per_second, corpus.unigram_loss(),
                        step == train_cfg.steps)
 
