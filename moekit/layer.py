@@ -59,7 +59,8 @@ class MoE(nn.Module):
             y_TD = y_TD.new_zeros(x.numel() // self.config.dim, self.config.dim) \
                 .index_copy(0, real_T, y_TD)
         compute_losses = self.training and torch.is_grad_enabled()
-        aux = moe_aux(routing, plan, self.config, compute_losses, sequence_T, num_sequences)
+        global_load = self.dispatcher.global_load(routing) if compute_losses else None
+        aux = moe_aux(routing, plan, self.config, compute_losses, sequence_T, num_sequences, global_load)
         return y_TD.view(x.shape), aux
 
     def _sequence_index(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:

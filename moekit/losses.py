@@ -11,7 +11,9 @@ from moekit.routing import expert_counts
 
 
 def load_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor,
-                      assignment_mask_TK: torch.Tensor | None = None) -> torch.Tensor:
+                      assignment_mask_TK: torch.Tensor | None = None,
+                      global_counts_E: torch.Tensor | None = None,
+                      global_tokens: int | None = None) -> torch.Tensor:
     """E * sum_i f_i * P_i (Switch Transformer, eq. 4, generalised to top-k).
 
     f_i: fraction of the assignments routed to expert i (before any drop; not
@@ -19,9 +21,17 @@ def load_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor,
     Equals 1 at perfect balance and E when every token goes to one expert (k=1).
     probs_TE: [T, E]; ids_TK: [T, K] int64; assignment_mask_TK: [T, K] bool
     slots that are assignments (None: all). Differentiable in probs_TE.
+
+    Split over ranks (expert or data parallel): pass the all-reduced counts
+    [E] and token count; then this rank's term uses the global f and its own
+    tokens' share of the global P, so the terms of all ranks sum to the loss on
+    all tokens, and so do their gradients.
     """
     num_tokens, num_experts = probs_TE.shape
     counts_E = expert_counts(ids_TK, num_experts, assignment_mask_TK)
+    if global_counts_E is not None:
+        counts_E = global_counts_E
+        num_tokens = global_tokens
     fraction_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp_min(1)
     mean_prob_E = probs_TE.sum(dim=0) / max(num_tokens, 1)
     return num_experts * torch.dot(fraction_E, mean_prob_E)
@@ -48,9 +58,11 @@ def sequence_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, sequence
     return (per_sequence_S * present_S).sum() / present_S.sum().clamp_min(1)
 
 
-def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+def router_z_loss(logits_TE: torch.Tensor, global_tokens: int | None = None) -> torch.Tensor:
     """mean_t logsumexp(logits_t)^2 (ST-MoE, Zoph et al. 2022, eq. 5).
 
-    logits_TE: [T, E]. Differentiable.
+    logits_TE: [T, E]. Differentiable. With ``global_tokens`` (split over
+    ranks) the sum is divided by it, so the ranks' terms sum to the mean.
     """
-    return torch.logsumexp(logits_TE, dim=-1).square().sum() / max(logits_TE.shape[0], 1)
+    num_tokens = logits_TE.shape[0] if global_tokens is None else global_tokens
+    return torch.logsumexp(logits_TE, dim=-1).square().sum() / max(num_tokens, 1)

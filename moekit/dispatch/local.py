@@ -50,6 +50,11 @@ class LocalDispatcher:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
+    def global_load(self, routing: Routing) -> tuple[torch.Tensor, int] | None:
+        """Assignment counts [E] and token count over every rank sharing these
+        experts, for the aux losses; None in one process (the local ones serve)."""
+        return None
+
     def keep_mask(self, routing: Routing) -> torch.Tensor | None:
         """bool [T, K] of slots to dispatch, or None for all: here the routing's
         own assignment_mask (dropless)."""

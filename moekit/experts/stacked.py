@@ -50,7 +50,12 @@ class Experts(nn.Module):
                                 nn.Parameter(torch.empty(E, first_out)) if config.bias else None)
         self.down_proj_bias = nn.Parameter(torch.empty(E, D)) if config.bias else None
         self._logged_backends: set[tuple[str, torch.dtype]] = set()
+        self.expert_ids = range(E)  # the global ids held here (a block of them under expert parallelism)
         self.reset_parameters()
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.down_proj.shape[0]
 
     @property
     def first_proj(self) -> nn.Parameter:
@@ -98,9 +103,9 @@ class Experts(nn.Module):
 
     def _checked_counts(self, counts_E: torch.Tensor, num_rows: int) -> list[int]:
         counts = counts_E.tolist()
-        if len(counts) != self.config.num_experts or min(counts, default=0) < 0 \
+        if len(counts) != self.num_local_experts or min(counts, default=0) < 0 \
                 or sum(counts) != num_rows:
-            raise ValueError(f"counts_E must be {self.config.num_experts} non-negative counts "
+            raise ValueError(f"counts_E must be {self.num_local_experts} non-negative counts "
                              f"summing to the {num_rows} rows; got {counts}")
         return counts
 

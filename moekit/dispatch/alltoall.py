@@ -1,0 +1,87 @@
+"""Expert-parallel dispatch: tokens travel to the rank that holds their expert and back.
+
+Rank r of a group of W ranks holds experts [r * E_l, (r + 1) * E_l), E_l = E / W.
+One layer call issues, on every rank and in this order whatever its data:
+
+1. all_to_all_single of the per-expert row counts   [E] int64 -> [W, E_l]
+2. all_to_all_single of the rows (differentiable)   [R, D] -> [R_in, D]
+3. the local experts on the received rows, grouped by local expert
+4. all_to_all_single of the outputs back (differentiable)
+5. the local combine (weighted sum over each token's k outputs)
+
+Shapes: T local tokens, K choices, R rows this rank sends, R_in rows it receives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from moekit.dispatch.local import DispatchPlan, LocalDispatcher
+from moekit.dispatch.permute import permute_tokens
+from moekit.experts import Experts
+from moekit.routing import Routing, expert_counts
+
+
+class AllToAllDispatcher:
+    """Wraps a LocalDispatcher (which plans the local sort) for an expert-parallel group."""
+
+    def __init__(self, local: LocalDispatcher, group: dist.ProcessGroup | None = None) -> None:
+        self.local = local
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if local.num_experts % self.world_size:
+            raise ValueError(f"num_experts ({local.num_experts}) must be divisible by the expert-"
+                             f"parallel world size ({self.world_size})")
+        self.num_local_experts = local.num_experts // self.world_size
+
+    @property
+    def num_experts(self) -> int:
+        return self.local.num_experts
+
+    def global_load(self, routing: Routing) -> tuple[torch.Tensor, int]:
+        """All-reduced routed assignment counts [E] (before capacity) and token count."""
+        ids_A = routing.expert_indices.reshape(-1)
+        mask = None if routing.assignment_mask is None else routing.assignment_mask.reshape(-1)
+        packed = torch.cat((expert_counts(ids_A, self.num_experts, mask),
+                            torch.tensor([routing.expert_indices.shape[0]], device=ids_A.device)))
+        dist.all_reduce(packed, group=self.group)
+        return packed[:-1], int(packed[-1])
+
+    def run_experts(self, x_TD: torch.Tensor, routing: Routing,
+                    experts: Experts) -> tuple[torch.Tensor, DispatchPlan]:
+        """combine(remote experts(dispatch(x_TD))) -> (y_TD [T, D], plan)."""
+        plan = self.local.plan(routing)
+        rows_RD = permute_tokens(x_TD, plan.order_R, routing.top_k)
+        W, E_l = self.world_size, self.num_local_experts
+        counts_WE = plan.counts_E.view(W, E_l)
+        received_WE = torch.empty_like(counts_WE)
+        dist.all_to_all_single(received_WE, counts_WE, group=self.group)
+        send_sizes = counts_WE.sum(1).tolist()
+        recv_sizes = received_WE.sum(1).tolist()
+        received_RD = dist_fn.all_to_all_single(
+            rows_RD.new_empty(sum(recv_sizes), rows_RD.shape[1]), rows_RD.contiguous(),
+            recv_sizes, send_sizes, group=self.group)
+        # received rows come grouped by source rank, then local expert: regroup by expert
+        by_expert = _source_major_to_expert_major(received_WE)
+        out_RD = experts(received_RD.index_select(0, by_expert), received_WE.sum(0))
+        out_RD = torch.empty_like(out_RD).index_copy(0, by_expert, out_RD)
+        returned_RD = dist_fn.all_to_all_single(
+            out_RD.new_empty(rows_RD.shape[0], out_RD.shape[1]), out_RD.contiguous(),
+            send_sizes, recv_sizes, group=self.group)
+        return self.local.combine(returned_RD, plan), plan
+
+
+def _source_major_to_expert_major(counts_WE: torch.Tensor) -> torch.Tensor:
+    """Row permutation [R_in] taking rows laid out (source rank, local expert) to
+    (local expert, source rank): new row i reads old row result[i]."""
+    W, E_l = counts_WE.shape
+    starts_WE = (counts_WE.reshape(-1).cumsum(0) - counts_WE.reshape(-1)).view(W, E_l)
+    blocks = [torch.arange(int(starts_WE[w, e]), int(starts_WE[w, e] + counts_WE[w, e]),
+                           device=counts_WE.device)
+              for e in range(E_l) for w in range(W)]
+    if not blocks:
+        return torch.zeros(0, dtype=torch.int64, device=counts_WE.device)
+    return torch.cat(blocks)

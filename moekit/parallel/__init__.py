@@ -1,0 +1,6 @@
+"""Expert parallelism over torch.distributed: shard experts across ranks, exchange tokens all-to-all."""
+
+from .expert_parallel import (all_reduce_replicated_grads, apply_expert_parallel, expert_shard,
+                              is_expert_parallel)
+
+__all__ = ["apply_expert_parallel", "expert_shard", "is_expert_parallel", "all_reduce_replicated_grads"]

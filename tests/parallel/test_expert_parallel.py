@@ -1,0 +1,93 @@
+"""Expert parallelism over gloo: outputs, aux losses and every gradient equal one process on all tokens."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moekit
+from moekit.parallel import all_reduce_replicated_grads, apply_expert_parallel, expert_shard
+
+from ..conftest import randomized_moe
+from ..distributed import run_distributed
+
+CASES = {
+    "topk": dict(dim=8, expert_dim=12, num_experts=8, top_k=2),
+    "sigmoid-bias-shared": dict(dim=8, expert_dim=12, num_experts=8, top_k=3, score_func="sigmoid",
+                                bias_update_rate=0.05, num_shared_experts=1, bias=True),
+    "switch-geglu": dict(dim=8, expert_dim=12, num_experts=4, top_k=1, normalize_topk=False,
+                         activation="geglu"),
+}
+
+
+def _global_tokens(sizes: list[int], dim: int, all_to_one: bool):
+    torch.manual_seed(7)
+    x = torch.randn(sum(sizes), dim)
+    grad = torch.randn(sum(sizes), dim)
+    if all_to_one:  # one direction dominates: a bias-free router then sends all to one expert
+        x = x.abs() + 5.0
+    return x, grad
+
+
+def _worker(rank, world_size, result_dir, case, sizes, all_to_one):
+    fields = {**CASES[case], "balance_loss_weight": 0.1, "z_loss_weight": 0.01}
+    reference = randomized_moe(seed=0, **fields)
+    sharded = randomized_moe(seed=0, **fields)
+    apply_expert_parallel(sharded)
+    x_all, grad_all = _global_tokens(sizes, fields["dim"], all_to_one)
+    start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    # reference: one process on every rank's tokens
+    x_ref = x_all.clone().requires_grad_()
+    y_ref, aux_ref = reference(x_ref)
+    ((y_ref * grad_all).sum() + aux_ref.loss).backward()
+    # expert parallel: this rank's tokens only
+    x = x_all[start:stop].clone().requires_grad_()
+    y, aux = sharded(x)
+    ((y * grad_all[start:stop]).sum() + aux.loss).backward()
+    all_reduce_replicated_grads(sharded)
+    shard = expert_shard(fields["num_experts"])
+    torch.testing.assert_close(y, y_ref[start:stop], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad[start:stop], rtol=1e-5, atol=1e-6)
+    ref_params = dict(reference.named_parameters())
+    for name, param in sharded.named_parameters():
+        expected = ref_params[name].grad
+        if name.startswith("experts."):
+            expected = expected[shard.start:shard.stop]
+        torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-5, msg=name)
+    if fields.get("bias_update_rate"):
+        torch.testing.assert_close(sharded.router.expert_bias, reference.router.expert_bias)
+    torch.save({"tokens_per_expert": aux.tokens_per_expert, "reference": aux_ref.tokens_per_expert,
+                "aux_loss": aux.loss.detach(), "reference_aux_loss": aux_ref.loss.detach()},
+               os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("sizes", [[5, 11], [0, 3, 17, 64]], ids=["world2", "world4-uneven"])
+def test_expert_parallel_equals_one_process(tmp_path, case, sizes):
+    results = run_distributed(_worker, len(sizes), tmp_path, case, sizes, False)
+    assert sum(r["tokens_per_expert"] for r in results).tolist() == results[0]["reference"].tolist()
+    # every rank's aux loss is its share: they sum to the loss over all tokens
+    torch.testing.assert_close(sum(r["aux_loss"] for r in results), results[0]["reference_aux_loss"])
+
+
+def test_all_tokens_to_one_expert_and_ranks_without_tokens(tmp_path):
+    run_distributed(_worker, 2, tmp_path, "switch-geglu", [0, 9], True)
+
+
+def _bad_world_worker(rank, world_size, result_dir):
+    moe = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=3, top_k=1))
+    with pytest.raises(ValueError, match=r"num_experts \(3\) must be divisible"):
+        apply_expert_parallel(moe)
+    capacity = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, capacity_factor=1.0))
+    with pytest.raises(ValueError, match="dropless for now"):
+        apply_expert_parallel(capacity)
+    dist.barrier()
+
+
+def test_unsupported_layouts_raise_clear_errors(tmp_path):
+    run_distributed(_bad_world_worker, 2, tmp_path)
+    with pytest.raises(ValueError, match="needs torch.distributed initialised"):
+        apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
