@@ -82,3 +82,42 @@ def all_reduce_replicated_grads(module: nn.Module, group: dist.ProcessGroup | No
     for name, param in module.named_parameters():
         if param.grad is not None and not is_expert_parallel(name):
             dist.all_reduce(param.grad, group=group)
+
+
+def _sharded_experts(module: nn.Module) -> list[tuple[str, MoE]]:
+    """(qualified name of the experts module, layer) for every expert-parallel layer."""
+    return [(f"{name}.experts" if name else "experts", m) for name, m in module.named_modules()
+            if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllDispatcher)]
+
+
+def full_state_dict(module: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """The state dict one process would have: every sharded expert weight gathered
+    to its full [E, ...] shape. Every rank must call it (it all-gathers); with
+    ``rank0_only`` the other ranks get None."""
+    state = module.state_dict()
+    for prefix, moe in _sharded_experts(module):
+        group = moe.dispatcher.group
+        for name, param in moe.experts.named_parameters(recurse=False):
+            pieces = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(pieces, param.detach().contiguous(), group=group)
+            state[f"{prefix}.{name}"] = torch.cat(pieces)
+    if rank0_only and dist.get_rank() != 0:
+        return None
+    return state
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a one-process state dict (full expert weights) into an expert-parallel
+    module: each rank keeps its own experts' rows. Strict, like load_state_dict."""
+    local = dict(state)
+    for prefix, moe in _sharded_experts(module):
+        shard = moe.experts.expert_ids
+        for name, _ in moe.experts.named_parameters(recurse=False):
+            key = f"{prefix}.{name}"
+            if key in local:
+                full = local[key]
+                if full.shape[0] != moe.config.num_experts:
+                    raise ValueError(f"{key} has {full.shape[0]} experts, the layer "
+                                     f"{moe.config.num_experts}; is this a sharded state dict?")
+                local[key] = full[shard.start:shard.stop]
+    module.load_state_dict(local, strict=True)
