@@ -29,6 +29,7 @@ def run_distributed(body: Callable, world_size: int, tmp_path, *args, timeout_s:
     """Call ``body(rank, world_size, result_dir, *args)`` on every rank; each rank may
     torch.save a result to ``result_dir/rank{rank}.pt``. Returns those results in rank
     order (None for a rank that saved nothing). Fails the test instead of hanging."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     context = mp.start_processes(
         _bootstrap, args=(body, world_size, str(tmp_path / "init"), str(tmp_path), args, timeout_s),
         nprocs=world_size, join=False, start_method="spawn")

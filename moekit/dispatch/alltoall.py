@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 
 from moekit.dispatch.local import DispatchPlan, LocalDispatcher
 from moekit.dispatch.permute import permute_tokens
@@ -61,17 +61,22 @@ class AllToAllDispatcher:
         dist.all_to_all_single(received_WE, counts_WE, group=self.group)
         send_sizes = counts_WE.sum(1).tolist()
         recv_sizes = received_WE.sum(1).tolist()
-        received_RD = dist_fn.all_to_all_single(
-            rows_RD.new_empty(sum(recv_sizes), rows_RD.shape[1]), rows_RD.contiguous(),
-            recv_sizes, send_sizes, group=self.group)
+        received_RD = self._exchange(rows_RD, recv_sizes, send_sizes)
         # received rows come grouped by source rank, then local expert: regroup by expert
         by_expert = _source_major_to_expert_major(received_WE)
         out_RD = experts(received_RD.index_select(0, by_expert), received_WE.sum(0))
         out_RD = torch.empty_like(out_RD).index_copy(0, by_expert, out_RD)
-        returned_RD = dist_fn.all_to_all_single(
-            out_RD.new_empty(rows_RD.shape[0], out_RD.shape[1]), out_RD.contiguous(),
-            send_sizes, recv_sizes, group=self.group)
+        returned_RD = self._exchange(out_RD, send_sizes, recv_sizes)
         return self.local.combine(returned_RD, plan), plan
+
+
+    def _exchange(self, rows_RD: torch.Tensor, recv_sizes: list[int], send_sizes: list[int]
+                  ) -> torch.Tensor:
+        """Differentiable all_to_all_single of rows with uneven splits (the
+        backward sends the gradients back along the same routes)."""
+        group = self.group if self.group is not None else dist.group.WORLD
+        received = funcol.all_to_all_single_autograd(rows_RD.contiguous(), recv_sizes, send_sizes, group)
+        return funcol.wait_tensor(received)
 
 
 def _source_major_to_expert_major(counts_WE: torch.Tensor) -> torch.Tensor:

@@ -122,15 +122,19 @@ def test_full_state_dict_gathers_and_load_full_state_dict_shards(tmp_path):
 
 
 def _sequence_worker(rank, world_size, result_dir, sizes):
+    from moekit.dispatch import alltoall
+
     calls = []
-    for name in ("all_to_all_single", "all_reduce", "all_gather", "broadcast"):
-        original = getattr(dist, name)
+    targets = [(dist, n) for n in ("all_to_all_single", "all_reduce", "all_gather", "broadcast")]
+    targets.append((alltoall.funcol, "all_to_all_single_autograd"))
+    for owner, name in targets:
+        original = getattr(owner, name)
 
         def recorded(*args, _name=name, _original=original, **kwargs):
             calls.append(_name)
             return _original(*args, **kwargs)
 
-        setattr(dist, name, recorded)
+        setattr(owner, name, recorded)
     fields = {**CASES["sigmoid-bias-shared"], "balance_loss_weight": 0.1}
     moe = apply_expert_parallel(randomized_moe(seed=0, **fields))
     torch.manual_seed(rank)
@@ -147,4 +151,28 @@ def _sequence_worker(rank, world_size, result_dir, sizes):
 def test_every_rank_issues_the_same_collectives_whatever_its_data(tmp_path):
     results = run_distributed(_sequence_worker, 2, tmp_path, [0, 17])
     assert results[0]["calls"] == results[1]["calls"]
-    assert results[0]["calls"].count("all_to_all_single") >= 2 * 5 + 2
+    calls = results[0]["calls"]
+    assert calls.count("all_to_all_single") == 3  # the counts exchange, once per layer call
+    assert calls.count("all_to_all_single_autograd") == 3 * 2  # rows there and back
+    assert calls.count("all_reduce") >= 2 * 2  # global load for the losses, bias counts
+
+
+def _example_worker(rank, world_size, result_dir):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "expert_parallel.py"
+    spec = importlib.util.spec_from_file_location("expert_parallel_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    losses = example.main(steps=4, log=False)
+    torch.save({"losses": torch.tensor(losses, dtype=torch.float64)},
+               os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_example_training_loss_is_independent_of_the_number_of_processes(tmp_path):
+    one = run_distributed(_example_worker, 1, tmp_path / "one")[0]["losses"]
+    two = run_distributed(_example_worker, 2, tmp_path / "two")
+    torch.testing.assert_close(two[0]["losses"], one, rtol=1e-5, atol=0)
+    assert torch.equal(two[0]["losses"], two[1]["losses"])
+    assert one[-1] < one[0]
