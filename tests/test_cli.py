@@ -86,7 +86,7 @@ def test_bench_is_a_subcommand_with_the_benchmark_flags(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--data", "/no/such/path"], "does not exist"),
     (["train", "--preset", "dense", "--num-experts", "4"], "is dense"),
-    (["train", "--top-k", "9"], "top_k"),
+    (["train", "--top-k", "17"], "top_k"),
     (["train", "--steps", "0"], "steps must be >= 1"),
     (["generate", "--run", "/no/such/run"], "not a run folder"),
     (["params", "gpt-5"], "unknown preset or architecture"),
