@@ -51,6 +51,15 @@ def _require_float(name: str, value: Any, minimum: float, maximum: float = math.
         raise ValueError(f"{name} must be a finite number {low}{high}, got {value}")
 
 
+def dataclass_from_dict(cls, values: dict[str, Any]):
+    """cls(**values) for a dataclass, where an unknown key is an error, not ignored."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return cls(**values)
+
+
 def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
@@ -221,8 +230,4 @@ class MoEConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MoEConfig":
         """Inverse of ``to_dict``; an unknown key is an error, not ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown MoEConfig field(s): {', '.join(unknown)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)

@@ -13,15 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import MoEConfig, _require_bool, _require_float, _require_int
-
-
-def _from_dict(cls, values: dict[str, Any]):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-    return cls(**values)
+from ..config import MoEConfig, _require_bool, _require_float, _require_int, dataclass_from_dict
 
 
 @dataclass(frozen=True)
@@ -95,7 +87,7 @@ class LMConfig:
         values = dict(values)
         if values.get("moe") is not None:
             values["moe"] = MoEConfig.from_dict(values["moe"])
-        return _from_dict(cls, values)
+        return dataclass_from_dict(cls, values)
 
 
 @dataclass(frozen=True)
@@ -144,4 +136,4 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        return _from_dict(cls, values)
+        return dataclass_from_dict(cls, values)
