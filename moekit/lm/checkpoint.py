@@ -78,10 +78,6 @@ def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
-def save_weights(model: torch.nn.Module, path: Path, step: int) -> None:
-    atomic_write(path, lambda tmp: save_file(weights_of(model), str(tmp), metadata={"step": str(step)}))
-
-
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load a safetensors file into model; a missing, unreadable or mismatched file is a CheckpointError."""
     if not path.is_file():

@@ -77,7 +77,7 @@ class _Window:
 
     def __init__(self, num_moe_layers: int, num_experts: int) -> None:
         self.loss = self.aux_loss = self.dropped = 0.0
-        self.steps = self.tokens = 0
+        self.micro_batches = self.tokens = 0
         self.started = time.perf_counter()
         self.counts = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64)
 
@@ -85,12 +85,14 @@ class _Window:
         self.loss += loss
         self.aux_loss += aux_loss
         self.tokens += tokens
+        self.micro_batches += 1
         for layer, aux in enumerate(moe_aux):
             self.counts[layer] += aux.tokens_per_expert.cpu()
             self.dropped += float(aux.dropped_fraction) / max(len(moe_aux), 1)
 
-    def record(self, step: int, lr: float, grad_norm: float, micro_steps: int) -> dict[str, Any]:
+    def record(self, step: int, lr: float, grad_norm: float) -> dict[str, Any]:
         seconds = time.perf_counter() - self.started
+        micro_steps = self.micro_batches
         counts = self.counts.double()
         load = (counts.amax(1) / counts.mean(1).clamp_min(1e-9)).tolist() if counts.numel() else []
         return {"kind": "train", "step": step, "loss": self.loss / micro_steps,
@@ -130,6 +132,8 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
     step = 0
     elapsed = 0.0
     metrics_path = run_dir / METRICS_FILE
+    model.to(device=device, dtype=dtype)
+    optimizer = build_optimizer(model, train_cfg)
     if resume:
         saved_model, saved_train, _ = read_run_config(run_dir)
         if (saved_model, saved_train) != (model_cfg, train_cfg):
@@ -143,8 +147,6 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
             hint = f"; older checkpoints: {', '.join(older)} (move {checkpoint.name} away to use them)" \
                 if older else ""
             raise CheckpointError(f"{error}{hint}") from error
-        model.to(device=device, dtype=dtype)
-        optimizer = build_optimizer(model, train_cfg)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         data_rng.set_state(state["data_rng"])
@@ -156,8 +158,6 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
             raise ValueError(f"output folder {run_dir} exists and is not empty; "
                              "choose another --out or --resume it")
         run_dir.mkdir(parents=True, exist_ok=True)
-        model.to(device=device, dtype=dtype)
-        optimizer = build_optimizer(model, train_cfg)
         write_run_config(run_dir, model_cfg, train_cfg, extra_config)
     model.train()
 
@@ -175,7 +175,6 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
     val_loss = math.nan
     trained_tokens, training_seconds = 0, 0.0  # this call's, for the mean throughput
     bar = _progress_bar(train_cfg.steps, step, progress)
-    micro_batches = 0
     try:
         with open(metrics_path, "a") as metrics_file:
             while step < last_stop:
@@ -192,7 +191,6 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                     ((loss + out.aux_loss) / train_cfg.grad_accum).backward()
                     window.add(float(loss.detach()), float(out.aux_loss.detach()), inputs.numel(),
                                out.moe_aux)
-                    micro_batches += 1
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
                     model.parameters(), train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf))
                 optimizer.step()
@@ -203,14 +201,14 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                 training_seconds += step_seconds
                 trained_tokens += train_cfg.tokens_per_step
                 if step % train_cfg.log_every == 0 or step == last_stop:
-                    record = window.record(step, lr, grad_norm, micro_batches)
+                    record = window.record(step, lr, grad_norm)
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}",
+                    bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                    tok_s=f"{record['tokens_per_second']:.0f}",
                                     load=f"{max(record['load_max_over_mean'], default=1.0):.2f}",
                                     refresh=False)
                     window = _Window(num_moe, num_experts)
-                    micro_batches = 0
                 if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                     val_loss = evaluate(model, eval_data, device)
                     metrics_file.write(json.dumps({"kind": "eval", "step": step, "val_loss": val_loss,
