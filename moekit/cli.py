@@ -25,13 +25,17 @@ from .config import ROUTERS, SCORE_FUNCS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-# flag name -> MoEConfig field, for the MoE overrides of `train` and `compare`
-MOE_FLAGS = {"num_experts": "num_experts", "top_k": "top_k", "expert_dim": "expert_dim",
-             "router": "router", "score_func": "score_func", "capacity_factor": "capacity_factor",
-             "balance_loss_weight": "balance_loss_weight", "z_loss_weight": "z_loss_weight",
-             "bias_update_rate": "bias_update_rate", "num_shared_experts": "num_shared_experts"}
+# Override flags of `train` and `compare`, each named as the config field it sets.
+MOE_FLAGS = ("num_experts", "top_k", "expert_dim", "router", "score_func", "capacity_factor",
+             "balance_loss_weight", "z_loss_weight", "bias_update_rate", "num_shared_experts")
+LAYOUT_FLAGS = ("moe_every", "first_dense_layers")  # LMConfig fields that need an MoE preset
 TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "seed", "eval_every", "save_every",
                "grad_accum", "warmup_steps")
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The flags among names that were given on the command line, with their values."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
@@ -124,18 +128,14 @@ def _configured(args: argparse.Namespace, preset_name: str):
 
     preset = get_preset(preset_name)
     model_cfg, train_cfg = preset.model, preset.train
-    moe_overrides = {field: getattr(args, flag) for flag, field in MOE_FLAGS.items()
-                     if getattr(args, flag) is not None}
-    layout = {name: getattr(args, name) for name in ("moe_every", "first_dense_layers")
-              if getattr(args, name) is not None}
+    moe_overrides, layout = _given(args, MOE_FLAGS), _given(args, LAYOUT_FLAGS)
     if moe_overrides or layout:
         if model_cfg.moe is None:
             flags = ", ".join("--" + k.replace("_", "-") for k in (*moe_overrides, *layout))
             raise ValueError(f"preset {preset_name!r} is dense; MoE flags ({flags}) need an MoE preset")
         moe = dataclasses.replace(model_cfg.moe, **moe_overrides)
         model_cfg = dataclasses.replace(model_cfg, moe=moe, **layout)
-    train_overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
-    train_cfg = dataclasses.replace(train_cfg, **train_overrides)
+    train_cfg = dataclasses.replace(train_cfg, **_given(args, TRAIN_FLAGS))
     if train_cfg.seq_len > model_cfg.max_seq_len:
         model_cfg = dataclasses.replace(model_cfg, max_seq_len=train_cfg.seq_len)
     return model_cfg, train_cfg
@@ -165,8 +165,8 @@ def cmd_train(args: argparse.Namespace, log=print) -> int:
 
     device, dtype = _resolve_device(args.device), DTYPES[args.dtype]
     if args.resume:
-        config_flags = (*TRAIN_FLAGS, *MOE_FLAGS, "moe_every", "first_dense_layers", "out")
-        given = [f"--{n.replace('_', '-')}" for n in config_flags if getattr(args, n, None) is not None]
+        given = [f"--{n.replace('_', '-')}" for n in _given(args, (*TRAIN_FLAGS, *MOE_FLAGS,
+                                                                     *LAYOUT_FLAGS, "out"))]
         if given:
             raise ValueError(f"--resume continues a run with its own configs; drop {', '.join(given)}")
         run_dir = Path(args.resume)
@@ -220,8 +220,7 @@ def cmd_compare(args: argparse.Namespace, log=print) -> int:
     device, dtype = _resolve_device(args.device), DTYPES[args.dtype]
     out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     configs = {args.moe_preset: _configured(args, args.moe_preset)}
-    dense_args = argparse.Namespace(**{**vars(args), **{flag: None for flag in MOE_FLAGS},
-                                       "moe_every": None, "first_dense_layers": None})
+    dense_args = argparse.Namespace(**{**vars(args), **dict.fromkeys((*MOE_FLAGS, *LAYOUT_FLAGS))})
     configs["dense"] = _configured(dense_args, "dense")
     corpus = load_corpus(args.data, max(t.seq_len for _, t in configs.values()))
     results = {}
