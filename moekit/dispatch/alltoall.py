@@ -81,12 +81,9 @@ class AllToAllDispatcher:
 
 def _source_major_to_expert_major(counts_WE: torch.Tensor) -> torch.Tensor:
     """Row permutation [R_in] taking rows laid out (source rank, local expert) to
-    (local expert, source rank): new row i reads old row result[i]."""
-    W, E_l = counts_WE.shape
-    starts_WE = (counts_WE.reshape(-1).cumsum(0) - counts_WE.reshape(-1)).view(W, E_l)
-    blocks = [torch.arange(int(starts_WE[w, e]), int(starts_WE[w, e] + counts_WE[w, e]),
-                           device=counts_WE.device)
-              for e in range(E_l) for w in range(W)]
-    if not blocks:
-        return torch.zeros(0, dtype=torch.int64, device=counts_WE.device)
-    return torch.cat(blocks)
+    (local expert, source rank): new row i reads old row result[i]. A stable sort
+    of the rows by local expert, without a host round trip per block."""
+    num_local_experts = counts_WE.shape[1]
+    expert_of_block = torch.arange(num_local_experts, device=counts_WE.device).repeat(counts_WE.shape[0])
+    expert_of_row = torch.repeat_interleave(expert_of_block, counts_WE.reshape(-1))
+    return torch.argsort(expert_of_row, stable=True)

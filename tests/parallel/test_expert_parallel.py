@@ -176,3 +176,12 @@ def test_example_training_loss_is_independent_of_the_number_of_processes(tmp_pat
     torch.testing.assert_close(two[0]["losses"], one, rtol=1e-5, atol=0)
     assert torch.equal(two[0]["losses"], two[1]["losses"])
     assert one[-1] < one[0]
+
+
+def test_received_rows_are_regrouped_by_expert_then_source():
+    from moekit.dispatch.alltoall import _source_major_to_expert_major
+
+    # source 0 sends 2 rows to expert 0 and 1 to expert 2; source 1 sends 1 to expert 0, 3 to expert 1
+    counts = torch.tensor([[2, 0, 1], [1, 3, 0]])
+    assert _source_major_to_expert_major(counts).tolist() == [0, 1, 3, 4, 5, 6, 2]
+    assert _source_major_to_expert_major(torch.zeros(2, 3, dtype=torch.int64)).tolist() == []
