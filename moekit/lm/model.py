@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..aux import MoEAux
+from ..experts.activations import apply_activation
 from ..layer import MoE
 from .config import LMConfig
 
@@ -82,8 +83,7 @@ class DenseFFN(nn.Module):
         self.down = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(apply_activation(self.gate_up(x), "swiglu"))
 
 
 class Block(nn.Module):
