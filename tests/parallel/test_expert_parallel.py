@@ -85,6 +85,17 @@ def _bad_world_worker(rank, world_size, result_dir):
     capacity = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, capacity_factor=1.0))
     with pytest.raises(ValueError, match="dropless for now"):
         apply_expert_parallel(capacity)
+    chooser = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, router="expert_choice"))
+    with pytest.raises(ValueError, match="not router='expert_choice'"):
+        apply_expert_parallel(chooser)
+    per_sequence = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, balance_scope="sequence"))
+    with pytest.raises(ValueError, match="balance_scope='batch' for now"):
+        apply_expert_parallel(per_sequence)
+    twice = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
+    with pytest.raises(ValueError, match="already uses AllToAllDispatcher"):
+        apply_expert_parallel(twice)
+    with pytest.raises(ValueError, match="holds no moekit.MoE layer"):
+        apply_expert_parallel(torch.nn.Linear(2, 2))
     dist.barrier()
 
 
