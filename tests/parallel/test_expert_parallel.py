@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 
 import moekit
-from moekit.parallel import (all_reduce_replicated_grads, apply_expert_parallel, expert_shard,
-                             full_state_dict, load_full_state_dict)
+from moekit.parallel import all_reduce_replicated_grads, apply_expert_parallel, expert_shard
 
 from ..conftest import randomized_moe
 from ..distributed import run_distributed
@@ -103,33 +102,6 @@ def test_unsupported_layouts_raise_clear_errors(tmp_path):
     run_distributed(_bad_world_worker, 2, tmp_path)
     with pytest.raises(ValueError, match="needs torch.distributed initialised"):
         apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
-
-
-def _state_worker(rank, world_size, result_dir):
-    fields = CASES["sigmoid-bias-shared"]
-    reference = randomized_moe(seed=0, **fields)
-    sharded = randomized_moe(seed=0, **fields)
-    apply_expert_parallel(sharded)
-    assert sharded.experts.down_proj.shape[0] == fields["num_experts"] // world_size
-    full = full_state_dict(sharded)
-    assert full.keys() == reference.state_dict().keys()
-    for key, value in reference.state_dict().items():
-        assert torch.equal(full[key], value), key
-    assert (full_state_dict(sharded, rank0_only=True) is None) == (rank != 0)
-    other = randomized_moe(seed=1, **fields)  # new full weights into the sharded layer
-    load_full_state_dict(sharded, other.state_dict())
-    torch.manual_seed(3 + rank)
-    x = torch.randn(6, fields["dim"])
-    other.eval(), sharded.eval()
-    with torch.no_grad():
-        y_local = sharded(x)[0]
-    torch.testing.assert_close(y_local, other(x)[0], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="sharded state dict"):
-        load_full_state_dict(sharded, sharded.state_dict())
-
-
-def test_full_state_dict_gathers_and_load_full_state_dict_shards(tmp_path):
-    run_distributed(_state_worker, 2, tmp_path)
 
 
 def _sequence_worker(rank, world_size, result_dir, sizes):
