@@ -15,13 +15,17 @@ average the sharded expert weights (see docs/parallel.md).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.dispatch.alltoall import AllToAllDispatcher
+from moekit.dispatch.alltoall import AllToAllDispatcher, gather_rows
+from moekit.dispatch.capacity import CapacityDispatcher
 from moekit.dispatch.local import LocalDispatcher
 from moekit.layer import MoE
+from moekit.routers import ExpertChoiceRouter
 
 
 def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None) -> range:
@@ -36,15 +40,12 @@ def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None) -> ra
 
 def _check_supported(moe: MoE) -> None:
     cfg = moe.config
-    if cfg.router not in ("topk", "hash"):
-        raise ValueError(f"expert parallelism supports token-choice routers (router='topk' or "
-                         f"'hash') for now, not router={cfg.router!r}")
-    if cfg.capacity_factor is not None:
-        raise ValueError("expert parallelism runs dropless for now; capacity_factor="
-                         f"{cfg.capacity_factor} needs capacity agreed across ranks")
+    if cfg.router not in ("topk", "hash", "expert_choice"):
+        raise ValueError(f"expert parallelism supports router='topk', 'hash' or 'expert_choice', not "
+                         f"router={cfg.router!r} (its assignment is solved over the whole batch)")
     if cfg.balance_scope == "sequence":
         raise ValueError("expert parallelism supports balance_scope='batch' for now, not 'sequence'")
-    if type(moe.dispatcher) is not LocalDispatcher:
+    if type(moe.dispatcher) not in (LocalDispatcher, CapacityDispatcher):
         raise ValueError(f"layer already uses {type(moe.dispatcher).__name__}")
 
 
@@ -67,6 +68,8 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
             setattr(experts, name, nn.Parameter(local, requires_grad=param.requires_grad))
         experts.expert_ids = shard
         moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group)
+        if isinstance(moe.router, ExpertChoiceRouter):
+            moe.router.gather_batch = functools.partial(gather_rows, group=group)
     return module
 
 
