@@ -25,3 +25,11 @@ def test_lm_throughput_runs_at_a_small_batch():
     from benchmarks import lm_throughput
     report = lm_throughput.main(["tiny"], repeats=1, batch_size=2, seq_len=16)
     assert "| tiny |" in report and "| dense | " in report
+
+
+def test_expert_parallel_speed_runs_at_a_tiny_shape():
+    from benchmarks import expert_parallel_speed
+    from moekit.bench import Shape
+    tiny = Shape("tiny", tokens=16, dim=32, expert_dim=16, num_experts=4, top_k=2)
+    report = expert_parallel_speed.main(["--world-sizes", "1", "2", "--repeats", "1"], shape=tiny)
+    assert "| 1 | 16 |" in report and "| 2 | 8 |" in report and "1.00x" in report
