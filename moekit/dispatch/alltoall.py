@@ -27,7 +27,7 @@ import torch.distributed._functional_collectives as funcol
 
 from moekit.capacity import capacity_keep_mask
 from moekit.dispatch.capacity import CapacityDispatcher
-from moekit.dispatch.local import DispatchPlan, LocalDispatcher, plan_dispatch
+from moekit.dispatch.local import DispatchPlan, GlobalLoad, LocalDispatcher, plan_dispatch
 from moekit.dispatch.permute import permute_tokens
 from moekit.experts import Experts
 from moekit.routing import Routing, expert_counts
@@ -74,14 +74,15 @@ class AllToAllDispatcher:
     def num_experts(self) -> int:
         return self.local.num_experts
 
-    def global_load(self, routing: Routing) -> tuple[torch.Tensor, int]:
-        """All-reduced routed assignment counts [E] (before capacity) and token count."""
+    def global_load(self, routing: Routing, sequences: int = 0) -> GlobalLoad:
+        """All-reduced routed assignment counts [E] (before capacity), token and
+        non-empty sequence counts: one all_reduce."""
         ids_A = routing.expert_indices.reshape(-1)
         mask = None if routing.assignment_mask is None else routing.assignment_mask.reshape(-1)
         packed = torch.cat((expert_counts(ids_A, self.num_experts, mask),
-                            torch.tensor([routing.expert_indices.shape[0]], device=ids_A.device)))
+                            torch.tensor([routing.expert_indices.shape[0], sequences], device=ids_A.device)))
         dist.all_reduce(packed, group=self.group)
-        return packed[:-1], int(packed[-1])
+        return GlobalLoad(packed[:-2], int(packed[-2]), int(packed[-1]))
 
     def plan(self, routing: Routing) -> DispatchPlan:
         """The local dispatch plan, rows and counts_E in slot order; with capacity, of

@@ -15,6 +15,18 @@ from moekit.experts import Experts
 from moekit.routing import Routing, expert_counts
 
 
+class GlobalLoad(NamedTuple):
+    """Routing totals over every rank sharing the experts (expert parallel).
+
+    counts_E: [E] int64 routed assignments per expert (before capacity).
+    tokens: routed tokens. sequences: non-empty sequences (balance_scope="sequence").
+    """
+
+    counts_E: torch.Tensor
+    tokens: int
+    sequences: int
+
+
 class DispatchPlan(NamedTuple):
     """What combine needs to undo a dispatch.
 
@@ -50,9 +62,10 @@ class LocalDispatcher:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
-    def global_load(self, routing: Routing) -> tuple[torch.Tensor, int] | None:
-        """Assignment counts [E] and token count over every rank sharing these
-        experts, for the aux losses; None in one process (the local ones serve)."""
+    def global_load(self, routing: Routing, sequences: int = 0) -> GlobalLoad | None:
+        """Totals over every rank sharing these experts, for the aux losses (this
+        rank has ``sequences`` non-empty sequences); None in one process (the
+        local ones serve)."""
         return None
 
     def keep_mask(self, routing: Routing) -> torch.Tensor | None:

@@ -40,8 +40,6 @@ def _check_supported(moe: MoE) -> None:
     if cfg.router not in ("topk", "hash", "expert_choice"):
         raise ValueError(f"expert parallelism supports router='topk', 'hash' or 'expert_choice', not "
                          f"router={cfg.router!r} (its assignment is solved over the whole batch)")
-    if cfg.balance_scope == "sequence":
-        raise ValueError("expert parallelism supports balance_scope='batch' for now, not 'sequence'")
     if type(moe.dispatcher) not in (LocalDispatcher, CapacityDispatcher):
         raise ValueError(f"layer already uses {type(moe.dispatcher).__name__}")
 

@@ -91,6 +91,33 @@ def test_any_expert_placement_gives_the_same_layer(tmp_path, case, placement):
     assert sum(r["tokens_per_expert"] for r in results).tolist() == results[0]["reference"].tolist()
 
 
+def _sequence_scope_worker(rank, world_size, result_dir, sequences):
+    fields = dict(dim=8, expert_dim=12, num_experts=4, top_k=2, balance_scope="sequence",
+                  balance_loss_weight=0.1, z_loss_weight=0.01)
+    reference = randomized_moe(seed=0, **fields)
+    sharded = apply_expert_parallel(randomized_moe(seed=0, **fields))
+    torch.manual_seed(3)
+    x_all = torch.randn(sum(sequences), 5, fields["dim"])
+    start, stop = sum(sequences[:rank]), sum(sequences[:rank + 1])
+    x_ref, x = x_all.clone().requires_grad_(), x_all[start:stop].clone().requires_grad_()
+    _, aux_ref = reference(x_ref)
+    _, aux = sharded(x)
+    aux_ref.loss.backward()
+    aux.loss.backward()
+    all_reduce_replicated_grads(sharded)
+    torch.testing.assert_close(x.grad, x_ref.grad[start:stop], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sharded.router.weight.grad, reference.router.weight.grad, rtol=1e-5, atol=1e-7)
+    torch.save({"aux_loss": aux.loss.detach(), "reference_aux_loss": aux_ref.loss.detach()},
+               os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_sequence_scope_balance_loss_shares_sum_to_one_process(tmp_path):
+    results = run_distributed(_sequence_scope_worker, 2, tmp_path, [0, 3])
+    torch.testing.assert_close(sum(r["aux_loss"] for r in results), results[0]["reference_aux_loss"])
+    results = run_distributed(_sequence_scope_worker, 2, tmp_path / "uneven", [1, 3])
+    torch.testing.assert_close(sum(r["aux_loss"] for r in results), results[0]["reference_aux_loss"])
+
+
 def test_all_tokens_to_one_expert_and_ranks_without_tokens(tmp_path):
     run_distributed(_worker, 2, tmp_path, "switch-geglu", [0, 9], True)
 
@@ -104,9 +131,6 @@ def _bad_world_worker(rank, world_size, result_dir):
                                              top_k=4 if router == "dense" else 2))
         with pytest.raises(ValueError, match=f"not router='{router}'"):
             apply_expert_parallel(solved)
-    per_sequence = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, balance_scope="sequence"))
-    with pytest.raises(ValueError, match="balance_scope='batch' for now"):
-        apply_expert_parallel(per_sequence)
     twice = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
     with pytest.raises(ValueError, match="already uses AllToAllDispatcher"):
         apply_expert_parallel(twice)
