@@ -7,6 +7,7 @@
     moekit compare                   # tiny (MoE) against dense at equal active parameters
     moekit params mixtral-8x7b       # total vs active parameters and FLOPs per token
     moekit bench --shapes S3         # layer speed against the FLOPs limit and peers
+    moekit inspect runs/ds           # routing diagnostics on the validation data
 """
 
 from __future__ import annotations
@@ -110,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="CPU speed of the MoE layer against the FLOPs "
                                 "limit and peers (docs/benchmarks.md)")
     bench_module.add_arguments(bench)
+
+    inspect = commands.add_parser("inspect", help="routing diagnostics of a trained run on its "
+                                  "validation data (docs/diagnostics.md)")
+    inspect.add_argument("run", help="a run folder written by `moekit train`")
+    inspect.add_argument("--against", metavar="PATH",
+                         help="weights to compare top-1 experts with: a checkpoint or run folder, or a "
+                              ".safetensors file (default: the run's previous checkpoint, if any)")
+    inspect.add_argument("--data", help="text to route (default: the run's own data)")
+    inspect.add_argument("--batches", type=int, default=8)
+    inspect.add_argument("--batch-size", type=int, default=8)
+    inspect.add_argument("--seq-len", type=int, help="default: the run's training seq_len")
+    inspect.add_argument("--out", help="folder for inspect.json and the plots (default RUN/inspect)")
+    inspect.add_argument("--device", default="cpu")
     return parser
 
 
@@ -270,8 +284,55 @@ def cmd_bench(args: argparse.Namespace, log=print) -> int:
     return 0
 
 
+def _weights_file(path: Path) -> Path:
+    """model.safetensors of a run or checkpoint folder, or path itself if it is a file."""
+    from .lm.checkpoint import MODEL_FILE
+
+    return path if path.is_file() else path / MODEL_FILE
+
+
+def cmd_inspect(args: argparse.Namespace, log=print) -> int:
+    import json
+
+    from .diagnostics import build_report, collect_routing_stats, plot_report, render_report
+    from .lm.checkpoint import checkpoint_dirs, load_weights, read_run_config
+    from .lm.data import evaluation_batches, load_corpus
+
+    run_dir, device = Path(args.run), _resolve_device(args.device)
+    model_cfg, train_cfg, extra = read_run_config(run_dir)
+    if model_cfg.moe is None:
+        raise ValueError(f"{run_dir} is a dense model: it has no MoE layer to inspect")
+    seq_len = args.seq_len or train_cfg.seq_len
+    for name in ("batches", "batch_size", "seq_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    corpus = load_corpus(args.data if args.data is not None else extra.get("data"), seq_len)
+    batches = [inputs.to(device) for inputs, _ in
+               evaluation_batches(corpus.val, args.batches, args.batch_size, seq_len)]
+    model = load_run_model(run_dir, device)
+    layers = collect_routing_stats(model, batches, model_cfg.vocab_size, keep_top1=True)
+    earlier = checkpoint_dirs(run_dir)[-2:-1]
+    against_path = _weights_file(Path(args.against)) if args.against else \
+        (_weights_file(earlier[0]) if earlier else None)
+    against = None
+    if against_path is not None:
+        load_weights(model, against_path)
+        against = collect_routing_stats(model, batches, keep_top1=True)
+    report = build_report(layers, against, run=str(run_dir), data=corpus.source,
+                          compared_with=None if against_path is None else str(against_path))
+    render_report(report)
+    out = Path(args.out) if args.out else run_dir / "inspect"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inspect.json").write_text(json.dumps(report, indent=1) + "\n")
+    plots = plot_report(report, out)
+    if not plots:
+        log("plots skipped: matplotlib is not installed (pip install 'moekit[plot]')")
+    log(f"report: {out / 'inspect.json'}" + "".join(f", {p}" for p in plots))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "compare": cmd_compare, "params": cmd_params,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
