@@ -65,3 +65,14 @@ def test_inspect_command_writes_report_plots_and_compares_checkpoints(tmp_path, 
     with pytest.raises(SystemExit):
         main(["inspect", str(run), "--batches", "0"])
     assert "--batches must be >= 1" in capsys.readouterr().err
+
+
+def test_the_python_example_of_the_docs_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs/diagnostics.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/diagnostics.md", "exec"), {})
