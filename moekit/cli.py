@@ -8,6 +8,7 @@
     moekit params mixtral-8x7b       # total vs active parameters and FLOPs per token
     moekit bench --shapes S3         # layer speed against the FLOPs limit and peers
     moekit inspect runs/ds           # routing diagnostics on the validation data
+    moekit plan-placement --run runs/ds --devices 4 --replicas 4   # experts over devices
 """
 
 from __future__ import annotations
@@ -124,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--seq-len", type=int, help="default: the run's training seq_len")
     inspect.add_argument("--out", help="folder for inspect.json and the plots (default RUN/inspect)")
     inspect.add_argument("--device", default="cpu")
+
+    plan = commands.add_parser("plan-placement", help="place experts over devices for expert "
+                               "parallelism from measured loads (docs/placement.md)")
+    plan.add_argument("--run", help="a run folder: loads from its metrics.jsonl")
+    plan.add_argument("--loads", metavar="JSON", help="loads from an inspect.json instead")
+    plan.add_argument("--devices", type=int, required=True)
+    plan.add_argument("--replicas", type=int, default=0,
+                      help="extra expert copies in all (experts + replicas divisible by devices)")
+    plan.add_argument("--records", type=int, default=10,
+                      help="sum the loads of the last N training records of metrics.jsonl (0: all)")
+    plan.add_argument("--out", help="placement file (default RUN/placement.json, else ./placement.json)")
     return parser
 
 
@@ -331,8 +343,69 @@ def cmd_inspect(args: argparse.Namespace, log=print) -> int:
     return 0
 
 
+def _measured_loads(args: argparse.Namespace) -> tuple[dict[str, list[int]], str]:
+    """Assignments per expert of every MoE layer, by module name, and where they came from."""
+    import json
+
+    from .lm.checkpoint import METRICS_FILE, read_run_config
+    from .lm.plots import read_metrics
+
+    if args.loads:
+        report = json.loads(Path(args.loads).read_text())
+        return {name: layer["tokens_per_expert"] for name, layer in report["layers"].items()}, args.loads
+    if not args.run:
+        raise ValueError("give --run RUN_DIR (loads from its metrics.jsonl) or --loads inspect.json")
+    if args.records < 0:
+        raise ValueError(f"--records must be >= 0, got {args.records}")
+    model_cfg, _, _ = read_run_config(Path(args.run))
+    records = read_metrics(args.run)[0][-args.records:] if args.records else read_metrics(args.run)[0]
+    if model_cfg.moe is None or not records:
+        raise ValueError(f"{args.run} has no expert loads: a dense model or no training record yet")
+    names = [f"blocks.{i}.ffn" for i in model_cfg.moe_layers]
+    loads = {name: [sum(r["tokens_per_expert"][layer][e] for r in records)
+                    for e in range(model_cfg.moe.num_experts)] for layer, name in enumerate(names)}
+    return loads, f"{Path(args.run) / METRICS_FILE} (last {len(records)} records)"
+
+
+def cmd_plan_placement(args: argparse.Namespace, log=print) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .placement import contiguous_placement, max_over_mean, plan_placement
+
+    loads, source = _measured_loads(args)
+    layers = {}
+    table = Table(title=f"Expert placement over {args.devices} devices, {args.replicas} extra copies "
+                        "(predicted device load max/mean)")
+    for column in ("layer", "experts", "contiguous", "planned", "replicated experts (copies)"):
+        table.add_column(column, justify="left" if column in ("layer", "replicated experts (copies)")
+                         else "right")
+    for name, expert_loads in loads.items():
+        placement = plan_placement(expert_loads, args.devices, args.replicas)
+        after = max_over_mean(placement.device_loads(expert_loads))
+        before = max_over_mean(contiguous_placement(len(expert_loads), args.devices)
+                               .device_loads(expert_loads)) \
+            if len(expert_loads) % args.devices == 0 else None
+        replicas = placement.replicas()
+        layers[name] = {**placement.to_dict(), "expert_loads": expert_loads, "replicas": replicas,
+                        "device_loads": placement.device_loads(expert_loads),
+                        "max_over_mean_contiguous": before, "max_over_mean_planned": after}
+        copies = ", ".join(f"{e} ({r})" for e, r in enumerate(replicas) if r > 1) or "-"
+        table.add_row(name, str(len(expert_loads)), "-" if before is None else f"{before:.3f}",
+                      f"{after:.3f}", copies)
+    Console().print(table)
+    out = Path(args.out) if args.out else (Path(args.run) if args.run and not args.loads
+                                           else Path(".")) / "placement.json"
+    out.write_text(json.dumps({"num_devices": args.devices, "num_replicas": args.replicas,
+                               "loads_from": source, "layers": layers}, indent=1) + "\n")
+    log(f"loads from {source}; placement written to {out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "compare": cmd_compare, "params": cmd_params,
-            "bench": cmd_bench, "inspect": cmd_inspect}
+            "bench": cmd_bench, "inspect": cmd_inspect, "plan-placement": cmd_plan_placement}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,3 +25,13 @@ def test_lm_throughput_runs_at_a_small_batch():
     from benchmarks import lm_throughput
     report = lm_throughput.main(["tiny"], repeats=1, batch_size=2, seq_len=16)
     assert "| tiny |" in report and "| dense | " in report
+
+
+def test_placement_zipf_runs_at_a_small_size():
+    from benchmarks import placement_zipf
+    report = placement_zipf.main(draws=1, cases=[(8, 2, 0), (8, 2, 2)], exponents=(1.0,))
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| 1.0 |")]
+    assert len(rows) == 2
+    for row in rows:
+        contiguous, greedy, planned, bound = map(float, row[4:8])
+        assert bound <= planned + 1e-9 and planned <= greedy + 1e-9

@@ -113,3 +113,38 @@ def test_bad_plan_inputs_are_named(loads, devices, replicas, message):
         contiguous_placement(5, 2)
     with pytest.raises(ValueError, match="entries"):
         Placement(((0,), (1,)), 2).device_loads([1.0])
+
+
+def test_plan_placement_command_from_metrics_and_from_inspect(tmp_path, capsys):
+    import json
+
+    from moekit.cli import main
+    from moekit.lm.checkpoint import write_run_config
+
+    from .lm.helpers import tiny_model_config, tiny_train_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_run_config(run, tiny_model_config(), tiny_train_config())  # 2 MoE layers of 4 experts
+    records = [{"kind": "train", "step": s, "tokens_per_expert": [[8, 1, 1, 2], [3, 3, 3, 3]]}
+               for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["plan-placement", "--run", str(run), "--devices", "2", "--records", "2"]) == 0
+    assert "last 2 records" in capsys.readouterr().out
+    written = json.loads((run / "placement.json").read_text())
+    first = written["layers"]["blocks.0.ffn"]
+    assert first["expert_loads"] == [16, 2, 2, 4]
+    assert first["max_over_mean_contiguous"] == pytest.approx(18 / 12)
+    assert first["max_over_mean_planned"] == pytest.approx(18 / 12)  # 16 + the coldest is the best
+    assert Placement.from_dict(first).device_loads([16, 2, 2, 4]) == first["device_loads"]
+
+    inspect = tmp_path / "inspect.json"
+    inspect.write_text(json.dumps({"layers": {"m": {"tokens_per_expert": [6, 0, 0, 0, 0, 2]}}}))
+    out = tmp_path / "p.json"
+    assert main(["plan-placement", "--loads", str(inspect), "--devices", "2", "--replicas", "2",
+                 "--out", str(out)]) == 0
+    layer = json.loads(out.read_text())["layers"]["m"]
+    assert layer["replicas"][0] == 2 and layer["max_over_mean_planned"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit):
+        main(["plan-placement", "--run", str(run), "--devices", "3"])
+    assert "divisible by num_devices (3)" in capsys.readouterr().err
