@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=50)
     generate.add_argument("--seed", type=int)
     generate.add_argument("--device", default="cpu")
+    generate.add_argument("--offload-experts", action="store_true",
+                          help="keep expert weights on disk (CPU) or in CPU memory (GPU) and only "
+                               "--max-resident-experts of them on the device (docs/inference.md)")
+    generate.add_argument("--max-resident-experts", type=int, metavar="N",
+                          help="experts resident at once, over all layers (default: one layer's worth)")
+    generate.add_argument("--expert-store", default="auto", choices=("auto", "disk", "memory"),
+                          help="where offloaded experts live (auto: disk on CPU, memory on a GPU)")
+    generate.add_argument("--cache-policy", default="lru", choices=("lru", "lfu"),
+                          help="which resident expert a load evicts: least recently or least often used")
 
     compare = commands.add_parser("compare", help="train tiny (MoE) and dense on the same budget")
     compare.add_argument("--out", help="folder for both runs (default runs/compare-<timestamp>)")
@@ -230,11 +239,28 @@ def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu"):
 def cmd_generate(args: argparse.Namespace, log=print) -> int:
     from .lm.generate import generate_text
 
-    model = load_run_model(args.run, _resolve_device(args.device))
+    cache = None
+    if args.offload_experts:
+        from .lm.checkpoint import read_run_config
+        from .lm.offload import load_offloaded_model
+
+        model_cfg, _, _ = read_run_config(Path(args.run))
+        resident = args.max_resident_experts or (model_cfg.moe.num_experts if model_cfg.moe else 1)
+        model, cache = load_offloaded_model(args.run, resident, _resolve_device(args.device),
+                                            args.expert_store, args.cache_policy)
+    elif args.max_resident_experts is not None:
+        raise ValueError("--max-resident-experts needs --offload-experts")
+    else:
+        model = load_run_model(args.run, _resolve_device(args.device))
     sys.stdout.write(args.prompt)
     generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
                   on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     sys.stdout.write("\n")
+    if cache is not None:
+        stats = cache.stats()
+        sys.stderr.write(f"offloaded experts: {stats['loads']} loads, hit rate {stats['hit_rate']:.1%}, "
+                         f"{stats['resident_experts']} of at most {cache.max_resident} resident "
+                         f"({stats['resident_bytes'] / 2**20:.2f} MiB)\n")
     return 0
 
 

@@ -35,3 +35,10 @@ def test_placement_zipf_runs_at_a_small_size():
     for row in rows:
         contiguous, greedy, planned, bound = map(float, row[4:8])
         assert bound <= planned + 1e-9 and planned <= greedy + 1e-9
+
+
+def test_offload_runs_on_a_random_model():
+    from benchmarks import offload
+    report = offload.main(new_tokens=4, cache_sizes=[1, 48], policies=("lru",), repeats=1)
+    assert "| all (not offloaded) |" in report and "| 48 | lru |" in report
+    assert "| NO |" not in report  # every offloaded row generated the resident model's tokens
