@@ -205,7 +205,7 @@ def load_offloaded_model(run_dir: str | Path, max_resident: int, device: str | t
     store "disk" reads them from model.safetensors (memory-mapped) on demand,
     "memory" keeps them in CPU memory; "auto" is disk on CPU, memory on a GPU.
     Only the other weights are loaded onto ``device``; at most max_resident experts
-    join them there, evicted by ``policy`` ("lru" or "lfu", see ExpertCache).
+    join them there, evicted by ``policy`` ("lru" or "lfu", see ExpertCache)."""
     if store not in ("auto", "disk", "memory"):
         raise ValueError(f"store must be 'auto', 'disk' or 'memory', got {store!r}")
     device = torch.device(device)
