@@ -148,3 +148,13 @@ def test_plan_placement_command_from_metrics_and_from_inspect(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["plan-placement", "--run", str(run), "--devices", "3"])
     assert "divisible by num_devices (3)" in capsys.readouterr().err
+
+
+def test_the_python_example_of_the_docs_runs(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs/placement.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    exec(compile(block, "docs/placement.md", "exec"), {})
+    assert capsys.readouterr().out.splitlines()[0] == "9.0 4.0"
