@@ -32,7 +32,7 @@ def random_run(folder: Path, preset: str = "tiny") -> Path:
     torch.manual_seed(0)
     model_cfg, train_cfg = get_preset(preset).model, get_preset(preset).train
     write_run_config(folder, model_cfg, train_cfg)
-    save_file(weights_of(MoETransformer(model_cfg)), str(folder / MODEL_FILE))
+    save_file(weights_of(MoETransformer(model_cfg).state_dict()), str(folder / MODEL_FILE))
     return folder
 
 

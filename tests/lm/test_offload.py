@@ -28,7 +28,7 @@ def saved_run(tmp_path, **moe_fields):
     run = tmp_path / "run"
     run.mkdir()
     write_run_config(run, cfg, tiny_train_config())
-    save_file(weights_of(model), str(run / MODEL_FILE))
+    save_file(weights_of(model.state_dict()), str(run / MODEL_FILE))
     return run, model
 
 
