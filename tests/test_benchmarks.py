@@ -27,6 +27,14 @@ def test_lm_throughput_runs_at_a_small_batch():
     assert "| tiny |" in report and "| dense | " in report
 
 
+def test_expert_parallel_speed_runs_at_a_tiny_shape():
+    from benchmarks import expert_parallel_speed
+    from moekit.bench import Shape
+    tiny = Shape("tiny", tokens=16, dim=32, expert_dim=16, num_experts=4, top_k=2)
+    report = expert_parallel_speed.main(["--world-sizes", "1", "2", "--repeats", "1"], shape=tiny)
+    assert "| 1 | 16 |" in report and "| 2 | 8 |" in report and "1.00x" in report
+
+
 def test_placement_zipf_runs_at_a_small_size():
     from benchmarks import placement_zipf
     report = placement_zipf.main(draws=1, cases=[(8, 2, 0), (8, 2, 2)], exponents=(1.0,))

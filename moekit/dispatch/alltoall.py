@@ -1,6 +1,10 @@
 """Expert-parallel dispatch: tokens travel to the rank that holds their expert and back.
 
-Rank r of a group of W ranks holds experts [r * E_l, (r + 1) * E_l), E_l = E / W.
+Rank r of a group of W ranks holds E_l = E / W experts: by default the block
+[r * E_l, (r + 1) * E_l), or any placement (a list per rank of the experts it
+holds, e.g. from a load-balancing planner). Internally experts are numbered by
+slot, their position in the rank-major placement, so rows for rank r are the
+slots [r * E_l, (r + 1) * E_l) whatever the placement.
 One layer call issues, on every rank and in this order whatever its data:
 
 0. capacity mode only: all_gather of every rank's token count and routing
@@ -29,18 +33,42 @@ from moekit.experts import Experts
 from moekit.routing import Routing, expert_counts
 
 
-class AllToAllDispatcher:
-    """Wraps a LocalDispatcher (which plans the local sort) for an expert-parallel group."""
+def expert_placement(num_experts: int, world_size: int,
+                     placement: list[list[int]] | None = None) -> list[list[int]]:
+    """The validated placement: for each rank the expert ids it holds. None gives
+    contiguous blocks; otherwise every expert exactly once, E / W per rank."""
+    if num_experts % world_size:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel "
+                         f"world size ({world_size})")
+    per_rank = num_experts // world_size
+    if placement is None:
+        return [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(world_size)]
+    placement = [[int(e) for e in experts] for experts in placement]
+    if len(placement) != world_size or any(len(experts) != per_rank for experts in placement):
+        raise ValueError(f"placement must list {per_rank} experts for each of the {world_size} ranks, "
+                         f"got sizes {[len(experts) for experts in placement]}")
+    if sorted(e for experts in placement for e in experts) != list(range(num_experts)):
+        raise ValueError(f"placement must hold every expert 0..{num_experts - 1} exactly once "
+                         f"(no replicas), got {placement}")
+    return placement
 
-    def __init__(self, local: LocalDispatcher, group: dist.ProcessGroup | None = None) -> None:
+
+class AllToAllDispatcher:
+    """Wraps a LocalDispatcher (which plans the local sort) for an expert-parallel
+    group, with the experts placed as ``placement`` says (see expert_placement)."""
+
+    def __init__(self, local: LocalDispatcher, group: dist.ProcessGroup | None = None,
+                 placement: list[list[int]] | None = None) -> None:
         self.local = local
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        if local.num_experts % self.world_size:
-            raise ValueError(f"num_experts ({local.num_experts}) must be divisible by the expert-"
-                             f"parallel world size ({self.world_size})")
+        self.placement = expert_placement(local.num_experts, self.world_size, placement)
         self.num_local_experts = local.num_experts // self.world_size
+        expert_of_slot = torch.tensor([e for experts in self.placement for e in experts])
+        # slot_of_expert[e]: e's position in the rank-major placement; None when that is e
+        self.slot_of_expert = None if torch.equal(expert_of_slot, torch.arange(local.num_experts)) \
+            else torch.argsort(expert_of_slot)
 
     @property
     def num_experts(self) -> int:
@@ -56,11 +84,14 @@ class AllToAllDispatcher:
         return packed[:-1], int(packed[-1])
 
     def plan(self, routing: Routing) -> DispatchPlan:
-        """The local dispatch plan; with capacity, of the assignments that survive
-        capacity over every rank's tokens."""
-        if not isinstance(self.local, CapacityDispatcher):
-            return self.local.plan(routing)
-        return plan_dispatch(routing, self.num_experts, self._global_keep_mask(routing))
+        """The local dispatch plan, rows and counts_E in slot order; with capacity, of
+        the assignments that survive capacity over every rank's tokens."""
+        kept_TK = self._global_keep_mask(routing) if isinstance(self.local, CapacityDispatcher) \
+            else self.local.keep_mask(routing)
+        if self.slot_of_expert is not None:
+            slots_TK = self.slot_of_expert.to(routing.expert_indices.device)[routing.expert_indices]
+            routing = routing._replace(expert_indices=slots_TK)
+        return plan_dispatch(routing, self.num_experts, kept_TK)
 
     def _global_keep_mask(self, routing: Routing) -> torch.Tensor:
         """bool [T, K]: this rank's rows of capacity_keep_mask over all ranks' tokens."""
@@ -94,8 +125,10 @@ class AllToAllDispatcher:
         out_RD = experts(received_RD.index_select(0, by_expert), received_WE.sum(0))
         out_RD = torch.empty_like(out_RD).index_copy(0, by_expert, out_RD)
         returned_RD = self._exchange(out_RD, send_sizes, recv_sizes)
-        return self.local.combine(returned_RD, plan), plan
-
+        y_TD = self.local.combine(returned_RD, plan)
+        if self.slot_of_expert is not None:  # report counts per expert id, not per slot
+            plan = plan._replace(counts_E=plan.counts_E[self.slot_of_expert.to(plan.counts_E.device)])
+        return y_TD, plan
 
     def _exchange(self, rows_RD: torch.Tensor, recv_sizes: list[int], send_sizes: list[int]
                   ) -> torch.Tensor:

@@ -21,21 +21,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.dispatch.alltoall import AllToAllDispatcher, gather_rows
+from moekit.dispatch.alltoall import AllToAllDispatcher, expert_placement, gather_rows
 from moekit.dispatch.capacity import CapacityDispatcher
 from moekit.dispatch.local import LocalDispatcher
 from moekit.layer import MoE
 from moekit.routers import ExpertChoiceRouter
 
 
-def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None) -> range:
-    """The global expert ids this rank holds."""
+def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None,
+                 placement: list[list[int]] | None = None) -> list[int]:
+    """The global expert ids this rank holds (by default a contiguous block)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if num_experts % world:
-        raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel "
-                         f"world size ({world})")
-    per_rank = num_experts // world
-    return range(rank * per_rank, (rank + 1) * per_rank)
+    return expert_placement(num_experts, world, placement)[rank]
 
 
 def _check_supported(moe: MoE) -> None:
@@ -49,10 +46,14 @@ def _check_supported(moe: MoE) -> None:
         raise ValueError(f"layer already uses {type(moe.dispatcher).__name__}")
 
 
-def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None,
+                          placement: list[list[int]] | None = None) -> nn.Module:
     """Shard the experts of every MoE layer in ``module`` (in place) over ``group``
-    (default: the world). Every rank must hold the same full weights before the call
-    (e.g. the same seed, or a broadcast). Returns ``module``."""
+    (default: the world). ``placement`` lists for each rank the expert ids it holds
+    (every expert once, E / W each, any order; default contiguous blocks), e.g. a
+    plan that evens out measured expert loads; outputs do not depend on it. Every
+    rank must hold the same full weights before the call (e.g. the same seed, or a
+    broadcast). Returns ``module``."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("apply_expert_parallel needs torch.distributed initialised "
                          "(torch.distributed.init_process_group)")
@@ -61,13 +62,13 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
         raise ValueError(f"{type(module).__name__} holds no moekit.MoE layer")
     for moe in layers:
         _check_supported(moe)
-        shard = expert_shard(moe.config.num_experts, group)
+        shard = expert_shard(moe.config.num_experts, group, placement)
         experts = moe.experts
         for name, param in list(experts.named_parameters(recurse=False)):
-            local = param.detach()[shard.start:shard.stop].clone()
+            local = param.detach()[shard].clone()
             setattr(experts, name, nn.Parameter(local, requires_grad=param.requires_grad))
         experts.expert_ids = shard
-        moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group)
+        moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group, placement)
         if isinstance(moe.router, ExpertChoiceRouter):
             moe.router.gather_batch = functools.partial(gather_rows, group=group)
     return module

@@ -34,12 +34,17 @@ def _sharded_parameters(module: nn.Module) -> dict[int, MoE]:
             for param in moe.experts.parameters(recurse=False)}
 
 
-def _gather_experts(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """[E_l, ...] on every rank of group -> [E, ...] in rank order (all ranks call it)."""
+def _gather_experts(local: torch.Tensor, moe: MoE) -> torch.Tensor:
+    """[E_l, ...] on every rank of the layer's group -> [E, ...] in expert order
+    (all ranks call it)."""
+    dispatcher = moe.dispatcher
     local = local.detach().contiguous()
-    pieces = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(pieces, local, group=group)
-    return torch.cat(pieces)
+    pieces = [torch.empty_like(local) for _ in range(dispatcher.world_size)]
+    dist.all_gather(pieces, local, group=dispatcher.group)
+    by_slot = torch.cat(pieces)
+    if dispatcher.slot_of_expert is None:
+        return by_slot
+    return by_slot.index_select(0, dispatcher.slot_of_expert.to(by_slot.device))
 
 
 def _local_experts(full: torch.Tensor, moe: MoE, key: str) -> torch.Tensor:
@@ -47,8 +52,7 @@ def _local_experts(full: torch.Tensor, moe: MoE, key: str) -> torch.Tensor:
     if full.dim() == 0 or full.shape[0] != moe.config.num_experts:
         raise ValueError(f"{key} has shape {tuple(full.shape)}, expected [{moe.config.num_experts}, ...] "
                          "(all experts); is this a sharded state dict?")
-    shard = moe.experts.expert_ids
-    return full[shard.start:shard.stop]
+    return full[list(moe.experts.expert_ids)]
 
 
 def full_state_dict(module: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor] | None:
@@ -58,7 +62,7 @@ def full_state_dict(module: nn.Module, rank0_only: bool = False) -> dict[str, to
     state = module.state_dict()
     for prefix, moe in _sharded_experts(module):
         for name, param in moe.experts.named_parameters(recurse=False):
-            state[f"{prefix}.{name}"] = _gather_experts(param, moe.dispatcher.group)
+            state[f"{prefix}.{name}"] = _gather_experts(param, moe)
     if rank0_only and dist.get_rank() != 0:
         return None
     return state
@@ -94,7 +98,7 @@ def full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimize
         if moe is None or index not in state["state"]:
             continue
         state["state"][index] = {
-            key: _gather_experts(value, moe.dispatcher.group)
+            key: _gather_experts(value, moe)
             if torch.is_tensor(value) and value.shape == param.shape else value
             for key, value in state["state"][index].items()}
     if rank0_only and dist.get_rank() != 0:
@@ -130,6 +134,9 @@ def sharded_state_dict(module: nn.Module) -> dict[str, Any]:
 
     state = module.state_dict()
     for prefix, moe in _sharded_experts(module):
+        if moe.dispatcher.slot_of_expert is not None:
+            raise ValueError(f"{prefix}: sharded_state_dict needs contiguous expert blocks, not the "
+                             f"placement {moe.dispatcher.placement}; save full_state_dict instead")
         group = moe.dispatcher.group if moe.dispatcher.group is not None else dist.group.WORLD
         for name, param in moe.experts.named_parameters(recurse=False):
             mesh = DeviceMesh.from_group(group, param.device.type)

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 import moekit
-from moekit.parallel import all_reduce_replicated_grads, apply_expert_parallel, expert_shard
+from moekit.parallel import (all_reduce_replicated_grads, apply_expert_parallel, expert_shard,
+                             full_state_dict, sharded_state_dict)
 
 from ..conftest import randomized_moe
 from ..distributed import run_distributed
@@ -37,11 +38,11 @@ def _global_tokens(sizes: list[int], dim: int, all_to_one: bool):
     return x, grad
 
 
-def _worker(rank, world_size, result_dir, case, sizes, all_to_one):
+def _worker(rank, world_size, result_dir, case, sizes, all_to_one, placement=None):
     fields = {**CASES[case], "balance_loss_weight": 0.1, "z_loss_weight": 0.01}
     reference = randomized_moe(seed=0, **fields)
     sharded = randomized_moe(seed=0, **fields)
-    apply_expert_parallel(sharded)
+    apply_expert_parallel(sharded, placement=placement)
     x_all, grad_all = _global_tokens(sizes, fields["dim"], all_to_one)
     start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
     # reference: one process on every rank's tokens
@@ -53,17 +54,20 @@ def _worker(rank, world_size, result_dir, case, sizes, all_to_one):
     y, aux = sharded(x)
     ((y * grad_all[start:stop]).sum() + aux.loss).backward()
     all_reduce_replicated_grads(sharded)
-    shard = expert_shard(fields["num_experts"])
+    shard = expert_shard(fields["num_experts"], placement=placement)
     torch.testing.assert_close(y, y_ref[start:stop], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, x_ref.grad[start:stop], rtol=1e-5, atol=1e-6)
     ref_params = dict(reference.named_parameters())
     for name, param in sharded.named_parameters():
         expected = ref_params[name].grad
         if name.startswith("experts."):
-            expected = expected[shard.start:shard.stop]
+            expected = expected[shard]
         torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-5, msg=name)
     if fields.get("bias_update_rate"):
         torch.testing.assert_close(sharded.router.expert_bias, reference.router.expert_bias)
+    full = full_state_dict(sharded)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(full[key], value, rtol=0, atol=0, msg=key)
     torch.save({"tokens_per_expert": aux.tokens_per_expert, "reference": aux_ref.tokens_per_expert,
                 "aux_loss": aux.loss.detach(), "reference_aux_loss": aux_ref.loss.detach()},
                os.path.join(result_dir, f"rank{rank}.pt"))
@@ -76,6 +80,15 @@ def test_expert_parallel_equals_one_process(tmp_path, case, sizes):
     assert sum(r["tokens_per_expert"] for r in results).tolist() == results[0]["reference"].tolist()
     # every rank's aux loss is its share: they sum to the loss over all tokens
     torch.testing.assert_close(sum(r["aux_loss"] for r in results), results[0]["reference_aux_loss"])
+
+
+@pytest.mark.parametrize("case", ["topk", "capacity-position"])
+@pytest.mark.parametrize("placement", [[[3, 0, 5, 6], [1, 2, 7, 4]], [[7, 0], [3, 5], [1, 6], [2, 4]]],
+                         ids=["world2", "world4"])
+def test_any_expert_placement_gives_the_same_layer(tmp_path, case, placement):
+    sizes = [7, 0, 12, 5][:len(placement)]
+    results = run_distributed(_worker, len(placement), tmp_path, case, sizes, False, placement)
+    assert sum(r["tokens_per_expert"] for r in results).tolist() == results[0]["reference"].tolist()
 
 
 def test_all_tokens_to_one_expert_and_ranks_without_tokens(tmp_path):
@@ -97,6 +110,14 @@ def _bad_world_worker(rank, world_size, result_dir):
     twice = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
     with pytest.raises(ValueError, match="already uses AllToAllDispatcher"):
         apply_expert_parallel(twice)
+    for placement, message in [([[0, 1], [2, 2]], "exactly once"), ([[0, 1, 2], [3]], "2 experts for each")]:
+        with pytest.raises(ValueError, match=message):
+            apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)),
+                                  placement=placement)
+    placed = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)),
+                                   placement=[[1, 2], [3, 0]])
+    with pytest.raises(ValueError, match="needs contiguous expert blocks"):
+        sharded_state_dict(placed)
     with pytest.raises(ValueError, match="holds no moekit.MoE layer"):
         apply_expert_parallel(torch.nn.Linear(2, 2))
     dist.barrier()
