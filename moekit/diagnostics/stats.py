@@ -59,8 +59,8 @@ class LayerStats:
     num_experts: int
     vocab_size: int | None = None
     keep_top1: bool = False
-    tokens: int = 0
-    entropy_sum: float = 0.0
+    tokens: int = field(init=False, default=0)
+    entropy_sum: float = field(init=False, default=0.0)  # of the per-token router entropies (nats)
     tokens_per_expert: torch.Tensor = field(init=False)
     routed_per_expert: torch.Tensor = field(init=False)
     coactivation: torch.Tensor = field(init=False)
