@@ -8,6 +8,8 @@
     moekit compare                   # tiny (MoE) against dense at equal active parameters
     moekit params mixtral-8x7b       # total vs active parameters and FLOPs per token
     moekit bench --shapes S3         # layer speed against the FLOPs limit and peers
+    moekit inspect runs/ds           # routing diagnostics on the validation data
+    moekit plan-placement --run runs/ds --devices 4 --replicas 4   # experts over devices
 """
 
 from __future__ import annotations
@@ -98,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=50)
     generate.add_argument("--seed", type=int)
     generate.add_argument("--device", default="cpu")
+    generate.add_argument("--offload-experts", action="store_true",
+                          help="keep expert weights on disk (CPU) or in CPU memory (GPU) and only "
+                               "--max-resident-experts of them on the device (docs/inference.md)")
+    generate.add_argument("--max-resident-experts", type=int, metavar="N",
+                          help="experts resident at once, over all layers (default: one layer's worth)")
+    generate.add_argument("--expert-store", default="auto", choices=("auto", "disk", "memory"),
+                          help="where offloaded experts live (auto: disk on CPU, memory on a GPU)")
+    generate.add_argument("--cache-policy", default="lru", choices=("lru", "lfu"),
+                          help="which resident expert a load evicts: least recently or least often used")
 
     compare = commands.add_parser("compare", help="train tiny (MoE) and dense on the same budget")
     compare.add_argument("--out", help="folder for both runs (default runs/compare-<timestamp>)")
@@ -114,6 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="CPU speed of the MoE layer against the FLOPs "
                                 "limit and peers (docs/benchmarks.md)")
     bench_module.add_arguments(bench)
+
+    inspect = commands.add_parser("inspect", help="routing diagnostics of a trained run on its "
+                                  "validation data (docs/diagnostics.md)")
+    inspect.add_argument("run", help="a run folder written by `moekit train`")
+    inspect.add_argument("--against", metavar="PATH",
+                         help="weights to compare top-1 experts with: a checkpoint or run folder, or a "
+                              ".safetensors file (default: the run's previous checkpoint, if any)")
+    inspect.add_argument("--data", help="text to route (default: the run's own data)")
+    inspect.add_argument("--batches", type=int, default=8)
+    inspect.add_argument("--batch-size", type=int, default=8)
+    inspect.add_argument("--seq-len", type=int, help="default: the run's training seq_len")
+    inspect.add_argument("--out", help="folder for inspect.json and the plots (default RUN/inspect)")
+    inspect.add_argument("--device", default="cpu")
+
+    plan = commands.add_parser("plan-placement", help="place experts over devices for expert "
+                               "parallelism from measured loads (docs/placement.md)")
+    plan.add_argument("--run", help="a run folder: loads from its metrics.jsonl")
+    plan.add_argument("--loads", metavar="JSON", help="loads from an inspect.json instead")
+    plan.add_argument("--devices", type=int, required=True)
+    plan.add_argument("--replicas", type=int, default=0,
+                      help="extra expert copies in all (experts + replicas divisible by devices)")
+    plan.add_argument("--records", type=int, default=10,
+                      help="sum the loads of the last N training records of metrics.jsonl (0: all)")
+    plan.add_argument("--out", help="placement file (default RUN/placement.json, else ./placement.json)")
     return parser
 
 
@@ -244,11 +279,28 @@ def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu"):
 def cmd_generate(args: argparse.Namespace, log=print) -> int:
     from .lm.generate import generate_text
 
-    model = load_run_model(args.run, _resolve_device(args.device))
+    cache = None
+    if args.offload_experts:
+        from .lm.checkpoint import read_run_config
+        from .lm.offload import load_offloaded_model
+
+        model_cfg, _, _ = read_run_config(Path(args.run))
+        resident = args.max_resident_experts or (model_cfg.moe.num_experts if model_cfg.moe else 1)
+        model, cache = load_offloaded_model(args.run, resident, _resolve_device(args.device),
+                                            args.expert_store, args.cache_policy)
+    elif args.max_resident_experts is not None:
+        raise ValueError("--max-resident-experts needs --offload-experts")
+    else:
+        model = load_run_model(args.run, _resolve_device(args.device))
     sys.stdout.write(args.prompt)
     generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
                   on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     sys.stdout.write("\n")
+    if cache is not None:
+        stats = cache.stats()
+        sys.stderr.write(f"offloaded experts: {stats['loads']} loads, hit rate {stats['hit_rate']:.1%}, "
+                         f"{stats['resident_experts']} of at most {cache.max_resident} resident "
+                         f"({stats['resident_bytes'] / 2**20:.2f} MiB)\n")
     return 0
 
 
@@ -310,8 +362,116 @@ def cmd_bench(args: argparse.Namespace, log=print) -> int:
     return 0
 
 
+def _weights_file(path: Path) -> Path:
+    """model.safetensors of a run or checkpoint folder, or path itself if it is a file."""
+    from .lm.checkpoint import MODEL_FILE
+
+    return path if path.is_file() else path / MODEL_FILE
+
+
+def cmd_inspect(args: argparse.Namespace, log=print) -> int:
+    import json
+
+    from .diagnostics import build_report, collect_routing_stats, plot_report, render_report
+    from .lm.checkpoint import checkpoint_dirs, load_weights, read_run_config
+    from .lm.data import evaluation_batches, load_corpus
+
+    run_dir, device = Path(args.run), _resolve_device(args.device)
+    model_cfg, train_cfg, extra = read_run_config(run_dir)
+    if model_cfg.moe is None:
+        raise ValueError(f"{run_dir} is a dense model: it has no MoE layer to inspect")
+    seq_len = args.seq_len or train_cfg.seq_len
+    for name in ("batches", "batch_size", "seq_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    corpus = load_corpus(args.data if args.data is not None else extra.get("data"), seq_len)
+    batches = [inputs.to(device) for inputs, _ in
+               evaluation_batches(corpus.val, args.batches, args.batch_size, seq_len)]
+    model = load_run_model(run_dir, device)
+    layers = collect_routing_stats(model, batches, model_cfg.vocab_size, keep_top1=True)
+    earlier = checkpoint_dirs(run_dir)[-2:-1]
+    against_path = _weights_file(Path(args.against)) if args.against else \
+        (_weights_file(earlier[0]) if earlier else None)
+    against = None
+    if against_path is not None:
+        load_weights(model, against_path)
+        against = collect_routing_stats(model, batches, keep_top1=True)
+    report = build_report(layers, against, run=str(run_dir), data=corpus.source,
+                          compared_with=None if against_path is None else str(against_path))
+    render_report(report)
+    out = Path(args.out) if args.out else run_dir / "inspect"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inspect.json").write_text(json.dumps(report, indent=1) + "\n")
+    plots = plot_report(report, out)
+    if not plots:
+        log("plots skipped: matplotlib is not installed (pip install 'moekit[plot]')")
+    log(f"report: {out / 'inspect.json'}" + "".join(f", {p}" for p in plots))
+    return 0
+
+
+def _measured_loads(args: argparse.Namespace) -> tuple[dict[str, list[int]], str]:
+    """Assignments per expert of every MoE layer, by module name, and where they came from."""
+    import json
+
+    from .lm.checkpoint import METRICS_FILE, read_run_config
+    from .lm.plots import read_metrics
+
+    if args.loads:
+        report = json.loads(Path(args.loads).read_text())
+        return {name: layer["tokens_per_expert"] for name, layer in report["layers"].items()}, args.loads
+    if not args.run:
+        raise ValueError("give --run RUN_DIR (loads from its metrics.jsonl) or --loads inspect.json")
+    if args.records < 0:
+        raise ValueError(f"--records must be >= 0, got {args.records}")
+    model_cfg, _, _ = read_run_config(Path(args.run))
+    records = read_metrics(args.run)[0][-args.records:] if args.records else read_metrics(args.run)[0]
+    if model_cfg.moe is None or not records:
+        raise ValueError(f"{args.run} has no expert loads: a dense model or no training record yet")
+    names = [f"blocks.{i}.ffn" for i in model_cfg.moe_layers]
+    loads = {name: [sum(r["tokens_per_expert"][layer][e] for r in records)
+                    for e in range(model_cfg.moe.num_experts)] for layer, name in enumerate(names)}
+    return loads, f"{Path(args.run) / METRICS_FILE} (last {len(records)} records)"
+
+
+def cmd_plan_placement(args: argparse.Namespace, log=print) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .placement import contiguous_placement, max_over_mean, plan_placement
+
+    loads, source = _measured_loads(args)
+    layers = {}
+    table = Table(title=f"Expert placement over {args.devices} devices, {args.replicas} extra copies "
+                        "(predicted device load max/mean)")
+    for column in ("layer", "experts", "contiguous", "planned", "replicated experts (copies)"):
+        table.add_column(column, justify="left" if column in ("layer", "replicated experts (copies)")
+                         else "right")
+    for name, expert_loads in loads.items():
+        placement = plan_placement(expert_loads, args.devices, args.replicas)
+        after = max_over_mean(placement.device_loads(expert_loads))
+        before = max_over_mean(contiguous_placement(len(expert_loads), args.devices)
+                               .device_loads(expert_loads)) \
+            if len(expert_loads) % args.devices == 0 else None
+        replicas = placement.replicas()
+        layers[name] = {**placement.to_dict(), "expert_loads": expert_loads, "replicas": replicas,
+                        "device_loads": placement.device_loads(expert_loads),
+                        "max_over_mean_contiguous": before, "max_over_mean_planned": after}
+        copies = ", ".join(f"{e} ({r})" for e, r in enumerate(replicas) if r > 1) or "-"
+        table.add_row(name, str(len(expert_loads)), "-" if before is None else f"{before:.3f}",
+                      f"{after:.3f}", copies)
+    Console().print(table)
+    out = Path(args.out) if args.out else (Path(args.run) if args.run and not args.loads
+                                           else Path(".")) / "placement.json"
+    out.write_text(json.dumps({"num_devices": args.devices, "num_replicas": args.replicas,
+                               "loads_from": source, "layers": layers}, indent=1) + "\n")
+    log(f"loads from {source}; placement written to {out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "compare": cmd_compare, "params": cmd_params,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "inspect": cmd_inspect, "plan-placement": cmd_plan_placement}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,3 +33,20 @@ def test_expert_parallel_speed_runs_at_a_tiny_shape():
     tiny = Shape("tiny", tokens=16, dim=32, expert_dim=16, num_experts=4, top_k=2)
     report = expert_parallel_speed.main(["--world-sizes", "1", "2", "--repeats", "1"], shape=tiny)
     assert "| 1 | 16 |" in report and "| 2 | 8 |" in report and "1.00x" in report
+
+
+def test_placement_zipf_runs_at_a_small_size():
+    from benchmarks import placement_zipf
+    report = placement_zipf.main(draws=1, cases=[(8, 2, 0), (8, 2, 2)], exponents=(1.0,))
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| 1.0 |")]
+    assert len(rows) == 2
+    for row in rows:
+        contiguous, greedy, planned, bound = map(float, row[4:8])
+        assert bound <= planned + 1e-9 and planned <= greedy + 1e-9
+
+
+def test_offload_runs_on_a_random_model():
+    from benchmarks import offload
+    report = offload.main(new_tokens=4, cache_sizes=[1, 48], policies=("lru",), repeats=1)
+    assert "| 48 | lru |" in report and "| 1 | lru |" in report
+    assert "| NO |" not in report  # every offloaded row generated the resident model's tokens

@@ -22,6 +22,8 @@ it runs eagerly between the compiled parts (router, dispatch planning).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -73,35 +75,57 @@ def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     return apply_activation(h, activation)
 
 
+ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+"""One expert's (w1 [H, D], w2 [D, F], b1 [H] or None, b2 [D] or None); H = 2F gated, else F."""
+
+
+def experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R: torch.Tensor | None,
+                    counts: list[int], expert_weights: Callable[[int], ExpertWeights],
+                    activation: str, saved_h: list | None = None) -> torch.Tensor:
+    """The forward of the fused op, not differentiable by itself: y_TD [T, D] in x's
+    dtype. expert_weights(e) is called once for each expert with rows, in expert
+    order (so weights may be fetched on demand); saved_h, if given, receives each
+    expert's pre-activation h (None for an expert without rows)."""
+    num_tokens, dim = x_TD.shape
+    acc = _accumulate_dtype(x_TD.dtype)
+    y_TD = torch.zeros(num_tokens, dim, dtype=acc, device=x_TD.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            if saved_h is not None:
+                saved_h.append(None)
+            continue
+        w1_HD, w2_DF, b1_H, b2_D = expert_weights(e)
+        tokens = token_R[start:start + n]
+        h = _rows_times_weight_t(x_TD.index_select(0, tokens), w1_HD).contiguous()
+        if b1_H is not None:
+            h += b1_H
+        a = _activate(h, activation)
+        w = None if weights_R is None else weights_R[start:start + n, None].to(a.dtype)
+        if w is not None:
+            a.mul_(w)
+        out = _rows_times_weight_t(a, w2_DF)
+        if b2_D is not None:
+            out += b2_D if w is None else w * b2_D
+        y_TD.index_add_(0, tokens, out.to(acc))
+        if saved_h is not None:
+            saved_h.append(h)
+        start += n
+    return y_TD.to(x_TD.dtype)
+
+
 class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R, counts, activation):
-        num_tokens, dim = x_TD.shape
-        acc = _accumulate_dtype(x_TD.dtype)
-        y_TD = torch.zeros(num_tokens, dim, dtype=acc, device=x_TD.device)
+        def expert_weights(e: int) -> ExpertWeights:
+            return (w1_EHD[e], w2_EDF[e], None if b1_EH is None else b1_EH[e],
+                    None if b2_ED is None else b2_ED[e])
+
         saved_h = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                saved_h.append(None)
-                continue
-            tokens = token_R[start:start + n]
-            h = _rows_times_weight_t(x_TD.index_select(0, tokens), w1_EHD[e]).contiguous()
-            if b1_EH is not None:
-                h += b1_EH[e]
-            a = _activate(h, activation)
-            w = None if weights_R is None else weights_R[start:start + n, None].to(a.dtype)
-            if w is not None:
-                a.mul_(w)
-            out = _rows_times_weight_t(a, w2_EDF[e])
-            if b2_ED is not None:
-                out += b2_ED[e] if w is None else w * b2_ED[e]
-            y_TD.index_add_(0, tokens, out.to(acc))
-            saved_h.append(h)
-            start += n
+        y_TD = experts_forward(x_TD, token_R, weights_R, counts, expert_weights, activation, saved_h)
         ctx.save_for_backward(x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R)
         ctx.saved_h, ctx.counts, ctx.activation = saved_h, counts, activation
-        return y_TD.to(x_TD.dtype)
+        return y_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
