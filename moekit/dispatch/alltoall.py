@@ -33,10 +33,11 @@ from moekit.experts import Experts
 from moekit.routing import Routing, expert_counts
 
 
-def expert_placement(num_experts: int, world_size: int,
-                     placement: list[list[int]] | None = None) -> list[list[int]]:
+def expert_placement(num_experts: int, world_size: int, placement=None) -> list[list[int]]:
     """The validated placement: for each rank the expert ids it holds. None gives
-    contiguous blocks; otherwise every expert exactly once, E / W per rank."""
+    contiguous blocks; otherwise a list per rank, or a moekit.placement.Placement
+    (from plan_placement), with every expert exactly once, E / W per rank."""
+    placement = getattr(placement, "experts_per_device", placement)
     if num_experts % world_size:
         raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel "
                          f"world size ({world_size})")
@@ -44,12 +45,13 @@ def expert_placement(num_experts: int, world_size: int,
     if placement is None:
         return [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(world_size)]
     placement = [[int(e) for e in experts] for experts in placement]
+    if sorted(e for experts in placement for e in experts) != list(range(num_experts)):
+        raise ValueError(f"placement must hold every expert 0..{num_experts - 1} exactly once "
+                         f"(replicated experts are not supported under expert parallelism), "
+                         f"got {placement}")
     if len(placement) != world_size or any(len(experts) != per_rank for experts in placement):
         raise ValueError(f"placement must list {per_rank} experts for each of the {world_size} ranks, "
                          f"got sizes {[len(experts) for experts in placement]}")
-    if sorted(e for experts in placement for e in experts) != list(range(num_experts)):
-        raise ValueError(f"placement must hold every expert 0..{num_experts - 1} exactly once "
-                         f"(no replicas), got {placement}")
     return placement
 
 
@@ -58,7 +60,7 @@ class AllToAllDispatcher:
     group, with the experts placed as ``placement`` says (see expert_placement)."""
 
     def __init__(self, local: LocalDispatcher, group: dist.ProcessGroup | None = None,
-                 placement: list[list[int]] | None = None) -> None:
+                 placement=None) -> None:
         self.local = local
         self.group = group
         self.world_size = dist.get_world_size(group)

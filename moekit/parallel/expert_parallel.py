@@ -29,7 +29,7 @@ from moekit.routers import ExpertChoiceRouter
 
 
 def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None,
-                 placement: list[list[int]] | None = None) -> list[int]:
+                 placement=None) -> list[int]:
     """The global expert ids this rank holds (by default a contiguous block)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     return expert_placement(num_experts, world, placement)[rank]
@@ -45,28 +45,34 @@ def _check_supported(moe: MoE) -> None:
 
 
 def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None,
-                          placement: list[list[int]] | None = None) -> nn.Module:
+                          placement=None) -> nn.Module:
     """Shard the experts of every MoE layer in ``module`` (in place) over ``group``
     (default: the world). ``placement`` lists for each rank the expert ids it holds
-    (every expert once, E / W each, any order; default contiguous blocks), e.g. a
-    plan that evens out measured expert loads; outputs do not depend on it. Every
+    (every expert once, E / W each, any order; default contiguous blocks), or is a
+    moekit.placement.Placement without copies, e.g. plan_placement(measured loads,
+    W), or a dict of those by MoE layer name (as in module.named_modules(), the
+    layers of a `moekit plan-placement` file); outputs do not depend on it. Every
     rank must hold the same full weights before the call (e.g. the same seed, or a
     broadcast). Returns ``module``."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("apply_expert_parallel needs torch.distributed initialised "
                          "(torch.distributed.init_process_group)")
-    layers = [m for m in module.modules() if isinstance(m, MoE)]
+    layers = {name: m for name, m in module.named_modules() if isinstance(m, MoE)}
     if not layers:
         raise ValueError(f"{type(module).__name__} holds no moekit.MoE layer")
-    for moe in layers:
+    if isinstance(placement, dict) and placement.keys() != layers.keys():
+        raise ValueError(f"placement names layers {sorted(placement)}, the module has MoE layers "
+                         f"{sorted(layers)}")
+    for name, moe in layers.items():
         _check_supported(moe)
-        shard = expert_shard(moe.config.num_experts, group, placement)
+        layer_placement = placement[name] if isinstance(placement, dict) else placement
+        shard = expert_shard(moe.config.num_experts, group, layer_placement)
         experts = moe.experts
         for name, param in list(experts.named_parameters(recurse=False)):
             local = param.detach()[shard].clone()
             setattr(experts, name, nn.Parameter(local, requires_grad=param.requires_grad))
         experts.expert_ids = shard
-        moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group, placement)
+        moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group, layer_placement)
         if isinstance(moe.router, ExpertChoiceRouter):
             moe.router.gather_batch = functools.partial(gather_rows, group=group)
     return module

@@ -12,6 +12,8 @@ import moekit
 from moekit.parallel import (all_reduce_replicated_grads, apply_expert_parallel, expert_shard,
                              full_state_dict, sharded_state_dict)
 
+from moekit.placement import Placement, plan_placement
+
 from ..conftest import randomized_moe
 from ..distributed import run_distributed
 
@@ -83,11 +85,13 @@ def test_expert_parallel_equals_one_process(tmp_path, case, sizes):
 
 
 @pytest.mark.parametrize("case", ["topk", "capacity-position"])
-@pytest.mark.parametrize("placement", [[[3, 0, 5, 6], [1, 2, 7, 4]], [[7, 0], [3, 5], [1, 6], [2, 4]]],
-                         ids=["world2", "world4"])
+@pytest.mark.parametrize("placement", [[[3, 0, 5, 6], [1, 2, 7, 4]],
+                                       plan_placement([9.0, 1.0, 5.0, 5.0, 2.0, 8.0, 1.0, 3.0], 4)],
+                         ids=["world2", "world4-planned"])
 def test_any_expert_placement_gives_the_same_layer(tmp_path, case, placement):
-    sizes = [7, 0, 12, 5][:len(placement)]
-    results = run_distributed(_worker, len(placement), tmp_path, case, sizes, False, placement)
+    world_size = placement.num_devices if isinstance(placement, Placement) else len(placement)
+    sizes = [7, 0, 12, 5][:world_size]
+    results = run_distributed(_worker, world_size, tmp_path, case, sizes, False, placement)
     assert sum(r["tokens_per_expert"] for r in results).tolist() == results[0]["reference"].tolist()
 
 
@@ -134,10 +138,18 @@ def _bad_world_worker(rank, world_size, result_dir):
     twice = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
     with pytest.raises(ValueError, match="already uses AllToAllDispatcher"):
         apply_expert_parallel(twice)
-    for placement, message in [([[0, 1], [2, 2]], "exactly once"), ([[0, 1, 2], [3]], "2 experts for each")]:
+    for placement, message in [([[0, 1], [2, 2]], "exactly once"), ([[0, 1, 2], [3]], "2 experts for each"),
+                               (Placement(((0, 1, 2), (3, 0, 1)), 4), "replicated experts are not")]:
         with pytest.raises(ValueError, match=message):
             apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)),
                                   placement=placement)
+    two_layers = torch.nn.ModuleDict({name: moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4))
+                                      for name in ("a", "b")})
+    with pytest.raises(ValueError, match=r"placement names layers \['a'\], the module has MoE layers"):
+        apply_expert_parallel(two_layers, placement={"a": [[0, 1], [2, 3]]})
+    apply_expert_parallel(two_layers, placement={"a": [[3, 1], [2, 0]], "b": None})
+    assert two_layers["a"].experts.expert_ids == [[3, 1], [2, 0]][rank]
+    assert two_layers["b"].experts.expert_ids == [[0, 1], [2, 3]][rank]
     placed = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)),
                                    placement=[[1, 2], [3, 0]])
     with pytest.raises(ValueError, match="needs contiguous expert blocks"):
