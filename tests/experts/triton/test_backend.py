@@ -68,3 +68,17 @@ def test_selection_rules(monkeypatch):
     assert auto.backend_for(torch.float32) == "fused"  # CPU keeps its own backend
     if torch.cuda.is_available():
         assert auto.to("cuda").backend_for(torch.bfloat16) == "triton"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_without_triton_runs_grouped_mm_in_bf16(monkeypatch):
+    """A GPU user without Triton gets grouped_mm, matching the loop backend."""
+    monkeypatch.setattr("moekit.experts.stacked.triton_installed", lambda: False)
+    moe = randomized_moe(dtype=torch.bfloat16, dim=64, expert_dim=32, num_experts=4,
+                         top_k=2).cuda()
+    assert moe.experts.backend_for(torch.bfloat16) == "grouped_mm"
+    loop = randomized_moe(dtype=torch.bfloat16, dim=64, expert_dim=32, num_experts=4, top_k=2,
+                          experts_backend="loop").cuda()
+    loop.load_state_dict(moe.state_dict())
+    x = torch.randn(37, 64, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(moe(x)[0], loop(x)[0], rtol=2e-2, atol=2e-2)
