@@ -22,15 +22,18 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """True when the kernels can run on this device: CUDA with triton installed,
     or CPU under the Triton interpreter (TRITON_INTERPRET=1)."""
     if not triton_installed():
         return False
     device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
 def __getattr__(name: str):

@@ -10,23 +10,17 @@ copies a value to the host.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 
-from moekit.experts.triton import kernels
+from moekit.experts.triton import interpreting, kernels
 
 ACTIVATIONS = {"swiglu": (True, kernels.SILU), "geglu": (True, kernels.GELU),
                "silu": (False, kernels.SILU), "gelu": (False, kernels.GELU),
                "relu": (False, kernels.RELU)}
 _SORT_BLOCK = 128
-
-
-def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class _Blocks(NamedTuple):
@@ -252,6 +246,32 @@ def _backward(ctx, grad_y_TD, grad_h, grad_a):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check_inputs(x_TD, order_R, top_k, weights_R, offsets_E1, w1_EHD, w2_EDF, activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+    if x_TD.dim() != 2 or w1_EHD.dim() != 3 or w2_EDF.dim() != 3:
+        raise ValueError(f"x_TD must be 2-D and the weights 3-D; got shapes {tuple(x_TD.shape)}, "
+                         f"{tuple(w1_EHD.shape)}, {tuple(w2_EDF.shape)}")
+    E, D, F = w2_EDF.shape
+    H = 2 * F if ACTIVATIONS[activation][0] else F
+    if w1_EHD.shape != (E, H, D) or x_TD.shape[1] != D:
+        raise ValueError(f"for {activation!r} with down_proj {tuple(w2_EDF.shape)} expected "
+                         f"x_TD [T, {D}] and w1_EHD {(E, H, D)}; got {tuple(x_TD.shape)} and "
+                         f"{tuple(w1_EHD.shape)}")
+    if not (x_TD.dtype == w1_EHD.dtype == w2_EDF.dtype) or x_TD.dtype not in (
+            torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"x_TD, w1_EHD, w2_EDF must share one dtype of float32/bfloat16/float16; "
+                        f"got {x_TD.dtype}, {w1_EHD.dtype}, {w2_EDF.dtype}")
+    if order_R.dtype != torch.int64 or order_R.dim() != 1 or offsets_E1.shape != (E + 1,):
+        raise ValueError(f"order_R must be 1-D int64 and offsets_E1 [{E + 1}]; got "
+                         f"{order_R.dtype} {tuple(order_R.shape)} and {tuple(offsets_E1.shape)}")
+    if weights_R is not None and weights_R.shape != order_R.shape:
+        raise ValueError(f"weights_R must have order_R's shape {tuple(order_R.shape)}, "
+                         f"got {tuple(weights_R.shape)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+
+
 def triton_experts(x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int,
                    weights_R: torch.Tensor | None, offsets_E1: torch.Tensor,
                    w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, activation: str,
@@ -266,10 +286,12 @@ def triton_experts(x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int,
     w1_EHD and w2_EDF. deterministic=False adds each row into its token with
     float32 atomics instead of summing over K in a fixed order afterwards.
     """
+    _check_inputs(x_TD, order_R, top_k, weights_R, offsets_E1, w1_EHD, w2_EDF, activation)
     save_h = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x_TD, weights_R, w1_EHD, w2_EDF))
-    y_TD, _, _ = _forward_op(x_TD, order_R, weights_R, offsets_E1, w1_EHD, w2_EDF, top_k,
-                             activation, save_h, deterministic)
+    weights_R = None if weights_R is None else weights_R.contiguous()
+    y_TD, _, _ = _forward_op(x_TD, order_R.contiguous(), weights_R, offsets_E1.contiguous(),
+                             w1_EHD, w2_EDF, top_k, activation, save_h, deterministic)
     return y_TD
 
 
@@ -281,6 +303,9 @@ def fused_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
     The routing metadata comes from ``sort_by_expert``; then ``triton_experts``.
     ids_TK: [T, K] expert ids in [0, E); weights_TK: [T, K] combine weights.
     """
+    if ids_TK.dim() != 2 or weights_TK.shape != ids_TK.shape or ids_TK.shape[0] != x_TD.shape[0]:
+        raise ValueError(f"ids_TK and weights_TK must both be [T={x_TD.shape[0]}, K]; got "
+                         f"{tuple(ids_TK.shape)} and {tuple(weights_TK.shape)}")
     top_k = ids_TK.shape[1]
     expert_sort = sort_by_expert(ids_TK.reshape(-1), w1_EHD.shape[0])
     weights_R = weights_TK.reshape(-1).index_select(0, expert_sort.order_R)

@@ -166,3 +166,19 @@ def test_fused_moe_traces_as_one_graph():
     y_eager = fused_moe(x, ids, weights, w1, w2)
     assert torch.equal(y, y_eager)
     assert torch.equal(grad_x, torch.autograd.grad(y_eager.square().sum(), x)[0])
+
+
+def test_bad_inputs_are_rejected_with_their_values():
+    p = random_problem(T=4, D=16, F=8, E=2, K=1)
+    x, w1, w2 = (p[n].float() for n in ("x", "w1", "w2"))
+    order, offsets = torch.arange(4), torch.tensor([0, 2, 4])
+    with pytest.raises(ValueError, match="activation must be one of .* got 'tanh'"):
+        triton_experts(x, order, 1, None, offsets, w1, w2, "tanh")
+    with pytest.raises(ValueError, match=r"expected x_TD \[T, 16\] and w1_EHD \(2, 8, 16\)"):
+        triton_experts(x, order, 1, None, offsets, w1, w2, "gelu")
+    with pytest.raises(TypeError, match="share one dtype .* got torch.float64, torch.float32"):
+        triton_experts(x.double(), order, 1, None, offsets, w1, w2, "swiglu")
+    with pytest.raises(ValueError, match=r"offsets_E1 \[3\]; got torch.int64 \(4,\) and \(2,\)"):
+        triton_experts(x, order, 1, None, offsets[:2], w1, w2, "swiglu")
+    with pytest.raises(ValueError, match=r"must both be \[T=4, K\]; got \(4, 1\) and \(4, 2\)"):
+        fused_moe(x, p["ids"], torch.ones(4, 2), w1, w2)
