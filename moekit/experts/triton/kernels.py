@@ -70,6 +70,23 @@ def _load(ptrs, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _rows_matmul(in_ptr, in_rows, row_mask, stride_in, w_base, stride_wk, stride_wn, cols, col_mask,
+                 K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] float32: in[in_rows, :K] @ B[:K, cols], B[k, n] at
+    w_base + k * stride_wk + n * stride_wn."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = _load(in_ptr + in_rows[:, None] * stride_in + ks[None, :],
+                  row_mask[:, None] & (ks[None, :] < K), UPCAST)
+        w = _load(w_base + ks[:, None] * stride_wk + cols[None, :].to(tl.int64) * stride_wn,
+                  (ks[:, None] < K) & col_mask[None, :], UPCAST)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def up_kernel(x_ptr, slot_ptr, w1_ptr, h_ptr, a_ptr, tile_end_ptr, offsets_ptr,
               num_experts, top_k, D, F,
               stride_xt, stride_we, stride_wh, stride_wd,
@@ -137,15 +154,9 @@ def rows_to_slots_kernel(in_ptr, slot_ptr, weight_ptr, w_ptr, out_ptr, tile_end_
         return
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    w_base = w_ptr + expert.to(tl.int64) * stride_we
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = _load(in_ptr + rows[:, None] * stride_in + ks[None, :],
-                  row_mask[:, None] & (ks[None, :] < K), UPCAST)
-        w = _load(w_base + ks[:, None] * stride_wk + cols[None, :].to(tl.int64) * stride_wn,
-                  (ks[:, None] < K) & col_mask[None, :], UPCAST)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    acc = _rows_matmul(in_ptr, rows, row_mask, stride_in, w_ptr + expert.to(tl.int64) * stride_we,
+                       stride_wk, stride_wn, cols, col_mask, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                       UPCAST, PRECISION)
     if HAS_WEIGHT:
         acc = acc * tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     slots = tl.load(slot_ptr + rows, mask=row_mask, other=0)
@@ -180,15 +191,9 @@ def down_grad_kernel(grad_y_ptr, slot_ptr, weight_ptr, w2_ptr, h_ptr, grad_h_ptr
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < F
     tokens = tl.load(slot_ptr + rows, mask=row_mask, other=0) // top_k
-    w_base = w2_ptr + expert.to(tl.int64) * stride_we
-    ga = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        g = _load(grad_y_ptr + tokens[:, None] * stride_gt + ks[None, :],
-                  row_mask[:, None] & (ks[None, :] < D), UPCAST)
-        w = _load(w_base + ks[:, None] * stride_wd + cols[None, :].to(tl.int64) * stride_wf,
-                  (ks[:, None] < D) & col_mask[None, :], UPCAST)
-        ga = tl.dot(g, w, ga, input_precision=PRECISION)
+    ga = _rows_matmul(grad_y_ptr, tokens, row_mask, stride_gt,
+                      w2_ptr + expert.to(tl.int64) * stride_we, stride_wd, stride_wf, cols,
+                      col_mask, D, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
     mask = row_mask[:, None] & col_mask[None, :]
     H = 2 * F if GATED else F
     h_ptrs = h_ptr + rows[:, None] * H + cols[None, :]
