@@ -31,19 +31,23 @@ class _Blocks(NamedTuple):
     stages: int
 
 
-def _blocks(dtype: torch.dtype) -> _Blocks:
-    """One tile configuration (no autotuning: it crashes in the interpreter, and
-    BLOCK_M fixes the tile schedule). The GPU choice is untuned."""
+def _blocks(x: torch.Tensor) -> _Blocks:
+    """One tile configuration for x's dtype and device (no autotuning: it crashes
+    in the interpreter, and BLOCK_M fixes the tile schedule). Untuned on GPUs;
+    3 pipeline stages where a block may use 160 KiB of shared memory (A100,
+    H100), else 2."""
     if interpreting():
         return _Blocks(16, 16, 16, 1, 1)
-    return _Blocks(128, 64 if dtype == torch.float32 else 128, 32 if dtype == torch.float32 else 64,
-                   8, 3)
+    half = x.dtype != torch.float32
+    properties = torch.cuda.get_device_properties(x.device)
+    stages = 3 if getattr(properties, "shared_memory_per_block_optin", 0) >= 160 * 1024 else 2
+    return _Blocks(128, 128 if half else 64, 64 if half else 32, 8, stages)
 
 
-def _launch_options(dtype: torch.dtype) -> dict:
-    blocks = _blocks(dtype)
-    options = dict(UPCAST=interpreting(),
-                   PRECISION="ieee" if dtype == torch.float32 else "tf32")
+def _launch_options(x: torch.Tensor, blocks: _Blocks) -> dict:
+    """Tile sizes and compiler options of a matmul kernel launch on x's dtype."""
+    options = dict(BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, UPCAST=interpreting(),
+                   PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     if not interpreting():
         options.update(num_warps=blocks.warps, num_stages=blocks.stages)
     return options
@@ -110,8 +114,8 @@ def sort_by_expert(ids_A: torch.Tensor, num_experts: int) -> ExpertSort:
     return ExpertSort(order, counts, expert_offsets(counts))
 
 
-def _common(offsets_E1: torch.Tensor, dtype: torch.dtype):
-    blocks = _blocks(dtype)
+def _common(offsets_E1: torch.Tensor, x: torch.Tensor):
+    blocks = _blocks(x)
     num_experts = offsets_E1.shape[0] - 1
     return blocks, num_experts, tile_ends(offsets_E1, blocks.m), triton.next_power_of_2(num_experts)
 
@@ -123,13 +127,13 @@ def _row_grid(num_rows: int, num_experts: int, cols: int, blocks: _Blocks) -> tu
 def _rows_to_slots(rows_RK, slot_R, weight_R, w_EXX, stride_wk, stride_wn, offsets_E1, tiles,
                    out, top_k, atomic=False):
     """out[slot] (or out[token], atomic) = weight * rows @ B_e: see the kernel."""
-    blocks, num_experts, _, e_pow2 = _common(offsets_E1, rows_RK.dtype)
+    blocks, num_experts, _, e_pow2 = _common(offsets_E1, rows_RK)
     cols, inner = out.shape[1], rows_RK.shape[1]
     kernels.rows_to_slots_kernel[_row_grid(rows_RK.shape[0], num_experts, cols, blocks)](
         rows_RK, slot_R, weight_R, w_EXX, out, tiles, offsets_E1, num_experts, top_k, cols, inner,
         rows_RK.stride(0), w_EXX.stride(0), stride_wk, stride_wn, out.stride(0),
-        HAS_WEIGHT=weight_R is not None, ATOMIC=atomic, BLOCK_M=blocks.m, BLOCK_N=blocks.n,
-        BLOCK_K=blocks.k, E_POW2=e_pow2, **_launch_options(rows_RK.dtype))
+        HAS_WEIGHT=weight_R is not None, ATOMIC=atomic, E_POW2=e_pow2,
+        **_launch_options(rows_RK, blocks))
 
 
 @torch.library.custom_op("moekit::triton_experts_forward", mutates_args=())
@@ -148,12 +152,12 @@ def _forward_op(x_TD: torch.Tensor, slot_R: torch.Tensor, weights_R: torch.Tenso
         y = x_TD.new_zeros(num_tokens * top_k, dim)
     if num_rows:
         x_TD = x_TD.contiguous()
-        blocks, num_experts, tiles, e_pow2 = _common(offsets_E1, x_TD.dtype)
+        blocks, num_experts, tiles, e_pow2 = _common(offsets_E1, x_TD)
         kernels.up_kernel[_row_grid(num_rows, num_experts, expert_dim, blocks)](
             x_TD, slot_R, w1_EHD, h, a, tiles, offsets_E1, num_experts, top_k, dim, expert_dim,
             x_TD.stride(0), w1_EHD.stride(0), w1_EHD.stride(1), w1_EHD.stride(2),
-            GATED=gated, ACT=act, STORE_H=save_h, BLOCK_M=blocks.m, BLOCK_N=blocks.n,
-            BLOCK_K=blocks.k, E_POW2=e_pow2, **_launch_options(x_TD.dtype))
+            GATED=gated, ACT=act, STORE_H=save_h, E_POW2=e_pow2,
+            **_launch_options(x_TD, blocks))
         _rows_to_slots(a, slot_R, weights_R, w2_EDF, w2_EDF.stride(2), w2_EDF.stride(1),
                        offsets_E1, tiles, y, top_k, atomic=not deterministic)
     if deterministic:  # the sum over K in a fixed order, in float32
@@ -188,16 +192,15 @@ def _backward_op(grad_y_TD: torch.Tensor, x_TD: torch.Tensor, slot_R: torch.Tens
         grad_w1.zero_()
         grad_w2.zero_()
         return grad_x.view(num_tokens, top_k, dim).sum(1), grad_weights, grad_w1, grad_w2
-    blocks, num_experts, tiles, e_pow2 = _common(offsets_E1, x_TD.dtype)
-    options = _launch_options(x_TD.dtype)
+    blocks, num_experts, tiles, e_pow2 = _common(offsets_E1, x_TD)
+    options = _launch_options(x_TD, blocks)
     grad_h = torch.empty_like(h_RH)
     partial = x_TD.new_empty(num_rows, triton.cdiv(expert_dim, blocks.n), dtype=torch.float32)
     kernels.down_grad_kernel[_row_grid(num_rows, num_experts, expert_dim, blocks)](
         grad_y_TD, slot_R, weights_R, w2_EDF, h_RH, grad_h, partial, tiles, offsets_E1,
         num_experts, top_k, dim, expert_dim,
         grad_y_TD.stride(0), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),
-        GATED=gated, ACT=act, HAS_WEIGHT=weights_R is not None, BLOCK_M=blocks.m,
-        BLOCK_N=blocks.n, BLOCK_K=blocks.k, E_POW2=e_pow2, **options)
+        GATED=gated, ACT=act, HAS_WEIGHT=weights_R is not None, E_POW2=e_pow2, **options)
     if weights_R is not None:
         grad_weights = partial.sum(1).to(weights_R.dtype)
     _rows_to_slots(grad_h, slot_R, None, w1_EHD, w1_EHD.stride(1), w1_EHD.stride(2),
@@ -211,8 +214,7 @@ def _backward_op(grad_y_TD: torch.Tensor, x_TD: torch.Tensor, slot_R: torch.Tens
         kernels.weight_grad_kernel[grid](
             a, b, slot_R, scale, out, offsets_E1, top_k, m, n, a.stride(0), b.stride(0),
             out.stride(0), out.stride(1), out.stride(2), GATHER_A=gather_a, GATHER_B=gather_b,
-            SCALE_A=scale is not None, BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k,
-            **options)
+            SCALE_A=scale is not None, **options)
     return grad_x, grad_weights, grad_w1, grad_w2
 
 
