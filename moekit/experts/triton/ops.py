@@ -114,6 +114,14 @@ def sort_by_expert(ids_A: torch.Tensor, num_experts: int) -> ExpertSort:
     return ExpertSort(order, counts, expert_offsets(counts))
 
 
+def _slot_buffer(x_TD: torch.Tensor, num_rows: int, top_k: int) -> torch.Tensor:
+    """[T*K, D] buffer, one row per assignment slot; zeroed only when some slots
+    get no row (capacity drops), since dropless rows fill every slot."""
+    num_slots = x_TD.shape[0] * top_k
+    make = torch.empty if num_rows == num_slots else torch.zeros
+    return make(num_slots, x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device)
+
+
 def _common(offsets_E1: torch.Tensor, x: torch.Tensor):
     blocks = _blocks(x)
     num_experts = offsets_E1.shape[0] - 1
@@ -149,7 +157,7 @@ def _forward_op(x_TD: torch.Tensor, slot_R: torch.Tensor, weights_R: torch.Tenso
     if not deterministic:
         y = x_TD.new_zeros(num_tokens, dim, dtype=torch.float32)
     else:
-        y = x_TD.new_zeros(num_tokens * top_k, dim)
+        y = _slot_buffer(x_TD, num_rows, top_k)
     if num_rows:
         x_TD = x_TD.contiguous()
         blocks, num_experts, tiles, e_pow2 = _common(offsets_E1, x_TD)
@@ -185,7 +193,7 @@ def _backward_op(grad_y_TD: torch.Tensor, x_TD: torch.Tensor, slot_R: torch.Tens
     grad_y_TD, x_TD = grad_y_TD.contiguous(), x_TD.contiguous()
     grad_w1 = torch.empty_like(w1_EHD)
     grad_w2 = torch.empty_like(w2_EDF)
-    grad_x = x_TD.new_zeros(num_tokens * top_k, dim)
+    grad_x = _slot_buffer(x_TD, num_rows, top_k)
     grad_weights = x_TD.new_zeros(0 if weights_R is None else num_rows,
                                   dtype=torch.float32 if weights_R is None else weights_R.dtype)
     if num_rows == 0:
