@@ -82,3 +82,15 @@ def test_cuda_without_triton_runs_grouped_mm_in_bf16(monkeypatch):
     loop.load_state_dict(moe.state_dict())
     x = torch.randn(37, 64, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(moe(x)[0], loop(x)[0], rtol=2e-2, atol=2e-2)
+
+
+def test_missing_triton_says_what_to_install(monkeypatch):
+    import moekit.experts.triton as package
+    monkeypatch.setattr(package, "triton_installed", lambda: False)
+    monkeypatch.setattr("moekit.experts.stacked.triton_installed", lambda: False)
+    with pytest.raises(ImportError, match=r"pip install 'moekit\[triton\]'"):
+        package.fused_moe  # noqa: B018
+    forced = Experts(MoEConfig(dim=16, expert_dim=8, num_experts=2, top_k=1,
+                               experts_backend="triton"))
+    with pytest.raises(ValueError, match=r"needs Triton: pip install 'moekit\[triton\]'"):
+        forced.backend_for(torch.float32)
