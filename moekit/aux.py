@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from moekit.config import MoEConfig
-from moekit.dispatch.local import DispatchPlan
+from moekit.dispatch.local import DispatchPlan, GlobalLoad
 from moekit.losses import load_balance_loss, router_z_loss, sequence_balance_loss
 from moekit.routing import Routing
 
@@ -65,21 +65,24 @@ class MoEAux(NamedTuple):
 
 def moe_aux(routing: Routing, plan: DispatchPlan, config: MoEConfig, compute_losses: bool,
             sequence_T: torch.Tensor | None = None, num_sequences: int = 1,
-            global_load: tuple[torch.Tensor, int] | None = None) -> MoEAux:
+            global_load: GlobalLoad | None = None) -> MoEAux:
     """Assemble MoEAux. With compute_losses False (eval or no_grad) the losses are
     detached zeros and nothing is computed for them. sequence_T [T] (sequence
     index of each token) is needed for balance_scope="sequence". global_load
-    (assignment counts [E] and tokens over all ranks, expert parallel) makes
-    the losses this rank's share of the losses over all ranks' tokens."""
+    (totals over all ranks, expert parallel) makes the losses this rank's share
+    of the losses over all ranks' tokens."""
     logits_TE, probs_TE = routing.router_logits, routing.router_probs
     ids_TK, mask_TK = routing.expert_indices, routing.assignment_mask
     if compute_losses:
         if config.balance_scope == "sequence":
-            balance = sequence_balance_loss(probs_TE, ids_TK, sequence_T, num_sequences, mask_TK)
+            balance = sequence_balance_loss(probs_TE, ids_TK, sequence_T, num_sequences, mask_TK,
+                                            None if global_load is None else global_load.sequences)
+        elif global_load is None:
+            balance = load_balance_loss(probs_TE, ids_TK, mask_TK)
         else:
-            counts_E, tokens = global_load if global_load is not None else (None, None)
-            balance = load_balance_loss(probs_TE, ids_TK, mask_TK, counts_E, tokens)
-        z = router_z_loss(logits_TE, None if global_load is None else global_load[1])
+            balance = load_balance_loss(probs_TE, ids_TK, mask_TK, global_load.counts_E,
+                                        global_load.tokens)
+        z = router_z_loss(logits_TE, None if global_load is None else global_load.tokens)
         loss = config.balance_loss_weight * balance + config.z_loss_weight * z
     else:
         balance = z = loss = torch.zeros((), dtype=logits_TE.dtype, device=logits_TE.device)

@@ -39,11 +39,14 @@ def load_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor,
 
 def sequence_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, sequence_T: torch.Tensor,
                           num_sequences: int,
-                          assignment_mask_TK: torch.Tensor | None = None) -> torch.Tensor:
+                          assignment_mask_TK: torch.Tensor | None = None,
+                          global_sequences: int | None = None) -> torch.Tensor:
     """Mean over sequences of E * sum_i f_i * P_i, with f and P taken within each
     sequence (DeepSeek-V3's sequence-wise balance loss, eq. 17-20, in the same
     normalisation as load_balance_loss). sequence_T: [T] int64 sequence index of
-    each token in [0, num_sequences); empty sequences are skipped.
+    each token in [0, num_sequences); empty sequences are skipped. With
+    ``global_sequences`` (the non-empty sequences of all ranks, expert parallel)
+    the sum is divided by it, so the ranks' terms sum to the mean over all.
     """
     num_experts = probs_TE.shape[1]
     slot_SE = (sequence_T[:, None] * num_experts + ids_TK).reshape(-1)
@@ -55,7 +58,13 @@ def sequence_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, sequence
     mean_prob_SE = prob_sum_SE / tokens_S.clamp_min(1)[:, None]
     per_sequence_S = num_experts * (fraction_SE * mean_prob_SE).sum(1)
     present_S = tokens_S > 0
-    return (per_sequence_S * present_S).sum() / present_S.sum().clamp_min(1)
+    count = present_S.sum().clamp_min(1) if global_sequences is None else max(global_sequences, 1)
+    return (per_sequence_S * present_S).sum() / count
+
+
+def nonempty_sequences(sequence_T: torch.Tensor, num_sequences: int) -> int:
+    """How many of the num_sequences sequences hold at least one token."""
+    return int((expert_counts(sequence_T, num_sequences) > 0).sum())
 
 
 def router_z_loss(logits_TE: torch.Tensor, global_tokens: int | None = None) -> torch.Tensor:

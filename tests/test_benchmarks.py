@@ -50,3 +50,11 @@ def test_gpu_moe_tables_build_at_a_tiny_shape_on_cpu():
         assert "| moekit MoE layer, backend triton (router and dispatch included) | " in report
         diff = float(report.split("relative difference ")[1].split()[0])
         assert diff < 1e-5
+
+
+def test_expert_parallel_speed_runs_at_a_tiny_shape():
+    from benchmarks import expert_parallel_speed
+    from moekit.bench import Shape
+    tiny = Shape("tiny", tokens=16, dim=32, expert_dim=16, num_experts=4, top_k=2)
+    report = expert_parallel_speed.main(["--world-sizes", "1", "2", "--repeats", "1"], shape=tiny)
+    assert "| 1 | 16 |" in report and "| 2 | 8 |" in report and "1.00x" in report

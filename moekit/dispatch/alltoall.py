@@ -1,8 +1,15 @@
 """Expert-parallel dispatch: tokens travel to the rank that holds their expert and back.
 
-Rank r of a group of W ranks holds experts [r * E_l, (r + 1) * E_l), E_l = E / W.
+Rank r of a group of W ranks holds E_l = E / W experts: by default the block
+[r * E_l, (r + 1) * E_l), or any placement (a list per rank of the experts it
+holds, e.g. from a load-balancing planner). Internally experts are numbered by
+slot, their position in the rank-major placement, so rows for rank r are the
+slots [r * E_l, (r + 1) * E_l) whatever the placement.
 One layer call issues, on every rank and in this order whatever its data:
 
+0. capacity mode only: all_gather of every rank's token count and routing
+   choices, so that each rank drops exactly what one process would on the
+   concatenated tokens (capacity from the global token count)
 1. all_to_all_single of the per-expert row counts   [E] int64 -> [W, E_l]
 2. all_to_all_single of the rows (differentiable)   [R, D] -> [R_in, D]
 3. the local experts on the received rows, grouped by local expert
@@ -18,42 +25,94 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from moekit.dispatch.local import DispatchPlan, LocalDispatcher
+from moekit.capacity import capacity_keep_mask
+from moekit.dispatch.capacity import CapacityDispatcher
+from moekit.dispatch.local import DispatchPlan, GlobalLoad, LocalDispatcher, plan_dispatch
 from moekit.dispatch.permute import permute_tokens
 from moekit.experts import Experts
 from moekit.routing import Routing, expert_counts
 
 
-class AllToAllDispatcher:
-    """Wraps a LocalDispatcher (which plans the local sort) for an expert-parallel group."""
+def expert_placement(num_experts: int, world_size: int,
+                     placement: list[list[int]] | None = None) -> list[list[int]]:
+    """The validated placement: for each rank the expert ids it holds. None gives
+    contiguous blocks; otherwise every expert exactly once, E / W per rank."""
+    if num_experts % world_size:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel "
+                         f"world size ({world_size})")
+    per_rank = num_experts // world_size
+    if placement is None:
+        return [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(world_size)]
+    placement = [[int(e) for e in experts] for experts in placement]
+    if len(placement) != world_size or any(len(experts) != per_rank for experts in placement):
+        raise ValueError(f"placement must list {per_rank} experts for each of the {world_size} ranks, "
+                         f"got sizes {[len(experts) for experts in placement]}")
+    if sorted(e for experts in placement for e in experts) != list(range(num_experts)):
+        raise ValueError(f"placement must hold every expert 0..{num_experts - 1} exactly once "
+                         f"(no replicas), got {placement}")
+    return placement
 
-    def __init__(self, local: LocalDispatcher, group: dist.ProcessGroup | None = None) -> None:
+
+class AllToAllDispatcher:
+    """Wraps a LocalDispatcher (which plans the local sort) for an expert-parallel
+    group, with the experts placed as ``placement`` says (see expert_placement)."""
+
+    def __init__(self, local: LocalDispatcher, group: dist.ProcessGroup | None = None,
+                 placement: list[list[int]] | None = None) -> None:
         self.local = local
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        if local.num_experts % self.world_size:
-            raise ValueError(f"num_experts ({local.num_experts}) must be divisible by the expert-"
-                             f"parallel world size ({self.world_size})")
+        self.placement = expert_placement(local.num_experts, self.world_size, placement)
         self.num_local_experts = local.num_experts // self.world_size
+        expert_of_slot = torch.tensor([e for experts in self.placement for e in experts])
+        # slot_of_expert[e]: e's position in the rank-major placement; None when that is e
+        self.slot_of_expert = None if torch.equal(expert_of_slot, torch.arange(local.num_experts)) \
+            else torch.argsort(expert_of_slot)
 
     @property
     def num_experts(self) -> int:
         return self.local.num_experts
 
-    def global_load(self, routing: Routing) -> tuple[torch.Tensor, int]:
-        """All-reduced routed assignment counts [E] (before capacity) and token count."""
+    def global_load(self, routing: Routing, sequences: int = 0) -> GlobalLoad:
+        """All-reduced routed assignment counts [E] (before capacity), token and
+        non-empty sequence counts: one all_reduce."""
         ids_A = routing.expert_indices.reshape(-1)
         mask = None if routing.assignment_mask is None else routing.assignment_mask.reshape(-1)
         packed = torch.cat((expert_counts(ids_A, self.num_experts, mask),
-                            torch.tensor([routing.expert_indices.shape[0]], device=ids_A.device)))
+                            torch.tensor([routing.expert_indices.shape[0], sequences], device=ids_A.device)))
         dist.all_reduce(packed, group=self.group)
-        return packed[:-1], int(packed[-1])
+        return GlobalLoad(packed[:-2], int(packed[-2]), int(packed[-1]))
+
+    def plan(self, routing: Routing) -> DispatchPlan:
+        """The local dispatch plan, rows and counts_E in slot order; with capacity, of
+        the assignments that survive capacity over every rank's tokens."""
+        kept_TK = self._global_keep_mask(routing) if isinstance(self.local, CapacityDispatcher) \
+            else self.local.keep_mask(routing)
+        if self.slot_of_expert is not None:
+            slots_TK = self.slot_of_expert.to(routing.expert_indices.device)[routing.expert_indices]
+            routing = routing._replace(expert_indices=slots_TK)
+        return plan_dispatch(routing, self.num_experts, kept_TK)
+
+    def _global_keep_mask(self, routing: Routing) -> torch.Tensor:
+        """bool [T, K]: this rank's rows of capacity_keep_mask over all ranks' tokens."""
+        ids_TK, weights_TK, mask_TK = (routing.expert_indices, routing.expert_weights.detach(),
+                                       routing.assignment_mask)
+        packed_TX = torch.cat((ids_TK.double(), weights_TK.double()), 1)
+        if mask_TK is not None:
+            packed_TX = torch.cat((packed_TX, mask_TK.double()), 1)
+        all_TX, start = gather_rows(packed_TX, self.group)
+        top_k = ids_TK.shape[1]
+        all_mask = None if mask_TK is None else all_TX[:, 2 * top_k:].bool()
+        capacity = self.local.capacity(all_TX.shape[0], top_k)
+        kept = capacity_keep_mask(all_TX[:, :top_k].long(), all_TX[:, top_k:2 * top_k],
+                                  self.num_experts, capacity, self.local.drop_policy, all_mask)
+        return kept[start:start + ids_TK.shape[0]]
 
     def run_experts(self, x_TD: torch.Tensor, routing: Routing,
                     experts: Experts) -> tuple[torch.Tensor, DispatchPlan]:
         """combine(remote experts(dispatch(x_TD))) -> (y_TD [T, D], plan)."""
-        plan = self.local.plan(routing)
+        plan = self.plan(routing)
         rows_RD = permute_tokens(x_TD, plan.order_R, routing.top_k)
         W, E_l = self.world_size, self.num_local_experts
         counts_WE = plan.counts_E.view(W, E_l)
@@ -67,8 +126,10 @@ class AllToAllDispatcher:
         out_RD = experts(received_RD.index_select(0, by_expert), received_WE.sum(0))
         out_RD = torch.empty_like(out_RD).index_copy(0, by_expert, out_RD)
         returned_RD = self._exchange(out_RD, send_sizes, recv_sizes)
-        return self.local.combine(returned_RD, plan), plan
-
+        y_TD = self.local.combine(returned_RD, plan)
+        if self.slot_of_expert is not None:  # report counts per expert id, not per slot
+            plan = plan._replace(counts_E=plan.counts_E[self.slot_of_expert.to(plan.counts_E.device)])
+        return y_TD, plan
 
     def _exchange(self, rows_RD: torch.Tensor, recv_sizes: list[int], send_sizes: list[int]
                   ) -> torch.Tensor:
@@ -77,6 +138,23 @@ class AllToAllDispatcher:
         group = self.group if self.group is not None else dist.group.WORLD
         received = funcol.all_to_all_single_autograd(rows_RD.contiguous(), recv_sizes, send_sizes, group)
         return funcol.wait_tensor(received)
+
+
+def gather_rows(x_TX: torch.Tensor, group: dist.ProcessGroup | None = None
+                ) -> tuple[torch.Tensor, int]:
+    """Every rank's rows, concatenated in rank order -> ([sum of T over ranks, X],
+    index of this rank's first row). Ranks may hold different T (zero included).
+    Not differentiable. Two all_gathers (row counts, then rows padded to the longest)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    size = torch.tensor([x_TX.shape[0]], dtype=torch.int64, device=x_TX.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = torch.cat(sizes).tolist()
+    padded = x_TX.new_zeros(max(sizes), *x_TX.shape[1:])
+    padded[:x_TX.shape[0]] = x_TX
+    pieces = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded, group=group)
+    return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)]), sum(sizes[:rank])
 
 
 def _source_major_to_expert_major(counts_WE: torch.Tensor) -> torch.Tensor:

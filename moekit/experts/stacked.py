@@ -55,7 +55,7 @@ class Experts(nn.Module):
                                 nn.Parameter(torch.empty(E, first_out)) if config.bias else None)
         self.down_proj_bias = nn.Parameter(torch.empty(E, D)) if config.bias else None
         self._logged_backends: set[tuple[str, torch.dtype]] = set()
-        self.expert_ids = range(E)  # the global ids held here (a block of them under expert parallelism)
+        self.expert_ids = range(E)  # the global ids held here, in order (a subset under expert parallelism)
         self.reset_parameters()
 
     @property

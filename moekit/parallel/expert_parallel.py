@@ -15,43 +15,43 @@ average the sharded expert weights (see docs/parallel.md).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.dispatch.alltoall import AllToAllDispatcher
+from moekit.dispatch.alltoall import AllToAllDispatcher, expert_placement, gather_rows
+from moekit.dispatch.capacity import CapacityDispatcher
 from moekit.dispatch.local import LocalDispatcher
 from moekit.layer import MoE
+from moekit.routers import ExpertChoiceRouter
 
 
-def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None) -> range:
-    """The global expert ids this rank holds."""
+def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None,
+                 placement: list[list[int]] | None = None) -> list[int]:
+    """The global expert ids this rank holds (by default a contiguous block)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if num_experts % world:
-        raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel "
-                         f"world size ({world})")
-    per_rank = num_experts // world
-    return range(rank * per_rank, (rank + 1) * per_rank)
+    return expert_placement(num_experts, world, placement)[rank]
 
 
 def _check_supported(moe: MoE) -> None:
     cfg = moe.config
-    if cfg.router not in ("topk", "hash"):
-        raise ValueError(f"expert parallelism supports token-choice routers (router='topk' or "
-                         f"'hash') for now, not router={cfg.router!r}")
-    if cfg.capacity_factor is not None:
-        raise ValueError("expert parallelism runs dropless for now; capacity_factor="
-                         f"{cfg.capacity_factor} needs capacity agreed across ranks")
-    if cfg.balance_scope == "sequence":
-        raise ValueError("expert parallelism supports balance_scope='batch' for now, not 'sequence'")
-    if type(moe.dispatcher) is not LocalDispatcher:
+    if cfg.router not in ("topk", "hash", "expert_choice"):
+        raise ValueError(f"expert parallelism supports router='topk', 'hash' or 'expert_choice', not "
+                         f"router={cfg.router!r} (its assignment is solved over the whole batch)")
+    if type(moe.dispatcher) not in (LocalDispatcher, CapacityDispatcher):
         raise ValueError(f"layer already uses {type(moe.dispatcher).__name__}")
 
 
-def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None,
+                          placement: list[list[int]] | None = None) -> nn.Module:
     """Shard the experts of every MoE layer in ``module`` (in place) over ``group``
-    (default: the world). Every rank must hold the same full weights before the call
-    (e.g. the same seed, or a broadcast). Returns ``module``."""
+    (default: the world). ``placement`` lists for each rank the expert ids it holds
+    (every expert once, E / W each, any order; default contiguous blocks), e.g. a
+    plan that evens out measured expert loads; outputs do not depend on it. Every
+    rank must hold the same full weights before the call (e.g. the same seed, or a
+    broadcast). Returns ``module``."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("apply_expert_parallel needs torch.distributed initialised "
                          "(torch.distributed.init_process_group)")
@@ -60,13 +60,15 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
         raise ValueError(f"{type(module).__name__} holds no moekit.MoE layer")
     for moe in layers:
         _check_supported(moe)
-        shard = expert_shard(moe.config.num_experts, group)
+        shard = expert_shard(moe.config.num_experts, group, placement)
         experts = moe.experts
         for name, param in list(experts.named_parameters(recurse=False)):
-            local = param.detach()[shard.start:shard.stop].clone()
+            local = param.detach()[shard].clone()
             setattr(experts, name, nn.Parameter(local, requires_grad=param.requires_grad))
         experts.expert_ids = shard
-        moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group)
+        moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group, placement)
+        if isinstance(moe.router, ExpertChoiceRouter):
+            moe.router.gather_batch = functools.partial(gather_rows, group=group)
     return module
 
 
@@ -82,42 +84,3 @@ def all_reduce_replicated_grads(module: nn.Module, group: dist.ProcessGroup | No
     for name, param in module.named_parameters():
         if param.grad is not None and not is_expert_parallel(name):
             dist.all_reduce(param.grad, group=group)
-
-
-def _sharded_experts(module: nn.Module) -> list[tuple[str, MoE]]:
-    """(qualified name of the experts module, layer) for every expert-parallel layer."""
-    return [(f"{name}.experts" if name else "experts", m) for name, m in module.named_modules()
-            if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllDispatcher)]
-
-
-def full_state_dict(module: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor] | None:
-    """The state dict one process would have: every sharded expert weight gathered
-    to its full [E, ...] shape. Every rank must call it (it all-gathers); with
-    ``rank0_only`` the other ranks get None."""
-    state = module.state_dict()
-    for prefix, moe in _sharded_experts(module):
-        group = moe.dispatcher.group
-        for name, param in moe.experts.named_parameters(recurse=False):
-            pieces = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(pieces, param.detach().contiguous(), group=group)
-            state[f"{prefix}.{name}"] = torch.cat(pieces)
-    if rank0_only and dist.get_rank() != 0:
-        return None
-    return state
-
-
-def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a one-process state dict (full expert weights) into an expert-parallel
-    module: each rank keeps its own experts' rows. Strict, like load_state_dict."""
-    local = dict(state)
-    for prefix, moe in _sharded_experts(module):
-        shard = moe.experts.expert_ids
-        for name, _ in moe.experts.named_parameters(recurse=False):
-            key = f"{prefix}.{name}"
-            if key in local:
-                full = local[key]
-                if full.shape[0] != moe.config.num_experts:
-                    raise ValueError(f"{key} has {full.shape[0]} experts, the layer "
-                                     f"{moe.config.num_experts}; is this a sharded state dict?")
-                local[key] = full[shard.start:shard.stop]
-    module.load_state_dict(local, strict=True)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import moekit
 from moekit.parallel import (all_reduce_replicated_grads, apply_expert_parallel, expert_shard,
-                             full_state_dict, load_full_state_dict)
+                             full_state_dict, sharded_state_dict)
 
 from ..conftest import randomized_moe
 from ..distributed import run_distributed
@@ -21,6 +21,11 @@ CASES = {
                                 bias_update_rate=0.05, num_shared_experts=1, bias=True),
     "switch-geglu": dict(dim=8, expert_dim=12, num_experts=4, top_k=1, normalize_topk=False,
                          activation="geglu"),
+    "capacity-position": dict(dim=8, expert_dim=12, num_experts=8, top_k=2, capacity_factor=1.0),
+    "capacity-score-shared": dict(dim=8, expert_dim=12, num_experts=4, top_k=2, capacity_factor=0.75,
+                                  drop_policy="score", score_func="sigmoid", num_shared_experts=1),
+    "expert-choice": dict(dim=8, expert_dim=12, num_experts=4, top_k=2, router="expert_choice",
+                          capacity_factor=1.0),
 }
 
 
@@ -33,11 +38,11 @@ def _global_tokens(sizes: list[int], dim: int, all_to_one: bool):
     return x, grad
 
 
-def _worker(rank, world_size, result_dir, case, sizes, all_to_one):
+def _worker(rank, world_size, result_dir, case, sizes, all_to_one, placement=None):
     fields = {**CASES[case], "balance_loss_weight": 0.1, "z_loss_weight": 0.01}
     reference = randomized_moe(seed=0, **fields)
     sharded = randomized_moe(seed=0, **fields)
-    apply_expert_parallel(sharded)
+    apply_expert_parallel(sharded, placement=placement)
     x_all, grad_all = _global_tokens(sizes, fields["dim"], all_to_one)
     start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
     # reference: one process on every rank's tokens
@@ -49,17 +54,20 @@ def _worker(rank, world_size, result_dir, case, sizes, all_to_one):
     y, aux = sharded(x)
     ((y * grad_all[start:stop]).sum() + aux.loss).backward()
     all_reduce_replicated_grads(sharded)
-    shard = expert_shard(fields["num_experts"])
+    shard = expert_shard(fields["num_experts"], placement=placement)
     torch.testing.assert_close(y, y_ref[start:stop], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, x_ref.grad[start:stop], rtol=1e-5, atol=1e-6)
     ref_params = dict(reference.named_parameters())
     for name, param in sharded.named_parameters():
         expected = ref_params[name].grad
         if name.startswith("experts."):
-            expected = expected[shard.start:shard.stop]
+            expected = expected[shard]
         torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-5, msg=name)
     if fields.get("bias_update_rate"):
         torch.testing.assert_close(sharded.router.expert_bias, reference.router.expert_bias)
+    full = full_state_dict(sharded)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(full[key], value, rtol=0, atol=0, msg=key)
     torch.save({"tokens_per_expert": aux.tokens_per_expert, "reference": aux_ref.tokens_per_expert,
                 "aux_loss": aux.loss.detach(), "reference_aux_loss": aux_ref.loss.detach()},
                os.path.join(result_dir, f"rank{rank}.pt"))
@@ -74,6 +82,42 @@ def test_expert_parallel_equals_one_process(tmp_path, case, sizes):
     torch.testing.assert_close(sum(r["aux_loss"] for r in results), results[0]["reference_aux_loss"])
 
 
+@pytest.mark.parametrize("case", ["topk", "capacity-position"])
+@pytest.mark.parametrize("placement", [[[3, 0, 5, 6], [1, 2, 7, 4]], [[7, 0], [3, 5], [1, 6], [2, 4]]],
+                         ids=["world2", "world4"])
+def test_any_expert_placement_gives_the_same_layer(tmp_path, case, placement):
+    sizes = [7, 0, 12, 5][:len(placement)]
+    results = run_distributed(_worker, len(placement), tmp_path, case, sizes, False, placement)
+    assert sum(r["tokens_per_expert"] for r in results).tolist() == results[0]["reference"].tolist()
+
+
+def _sequence_scope_worker(rank, world_size, result_dir, sequences):
+    fields = dict(dim=8, expert_dim=12, num_experts=4, top_k=2, balance_scope="sequence",
+                  balance_loss_weight=0.1, z_loss_weight=0.01)
+    reference = randomized_moe(seed=0, **fields)
+    sharded = apply_expert_parallel(randomized_moe(seed=0, **fields))
+    torch.manual_seed(3)
+    x_all = torch.randn(sum(sequences), 5, fields["dim"])
+    start, stop = sum(sequences[:rank]), sum(sequences[:rank + 1])
+    x_ref, x = x_all.clone().requires_grad_(), x_all[start:stop].clone().requires_grad_()
+    _, aux_ref = reference(x_ref)
+    _, aux = sharded(x)
+    aux_ref.loss.backward()
+    aux.loss.backward()
+    all_reduce_replicated_grads(sharded)
+    torch.testing.assert_close(x.grad, x_ref.grad[start:stop], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sharded.router.weight.grad, reference.router.weight.grad, rtol=1e-5, atol=1e-7)
+    torch.save({"aux_loss": aux.loss.detach(), "reference_aux_loss": aux_ref.loss.detach()},
+               os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_sequence_scope_balance_loss_shares_sum_to_one_process(tmp_path):
+    results = run_distributed(_sequence_scope_worker, 2, tmp_path, [0, 3])
+    torch.testing.assert_close(sum(r["aux_loss"] for r in results), results[0]["reference_aux_loss"])
+    results = run_distributed(_sequence_scope_worker, 2, tmp_path / "uneven", [1, 3])
+    torch.testing.assert_close(sum(r["aux_loss"] for r in results), results[0]["reference_aux_loss"])
+
+
 def test_all_tokens_to_one_expert_and_ranks_without_tokens(tmp_path):
     run_distributed(_worker, 2, tmp_path, "switch-geglu", [0, 9], True)
 
@@ -82,18 +126,22 @@ def _bad_world_worker(rank, world_size, result_dir):
     moe = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=3, top_k=1))
     with pytest.raises(ValueError, match=r"num_experts \(3\) must be divisible"):
         apply_expert_parallel(moe)
-    capacity = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, capacity_factor=1.0))
-    with pytest.raises(ValueError, match="dropless for now"):
-        apply_expert_parallel(capacity)
-    chooser = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, router="expert_choice"))
-    with pytest.raises(ValueError, match="not router='expert_choice'"):
-        apply_expert_parallel(chooser)
-    per_sequence = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, balance_scope="sequence"))
-    with pytest.raises(ValueError, match="balance_scope='batch' for now"):
-        apply_expert_parallel(per_sequence)
+    for router in ("balanced", "dense"):
+        solved = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, router=router,
+                                             top_k=4 if router == "dense" else 2))
+        with pytest.raises(ValueError, match=f"not router='{router}'"):
+            apply_expert_parallel(solved)
     twice = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
     with pytest.raises(ValueError, match="already uses AllToAllDispatcher"):
         apply_expert_parallel(twice)
+    for placement, message in [([[0, 1], [2, 2]], "exactly once"), ([[0, 1, 2], [3]], "2 experts for each")]:
+        with pytest.raises(ValueError, match=message):
+            apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)),
+                                  placement=placement)
+    placed = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)),
+                                   placement=[[1, 2], [3, 0]])
+    with pytest.raises(ValueError, match="needs contiguous expert blocks"):
+        sharded_state_dict(placed)
     with pytest.raises(ValueError, match="holds no moekit.MoE layer"):
         apply_expert_parallel(torch.nn.Linear(2, 2))
     dist.barrier()
@@ -105,34 +153,7 @@ def test_unsupported_layouts_raise_clear_errors(tmp_path):
         apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
 
 
-def _state_worker(rank, world_size, result_dir):
-    fields = CASES["sigmoid-bias-shared"]
-    reference = randomized_moe(seed=0, **fields)
-    sharded = randomized_moe(seed=0, **fields)
-    apply_expert_parallel(sharded)
-    assert sharded.experts.down_proj.shape[0] == fields["num_experts"] // world_size
-    full = full_state_dict(sharded)
-    assert full.keys() == reference.state_dict().keys()
-    for key, value in reference.state_dict().items():
-        assert torch.equal(full[key], value), key
-    assert (full_state_dict(sharded, rank0_only=True) is None) == (rank != 0)
-    other = randomized_moe(seed=1, **fields)  # new full weights into the sharded layer
-    load_full_state_dict(sharded, other.state_dict())
-    torch.manual_seed(3 + rank)
-    x = torch.randn(6, fields["dim"])
-    other.eval(), sharded.eval()
-    with torch.no_grad():
-        y_local = sharded(x)[0]
-    torch.testing.assert_close(y_local, other(x)[0], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="sharded state dict"):
-        load_full_state_dict(sharded, sharded.state_dict())
-
-
-def test_full_state_dict_gathers_and_load_full_state_dict_shards(tmp_path):
-    run_distributed(_state_worker, 2, tmp_path)
-
-
-def _sequence_worker(rank, world_size, result_dir, sizes):
+def _sequence_worker(rank, world_size, result_dir, sizes, case):
     from moekit.dispatch import alltoall
 
     calls = []
@@ -146,7 +167,7 @@ def _sequence_worker(rank, world_size, result_dir, sizes):
             return _original(*args, **kwargs)
 
         setattr(owner, name, recorded)
-    fields = {**CASES["sigmoid-bias-shared"], "balance_loss_weight": 0.1}
+    fields = {**CASES[case], "balance_loss_weight": 0.1}
     moe = apply_expert_parallel(randomized_moe(seed=0, **fields))
     torch.manual_seed(rank)
     x = torch.randn(sizes[rank], fields["dim"], requires_grad=True)
@@ -159,13 +180,16 @@ def _sequence_worker(rank, world_size, result_dir, sizes):
     torch.save({"calls": calls}, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-def test_every_rank_issues_the_same_collectives_whatever_its_data(tmp_path):
-    results = run_distributed(_sequence_worker, 2, tmp_path, [0, 17])
+@pytest.mark.parametrize("case", ["sigmoid-bias-shared", "capacity-score-shared", "expert-choice"])
+def test_every_rank_issues_the_same_collectives_whatever_its_data(tmp_path, case):
+    results = run_distributed(_sequence_worker, 2, tmp_path, [0, 17], case)
     assert results[0]["calls"] == results[1]["calls"]
     calls = results[0]["calls"]
     assert calls.count("all_to_all_single") == 3  # the counts exchange, once per layer call
+    if case != "sigmoid-bias-shared":  # capacity or expert choice over every rank's tokens
+        assert calls.count("all_gather") == 2 * 3
     assert calls.count("all_to_all_single_autograd") == 3 * 2  # rows there and back
-    assert calls.count("all_reduce") >= 2 * 2  # global load for the losses, bias counts
+    assert calls.count("all_reduce") >= 2  # global load for the losses (and bias counts)
 
 
 def _example_worker(rank, world_size, result_dir):
