@@ -133,8 +133,11 @@ def test_inference_saves_no_preactivation_and_refuses_backward():
     offsets = ops.expert_offsets(torch.bincount(p["ids"].reshape(-1), minlength=2).to(DEVICE))
     with torch.no_grad():
         y = triton_experts(x, order, 1, None, offsets, w1, w2, "swiglu")
-    _, h, _ = ops._forward_op(x, order, None, offsets, w1, w2, 1, "swiglu", False, True)
+    y_op, h, _ = ops._forward_op(x.requires_grad_(), order, None, offsets, w1, w2, 1, "swiglu",
+                                 False, True)
     assert h.shape == (0, 16)
+    with pytest.raises(RuntimeError, match="save_h=False; it cannot be differentiated"):
+        y_op.sum().backward()
     expected = reference_experts(p["x"], p["ids"], torch.ones(5, 1, dtype=torch.float64),
                                  p["w1"], p["w2"], "swiglu")
     assert_rel_close(y.cpu(), expected, 1e-5)
