@@ -5,7 +5,7 @@ Run: python benchmarks/gpu_moe.py [--shapes S1 S2 mixtral deepseek] [--repeats N
 First runs the Triton kernel tests on the GPU (pytest tests/experts/triton,
 skipped with --no-tests), then, per shape (SwiGLU experts, bfloat16, random
 router logits, top-k softmax weights), times every row forward and
-forward+backward (upstream gradient random, gradients reset each time) with
+forward+backward (upstream gradient random, gradients dropped after each call) with
 CUDA events, after warm-up, interleaved round-robin over --repeats rounds;
 the table gives the median. TFLOP/s counts the active FLOPs only,
 6 * T * k * D * F forward and three times that forward+backward. Ratios, in the
@@ -99,17 +99,18 @@ def grouped_mm_experts(p: Problem, x, w1, w2) -> torch.Tensor:
 
 def _row(name: str, fn: Callable, inputs: list[torch.Tensor], grad: torch.Tensor,
          note: str = "", params: tuple[torch.Tensor, ...] = ()) -> Row:
-    """A Row timing fn(*inputs) forward under no_grad, and forward+backward with
-    the gradients of inputs and params reset to None before each call."""
+    """A Row timing fn(*inputs) forward under no_grad, and forward+backward; the
+    gradients of inputs and params are dropped after each call, so the rows'
+    weight gradients (22 GiB each for the DeepSeek-like shape) never coexist."""
 
     def forward():
         with torch.no_grad():
             return fn(*inputs)
 
     def forward_backward():
+        fn(*inputs).backward(grad)
         for t in (*inputs, *params):
             t.grad = None
-        fn(*inputs).backward(grad)
 
     return Row(name, forward, forward_backward, note)
 
