@@ -18,7 +18,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_NOISES = ("none", "jitter", "gaussian")
 DROP_POLICIES = ("position", "score")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
-EXPERTS_BACKENDS = ("auto", "fused", "grouped_mm", "loop")
+EXPERTS_BACKENDS = ("auto", "fused", "triton", "grouped_mm", "loop")
 HASH_WEIGHTS = ("uniform", "router")
 BALANCE_SCOPES = ("batch", "sequence")
 
@@ -105,8 +105,10 @@ class MoEConfig:
             that see every token, as in DeepSeek and Qwen2-MoE; their hidden
             width is num_shared_experts * shared_expert_dim (default expert_dim).
         experts_backend: "auto" picks "fused" on CPU (gather, FFN and weighted
-            scatter in one op, per expert), grouped_mm on CUDA where it is exact,
-            and a per-expert loop otherwise; "fused", "grouped_mm" or "loop" force one.
+            scatter in one op, per expert); on CUDA "triton" (fused Triton
+            kernels, docs/gpu.md) when Triton is installed and bias is off, else
+            grouped_mm where it is exact, else a per-expert loop; "fused",
+            "triton", "grouped_mm" or "loop" force one.
         slots_per_expert: slots each expert processes in moekit.SoftMoE.
     Losses
         balance_loss_weight: alpha in alpha * E * sum_i f_i * P_i.

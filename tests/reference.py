@@ -192,3 +192,23 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
     result["balance"] = balance / len(sequences)
     result["z"] = sum(torch.logsumexp(s[0], 0) ** 2 for s in scored) / T
     return result
+
+
+def reference_experts(x_TD, ids_TK, weights_TK, w1_EHD, w2_EDF, activation: str):
+    """y_TD = sum_j weights_TK[t, j] * FFN_{ids_TK[t, j]}(x_TD[t]), a float64 loop
+    over tokens and choices; w1_EHD is gate_up_proj (gated) or up_proj."""
+    T, K = ids_TK.shape
+    F_ = w2_EDF.shape[2]
+    rows = []
+    for t in range(T):
+        y = torch.zeros(x_TD.shape[1], dtype=torch.float64)
+        for j in range(K):
+            e = int(ids_TK[t, j])
+            h = w1_EHD[e] @ x_TD[t]
+            a = _act(activation, h[:F_]) * h[F_:] if activation in ("swiglu", "geglu") \
+                else _act(activation, h)
+            y = y + weights_TK[t, j] * (w2_EDF[e] @ a)
+        rows.append(y)
+    if rows:
+        return torch.stack(rows)
+    return x_TD * 0 + (w1_EHD.sum() + w2_EDF.sum() + weights_TK.sum()) * 0  # [0, D], in the graph

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from benchmarks import routing_balance
 
 
@@ -25,6 +28,28 @@ def test_lm_throughput_runs_at_a_small_batch():
     from benchmarks import lm_throughput
     report = lm_throughput.main(["tiny"], repeats=1, batch_size=2, seq_len=16)
     assert "| tiny |" in report and "| dense | " in report
+
+
+def test_gpu_moe_refuses_without_cuda(monkeypatch):
+    from benchmarks import gpu_moe
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"needs an NVIDIA GPU .* nothing was measured"):
+        gpu_moe.cli(["--shapes", "S1"])
+
+
+def test_gpu_moe_tables_build_at_a_tiny_shape_on_cpu():
+    """The GPU benchmark's rows and table, on CPU (float32; Triton rows under the
+    interpreter when Triton is installed), so the script cannot rot."""
+    from benchmarks import gpu_moe
+    tiny = gpu_moe.Shape("tiny", tokens=8, dim=16, expert_dim=16, num_experts=2, top_k=2)
+    report = gpu_moe.main([], repeats=1, custom=tiny, device="cpu", dtype=torch.float32,
+                          warmup=0)
+    assert "| dense matmul chain | " in report and "| torch grouped_mm | " in report
+    if "Triton not installed" not in report:
+        assert "| moekit fused_moe (with counting sort) | " in report
+        assert "| moekit MoE layer, backend triton (router and dispatch included) | " in report
+        diff = float(report.split("relative difference ")[1].split()[0])
+        assert diff < 1e-5
 
 
 def test_expert_parallel_speed_runs_at_a_tiny_shape():

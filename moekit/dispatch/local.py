@@ -12,6 +12,7 @@ import torch
 
 from moekit.dispatch.permute import permute_tokens, unpermute
 from moekit.experts import Experts
+from moekit.experts.stacked import TOKEN_BACKENDS
 from moekit.routing import Routing, expert_counts
 
 
@@ -76,14 +77,15 @@ class LocalDispatcher:
     def run_experts(self, x_TD: torch.Tensor, routing: Routing,
                     experts: Experts) -> tuple[torch.Tensor, DispatchPlan]:
         """combine(experts(dispatch(x_TD))) -> (y_TD [T, D], plan). When the experts
-        take tokens directly (the fused CPU backend) no dispatched rows are built."""
-        if experts.backend_for(x_TD.dtype) != "fused":
+        take tokens directly (the fused CPU and triton backends) no dispatched
+        rows are built."""
+        if experts.backend_for(x_TD.dtype) not in TOKEN_BACKENDS:
             rows_RD, plan = self.dispatch(x_TD, routing)
             return self.combine(experts(rows_RD, plan.counts_E), plan), plan
         plan = self.plan(routing)
-        token_R = torch.div(plan.order_R, routing.top_k, rounding_mode="floor")
         weights_R = plan.weights_TK.reshape(-1).index_select(0, plan.order_R)
-        return experts.forward_tokens(x_TD, token_R, weights_R, plan.counts_E), plan
+        return experts.forward_tokens(x_TD, plan.order_R, routing.top_k, weights_R,
+                                      plan.counts_E), plan
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
         """Rows [R, D] grouped by expert, and the plan to combine them."""

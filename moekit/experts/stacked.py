@@ -20,21 +20,26 @@ from moekit.experts.activations import apply_activation
 from moekit.experts.fused import fused_experts
 from moekit.experts.grouped import grouped_matmul, grouped_mm_supports
 from moekit.experts.loop import loop_matmul
+from moekit.experts.triton import triton_installed, triton_runs_on
 
 logger = logging.getLogger(__name__)
 
 MATMULS = {"grouped_mm": grouped_matmul, "loop": loop_matmul}
+TOKEN_BACKENDS = ("fused", "triton")  # backends that read tokens directly (forward_tokens)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Experts(nn.Module):
     """forward(rows_RD, counts_E) -> out_RD: rows already grouped by expert.
 
     Knows nothing about routing. ``config.experts_backend`` picks how:
-    "fused" (CPU: one autograd op per call, see experts/fused.py; it can also
-    take tokens directly with ``forward_tokens``), "grouped_mm" or "loop"
-    (matmuls on dispatched rows). "auto" picks fused on CPU, grouped_mm where
-    it is exact for the device, dtype and sizes, and the loop otherwise;
-    ``backend_for(dtype)`` tells which one a dtype gets.
+    "fused" (CPU: one autograd op per call, see experts/fused.py) and "triton"
+    (CUDA: fused Triton kernels, see experts/triton/) can also take tokens
+    directly with ``forward_tokens``; "grouped_mm" or "loop" run matmuls on
+    dispatched rows. "auto" picks fused on CPU, triton on CUDA when Triton is
+    installed (and bias is off), grouped_mm where it is exact for the device,
+    dtype and sizes, and the loop otherwise; ``backend_for(dtype)`` tells
+    which one a dtype gets, and logs it (debug level) the first time.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -89,10 +94,15 @@ class Experts(nn.Module):
         if choice == "fused" and device.type != "cpu":
             raise ValueError(f"experts_backend='fused' runs on CPU only, not {device}; "
                              "use experts_backend='auto'")
+        if choice == "triton":
+            self._check_triton(device, dtype)
         if choice != "auto":
             return choice
         if device.type == "cpu":
             backend = "fused"
+        elif device.type == "cuda" and triton_installed() and not self.config.bias \
+                and dtype in _TRITON_DTYPES:
+            backend = "triton"
         else:
             backend = "grouped_mm" if supported else "loop"
         if (backend, dtype) not in self._logged_backends:
@@ -100,6 +110,18 @@ class Experts(nn.Module):
             logger.debug("moekit experts: backend %r for %s on %s, sizes %s",
                          backend, dtype, device, sizes)
         return backend
+
+    def _check_triton(self, device: torch.device, dtype: torch.dtype) -> None:
+        if not triton_installed():
+            raise ValueError("experts_backend='triton' needs Triton: pip install 'moekit[triton]'")
+        if not triton_runs_on(device):
+            raise ValueError(f"experts_backend='triton' runs on CUDA, not {device} (on CPU only "
+                             "under the Triton interpreter, TRITON_INTERPRET=1, for tests)")
+        if self.config.bias:
+            raise ValueError("experts_backend='triton' does not support bias=True; "
+                             "use experts_backend='auto'")
+        if dtype not in _TRITON_DTYPES:
+            raise ValueError(f"experts_backend='triton' runs float32/bfloat16/float16, not {dtype}")
 
     def _checked_counts(self, counts_E: torch.Tensor, num_rows: int) -> list[int]:
         counts = counts_E.tolist()
@@ -109,20 +131,29 @@ class Experts(nn.Module):
                              f"summing to the {num_rows} rows; got {counts}")
         return counts
 
-    def forward_tokens(self, x_TD: torch.Tensor, token_R: torch.Tensor,
+    def forward_tokens(self, x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int,
                        weights_R: torch.Tensor | None, counts_E: torch.Tensor) -> torch.Tensor:
-        """Fused backend only: y_TD [T, D] = sum over rows r of
-        weights_R[r] * FFN_{e(r)}(x_TD[token_R[r]]), rows grouped by expert."""
-        counts = self._checked_counts(counts_E, token_R.shape[0])
+        """Fused and triton backends: y_TD [T, D] = sum over rows r of
+        weights_R[r] * FFN_{e(r)}(x_TD[order_R[r] // top_k]), rows grouped by
+        expert (counts_E [E]); order_R [R] holds assignment indices t * K + j."""
+        if self.backend_for(x_TD.dtype) == "triton":
+            from moekit.experts.triton.ops import expert_offsets, triton_experts
+            if counts_E.shape != (self.num_local_experts,):  # no value check: that would sync
+                raise ValueError(f"counts_E must have shape ({self.num_local_experts},), "
+                                 f"got {tuple(counts_E.shape)}")
+            return triton_experts(x_TD, order_R, top_k, weights_R, expert_offsets(counts_E),
+                                  self.first_proj, self.down_proj, self.config.activation)
+        counts = self._checked_counts(counts_E, order_R.shape[0])
+        token_R = torch.div(order_R, top_k, rounding_mode="floor")
         return fused_experts(x_TD, token_R, weights_R, counts, self.first_proj, self.down_proj,
                              self.config.activation, self.first_proj_bias, self.down_proj_bias)
 
     def forward(self, rows_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """rows_RD: [R, D] grouped by expert; counts_E: [E] ints summing to R -> [R, D]."""
         backend = self.backend_for(rows_RD.dtype)
-        if backend == "fused":
-            token_R = torch.arange(rows_RD.shape[0], device=rows_RD.device)
-            return self.forward_tokens(rows_RD, token_R, None, counts_E)
+        if backend in TOKEN_BACKENDS:
+            order_R = torch.arange(rows_RD.shape[0], device=rows_RD.device)
+            return self.forward_tokens(rows_RD, order_R, 1, None, counts_E)
         counts = self._checked_counts(counts_E, rows_RD.shape[0])
         matmul = MATMULS[backend]
         h = matmul(rows_RD, self.first_proj, counts)

@@ -1,0 +1,49 @@
+"""Fused Triton kernels for the routed experts (optional extra: pip install 'moekit[triton]').
+
+Importing this package needs only torch; the kernels load on first use:
+``sort_by_expert`` (routing metadata on the device), ``triton_experts`` (the
+expert FFN on rows grouped by expert, forward and backward) and ``fused_moe``
+(both, from expert ids and combine weights). Kernels run on CUDA, or on CPU
+under the Triton interpreter (TRITON_INTERPRET=1, slow: for tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+_NAMES = ("ExpertSort", "fused_moe", "sort_by_expert", "triton_experts")
+
+
+def triton_installed() -> bool:
+    """True when the triton package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """True when the kernels can run on this device: CUDA with triton installed,
+    or CPU under the Triton interpreter (TRITON_INTERPRET=1)."""
+    if not triton_installed():
+        return False
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if not triton_installed():
+        raise ImportError(f"moekit.experts.triton.{name} needs Triton: "
+                          "pip install 'moekit[triton]' (or pip install triton)")
+    from moekit.experts.triton import ops
+    return getattr(ops, name)
+
+
+__all__ = [*_NAMES, "triton_installed", "triton_runs_on"]
