@@ -163,17 +163,19 @@ class OffloadedExperts(nn.Module):
     def backend_for(self, dtype: torch.dtype) -> str:
         return "fused"  # the dispatcher then hands over tokens, not gathered rows
 
-    def forward_tokens(self, x_TD: torch.Tensor, token_R: torch.Tensor,
+    def forward_tokens(self, x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int,
                        weights_R: torch.Tensor | None, counts_E: torch.Tensor) -> torch.Tensor:
-        """y_TD [T, D] = sum over rows r of weights_R[r] * FFN_{e(r)}(x_TD[token_R[r]])."""
+        """y_TD [T, D] = sum over rows r of weights_R[r] * FFN_{e(r)}(x_TD[order_R[r] // top_k]),
+        as Experts.forward_tokens."""
         if torch.is_grad_enabled() and x_TD.requires_grad:
             raise RuntimeError("offloaded experts are for inference: run under torch.no_grad()")
+        token_R = torch.div(order_R, top_k, rounding_mode="floor")
         return experts_forward(x_TD, token_R, weights_R, counts_E.tolist(),
                                lambda e: self.cache.get(self.layer, e), self.config.activation)
 
     def forward(self, rows_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        token_R = torch.arange(rows_RD.shape[0], device=rows_RD.device)
-        return self.forward_tokens(rows_RD, token_R, None, counts_E)
+        order_R = torch.arange(rows_RD.shape[0], device=rows_RD.device)
+        return self.forward_tokens(rows_RD, order_R, 1, None, counts_E)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer!r}, num_experts={self.config.num_experts}, offloaded"
