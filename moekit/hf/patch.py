@@ -1,0 +1,136 @@
+"""Replace the MoE blocks of a loaded transformers model with moekit layers.
+
+``patch(model)`` swaps every supported block for a :class:`MoEBlock` (a moekit
+MoE behind the block's call signature) that computes the same outputs, so the
+model gets moekit's routers, diagnostics and expert parallelism.
+``record_aux(model)`` collects the moekit layers' MoEAux records of a forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from moekit.aux import MoEAux
+from moekit.hf.convert import from_hf
+from moekit.hf.families import family_of
+from moekit.layer import MoE
+
+ON_UNSUPPORTED = ("error", "warn")
+# Class-name endings of MoE blocks across transformers, to name the unsupported ones.
+_MOE_BLOCK_SUFFIXES = ("SparseMoeBlock", "SparseMoEBlock", "MoeBlock", "MoEBlock", "MoE", "Moe")
+
+
+class MoEBlock(nn.Module):
+    """A moekit MoE with a transformers MoE block's call signature:
+    forward(hidden_states [..., D]) -> [..., D]. ``moe`` is the moekit layer;
+    its MoEAux is returned by ``moe`` (see ``record_aux``), not by this block."""
+
+    def __init__(self, moe: MoE, family: str) -> None:
+        super().__init__()
+        self.moe = moe
+        self.family = family
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.moe(hidden_states)[0]
+
+    def extra_repr(self) -> str:
+        return f"family={self.family!r}"
+
+
+class PatchReport(NamedTuple):
+    """What ``patch`` did: replaced {module name: family}, and unsupported
+    {module name: reason} (left in place, only with on_unsupported="warn")."""
+
+    replaced: dict[str, str]
+    unsupported: dict[str, str]
+
+    def __str__(self) -> str:
+        lines = [f"replaced {len(self.replaced)} MoE block(s)"]
+        lines += [f"  {name}: {family}" for name, family in self.replaced.items()]
+        if self.unsupported:
+            lines.append(f"left {len(self.unsupported)} unsupported block(s)")
+            lines += [f"  {name}: {reason}" for name, reason in self.unsupported.items()]
+        return "\n".join(lines)
+
+
+def patch(model: nn.Module, *, on_unsupported: str = "error", **overrides) -> PatchReport:
+    """Replace every supported MoE block of ``model`` in place with a MoEBlock
+    sharing its weights (no copy), outputs unchanged; return a PatchReport.
+
+    An MoE block moekit cannot represent is named in a ValueError, raised
+    before anything is replaced (on_unsupported="error"), or in a warning,
+    leaving it in place ("warn"). overrides: MoEConfig fields the blocks do
+    not determine (losses, experts_backend, ...), applied to every layer.
+    """
+    if on_unsupported not in ON_UNSUPPORTED:
+        raise ValueError(f"on_unsupported must be one of {ON_UNSUPPORTED}, got {on_unsupported!r}")
+    converted, unsupported = _convert_blocks(model, overrides)
+    if unsupported and on_unsupported == "error":
+        raise ValueError("unsupported MoE block(s): "
+                         + "; ".join(f"{name}: {reason}" for name, reason in unsupported.items()))
+    for name, reason in unsupported.items():
+        warnings.warn(f"moekit.hf.patch left {name} in place: {reason}", stacklevel=2)
+    replaced = {}
+    for name, (moe, family) in converted.items():
+        parent_name, _, attribute = name.rpartition(".")
+        model.get_submodule(parent_name).register_module(attribute, MoEBlock(moe, family))
+        replaced[name] = family
+    return PatchReport(replaced, unsupported)
+
+
+def _convert_blocks(model: nn.Module, overrides: dict) -> tuple[dict[str, tuple[MoE, str]],
+                                                                 dict[str, str]]:
+    """({name: (moekit MoE sharing the block's weights, family)}, {name: why not})
+    over the model's MoE blocks; the model is not changed."""
+    converted, unsupported = {}, {}
+    for name, block in _moe_blocks(model):
+        family = family_of(block)
+        if family is None:
+            unsupported[name] = f"{type(block).__name__} is not a supported MoE block"
+            continue
+        try:
+            converted[name] = (from_hf(block, copy=False, **overrides), family.name)
+        except ValueError as error:
+            unsupported[name] = str(error)
+    return converted, unsupported
+
+
+def _moe_blocks(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every MoE block, in module order: a supported block, one
+    holding a transformers experts module, or one named like an MoE block; a
+    block's own submodules are not searched."""
+    for name, child in module.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        if family_of(child) is not None or _looks_like_moe_block(child):
+            yield full, child
+        else:
+            yield from _moe_blocks(child, full)
+
+
+def _looks_like_moe_block(module: nn.Module) -> bool:
+    holds_experts = any(hasattr(c, "has_gate") and hasattr(c, "down_proj") for c in module.children())
+    return holds_experts or type(module).__name__.endswith(_MOE_BLOCK_SUFFIXES)
+
+
+@contextlib.contextmanager
+def record_aux(model: nn.Module) -> Iterator[list[MoEAux]]:
+    """Within the block, every moekit MoE layer of ``model`` appends the MoEAux
+    of each forward to the yielded list (in call order); nothing is kept after.
+
+        with record_aux(model) as auxes:
+            loss = model(ids, labels=ids).loss + sum(a.loss for a in auxes)
+    """
+    records: list[MoEAux] = []
+    handles = [m.register_forward_hook(lambda _m, _args, out: records.append(out[1]))
+               for m in model.modules() if isinstance(m, MoE)]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
