@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import routing_balance
 
 
@@ -25,3 +27,11 @@ def test_lm_throughput_runs_at_a_small_batch():
     from benchmarks import lm_throughput
     report = lm_throughput.main(["tiny"], repeats=1, batch_size=2, seq_len=16)
     assert "| tiny |" in report and "| dense | " in report
+
+
+def test_hf_speed_runs_at_a_tiny_batch():
+    pytest.importorskip("transformers")
+    from benchmarks import hf_speed
+    report = hf_speed.main(["mixtral"], repeats=1, batch_size=1, seq_len=8)
+    for row in hf_speed.ROWS:
+        assert f"| {row} | " in report

@@ -20,6 +20,7 @@ from moekit.aux import MoEAux
 from moekit.hf.convert import from_hf
 from moekit.hf.families import family_of
 from moekit.layer import MoE
+from moekit.routing import Routing
 
 ON_UNSUPPORTED = ("error", "warn")
 # Class-name endings of MoE blocks across transformers, to name the unsupported ones.
@@ -80,8 +81,22 @@ def patch(model: nn.Module, *, on_unsupported: str = "error", **overrides) -> Pa
     for name, (moe, family) in converted.items():
         parent_name, _, attribute = name.rpartition(".")
         model.get_submodule(parent_name).register_module(attribute, MoEBlock(moe, family))
+        _expose_router_logits(moe.router)
         replaced[name] = family
     return PatchReport(replaced, unsupported)
+
+
+def _expose_router_logits(router: nn.Module) -> None:
+    """Let transformers' ``output_router_logits`` (and the aux loss it computes
+    from them) record this router's logits, as it records its own routers':
+    the same hook transformers installs, on the Routing's router_logits."""
+    try:
+        from transformers.utils.output_capturing import install_output_capuring_hook
+    except ImportError:
+        warnings.warn("this transformers version cannot record the moekit routers' logits: "
+                      "output_router_logits will miss them; use moekit.hf.record_aux", stacklevel=3)
+        return
+    install_output_capuring_hook(router, "router_logits", Routing._fields.index("router_logits"))
 
 
 def _convert_blocks(model: nn.Module, overrides: dict) -> tuple[dict[str, tuple[MoE, str]],
@@ -104,9 +119,11 @@ def _convert_blocks(model: nn.Module, overrides: dict) -> tuple[dict[str, tuple[
 def _moe_blocks(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of every MoE block, in module order: a supported block, one
     holding a transformers experts module, or one named like an MoE block; a
-    block's own submodules are not searched."""
+    block's own submodules are not searched, nor MoEBlocks."""
     for name, child in module.named_children():
         full = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, MoEBlock):  # patched already
+            continue
         if family_of(child) is not None or _looks_like_moe_block(child):
             yield full, child
         else:

@@ -52,6 +52,21 @@ def test_patched_model_matches_eager_in_logits_routing_and_gradients(family):
                                    msg=name)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_output_router_logits_and_the_transformers_aux_loss_are_unchanged(family):
+    model, ids = tiny_model(family), token_ids()
+    original = copy.deepcopy(model)
+    patch(model)
+    with torch.no_grad():
+        expected = original(ids, labels=ids, output_router_logits=True)
+        actual = model(ids, labels=ids, output_router_logits=True)
+    assert len(actual.router_logits) == len(expected.router_logits) == 2
+    for ours, theirs in zip(actual.router_logits, expected.router_logits, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual.aux_loss, expected.aux_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(actual.loss, expected.loss, atol=1e-5, rtol=1e-5)
+
+
 def test_dense_layers_are_left_alone_and_weights_are_shared():
     model = tiny_model("deepseek_v3", first_k_dense_replace=1)
     gate_up = model.model.layers[1].mlp.experts.gate_up_proj
@@ -60,6 +75,7 @@ def test_dense_layers_are_left_alone_and_weights_are_shared():
     assert list(report.replaced) == ["model.layers.1.mlp"]
     assert model.model.layers[0].mlp is dense
     assert model.model.layers[1].mlp.moe.experts.gate_up_proj is gate_up
+    assert patch(model).replaced == {}  # patching twice changes nothing
 
 
 def test_generation_is_unchanged():
