@@ -10,6 +10,8 @@ weights (shared, never copied).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -45,6 +47,13 @@ def register(name: str = BACKEND_NAME) -> None:
     ExpertsInterface.register(name, moekit_experts_forward)
 
 
+# Experts module -> (config, its parameters, view): building a view costs about
+# as much as a decode step's experts, so it is built once per module and rebuilt
+# only when the module's layout or parameter objects change. Weak: an entry
+# goes with its module.
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def experts_view(hf_experts: nn.Module) -> Experts:
     """A moekit Experts module whose parameters are hf_experts' own (shared).
 
@@ -56,11 +65,17 @@ def experts_view(hf_experts: nn.Module) -> Experts:
     num_experts, dim, expert_dim = hf_experts.down_proj.shape
     config = MoEConfig(dim=dim, expert_dim=expert_dim, num_experts=num_experts, top_k=1,
                        activation=experts_activation(hf_experts), bias=has_bias)
+    names = [first, "down_proj"] + ([f"{first}_bias", "down_proj_bias"] if has_bias else [])
+    parameters = [getattr(hf_experts, name) for name in names]
+    cached = _VIEWS.get(hf_experts)
+    if cached is not None and cached[0] == config \
+            and all(a is b for a, b in zip(cached[1], parameters, strict=True)):
+        return cached[2]
     with torch.device("meta"):
         view = Experts(config)
-    names = [first, "down_proj"] + ([f"{first}_bias", "down_proj_bias"] if has_bias else [])
-    for name in names:
-        view.register_parameter(name, getattr(hf_experts, name))
+    for name, parameter in zip(names, parameters, strict=True):
+        view.register_parameter(name, parameter)
+    _VIEWS[hf_experts] = (config, parameters, view)
     return view
 
 

@@ -86,3 +86,15 @@ def test_an_experts_layout_moekit_does_not_compute_is_named():
     experts.config.hidden_act = "tanh"
     with pytest.raises(ValueError, match=r"hidden_act 'tanh' has no moekit equivalent"):
         model(token_ids())
+
+
+def test_the_experts_view_shares_the_weights_and_follows_their_replacement():
+    from moekit.hf.backend import experts_view
+
+    experts = tiny_model("mixtral").model.layers[0].mlp.experts
+    view = experts_view(experts)
+    assert view.gate_up_proj is experts.gate_up_proj and view.down_proj is experts.down_proj
+    assert experts_view(experts) is view  # built once
+    experts.down_proj = torch.nn.Parameter(experts.down_proj.detach().clone())
+    rebuilt = experts_view(experts)
+    assert rebuilt is not view and rebuilt.down_proj is experts.down_proj
