@@ -3,6 +3,7 @@
     moekit train                     # the tiny MoE LM on the built-in corpus
     moekit train --preset deepseek --steps 2000 --out runs/ds
     moekit train --resume runs/ds    # continue exactly where it stopped
+    torchrun --nproc-per-node 2 -m moekit train --expert-parallel   # experts over 2 processes
     moekit generate --run runs/ds --prompt "def "
     moekit compare                   # tiny (MoE) against dense at equal active parameters
     moekit params mixtral-8x7b       # total vs active parameters and FLOPs per token
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     train.add_argument("--stop-after", type=int, metavar="STEP",
                        help="stop after this step (with a checkpoint); --resume continues")
+    train.add_argument("--expert-parallel", action="store_true",
+                       help="under torchrun: shard the experts over the processes, split each "
+                            "batch over them (data + expert parallel; docs/parallel.md)")
     _add_training_flags(train)
 
     generate = commands.add_parser("generate", help="sample text from a trained run")
@@ -158,12 +162,44 @@ def _report(result, model_cfg, log) -> None:
         + "".join(f", {p.name}" for p in plots) + ")")
 
 
+def _start_expert_parallel(device: torch.device):
+    """Join the torchrun process group (gloo on CPU, NCCL on CUDA, one GPU per local
+    rank) -> (DataExpertParallel, this rank's device)."""
+    import os
+
+    import torch.distributed as dist
+
+    from .lm.distributed import DataExpertParallel
+
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError("--expert-parallel runs under torchrun, e.g. "
+                         "torchrun --nproc-per-node 2 -m moekit train --expert-parallel")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DataExpertParallel(), device
+
+
 def cmd_train(args: argparse.Namespace, log=print) -> int:
+    device = _resolve_device(args.device)
+    if not args.expert_parallel:
+        return _train(args, device, None, log)
+    import torch.distributed as dist
+
+    parallel, device = _start_expert_parallel(device)
+    try:
+        return _train(args, device, parallel, log if parallel.is_main else (lambda message: None))
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, device: torch.device, parallel, log) -> int:
     from .lm.checkpoint import read_run_config
     from .lm.data import load_corpus
     from .lm.train import train
 
-    device, dtype = _resolve_device(args.device), DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     if args.resume:
         given = [f"--{n.replace('_', '-')}" for n in _given(args, (*TRAIN_FLAGS, *MOE_FLAGS,
                                                                      *LAYOUT_FLAGS, "out"))]
@@ -175,6 +211,8 @@ def cmd_train(args: argparse.Namespace, log=print) -> int:
     else:
         model_cfg, train_cfg = _configured(args, args.preset)
         run_dir = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if parallel is not None:  # one folder for every rank: the main rank's
+            run_dir = Path(parallel.broadcast(str(run_dir)))
         data = args.data
         extra = {"preset": args.preset, "data": data}
     corpus = load_corpus(data, train_cfg.seq_len)
@@ -182,7 +220,9 @@ def cmd_train(args: argparse.Namespace, log=print) -> int:
         f"validation bytes from {corpus.num_files} file(s)")
     result = train(model_cfg, train_cfg, corpus, run_dir, resume=bool(args.resume), device=device,
                    dtype=dtype, stop_after=args.stop_after, progress=not args.no_progress,
-                   extra_config=extra, log=log)
+                   extra_config=extra, log=log, parallel=parallel)
+    if parallel is not None and not parallel.is_main:
+        return 0
     if not result.finished:
         log(f"stopped after step {result.step} of {train_cfg.steps}; continue with "
             f"`moekit train --resume {run_dir}`")

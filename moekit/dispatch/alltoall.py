@@ -3,6 +3,9 @@
 Rank r of a group of W ranks holds experts [r * E_l, (r + 1) * E_l), E_l = E / W.
 One layer call issues, on every rank and in this order whatever its data:
 
+0. capacity mode only: all_gather of every rank's token count and routing
+   choices, so that each rank drops exactly what one process would on the
+   concatenated tokens (capacity from the global token count)
 1. all_to_all_single of the per-expert row counts   [E] int64 -> [W, E_l]
 2. all_to_all_single of the rows (differentiable)   [R, D] -> [R_in, D]
 3. the local experts on the received rows, grouped by local expert
@@ -18,7 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from moekit.dispatch.local import DispatchPlan, LocalDispatcher
+from moekit.capacity import capacity_keep_mask
+from moekit.dispatch.capacity import CapacityDispatcher
+from moekit.dispatch.local import DispatchPlan, LocalDispatcher, plan_dispatch
 from moekit.dispatch.permute import permute_tokens
 from moekit.experts import Experts
 from moekit.routing import Routing, expert_counts
@@ -50,10 +55,32 @@ class AllToAllDispatcher:
         dist.all_reduce(packed, group=self.group)
         return packed[:-1], int(packed[-1])
 
+    def plan(self, routing: Routing) -> DispatchPlan:
+        """The local dispatch plan; with capacity, of the assignments that survive
+        capacity over every rank's tokens."""
+        if not isinstance(self.local, CapacityDispatcher):
+            return self.local.plan(routing)
+        return plan_dispatch(routing, self.num_experts, self._global_keep_mask(routing))
+
+    def _global_keep_mask(self, routing: Routing) -> torch.Tensor:
+        """bool [T, K]: this rank's rows of capacity_keep_mask over all ranks' tokens."""
+        ids_TK, weights_TK, mask_TK = (routing.expert_indices, routing.expert_weights.detach(),
+                                       routing.assignment_mask)
+        packed_TX = torch.cat((ids_TK.double(), weights_TK.double()), 1)
+        if mask_TK is not None:
+            packed_TX = torch.cat((packed_TX, mask_TK.double()), 1)
+        all_TX, start = gather_rows(packed_TX, self.group)
+        top_k = ids_TK.shape[1]
+        all_mask = None if mask_TK is None else all_TX[:, 2 * top_k:].bool()
+        capacity = self.local.capacity(all_TX.shape[0], top_k)
+        kept = capacity_keep_mask(all_TX[:, :top_k].long(), all_TX[:, top_k:2 * top_k],
+                                  self.num_experts, capacity, self.local.drop_policy, all_mask)
+        return kept[start:start + ids_TK.shape[0]]
+
     def run_experts(self, x_TD: torch.Tensor, routing: Routing,
                     experts: Experts) -> tuple[torch.Tensor, DispatchPlan]:
         """combine(remote experts(dispatch(x_TD))) -> (y_TD [T, D], plan)."""
-        plan = self.local.plan(routing)
+        plan = self.plan(routing)
         rows_RD = permute_tokens(x_TD, plan.order_R, routing.top_k)
         W, E_l = self.world_size, self.num_local_experts
         counts_WE = plan.counts_E.view(W, E_l)
@@ -77,6 +104,23 @@ class AllToAllDispatcher:
         group = self.group if self.group is not None else dist.group.WORLD
         received = funcol.all_to_all_single_autograd(rows_RD.contiguous(), recv_sizes, send_sizes, group)
         return funcol.wait_tensor(received)
+
+
+def gather_rows(x_TX: torch.Tensor, group: dist.ProcessGroup | None = None
+                ) -> tuple[torch.Tensor, int]:
+    """Every rank's rows, concatenated in rank order -> ([sum of T over ranks, X],
+    index of this rank's first row). Ranks may hold different T (zero included).
+    Not differentiable. Two all_gathers (row counts, then rows padded to the longest)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    size = torch.tensor([x_TX.shape[0]], dtype=torch.int64, device=x_TX.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = torch.cat(sizes).tolist()
+    padded = x_TX.new_zeros(max(sizes), *x_TX.shape[1:])
+    padded[:x_TX.shape[0]] = x_TX
+    pieces = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded, group=group)
+    return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)]), sum(sizes[:rank])
 
 
 def _source_major_to_expert_major(counts_WE: torch.Tensor) -> torch.Tensor:

@@ -78,22 +78,8 @@ class LocalDispatcher:
         return permute_tokens(x_TD, plan.order_R, routing.top_k), plan
 
     def plan(self, routing: Routing) -> DispatchPlan:
-        """Sort the assignments by expert (stable: by token, then choice, within
-        an expert), leaving out what keep_mask drops."""
-        ids_A = routing.expert_indices.reshape(-1)
-        kept_TK = self.keep_mask(routing)
-        weights_TK = routing.expert_weights
-        if kept_TK is None:
-            order_R = torch.argsort(ids_A, stable=True)
-            counts_E = expert_counts(ids_A, self.num_experts)
-        else:
-            kept_A = kept_TK.reshape(-1)
-            # Dropped assignments sort last under the sentinel id E, then are cut off.
-            sort_key_A = torch.where(kept_A, ids_A, self.num_experts)
-            counts_E = expert_counts(ids_A, self.num_experts, kept_A)
-            order_R = torch.argsort(sort_key_A, stable=True)[: int(counts_E.sum())]
-            weights_TK = weights_TK * kept_TK
-        return DispatchPlan(order_R, counts_E, weights_TK, kept_TK, routing.assignment_mask)
+        """The dispatch plan of the assignments keep_mask keeps (see plan_dispatch)."""
+        return plan_dispatch(routing, self.num_experts, self.keep_mask(routing))
 
     def combine(self, out_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """y_TD [T, D] in out_RD's dtype; the weighted sum over K runs in the
@@ -103,3 +89,21 @@ class LocalDispatcher:
         out_TKD = out_AD.view(num_tokens, top_k, out_AD.shape[1]).to(plan.weights_TK.dtype)
         y_TD = torch.bmm(plan.weights_TK.unsqueeze(1), out_TKD).squeeze(1)
         return y_TD.to(out_RD.dtype)
+
+
+def plan_dispatch(routing: Routing, num_experts: int, kept_TK: torch.Tensor | None) -> DispatchPlan:
+    """Sort the assignments by expert (stable: by token, then choice, within an
+    expert), leaving out the slots kept_TK [T, K] bool marks False (None: keep all)."""
+    ids_A = routing.expert_indices.reshape(-1)
+    weights_TK = routing.expert_weights
+    if kept_TK is None:
+        order_R = torch.argsort(ids_A, stable=True)
+        counts_E = expert_counts(ids_A, num_experts)
+    else:
+        kept_A = kept_TK.reshape(-1)
+        # Dropped assignments sort last under the sentinel id E, then are cut off.
+        sort_key_A = torch.where(kept_A, ids_A, num_experts)
+        counts_E = expert_counts(ids_A, num_experts, kept_A)
+        order_R = torch.argsort(sort_key_A, stable=True)[: int(counts_E.sum())]
+        weights_TK = weights_TK * kept_TK
+    return DispatchPlan(order_R, counts_E, weights_TK, kept_TK, routing.assignment_mask)

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -73,13 +73,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict (parameters and persistent buffers) as contiguous CPU tensors."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+def weights_of(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict (parameters and persistent buffers) as contiguous CPU tensors."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load a safetensors file into model; a missing, unreadable or mismatched file is a CheckpointError."""
+def load_weights(model: torch.nn.Module, path: Path,
+                 load_state_dict: Callable[[dict[str, torch.Tensor]], Any] | None = None) -> None:
+    """Load a safetensors file into model (through ``load_state_dict``, default the
+    model's own, strict); a missing, unreadable or mismatched file is a CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"no weights file at {path}")
     try:
@@ -87,8 +89,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     except Exception as error:  # safetensors raises its own error types
         raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from error
     try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
+        if load_state_dict is None:
+            model.load_state_dict(weights, strict=True)
+        else:
+            load_state_dict(weights)
+    except (RuntimeError, ValueError) as error:
         raise CheckpointError(f"{path} does not match the model of this run: {error}") from error
 
 
@@ -120,9 +125,10 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
+def save_checkpoint(run_dir: Path, step: int, state_dict: dict[str, torch.Tensor],
                     trainer_state: dict[str, Any], keep: int = KEEP_CHECKPOINTS) -> Path:
-    """Write checkpoints/step-<step>/ atomically, update the run's model.safetensors,
+    """Write checkpoints/step-<step>/ atomically (the model's ``state_dict`` and the
+    trainer state), update the run's model.safetensors,
     and keep only the newest ``keep`` checkpoints. Returns the checkpoint folder."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -130,7 +136,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
     tmp = root / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(weights_of(model), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+    save_file(weights_of(state_dict), str(tmp / MODEL_FILE), metadata={"step": str(step)})
     torch.save(trainer_state, tmp / STATE_FILE)
     manifest = {"step": step, "sha256": {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -171,10 +177,13 @@ def verify_checkpoint(checkpoint: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(checkpoint: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Verify a checkpoint, load its weights into model and return its trainer state."""
+def load_checkpoint(checkpoint: Path, model: torch.nn.Module,
+                    load_state_dict: Callable[[dict[str, torch.Tensor]], Any] | None = None
+                    ) -> dict[str, Any]:
+    """Verify a checkpoint, load its weights into model (see load_weights) and
+    return its trainer state."""
     verify_checkpoint(checkpoint)
-    load_weights(model, checkpoint / MODEL_FILE)
+    load_weights(model, checkpoint / MODEL_FILE, load_state_dict)
     return torch.load(checkpoint / STATE_FILE, weights_only=True)
 
 

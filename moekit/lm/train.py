@@ -8,6 +8,7 @@ random generator are checkpointed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -22,6 +23,7 @@ from .checkpoint import (METRICS_FILE, CheckpointError, checkpoint_dirs, latest_
                          load_checkpoint, read_run_config, save_checkpoint, write_run_config)
 from .config import LMConfig, TrainConfig
 from .data import Corpus, evaluation_batches, sample_batch
+from .distributed import SingleProcess
 from .model import MoETransformer
 
 
@@ -60,16 +62,18 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, batches: list[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device) -> float:
-    """Mean next-byte cross-entropy (nats) over the batches, in eval mode."""
+             device: torch.device, parallel: SingleProcess = SingleProcess()) -> float:
+    """Mean next-byte cross-entropy (nats) over the batches, in eval mode (each
+    rank evaluates its rows of every batch)."""
     was_training = model.training
     model.eval()
     total = 0.0
     for inputs, targets in batches:
-        logits = model(inputs.to(device)).logits
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten()))
+        logits = model(parallel.local_rows(inputs).to(device)).logits
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(),
+                                       parallel.local_rows(targets).to(device).flatten()))
     model.train(was_training)
-    return total / len(batches)
+    return parallel.mean([total / len(batches)])[0]
 
 
 class _Window:
@@ -90,16 +94,24 @@ class _Window:
             self.counts[layer] += aux.tokens_per_expert.cpu()
             self.dropped += float(aux.dropped_fraction) / max(len(moe_aux), 1)
 
-    def record(self, step: int, lr: float, grad_norm: float) -> dict[str, Any]:
+    def record(self, step: int, lr: float, grad_norm: float,
+               parallel: SingleProcess = SingleProcess()) -> dict[str, Any]:
+        """The window's metrics over every rank: mean loss and dropped fraction,
+        summed aux-loss shares, tokens and expert counts."""
         seconds = time.perf_counter() - self.started
         micro_steps = self.micro_batches
-        counts = self.counts.double()
-        load = (counts.amax(1) / counts.mean(1).clamp_min(1e-9)).tolist() if counts.numel() else []
-        return {"kind": "train", "step": step, "loss": self.loss / micro_steps,
-                "aux_loss": self.aux_loss / micro_steps, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_second": self.tokens / max(seconds, 1e-9),
-                "tokens_per_expert": self.counts.tolist(), "load_max_over_mean": load,
-                "dropped_fraction": self.dropped / micro_steps}
+        sums = parallel.sum(torch.tensor([self.loss, self.dropped, self.aux_loss, self.tokens],
+                                         dtype=torch.float64)).tolist()
+        loss, dropped = (value / parallel.world_size for value in sums[:2])
+        aux_loss, tokens = sums[2:]
+        counts = parallel.sum(self.counts)
+        load = (counts.double().amax(1) / counts.double().mean(1).clamp_min(1e-9)).tolist() \
+            if counts.numel() else []
+        return {"kind": "train", "step": step, "loss": loss / micro_steps,
+                "aux_loss": aux_loss / micro_steps, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_second": tokens / max(seconds, 1e-9),
+                "tokens_per_expert": counts.tolist(), "load_max_over_mean": load,
+                "dropped_fraction": dropped / micro_steps}
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -115,17 +127,24 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
           resume: bool = False, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
           stop_after: int | None = None, progress: bool = True,
           extra_config: dict[str, Any] | None = None,
-          log: Callable[[str], None] = print) -> TrainResult:
+          log: Callable[[str], None] = print,
+          parallel: SingleProcess | None = None) -> TrainResult:
     """Train (or, with ``resume``, continue) a run in ``run_dir``.
 
     ``stop_after`` ends this call after that optimizer step (with a checkpoint),
     as an interruption would; resuming then continues the same schedule.
+    ``parallel`` (moekit.lm.distributed) spreads the run over processes; only
+    its main rank writes files and logs.
     """
     run_dir = Path(run_dir)
     device = torch.device(device)
+    parallel = parallel or SingleProcess()
     if model_cfg.max_seq_len < train_cfg.seq_len:
         raise ValueError(f"seq_len {train_cfg.seq_len} exceeds the model's max_seq_len "
                          f"{model_cfg.max_seq_len}")
+    parallel.check_batch_size(train_cfg.batch_size)
+    if not parallel.is_main:
+        log, progress = (lambda message: None), False
     torch.manual_seed(train_cfg.seed)
     model = MoETransformer(model_cfg)
     data_rng = torch.Generator().manual_seed(train_cfg.seed)
@@ -133,6 +152,7 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
     elapsed = 0.0
     metrics_path = run_dir / METRICS_FILE
     model.to(device=device, dtype=dtype)
+    parallel.prepare(model)
     optimizer = build_optimizer(model, train_cfg)
     if resume:
         saved_model, saved_train, _ = read_run_config(run_dir)
@@ -141,30 +161,41 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                                   "resume with the run's own configs")
         checkpoint = latest_checkpoint(run_dir)
         try:
-            state = load_checkpoint(checkpoint, model)
+            state = load_checkpoint(checkpoint, model,
+                                    lambda weights: parallel.load_state_dict(model, weights))
         except CheckpointError as error:
             older = [p.name for p in checkpoint_dirs(run_dir)[:-1]]
             hint = f"; older checkpoints: {', '.join(older)} (move {checkpoint.name} away to use them)" \
                 if older else ""
             raise CheckpointError(f"{error}{hint}") from error
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load_optimizer_state_dict(model, optimizer, state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         data_rng.set_state(state["data_rng"])
         step, elapsed = int(state["step"]), float(state["elapsed_seconds"])
-        _truncate_metrics(metrics_path, step)
+        parallel.barrier()  # every rank has read the run before the main one truncates its metrics
+        if parallel.is_main:
+            _truncate_metrics(metrics_path, step)
         log(f"resumed {run_dir} at step {step} from {checkpoint.name}")
     else:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ValueError(f"output folder {run_dir} exists and is not empty; "
                              "choose another --out or --resume it")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(run_dir, model_cfg, train_cfg, extra_config)
+        parallel.barrier()  # every rank has checked the folder before the main one fills it
+        if parallel.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_config(run_dir, model_cfg, train_cfg, extra_config)
     model.train()
 
-    def trainer_state() -> dict[str, Any]:
-        return {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+    def save() -> None:
+        """A checkpoint of the one-process weights and optimizer state (every rank calls it)."""
+        weights = parallel.full_state_dict(model)
+        optimizer_state = parallel.full_optimizer_state_dict(model, optimizer)
+        if parallel.is_main:
+            save_checkpoint(run_dir, step, weights, {
+                "step": step, "optimizer": optimizer_state, "torch_rng": torch.get_rng_state(),
                 "data_rng": data_rng.get_state(), "elapsed_seconds": elapsed,
-                "schedule": "warmup_cosine"}
+                "schedule": "warmup_cosine"})
+        parallel.barrier()
 
     eval_data = evaluation_batches(corpus.val, train_cfg.eval_batches, train_cfg.batch_size,
                                    train_cfg.seq_len)
@@ -175,8 +206,9 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
     val_loss = math.nan
     trained_tokens, training_seconds = 0, 0.0  # this call's, for the mean throughput
     bar = _progress_bar(train_cfg.steps, step, progress)
+    metrics = open(metrics_path, "a") if parallel.is_main else contextlib.nullcontext()
     try:
-        with open(metrics_path, "a") as metrics_file:
+        with metrics as metrics_file:
             while step < last_stop:
                 lr = learning_rate(step, train_cfg)
                 for group in optimizer.param_groups:
@@ -185,14 +217,17 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                 for _ in range(train_cfg.grad_accum):
                     inputs, targets = sample_batch(corpus.train, train_cfg.batch_size,
                                                    train_cfg.seq_len, data_rng)
+                    inputs, targets = parallel.local_rows(inputs), parallel.local_rows(targets)
                     out = model(inputs.to(device))
                     loss = F.cross_entropy(out.logits.flatten(0, 1).float(),
                                            targets.to(device).flatten())
-                    ((loss + out.aux_loss) / train_cfg.grad_accum).backward()
+                    # aux_loss is already this rank's share of the global aux loss
+                    ((loss / parallel.world_size + out.aux_loss) / train_cfg.grad_accum).backward()
                     window.add(float(loss.detach()), float(out.aux_loss.detach()), inputs.numel(),
                                out.moe_aux)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf))
+                parallel.finish_gradients(model)
+                grad_norm = parallel.clip_grad_norm(
+                    model, train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -201,31 +236,36 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                 training_seconds += step_seconds
                 trained_tokens += train_cfg.tokens_per_step
                 if step % train_cfg.log_every == 0 or step == last_stop:
-                    record = window.record(step, lr, grad_norm)
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                    record = window.record(step, lr, grad_norm, parallel)
+                    if parallel.is_main:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
                     bar.set_postfix(loss=f"{record['loss']:.3f}",
                                     tok_s=f"{record['tokens_per_second']:.0f}",
                                     load=f"{max(record['load_max_over_mean'], default=1.0):.2f}",
                                     refresh=False)
                     window = _Window(num_moe, num_experts)
                 if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
-                    val_loss = evaluate(model, eval_data, device)
-                    metrics_file.write(json.dumps({"kind": "eval", "step": step, "val_loss": val_loss,
-                                                   "val_perplexity": math.exp(val_loss)}) + "\n")
-                    metrics_file.flush()
-                    bar.write(f"step {step}: validation loss {val_loss:.4f} nats/byte")
+                    val_loss = evaluate(model, eval_data, device, parallel)
+                    if parallel.is_main:
+                        metrics_file.write(json.dumps({"kind": "eval", "step": step, "val_loss": val_loss,
+                                                       "val_perplexity": math.exp(val_loss)}) + "\n")
+                        metrics_file.flush()
+                        bar.write(f"step {step}: validation loss {val_loss:.4f} nats/byte")
                 if step % train_cfg.save_every == 0 or step == last_stop:
-                    save_checkpoint(run_dir, step, model, trainer_state())
+                    save()
                 bar.update(1)
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(run_dir, step, model, trainer_state())
+        if parallel.world_size > 1:  # the other ranks may not be interrupted: no collective save
+            log(f"interrupted at step {step}; the newest checkpoint in {run_dir} is kept")
+            raise
+        save()
         log(f"interrupted: saved step {step} in {run_dir}; continue with --resume {run_dir}")
         raise
     bar.close()
     if math.isnan(val_loss):
-        val_loss = evaluate(model, eval_data, device)
+        val_loss = evaluate(model, eval_data, device, parallel)
     tokens_per_second = trained_tokens / training_seconds if training_seconds else 0.0
     return TrainResult(run_dir, step, val_loss, tokens_per_second, corpus.unigram_loss(),
                        step == train_cfg.steps)

@@ -15,13 +15,17 @@ average the sharded expert weights (see docs/parallel.md).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.dispatch.alltoall import AllToAllDispatcher
+from moekit.dispatch.alltoall import AllToAllDispatcher, gather_rows
+from moekit.dispatch.capacity import CapacityDispatcher
 from moekit.dispatch.local import LocalDispatcher
 from moekit.layer import MoE
+from moekit.routers import ExpertChoiceRouter
 
 
 def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None) -> range:
@@ -36,15 +40,12 @@ def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None) -> ra
 
 def _check_supported(moe: MoE) -> None:
     cfg = moe.config
-    if cfg.router not in ("topk", "hash"):
-        raise ValueError(f"expert parallelism supports token-choice routers (router='topk' or "
-                         f"'hash') for now, not router={cfg.router!r}")
-    if cfg.capacity_factor is not None:
-        raise ValueError("expert parallelism runs dropless for now; capacity_factor="
-                         f"{cfg.capacity_factor} needs capacity agreed across ranks")
+    if cfg.router not in ("topk", "hash", "expert_choice"):
+        raise ValueError(f"expert parallelism supports router='topk', 'hash' or 'expert_choice', not "
+                         f"router={cfg.router!r} (its assignment is solved over the whole batch)")
     if cfg.balance_scope == "sequence":
         raise ValueError("expert parallelism supports balance_scope='batch' for now, not 'sequence'")
-    if type(moe.dispatcher) is not LocalDispatcher:
+    if type(moe.dispatcher) not in (LocalDispatcher, CapacityDispatcher):
         raise ValueError(f"layer already uses {type(moe.dispatcher).__name__}")
 
 
@@ -67,6 +68,8 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
             setattr(experts, name, nn.Parameter(local, requires_grad=param.requires_grad))
         experts.expert_ids = shard
         moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group)
+        if isinstance(moe.router, ExpertChoiceRouter):
+            moe.router.gather_batch = functools.partial(gather_rows, group=group)
     return module
 
 
@@ -82,42 +85,3 @@ def all_reduce_replicated_grads(module: nn.Module, group: dist.ProcessGroup | No
     for name, param in module.named_parameters():
         if param.grad is not None and not is_expert_parallel(name):
             dist.all_reduce(param.grad, group=group)
-
-
-def _sharded_experts(module: nn.Module) -> list[tuple[str, MoE]]:
-    """(qualified name of the experts module, layer) for every expert-parallel layer."""
-    return [(f"{name}.experts" if name else "experts", m) for name, m in module.named_modules()
-            if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllDispatcher)]
-
-
-def full_state_dict(module: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor] | None:
-    """The state dict one process would have: every sharded expert weight gathered
-    to its full [E, ...] shape. Every rank must call it (it all-gathers); with
-    ``rank0_only`` the other ranks get None."""
-    state = module.state_dict()
-    for prefix, moe in _sharded_experts(module):
-        group = moe.dispatcher.group
-        for name, param in moe.experts.named_parameters(recurse=False):
-            pieces = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(pieces, param.detach().contiguous(), group=group)
-            state[f"{prefix}.{name}"] = torch.cat(pieces)
-    if rank0_only and dist.get_rank() != 0:
-        return None
-    return state
-
-
-def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a one-process state dict (full expert weights) into an expert-parallel
-    module: each rank keeps its own experts' rows. Strict, like load_state_dict."""
-    local = dict(state)
-    for prefix, moe in _sharded_experts(module):
-        shard = moe.experts.expert_ids
-        for name, _ in moe.experts.named_parameters(recurse=False):
-            key = f"{prefix}.{name}"
-            if key in local:
-                full = local[key]
-                if full.shape[0] != moe.config.num_experts:
-                    raise ValueError(f"{key} has {full.shape[0]} experts, the layer "
-                                     f"{moe.config.num_experts}; is this a sharded state dict?")
-                local[key] = full[shard.start:shard.stop]
-    module.load_state_dict(local, strict=True)

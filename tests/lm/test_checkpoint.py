@@ -21,7 +21,7 @@ def test_round_trip_is_exact_and_state_loads_weights_only(tmp_path):
     with torch.no_grad():
         model.blocks[1].ffn.router.expert_bias.normal_()  # a buffer must travel too
     state = {"step": 7, "rng": torch.get_rng_state(), "values": [1.5, (0.9, 0.95)]}
-    folder = ckpt.save_checkpoint(tmp_path, 7, model, state)
+    folder = ckpt.save_checkpoint(tmp_path, 7, model.state_dict(), state)
     assert folder.name == "step-00000007"
     assert torch.load(folder / ckpt.STATE_FILE, weights_only=True)["values"] == [1.5, (0.9, 0.95)]
     other = _model(1)
@@ -37,15 +37,15 @@ def test_round_trip_is_exact_and_state_loads_weights_only(tmp_path):
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     model = _model(0)
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(tmp_path, step, model, {"step": step}, keep=2)
+        ckpt.save_checkpoint(tmp_path, step, model.state_dict(), {"step": step}, keep=2)
     assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["step-00000002", "step-00000003"]
-    ckpt.save_checkpoint(tmp_path, 3, model, {"step": 3}, keep=2)  # the same step again
+    ckpt.save_checkpoint(tmp_path, 3, model.state_dict(), {"step": 3}, keep=2)  # the same step again
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003"
 
 
 def test_a_failed_write_leaves_the_last_good_checkpoint_untouched(tmp_path, monkeypatch):
     model = _model(0)
-    good = ckpt.save_checkpoint(tmp_path, 1, model, {"step": 1})
+    good = ckpt.save_checkpoint(tmp_path, 1, model.state_dict(), {"step": 1})
     before = (tmp_path / ckpt.MODEL_FILE).read_bytes()
 
     def crash(*args, **kwargs):
@@ -53,7 +53,7 @@ def test_a_failed_write_leaves_the_last_good_checkpoint_untouched(tmp_path, monk
 
     monkeypatch.setattr(ckpt.torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_checkpoint(tmp_path, 2, _model(5), {"step": 2})
+        ckpt.save_checkpoint(tmp_path, 2, _model(5).state_dict(), {"step": 2})
     assert ckpt.checkpoint_dirs(tmp_path) == [good]
     assert (tmp_path / ckpt.MODEL_FILE).read_bytes() == before
     assert ckpt.load_checkpoint(good, _model(3))["step"] == 1
@@ -61,7 +61,7 @@ def test_a_failed_write_leaves_the_last_good_checkpoint_untouched(tmp_path, monk
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing_state", "missing_manifest"])
 def test_corrupt_or_partial_checkpoints_raise_checkpoint_error(tmp_path, damage):
-    folder = ckpt.save_checkpoint(tmp_path, 1, _model(0), {"step": 1})
+    folder = ckpt.save_checkpoint(tmp_path, 1, _model(0).state_dict(), {"step": 1})
     model_file = folder / ckpt.MODEL_FILE
     if damage == "flip":
         data = bytearray(model_file.read_bytes())
@@ -78,7 +78,7 @@ def test_corrupt_or_partial_checkpoints_raise_checkpoint_error(tmp_path, damage)
 
 
 def test_weights_of_another_model_are_refused(tmp_path):
-    ckpt.save_checkpoint(tmp_path, 1, _model(0), {"step": 1})
+    ckpt.save_checkpoint(tmp_path, 1, _model(0).state_dict(), {"step": 1})
     from moekit.lm.config import LMConfig
 
     other = MoETransformer(LMConfig(dim=32, num_layers=1, num_heads=2, ffn_dim=32, max_seq_len=32))

@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 
 import moekit
-from moekit.parallel import (all_reduce_replicated_grads, apply_expert_parallel, expert_shard,
-                             full_state_dict, load_full_state_dict)
+from moekit.parallel import all_reduce_replicated_grads, apply_expert_parallel, expert_shard
 
 from ..conftest import randomized_moe
 from ..distributed import run_distributed
@@ -21,6 +20,11 @@ CASES = {
                                 bias_update_rate=0.05, num_shared_experts=1, bias=True),
     "switch-geglu": dict(dim=8, expert_dim=12, num_experts=4, top_k=1, normalize_topk=False,
                          activation="geglu"),
+    "capacity-position": dict(dim=8, expert_dim=12, num_experts=8, top_k=2, capacity_factor=1.0),
+    "capacity-score-shared": dict(dim=8, expert_dim=12, num_experts=4, top_k=2, capacity_factor=0.75,
+                                  drop_policy="score", score_func="sigmoid", num_shared_experts=1),
+    "expert-choice": dict(dim=8, expert_dim=12, num_experts=4, top_k=2, router="expert_choice",
+                          capacity_factor=1.0),
 }
 
 
@@ -82,12 +86,11 @@ def _bad_world_worker(rank, world_size, result_dir):
     moe = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=3, top_k=1))
     with pytest.raises(ValueError, match=r"num_experts \(3\) must be divisible"):
         apply_expert_parallel(moe)
-    capacity = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, capacity_factor=1.0))
-    with pytest.raises(ValueError, match="dropless for now"):
-        apply_expert_parallel(capacity)
-    chooser = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, router="expert_choice"))
-    with pytest.raises(ValueError, match="not router='expert_choice'"):
-        apply_expert_parallel(chooser)
+    for router in ("balanced", "dense"):
+        solved = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, router=router,
+                                             top_k=4 if router == "dense" else 2))
+        with pytest.raises(ValueError, match=f"not router='{router}'"):
+            apply_expert_parallel(solved)
     per_sequence = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, balance_scope="sequence"))
     with pytest.raises(ValueError, match="balance_scope='batch' for now"):
         apply_expert_parallel(per_sequence)
@@ -105,34 +108,7 @@ def test_unsupported_layouts_raise_clear_errors(tmp_path):
         apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
 
 
-def _state_worker(rank, world_size, result_dir):
-    fields = CASES["sigmoid-bias-shared"]
-    reference = randomized_moe(seed=0, **fields)
-    sharded = randomized_moe(seed=0, **fields)
-    apply_expert_parallel(sharded)
-    assert sharded.experts.down_proj.shape[0] == fields["num_experts"] // world_size
-    full = full_state_dict(sharded)
-    assert full.keys() == reference.state_dict().keys()
-    for key, value in reference.state_dict().items():
-        assert torch.equal(full[key], value), key
-    assert (full_state_dict(sharded, rank0_only=True) is None) == (rank != 0)
-    other = randomized_moe(seed=1, **fields)  # new full weights into the sharded layer
-    load_full_state_dict(sharded, other.state_dict())
-    torch.manual_seed(3 + rank)
-    x = torch.randn(6, fields["dim"])
-    other.eval(), sharded.eval()
-    with torch.no_grad():
-        y_local = sharded(x)[0]
-    torch.testing.assert_close(y_local, other(x)[0], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="sharded state dict"):
-        load_full_state_dict(sharded, sharded.state_dict())
-
-
-def test_full_state_dict_gathers_and_load_full_state_dict_shards(tmp_path):
-    run_distributed(_state_worker, 2, tmp_path)
-
-
-def _sequence_worker(rank, world_size, result_dir, sizes):
+def _sequence_worker(rank, world_size, result_dir, sizes, case):
     from moekit.dispatch import alltoall
 
     calls = []
@@ -146,7 +122,7 @@ def _sequence_worker(rank, world_size, result_dir, sizes):
             return _original(*args, **kwargs)
 
         setattr(owner, name, recorded)
-    fields = {**CASES["sigmoid-bias-shared"], "balance_loss_weight": 0.1}
+    fields = {**CASES[case], "balance_loss_weight": 0.1}
     moe = apply_expert_parallel(randomized_moe(seed=0, **fields))
     torch.manual_seed(rank)
     x = torch.randn(sizes[rank], fields["dim"], requires_grad=True)
@@ -159,13 +135,16 @@ def _sequence_worker(rank, world_size, result_dir, sizes):
     torch.save({"calls": calls}, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-def test_every_rank_issues_the_same_collectives_whatever_its_data(tmp_path):
-    results = run_distributed(_sequence_worker, 2, tmp_path, [0, 17])
+@pytest.mark.parametrize("case", ["sigmoid-bias-shared", "capacity-score-shared", "expert-choice"])
+def test_every_rank_issues_the_same_collectives_whatever_its_data(tmp_path, case):
+    results = run_distributed(_sequence_worker, 2, tmp_path, [0, 17], case)
     assert results[0]["calls"] == results[1]["calls"]
     calls = results[0]["calls"]
     assert calls.count("all_to_all_single") == 3  # the counts exchange, once per layer call
+    if case != "sigmoid-bias-shared":  # capacity or expert choice over every rank's tokens
+        assert calls.count("all_gather") == 2 * 3
     assert calls.count("all_to_all_single_autograd") == 3 * 2  # rows there and back
-    assert calls.count("all_reduce") >= 2 * 2  # global load for the losses, bias counts
+    assert calls.count("all_reduce") >= 2  # global load for the losses (and bias counts)
 
 
 def _example_worker(rank, world_size, result_dir):

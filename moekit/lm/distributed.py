@@ -1,0 +1,172 @@
+"""How a training run spreads over processes: one, or data + expert parallel over a group.
+
+With W processes (torchrun), every rank draws the same global batch from the
+same data generator and trains on its 1/W slice of the sequences; the experts
+are sharded over the ranks (moekit.parallel) and everything else is replicated.
+Each rank back-propagates its mean loss divided by W plus its share of the aux
+losses, so after the replicated gradients are summed every gradient equals the
+one-process gradient on the whole global batch. Checkpoints hold the gathered
+one-process weights and optimizer state: a run saved at W processes resumes at
+any number, or in one process, and `moekit generate` reads it as is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class SingleProcess:
+    """The default: the whole batch in this process, nothing to communicate."""
+
+    world_size = 1
+    rank = 0
+    is_main = True
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raise if the global batch does not split evenly over the ranks."""
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Shard the model's experts over the ranks (in place)."""
+        return model
+
+    def local_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's rows [B / W, ...] of a global batch [B, ...]."""
+        return batch
+
+    def finish_gradients(self, model: nn.Module) -> None:
+        """Make every gradient the gradient of the global batch's loss."""
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        """Clip by the global gradient norm; returns the norm before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+    def mean(self, values: list[float]) -> list[float]:
+        """Each value averaged over the ranks."""
+        return values
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor summed over the ranks."""
+        return tensor
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The one-process state dict (on the main rank; None elsewhere)."""
+        return model.state_dict()
+
+    def full_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer
+                                  ) -> dict[str, Any] | None:
+        return optimizer.state_dict()
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(state, strict=True)
+
+    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                                  state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
+    def broadcast(self, value: Any) -> Any:
+        """The main rank's value (a picklable object) on every rank."""
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+
+class DataExpertParallel(SingleProcess):
+    """Data + expert parallel over the default process group (torch.distributed must
+    be initialised, e.g. by `moekit train --expert-parallel` under torchrun)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("data + expert parallel training needs torch.distributed initialised; "
+                             "launch with torchrun --nproc-per-node N -m moekit train --expert-parallel")
+        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        self.is_main = self.rank == 0
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size % self.world_size:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes "
+                             f"({self.world_size}): every rank trains on batch_size / processes sequences")
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        from moekit.parallel import apply_expert_parallel
+
+        return apply_expert_parallel(model) if getattr(model, "moe_layers", None) else model
+
+    def local_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        per_rank = batch.shape[0] // self.world_size
+        return batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def finish_gradients(self, model: nn.Module) -> None:
+        from moekit.parallel import all_reduce_replicated_grads
+
+        all_reduce_replicated_grads(model)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        import torch.distributed as dist
+        from moekit.parallel import is_expert_parallel
+
+        grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+        sharded = [g for name, g in grads if is_expert_parallel(name)]
+        replicated = [g for name, g in grads if not is_expert_parallel(name)]
+        sharded_sq = torch.nn.utils.get_total_norm(sharded).square() if sharded else torch.zeros(())
+        dist.all_reduce(sharded_sq)
+        replicated_sq = torch.nn.utils.get_total_norm(replicated).square() if replicated \
+            else torch.zeros(())
+        total = (sharded_sq + replicated_sq).sqrt()
+        if math.isfinite(max_norm):
+            torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters()], max_norm, total)
+        return float(total)
+
+    def mean(self, values: list[float]) -> list[float]:
+        import torch.distributed as dist
+
+        packed = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(packed)
+        return (packed / self.world_size).tolist()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        from moekit.parallel import full_state_dict
+
+        return full_state_dict(model, rank0_only=True)
+
+    def full_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer
+                                  ) -> dict[str, Any] | None:
+        from moekit.parallel import full_optimizer_state_dict
+
+        return full_optimizer_state_dict(model, optimizer, rank0_only=True)
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        from moekit.parallel import load_full_state_dict
+
+        load_full_state_dict(model, state)
+
+    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                                  state: dict[str, Any]) -> None:
+        from moekit.parallel import load_full_optimizer_state_dict
+
+        load_full_optimizer_state_dict(model, optimizer, state)
+
+    def broadcast(self, value: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
