@@ -136,3 +136,26 @@ def test_unsupported_blocks_can_be_left_in_place_with_a_warning():
     assert "replaced 2 MoE block(s)" in str(report) and "left 1 unsupported" in str(report)
     with pytest.raises(ValueError, match=r"on_unsupported must be one of"):
         patch(model, on_unsupported="ignore")
+
+
+def test_expert_parallelism_applies_to_a_patched_model(tmp_path):
+    """World size 1 in this process: the wiring (layers found inside MoEBlocks,
+    all-to-all dispatch inside a transformers model), without spawning workers
+    that would each import transformers."""
+    import torch.distributed as dist
+
+    from moekit.parallel import apply_expert_parallel
+
+    model, ids = tiny_model("deepseek_v3"), token_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    patch(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        apply_expert_parallel(model)
+        assert all(type(m.moe.dispatcher).__name__ == "AllToAllDispatcher"
+                   for m in model.modules() if isinstance(m, MoEBlock))
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=0)
+    finally:
+        dist.destroy_process_group()
