@@ -20,11 +20,12 @@ from moekit.layer import MoE
 GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
 PLAIN_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu"}
 
-# Config fields that decide what a block computes (not how, nor its losses).
+# Config fields that decide what a block's weights mean (not how it runs, its
+# losses or capacity: weights trained with a capacity limit load into the block).
 _ROUTING_FIELDS = frozenset({
     "dim", "expert_dim", "num_experts", "top_k", "router", "score_func", "normalize_topk",
     "route_scale", "num_groups", "topk_groups", "activation", "bias", "num_shared_experts",
-    "shared_expert_dim", "shared_expert_gate", "capacity_factor"})
+    "shared_expert_dim", "shared_expert_gate"})
 
 
 def require_family(block: nn.Module) -> Family:
@@ -108,7 +109,8 @@ def from_hf(block: nn.Module, *, copy: bool = True, **overrides) -> MoE:
 def to_hf(moe: MoE, block: nn.Module, *, copy: bool = True) -> nn.Module:
     """Write a moekit MoE's tensors into a transformers MoE block of the same
     family and sizes (in place), and return the block. The MoE's routing
-    configuration must be the one the block computes."""
+    configuration must be the one the block computes. The block's parameters
+    are replaced: by copies (copy=True) or by the MoE's own (copy=False)."""
     expected = config_from_hf(block)
     differing = sorted(n for n in _ROUTING_FIELDS if getattr(expected, n) != getattr(moe.config, n))
     if differing:

@@ -98,3 +98,37 @@ def test_the_experts_view_shares_the_weights_and_follows_their_replacement():
     experts.down_proj = torch.nn.Parameter(experts.down_proj.detach().clone())
     rebuilt = experts_view(experts)
     assert rebuilt is not view and rebuilt.down_proj is experts.down_proj
+
+
+@pytest.mark.parametrize("has_gate", [True, False])
+def test_experts_with_biases_or_without_a_gate_match_transformers_batched_mm(has_gate):
+    """Layouts no family above uses, on a decorated experts class of our own."""
+    from transformers.activations import ACT2FN
+    from transformers.integrations.moe import use_experts_implementation
+
+    @use_experts_implementation(has_bias=True, has_gate=has_gate)
+    class BiasedExperts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            first = "gate_up_proj" if has_gate else "up_proj"
+            width = 2 * 12 if has_gate else 12
+            self.num_experts = 4
+            self.register_parameter(first, torch.nn.Parameter(torch.randn(4, width, 16) / 4))
+            self.register_parameter(f"{first}_bias", torch.nn.Parameter(torch.randn(4, width)))
+            self.down_proj = torch.nn.Parameter(torch.randn(4, 16, 12) / 4)
+            self.down_proj_bias = torch.nn.Parameter(torch.randn(4, 16))
+            self.act_fn = ACT2FN[config.hidden_act]
+
+    config = transformers.PretrainedConfig(hidden_act="gelu")
+    config._experts_implementation = "batched_mm"
+    experts = BiasedExperts(config)
+    x = torch.randn(7, 16, requires_grad=True)
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 3], [3, 1], [1, 0], [0, 2]])
+    weights = torch.rand(7, 2)
+    expected = experts(x, ids, weights)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    config._experts_implementation = "moekit"
+    actual = experts(x, ids, weights)
+    (actual_grad,) = torch.autograd.grad(actual.square().sum(), x)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual_grad, expected_grad, atol=1e-5, rtol=1e-5)
