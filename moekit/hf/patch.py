@@ -3,7 +3,8 @@
 ``patch(model)`` swaps every supported block for a :class:`MoEBlock` (a moekit
 MoE behind the block's call signature) that computes the same outputs, so the
 model gets moekit's routers, diagnostics and expert parallelism.
-``record_aux(model)`` collects the moekit layers' MoEAux records of a forward.
+``record_aux(model)`` collects the moekit layers' MoEAux records of a forward;
+``unpatch(model)`` puts transformers blocks back, with the current weights.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from moekit.aux import MoEAux
-from moekit.hf.convert import from_hf
+from moekit.hf.convert import from_hf, to_hf
 from moekit.hf.families import family_of
 from moekit.layer import MoE
 from moekit.routing import Routing
@@ -30,15 +31,31 @@ _MOE_BLOCK_SUFFIXES = ("SparseMoeBlock", "SparseMoEBlock", "MoeBlock", "MoEBlock
 class MoEBlock(nn.Module):
     """A moekit MoE with a transformers MoE block's call signature:
     forward(hidden_states [..., D]) -> [..., D]. ``moe`` is the moekit layer;
-    its MoEAux is returned by ``moe`` (see ``record_aux``), not by this block."""
+    its MoEAux is returned by ``moe`` (see ``record_aux``), not by this block.
+    ``block_class`` and ``block_config`` (the replaced block's class and
+    transformers config, no tensors) let ``unpatch`` rebuild it."""
 
-    def __init__(self, moe: MoE, family: str) -> None:
+    def __init__(self, moe: MoE, family: str, block_class: type[nn.Module], block_config) -> None:
         super().__init__()
         self.moe = moe
         self.family = family
+        self.block_class = block_class
+        self.block_config = block_config
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.moe(hidden_states)[0]
+
+    def to_hf(self) -> nn.Module:
+        """A new transformers block of the replaced class holding this layer's
+        tensors (shared, not copied), in this block's training mode."""
+        with torch.device("meta"):  # every tensor is replaced by to_hf
+            block = self.block_class(self.block_config)
+        to_hf(self.moe, block, copy=False)
+        left = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
+        if left:
+            raise ValueError(f"{self.block_class.__name__} has tensors outside its state dict "
+                             f"that cannot be rebuilt: {left}")
+        return block.train(self.training)
 
     def extra_repr(self) -> str:
         return f"family={self.family!r}"
@@ -78,12 +95,29 @@ def patch(model: nn.Module, *, on_unsupported: str = "error", **overrides) -> Pa
     for name, reason in unsupported.items():
         warnings.warn(f"moekit.hf.patch left {name} in place: {reason}", stacklevel=2)
     replaced = {}
-    for name, (moe, family) in converted.items():
-        parent_name, _, attribute = name.rpartition(".")
-        model.get_submodule(parent_name).register_module(attribute, MoEBlock(moe, family))
+    for name, (moe, family, block) in converted.items():
+        patched = MoEBlock(moe, family, type(block), block.experts.config)
+        _replace(model, name, patched)
         _expose_router_logits(moe.router)
         replaced[name] = family
     return PatchReport(replaced, unsupported)
+
+
+def unpatch(model: nn.Module) -> list[str]:
+    """Undo ``patch``: put a transformers block back in place of every MoEBlock,
+    holding the moekit layer's current (possibly trained) tensors, shared; so
+    that ``save_pretrained`` writes the transformers format. Returns the names
+    restored. A layer that no longer fits its block (experts sharded by expert
+    parallelism, say) raises the ValueError of ``to_hf``, before any change."""
+    blocks = {name: m.to_hf() for name, m in model.named_modules() if isinstance(m, MoEBlock)}
+    for name, block in blocks.items():
+        _replace(model, name, block)
+    return list(blocks)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attribute = name.rpartition(".")
+    model.get_submodule(parent_name).register_module(attribute, module)
 
 
 def _expose_router_logits(router: nn.Module) -> None:
@@ -99,10 +133,10 @@ def _expose_router_logits(router: nn.Module) -> None:
     install_output_capuring_hook(router, "router_logits", Routing._fields.index("router_logits"))
 
 
-def _convert_blocks(model: nn.Module, overrides: dict) -> tuple[dict[str, tuple[MoE, str]],
-                                                                 dict[str, str]]:
-    """({name: (moekit MoE sharing the block's weights, family)}, {name: why not})
-    over the model's MoE blocks; the model is not changed."""
+def _convert_blocks(model: nn.Module, overrides: dict
+                    ) -> tuple[dict[str, tuple[MoE, str, nn.Module]], dict[str, str]]:
+    """({name: (moekit MoE sharing the block's weights, family, block)},
+    {name: why not}) over the model's MoE blocks; the model is not changed."""
     converted, unsupported = {}, {}
     for name, block in _moe_blocks(model):
         family = family_of(block)
@@ -110,7 +144,7 @@ def _convert_blocks(model: nn.Module, overrides: dict) -> tuple[dict[str, tuple[
             unsupported[name] = f"{type(block).__name__} is not a supported MoE block"
             continue
         try:
-            converted[name] = (from_hf(block, copy=False, **overrides), family.name)
+            converted[name] = (from_hf(block, copy=False, **overrides), family.name, block)
         except ValueError as error:
             unsupported[name] = str(error)
     return converted, unsupported

@@ -11,7 +11,7 @@ from torch import nn
 from tests.hf.tiny import FAMILIES, gradients, moe_blocks, tiny_model, token_ids
 
 import moekit
-from moekit.hf import MoEBlock, family_of, patch, record_aux
+from moekit.hf import MoEBlock, family_of, patch, record_aux, unpatch
 
 
 def _router_ids(model, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -159,3 +159,36 @@ def test_expert_parallelism_applies_to_a_patched_model(tmp_path):
             torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=0)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_unpatch_after_training_saves_in_the_transformers_format(family, tmp_path):
+    model, ids = tiny_model(family), token_ids()
+    keys = list(model.state_dict())
+    patch(model)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+    assert unpatch(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert not any(isinstance(m, MoEBlock) for m in model.modules())
+    assert list(model.state_dict()) == keys
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trained, atol=1e-5, rtol=0)
+        torch.testing.assert_close(loaded(ids).logits, trained, atol=1e-5, rtol=0)
+
+
+def test_unpatch_refuses_sharded_experts_before_changing_anything():
+    model = tiny_model("mixtral")
+    patch(model)
+    first = model.model.layers[0].mlp
+    first.moe.experts.down_proj = nn.Parameter(first.moe.experts.down_proj[:2].detach())
+    with pytest.raises(ValueError, match=r"num_experts|shape mismatch"):
+        unpatch(model)
+    assert isinstance(model.model.layers[1].mlp, MoEBlock)
