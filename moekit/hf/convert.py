@@ -56,8 +56,9 @@ def experts_activation(experts: nn.Module) -> str:
     gated = getattr(experts, "has_gate", True)
     activations = GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS
     if hidden_act not in activations:
-        raise ValueError(f"{name}: hidden_act {hidden_act!r} has no moekit equivalent for "
-                         f"{'gated' if gated else 'plain'} experts; supported: {', '.join(activations)}")
+        kind = "gated" if gated else "plain"
+        raise ValueError(f"{name}: hidden_act {hidden_act!r} has no moekit equivalent for {kind} "
+                         f"experts; supported: {', '.join(activations)}")
     return activations[hidden_act]
 
 

@@ -54,7 +54,8 @@ def test_from_config_and_from_pretrained_select_moekit(tmp_path):
     model, ids = tiny_model("qwen3_moe"), token_ids()
     expected = _logits(model, "eager", ids)
     model.save_pretrained(tmp_path)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="moekit")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path,
+                                                               experts_implementation="moekit")
     assert loaded.config._experts_implementation == "moekit"
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-4, rtol=0)
