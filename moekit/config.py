@@ -89,6 +89,9 @@ class MoEConfig:
             learned router's logits over the k hashed experts).
         bias_update_rate: > 0 turns on auxiliary-loss-free balancing (DeepSeek-V3):
             a per-expert bias buffer added to the scores for selection only.
+        expert_bias: hold that bias buffer even with bias_update_rate=0, as a
+            fixed selection bias (a DeepSeek-V3 checkpoint's score correction
+            bias, for instance); implied by bias_update_rate > 0.
         num_groups / topk_groups: group-limited routing (DeepSeek-V3): experts
             form num_groups groups; a token picks topk_groups groups by the sum
             of each group's top-2 scores, then its top_k experts inside them.
@@ -133,6 +136,7 @@ class MoEConfig:
     hash_seed: int = 0
     hash_weights: str = "uniform"
     bias_update_rate: float = 0.0
+    expert_bias: bool = False
     num_groups: int = 1
     topk_groups: int = 1
     capacity_factor: float | None = None
@@ -166,6 +170,7 @@ class MoEConfig:
         _require_int("hash_seed", self.hash_seed, 0)
         _require_choice("hash_weights", self.hash_weights, HASH_WEIGHTS)
         _require_float("bias_update_rate", self.bias_update_rate, 0.0)
+        _require_bool("expert_bias", self.expert_bias)
         _require_int("num_groups", self.num_groups, 1)
         _require_int("topk_groups", self.topk_groups, 1)
         self._check_router_combination()
@@ -203,8 +208,8 @@ class MoEConfig:
                 raise ValueError(f"top_k ({self.top_k}) must be <= the {available} experts in "
                                  f"topk_groups={self.topk_groups} groups of "
                                  f"{self.num_experts // self.num_groups}")
-        if self.router != "topk" and (self.num_groups > 1 or self.bias_update_rate > 0):
-            raise ValueError(f"num_groups and bias_update_rate need router='topk', "
+        if self.router != "topk" and (self.num_groups > 1 or self.has_expert_bias):
+            raise ValueError(f"num_groups, bias_update_rate and expert_bias need router='topk', "
                              f"got router={self.router!r}")
         if self.router == "dense" and self.top_k != self.num_experts:
             raise ValueError(f"router='dense' sends every token to every expert: set top_k to "
@@ -214,6 +219,11 @@ class MoEConfig:
     def is_gated(self) -> bool:
         """True when the activation multiplies a gate by an up projection."""
         return self.activation in ("swiglu", "geglu")
+
+    @property
+    def has_expert_bias(self) -> bool:
+        """True when the top-k router holds the selection bias buffer expert_bias."""
+        return self.expert_bias or self.bias_update_rate > 0
 
     @property
     def dropless(self) -> bool:

@@ -75,3 +75,9 @@ def test_offload_runs_on_a_random_model():
     report = offload.main(new_tokens=4, cache_sizes=[1, 48], policies=("lru",), repeats=1)
     assert "| 48 | lru |" in report and "| 1 | lru |" in report
     assert "| NO |" not in report  # every offloaded row generated the resident model's tokens
+def test_hf_speed_runs_at_a_tiny_batch():
+    pytest.importorskip("transformers")
+    from benchmarks import hf_speed
+    report = hf_speed.main(["mixtral"], repeats=1, batch_size=1, seq_len=8)
+    for row in hf_speed.ROWS:
+        assert f"| {row} | " in report

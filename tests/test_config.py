@@ -51,9 +51,11 @@ BASE = dict(dim=8, expert_dim=16, num_experts=4, top_k=2)
     (dict(num_groups=2, topk_groups=3), ValueError, r"topk_groups must be <= num_groups \(2\), got 3"),
     (dict(num_experts=8, num_groups=4, topk_groups=1, top_k=3), ValueError,
      r"top_k \(3\) must be <= the 2 experts in topk_groups=1 groups of 2"),
-    (dict(router="hash", num_groups=2), ValueError, r"num_groups and bias_update_rate need "
+    (dict(router="hash", num_groups=2), ValueError, r"num_groups, bias_update_rate and expert_bias need "
                                                     r"router='topk', got router='hash'"),
     (dict(router="balanced", bias_update_rate=0.1), ValueError, r"need router='topk'"),
+    (dict(router="hash", expert_bias=True), ValueError, r"need router='topk'"),
+    (dict(expert_bias=1), TypeError, r"expert_bias must be a bool, got 1"),
     (dict(router="dense", top_k=2), ValueError, r"router='dense' .* set top_k to num_experts \(4\), "
                                                 r"got top_k=2"),
     (dict(balance_scope="token"), ValueError, r"balance_scope must be one of 'batch', 'sequence'; "

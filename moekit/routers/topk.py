@@ -24,14 +24,15 @@ from moekit.routing import Routing
 class TopKRouter(LinearRouter):
     """Routes each of T tokens to its k best-scoring experts.
 
-    With bias_update_rate > 0 it holds the buffer ``expert_bias`` [E] (float32,
-    saved in the state dict), added to the scores for selection only and
-    updated after every forward in training mode with gradients enabled.
+    With bias_update_rate > 0 or expert_bias it holds the buffer ``expert_bias``
+    [E] (float32, saved in the state dict), added to the scores for selection
+    only; with bias_update_rate > 0 it is updated after every forward in
+    training mode with gradients enabled.
     """
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
-        if config.bias_update_rate > 0:
+        if config.has_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(config.num_experts))
         else:
             self.expert_bias = None
@@ -41,7 +42,7 @@ class TopKRouter(LinearRouter):
         c = self.config
         routing = route_topk(self.compute_logits(x_TD), c.top_k, c.score_func, c.normalize_topk,
                              c.route_scale, self.expert_bias, c.num_groups, c.topk_groups)
-        if self.expert_bias is not None and self.training and torch.is_grad_enabled():
+        if c.bias_update_rate > 0 and self.training and torch.is_grad_enabled():
             load_E = global_expert_load(routing.expert_indices, c.num_experts)
             update_expert_bias(self.expert_bias, load_E, c.bias_update_rate)
         return routing

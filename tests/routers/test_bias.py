@@ -72,3 +72,13 @@ def test_bias_evens_out_a_skewed_router():
     moe.eval()
     _, aux = moe(torch.randn(4096, 8).abs())
     assert first == 4.0 and aux.metrics()["load_max_over_mean"] < 1.3
+
+
+def test_fixed_expert_bias_steers_selection_and_never_moves():
+    moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=1, expert_bias=True)
+    assert "router.expert_bias" in moe.state_dict()
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.tensor([0.0, 0.0, 100.0, 0.0]))
+    _, aux = moe(torch.randn(40, 8))  # training mode, gradients on
+    assert torch.equal(aux.expert_indices, torch.full((40, 1), 2))
+    assert torch.equal(moe.router.expert_bias, torch.tensor([0.0, 0.0, 100.0, 0.0]))

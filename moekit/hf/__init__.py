@@ -1,0 +1,22 @@
+"""Hugging Face transformers interop (the optional ``moekit[hf]`` extra).
+
+- ``register()``: moekit as a transformers experts backend,
+  ``experts_implementation="moekit"``.
+- ``from_hf(block)`` / ``to_hf(moe, block)``: lossless, strict conversion of
+  one MoE block.
+- ``patch(model)``: replace every supported MoE block of a model with moekit
+  layers in place; ``record_aux(model)`` collects their MoEAux records;
+  ``unpatch(model)`` puts transformers blocks back (to save in its format).
+
+Only ``register`` imports transformers; conversion and patching work on the
+modules themselves. Supported blocks: ``FAMILIES``. See docs/hf.md.
+"""
+
+from moekit.hf.backend import moekit_experts_forward, register
+from moekit.hf.convert import config_from_hf, from_hf, to_hf, transfer
+from moekit.hf.families import FAMILIES, Family, family_of
+from moekit.hf.patch import MoEBlock, PatchReport, patch, record_aux, unpatch
+
+__all__ = ["FAMILIES", "Family", "MoEBlock", "PatchReport", "config_from_hf", "family_of",
+           "from_hf", "moekit_experts_forward", "patch", "record_aux", "register", "to_hf",
+           "transfer", "unpatch"]

@@ -1,0 +1,94 @@
+"""moekit as a transformers experts backend: ``experts_implementation="moekit"``.
+
+transformers (v5) runs the expert part of every MoE block through a registry
+of functions ``forward(experts_module, hidden_states [T, D], top_k_index
+[T, K], top_k_weights [T, K]) -> [T, D]``. ``register()`` adds moekit's: the
+model's own router decides, and moekit's dispatcher and grouped expert
+execution (the fused CPU op, grouped_mm on GPU) compute, on the model's own
+weights (shared, never copied).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from moekit.config import MoEConfig
+from moekit.dispatch import LocalDispatcher
+from moekit.experts import Experts
+from moekit.hf.convert import experts_activation
+from moekit.routing import Routing
+
+BACKEND_NAME = "moekit"
+
+
+def require_transformers():
+    """The transformers module, or an ImportError saying what to install."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError("moekit.hf needs transformers >= 5: pip install 'moekit[hf]'") from error
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:
+        raise ImportError(f"moekit.hf needs transformers >= 5, found {transformers.__version__}: "
+                          "pip install -U 'moekit[hf]'")
+    return transformers
+
+
+def register(name: str = BACKEND_NAME) -> None:
+    """Register moekit in transformers' experts registry under ``name``, so that
+    ``from_pretrained(..., experts_implementation="moekit")`` (or from_config,
+    or ``model.set_experts_implementation("moekit")``) uses it. Idempotent."""
+    require_transformers()
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(name, moekit_experts_forward)
+
+
+# Experts module -> (config, its parameters, view): building a view costs about
+# as much as a decode step's experts, so it is built once per module and rebuilt
+# only when the module's layout or parameter objects change. Weak: an entry
+# goes with its module.
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def experts_view(hf_experts: nn.Module) -> Experts:
+    """A moekit Experts module whose parameters are hf_experts' own (shared).
+
+    Built on the meta device, so nothing is allocated; ValueError if the
+    layout is not one moekit computes (see ``experts_activation``).
+    """
+    first = "gate_up_proj" if getattr(hf_experts, "has_gate", True) else "up_proj"
+    has_bias = bool(getattr(hf_experts, "has_bias", False))
+    num_experts, dim, expert_dim = hf_experts.down_proj.shape
+    config = MoEConfig(dim=dim, expert_dim=expert_dim, num_experts=num_experts, top_k=1,
+                       activation=experts_activation(hf_experts), bias=has_bias)
+    names = [first, "down_proj"] + ([f"{first}_bias", "down_proj_bias"] if has_bias else [])
+    parameters = [getattr(hf_experts, name) for name in names]
+    cached = _VIEWS.get(hf_experts)
+    if cached is not None and cached[0] == config \
+            and all(a is b for a, b in zip(cached[1], parameters, strict=True)):
+        return cached[2]
+    with torch.device("meta"):
+        view = Experts(config)
+    for name, parameter in zip(names, parameters, strict=True):
+        view.register_parameter(name, parameter)
+    _VIEWS[hf_experts] = (config, parameters, view)
+    return view
+
+
+def moekit_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The registered forward: hidden_states [T, D], top_k_index [T, K] int,
+    top_k_weights [T, K] -> [T, D] in hidden_states' dtype. Differentiable in
+    hidden_states, top_k_weights and the expert weights."""
+    if getattr(self, "_is_expert_parallel", False):
+        raise ValueError(f"{type(self).__name__}: transformers' expert parallelism is not supported "
+                         "by the moekit experts backend; use moekit.parallel on a patched model")
+    experts = experts_view(self)
+    # The dispatcher reads only the expert ids and combine weights of a Routing.
+    routing = Routing(top_k_index.long(), top_k_weights, None, None)
+    y_TD, _ = LocalDispatcher(experts.num_local_experts).run_experts(hidden_states, routing, experts)
+    return y_TD.to(hidden_states.dtype)

@@ -1,0 +1,165 @@
+"""Lossless conversion between a transformers MoE block and a moekit MoE.
+
+``from_hf(block)`` reads the block's routing semantics into an MoEConfig and
+moves every tensor across; ``to_hf(moe, block)`` writes them back. Conversion
+is strict: every source tensor is consumed, every target tensor is written
+(a leftover or missing key is a ValueError naming it), shapes must match, and
+values are moved bit for bit, keeping each tensor's dtype and device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.config import MoEConfig
+from moekit.hf.families import FAMILIES, Family, family_of
+from moekit.layer import MoE
+
+# transformers' hidden_act -> moekit activation, for gated (gate_up_proj) and plain experts.
+GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
+PLAIN_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu"}
+
+# Config fields that decide what a block's weights mean (not how it runs, its
+# losses or capacity: weights trained with a capacity limit load into the block).
+_ROUTING_FIELDS = frozenset({
+    "dim", "expert_dim", "num_experts", "top_k", "router", "score_func", "normalize_topk",
+    "route_scale", "num_groups", "topk_groups", "activation", "bias", "num_shared_experts",
+    "shared_expert_dim", "shared_expert_gate"})
+
+
+def require_family(block: nn.Module) -> Family:
+    """The block's Family, or a ValueError listing the supported blocks."""
+    family = family_of(block)
+    if family is None:
+        raise ValueError(f"{type(block).__name__} is not a supported transformers MoE block; "
+                         f"supported: {', '.join(sorted(FAMILIES))}")
+    return family
+
+
+def experts_activation(experts: nn.Module) -> str:
+    """moekit activation of a transformers experts module whose layout moekit
+    shares (gate_up_proj [E, 2F, D] with gate rows first, or up_proj [E, F, D];
+    down_proj [E, D, F]; biases [E, 2F]/[E, F] and [E, D] if any; act(gate) * up);
+    a ValueError naming what differs otherwise."""
+    name = type(experts).__name__
+    layout = {"is_transposed": False, "is_concatenated": True, "has_post_expert_norm": False}
+    for attribute, wanted in layout.items():
+        if getattr(experts, attribute, wanted) != wanted:
+            raise ValueError(f"{name}: {attribute}={getattr(experts, attribute)!r} is not supported "
+                             f"(moekit needs {attribute}={wanted})")
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    if apply_gate is not None and apply_gate.__qualname__ != "_default_apply_gate":
+        raise ValueError(f"{name} has its own gating function (_apply_gate); moekit supports "
+                         "act(gate) * up only")
+    hidden_act = getattr(getattr(experts, "config", None), "hidden_act", None)
+    gated = getattr(experts, "has_gate", True)
+    activations = GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS
+    if hidden_act not in activations:
+        kind = "gated" if gated else "plain"
+        raise ValueError(f"{name}: hidden_act {hidden_act!r} has no moekit equivalent for {kind} "
+                         f"experts; supported: {', '.join(activations)}")
+    return activations[hidden_act]
+
+
+def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
+    """The MoEConfig that computes what ``block`` computes.
+
+    overrides set fields the block does not determine (losses, experts_backend,
+    capacity, ...); overriding a field the block determines is a ValueError.
+    """
+    family = require_family(block)
+    gate, experts = block.gate, block.experts
+    jitter = getattr(block, "jitter_noise", 0.0)
+    if jitter:
+        raise ValueError(f"{type(block).__name__}: router_jitter_noise={jitter} jitters the "
+                         "experts' input too; moekit jitters the router input only. Set it to 0")
+    num_experts, dim, expert_dim = experts.down_proj.shape
+    fields = dict(dim=dim, expert_dim=expert_dim, num_experts=num_experts, top_k=gate.top_k,
+                  activation=experts_activation(experts),
+                  normalize_topk=family.always_normalize or bool(gate.norm_topk_prob))
+    if family.router == "sigmoid_grouped":
+        fields.update(score_func="sigmoid", route_scale=float(gate.routed_scaling_factor),
+                      expert_bias=True, num_groups=gate.num_group, topk_groups=gate.topk_group)
+    if family.shared_experts is not None:
+        shared = getattr(block, family.shared_experts)
+        fields.update(num_shared_experts=1, shared_expert_dim=shared.gate_proj.out_features,
+                      shared_expert_gate=family.shared_expert_gate)
+    determined = sorted(set(fields) & set(overrides))
+    if determined:
+        raise ValueError(f"cannot override {', '.join(determined)}: the block determines them")
+    return MoEConfig(**fields, **overrides)
+
+
+def from_hf(block: nn.Module, *, copy: bool = True, **overrides) -> MoE:
+    """A moekit MoE equivalent to a transformers MoE block (see FAMILIES).
+
+    copy=True clones every tensor; copy=False shares the block's parameters
+    and buffers (the block must not be used afterwards, as ``patch`` does).
+    overrides: MoEConfig fields the block does not determine.
+    The result is in the block's training mode.
+    """
+    config = config_from_hf(block, **overrides)
+    with torch.device("meta"):  # every tensor is replaced below: allocate nothing
+        moe = MoE(config)
+    names = require_family(block).parameter_names()
+    transfer(block, moe, {hf: ours for ours, hf in names.items()}, copy)
+    return moe.train(block.training)
+
+
+def to_hf(moe: MoE, block: nn.Module, *, copy: bool = True) -> nn.Module:
+    """Write a moekit MoE's tensors into a transformers MoE block of the same
+    family and sizes (in place), and return the block. The MoE's routing
+    configuration must be the one the block computes. The block's parameters
+    are replaced: by copies (copy=True) or by the MoE's own (copy=False)."""
+    expected = config_from_hf(block)
+    differing = sorted(n for n in _ROUTING_FIELDS if getattr(expected, n) != getattr(moe.config, n))
+    if differing:
+        raise ValueError(f"the MoE's {', '.join(differing)} differ from what "
+                         f"{type(block).__name__} computes: "
+                         + ", ".join(f"{n}={getattr(moe.config, n)!r} vs {getattr(expected, n)!r}"
+                                     for n in differing))
+    transfer(moe, block, require_family(block).parameter_names(), copy)
+    return block
+
+
+def transfer(source: nn.Module, target: nn.Module, names: dict[str, str], copy: bool = True) -> int:
+    """Move every tensor of source's state dict to target's, renamed by
+    ``names`` {source key: target key}; return how many were moved.
+
+    Strict: a source key not in names, a name not in source, a target key
+    not written or a shape mismatch is a ValueError naming the keys, raised
+    before anything is written. Values keep their dtype and device bit for bit.
+    """
+    source_state = source.state_dict(keep_vars=True)
+    target_state = target.state_dict(keep_vars=True)
+    _require_same_keys(f"source {type(source).__name__}", set(source_state), set(names))
+    _require_same_keys(f"target {type(target).__name__}", set(target_state), set(names.values()))
+    mismatched = [f"{s} {tuple(source_state[s].shape)} -> {t} {tuple(target_state[t].shape)}"
+                  for s, t in names.items() if source_state[s].shape != target_state[t].shape]
+    if mismatched:
+        raise ValueError("shape mismatch: " + "; ".join(mismatched))
+    for s, t in names.items():
+        _assign(target, t, source_state[s], copy)
+    return len(names)
+
+
+def _require_same_keys(what: str, present: set[str], expected: set[str]) -> None:
+    missing, leftover = sorted(expected - present), sorted(present - expected)
+    if missing or leftover:
+        raise ValueError(f"{what} has {len(present)} tensors, the mapping expects {len(expected)}: "
+                         f"missing {missing}, not mapped {leftover}")
+
+
+def _assign(root: nn.Module, key: str, value: torch.Tensor, copy: bool) -> None:
+    """root's tensor at ``key`` := value (cloned if copy, else shared)."""
+    module_path, _, leaf = key.rpartition(".")
+    parent = root.get_submodule(module_path)
+    if leaf in parent._parameters:
+        if copy:
+            parameter = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+        else:
+            parameter = value if isinstance(value, nn.Parameter) else nn.Parameter(value.detach())
+        parent._parameters[leaf] = parameter
+    else:
+        parent._buffers[leaf] = value.detach().clone() if copy else value.detach()

@@ -1,0 +1,187 @@
+"""Replace the MoE blocks of a loaded transformers model with moekit layers.
+
+``patch(model)`` swaps every supported block for a :class:`MoEBlock` (a moekit
+MoE behind the block's call signature) that computes the same outputs, so the
+model gets moekit's routers, diagnostics and expert parallelism.
+``record_aux(model)`` collects the moekit layers' MoEAux records of a forward;
+``unpatch(model)`` puts transformers blocks back, with the current weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from moekit.aux import MoEAux
+from moekit.hf.convert import from_hf, to_hf
+from moekit.hf.families import family_of
+from moekit.layer import MoE
+from moekit.routing import Routing
+
+ON_UNSUPPORTED = ("error", "warn")
+# Class-name endings of MoE blocks across transformers, to name the unsupported ones.
+_MOE_BLOCK_SUFFIXES = ("SparseMoeBlock", "SparseMoEBlock", "MoeBlock", "MoEBlock", "MoE", "Moe")
+
+
+class MoEBlock(nn.Module):
+    """A moekit MoE with a transformers MoE block's call signature:
+    forward(hidden_states [..., D]) -> [..., D]. ``moe`` is the moekit layer;
+    its MoEAux is returned by ``moe`` (see ``record_aux``), not by this block.
+    ``block_class`` and ``block_config`` (the replaced block's class and
+    transformers config, no tensors) let ``unpatch`` rebuild it."""
+
+    def __init__(self, moe: MoE, family: str, block_class: type[nn.Module], block_config) -> None:
+        super().__init__()
+        self.moe = moe
+        self.family = family
+        self.block_class = block_class
+        self.block_config = block_config
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.moe(hidden_states)[0]
+
+    def to_hf(self) -> nn.Module:
+        """A new transformers block of the replaced class holding this layer's
+        tensors (shared, not copied), in this block's training mode."""
+        with torch.device("meta"):  # every tensor is replaced by to_hf
+            block = self.block_class(self.block_config)
+        to_hf(self.moe, block, copy=False)
+        left = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
+        if left:
+            raise ValueError(f"{self.block_class.__name__} has tensors outside its state dict "
+                             f"that cannot be rebuilt: {left}")
+        return block.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"family={self.family!r}"
+
+
+class PatchReport(NamedTuple):
+    """What ``patch`` did: replaced {module name: family}, and unsupported
+    {module name: reason} (left in place, only with on_unsupported="warn")."""
+
+    replaced: dict[str, str]
+    unsupported: dict[str, str]
+
+    def __str__(self) -> str:
+        lines = [f"replaced {len(self.replaced)} MoE block(s)"]
+        lines += [f"  {name}: {family}" for name, family in self.replaced.items()]
+        if self.unsupported:
+            lines.append(f"left {len(self.unsupported)} unsupported block(s)")
+            lines += [f"  {name}: {reason}" for name, reason in self.unsupported.items()]
+        return "\n".join(lines)
+
+
+def patch(model: nn.Module, *, on_unsupported: str = "error", **overrides) -> PatchReport:
+    """Replace every supported MoE block of ``model`` in place with a MoEBlock
+    sharing its weights (no copy), outputs unchanged; return a PatchReport.
+
+    An MoE block moekit cannot represent is named in a ValueError, raised
+    before anything is replaced (on_unsupported="error"), or in a warning,
+    leaving it in place ("warn"). overrides: MoEConfig fields the blocks do
+    not determine (losses, experts_backend, ...), applied to every layer.
+    """
+    if on_unsupported not in ON_UNSUPPORTED:
+        raise ValueError(f"on_unsupported must be one of {ON_UNSUPPORTED}, got {on_unsupported!r}")
+    converted, unsupported = _convert_blocks(model, overrides)
+    if unsupported and on_unsupported == "error":
+        raise ValueError("unsupported MoE block(s): "
+                         + "; ".join(f"{name}: {reason}" for name, reason in unsupported.items()))
+    for name, reason in unsupported.items():
+        warnings.warn(f"moekit.hf.patch left {name} in place: {reason}", stacklevel=2)
+    replaced = {}
+    for name, (moe, family, block) in converted.items():
+        patched = MoEBlock(moe, family, type(block), block.experts.config)
+        _replace(model, name, patched)
+        _expose_router_logits(moe.router)
+        replaced[name] = family
+    return PatchReport(replaced, unsupported)
+
+
+def unpatch(model: nn.Module) -> list[str]:
+    """Undo ``patch``: put a transformers block back in place of every MoEBlock,
+    holding the moekit layer's current (possibly trained) tensors, shared; so
+    that ``save_pretrained`` writes the transformers format. Returns the names
+    restored. A layer that no longer fits its block (experts sharded by expert
+    parallelism, say) raises the ValueError of ``to_hf``, before any change."""
+    blocks = {name: m.to_hf() for name, m in model.named_modules() if isinstance(m, MoEBlock)}
+    for name, block in blocks.items():
+        _replace(model, name, block)
+    return list(blocks)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attribute = name.rpartition(".")
+    model.get_submodule(parent_name).register_module(attribute, module)
+
+
+def _expose_router_logits(router: nn.Module) -> None:
+    """Let transformers' ``output_router_logits`` (and the aux loss it computes
+    from them) record this router's logits, as it records its own routers':
+    the same hook transformers installs, on the Routing's router_logits."""
+    try:
+        from transformers.utils.output_capturing import install_output_capuring_hook
+    except ImportError:
+        warnings.warn("this transformers version cannot record the moekit routers' logits: "
+                      "output_router_logits will miss them; use moekit.hf.record_aux", stacklevel=3)
+        return
+    install_output_capuring_hook(router, "router_logits", Routing._fields.index("router_logits"))
+
+
+def _convert_blocks(model: nn.Module, overrides: dict
+                    ) -> tuple[dict[str, tuple[MoE, str, nn.Module]], dict[str, str]]:
+    """({name: (moekit MoE sharing the block's weights, family, block)},
+    {name: why not}) over the model's MoE blocks; the model is not changed."""
+    converted, unsupported = {}, {}
+    for name, block in _moe_blocks(model):
+        family = family_of(block)
+        if family is None:
+            unsupported[name] = f"{type(block).__name__} is not a supported MoE block"
+            continue
+        try:
+            converted[name] = (from_hf(block, copy=False, **overrides), family.name, block)
+        except ValueError as error:
+            unsupported[name] = str(error)
+    return converted, unsupported
+
+
+def _moe_blocks(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every MoE block, in module order: a supported block, one
+    holding a transformers experts module, or one named like an MoE block; a
+    block's own submodules are not searched, nor MoEBlocks."""
+    for name, child in module.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, MoEBlock):  # patched already
+            continue
+        if family_of(child) is not None or _looks_like_moe_block(child):
+            yield full, child
+        else:
+            yield from _moe_blocks(child, full)
+
+
+def _looks_like_moe_block(module: nn.Module) -> bool:
+    holds_experts = any(hasattr(c, "has_gate") and hasattr(c, "down_proj") for c in module.children())
+    return holds_experts or type(module).__name__.endswith(_MOE_BLOCK_SUFFIXES)
+
+
+@contextlib.contextmanager
+def record_aux(model: nn.Module) -> Iterator[list[MoEAux]]:
+    """Within the block, every moekit MoE layer of ``model`` appends the MoEAux
+    of each forward to the yielded list (in call order); nothing is kept after.
+
+        with record_aux(model) as auxes:
+            loss = model(ids, labels=ids).loss + sum(a.loss for a in auxes)
+    """
+    records: list[MoEAux] = []
+    handles = [m.register_forward_hook(lambda _m, _args, out: records.append(out[1]))
+               for m in model.modules() if isinstance(m, MoE)]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()

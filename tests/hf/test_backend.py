@@ -1,0 +1,135 @@
+"""experts_implementation="moekit" against transformers' "eager", for every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.hf.tiny import FAMILIES, gradients, tiny_model, token_ids, transformers
+
+import moekit.hf  # noqa: E402  (after the importorskip in tests.hf.tiny)
+
+moekit.hf.register()
+
+
+def _logits(model, implementation: str, ids: torch.Tensor) -> torch.Tensor:
+    model.set_experts_implementation(implementation)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_and_gradients_match_eager(family):
+    model, ids = tiny_model(family), token_ids()
+    expected = _logits(model, "eager", ids)
+    torch.testing.assert_close(_logits(model, "moekit", ids), expected, atol=1e-4, rtol=0)
+    eager_grads = gradients(model, ids)
+    model.set_experts_implementation("moekit")
+    moekit_grads = gradients(model, ids)
+    assert moekit_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(moekit_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_bf16_block_outputs_are_as_close_to_eager_as_grouped_mm(family):
+    """Whole-model bf16 logits are not compared: a near-tie that rounds the
+    other way in an early layer routes a token differently later on, between
+    transformers' own backends as well."""
+    model = tiny_model(family).to(torch.bfloat16)
+    block = model.model.layers[0].mlp
+    x = torch.randn(2, 9, 32, dtype=torch.bfloat16)
+    outputs = {}
+    for implementation in ("eager", "grouped_mm", "moekit"):
+        model.set_experts_implementation(implementation)
+        outputs[implementation] = block(x)
+    assert outputs["moekit"].dtype == torch.bfloat16
+    expected = outputs["eager"].float()
+    for implementation in ("grouped_mm", "moekit"):
+        error = (outputs[implementation].float() - expected).norm() / expected.norm()
+        assert error <= 1e-2, (implementation, error)
+
+
+def test_from_config_and_from_pretrained_select_moekit(tmp_path):
+    model, ids = tiny_model("qwen3_moe"), token_ids()
+    expected = _logits(model, "eager", ids)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path,
+                                                               experts_implementation="moekit")
+    assert loaded.config._experts_implementation == "moekit"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-4, rtol=0)
+    fresh = tiny_model("qwen3_moe", experts_implementation="moekit")
+    assert fresh.config._experts_implementation == "moekit"
+
+
+def test_empty_batch_and_an_expert_without_tokens():
+    model = tiny_model("mixtral", experts_implementation="moekit")
+    experts = model.model.layers[0].mlp.experts
+    x = torch.randn(3, 32)
+    ids = torch.tensor([[0, 1], [1, 0], [0, 1]])  # experts 2 and 3 get nothing
+    weights = torch.rand(3, 2)
+    model.set_experts_implementation("eager")
+    expected = experts(x, ids, weights)
+    model.set_experts_implementation("moekit")
+    torch.testing.assert_close(experts(x, ids, weights), expected, atol=1e-5, rtol=0)
+    empty = experts(x[:0], ids[:0], weights[:0])
+    assert empty.shape == (0, 32)
+
+
+def test_an_experts_layout_moekit_does_not_compute_is_named():
+    model = tiny_model("mixtral", experts_implementation="moekit")
+    experts = model.model.layers[0].mlp.experts
+    experts.is_transposed = True
+    with pytest.raises(ValueError, match=r"MixtralExperts: is_transposed=True is not supported"):
+        model(token_ids())
+    experts.is_transposed = False
+    experts.config.hidden_act = "tanh"
+    with pytest.raises(ValueError, match=r"hidden_act 'tanh' has no moekit equivalent"):
+        model(token_ids())
+
+
+def test_the_experts_view_shares_the_weights_and_follows_their_replacement():
+    from moekit.hf.backend import experts_view
+
+    experts = tiny_model("mixtral").model.layers[0].mlp.experts
+    view = experts_view(experts)
+    assert view.gate_up_proj is experts.gate_up_proj and view.down_proj is experts.down_proj
+    assert experts_view(experts) is view  # built once
+    experts.down_proj = torch.nn.Parameter(experts.down_proj.detach().clone())
+    rebuilt = experts_view(experts)
+    assert rebuilt is not view and rebuilt.down_proj is experts.down_proj
+
+
+@pytest.mark.parametrize("has_gate", [True, False])
+def test_experts_with_biases_or_without_a_gate_match_transformers_batched_mm(has_gate):
+    """Layouts no family above uses, on a decorated experts class of our own."""
+    from transformers.activations import ACT2FN
+    from transformers.integrations.moe import use_experts_implementation
+
+    @use_experts_implementation(has_bias=True, has_gate=has_gate)
+    class BiasedExperts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            first = "gate_up_proj" if has_gate else "up_proj"
+            width = 2 * 12 if has_gate else 12
+            self.num_experts = 4
+            self.register_parameter(first, torch.nn.Parameter(torch.randn(4, width, 16) / 4))
+            self.register_parameter(f"{first}_bias", torch.nn.Parameter(torch.randn(4, width)))
+            self.down_proj = torch.nn.Parameter(torch.randn(4, 16, 12) / 4)
+            self.down_proj_bias = torch.nn.Parameter(torch.randn(4, 16))
+            self.act_fn = ACT2FN[config.hidden_act]
+
+    config = transformers.PretrainedConfig(hidden_act="gelu")
+    config._experts_implementation = "batched_mm"
+    experts = BiasedExperts(config)
+    x = torch.randn(7, 16, requires_grad=True)
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 3], [3, 1], [1, 0], [0, 2]])
+    weights = torch.rand(7, 2)
+    expected = experts(x, ids, weights)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    config._experts_implementation = "moekit"
+    actual = experts(x, ids, weights)
+    (actual_grad,) = torch.autograd.grad(actual.square().sum(), x)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual_grad, expected_grad, atol=1e-5, rtol=1e-5)
