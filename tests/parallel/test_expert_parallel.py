@@ -75,8 +75,14 @@ def _worker(rank, world_size, result_dir, case, sizes, all_to_one, placement=Non
                os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("sizes", [[5, 11], [0, 3, 17, 64]], ids=["world2", "world4-uneven"])
+# Every case at 2 processes; at 4 (uneven, one rank empty) the four kinds of routing
+# the layout must handle: top-k dropless, aux-loss-free bias, capacity, expert choice.
+WORLD4_CASES = ("topk", "sigmoid-bias-shared", "capacity-score-shared", "expert-choice")
+
+
+@pytest.mark.parametrize("case,sizes", [
+    *[pytest.param(case, [5, 11], id=f"world2-{case}") for case in CASES],
+    *[pytest.param(case, [0, 3, 17, 64], id=f"world4-uneven-{case}") for case in WORLD4_CASES]])
 def test_expert_parallel_equals_one_process(tmp_path, case, sizes):
     results = run_distributed(_worker, len(sizes), tmp_path, case, sizes, False)
     assert sum(r["tokens_per_expert"] for r in results).tolist() == results[0]["reference"].tolist()
@@ -84,10 +90,10 @@ def test_expert_parallel_equals_one_process(tmp_path, case, sizes):
     torch.testing.assert_close(sum(r["aux_loss"] for r in results), results[0]["reference_aux_loss"])
 
 
-@pytest.mark.parametrize("case", ["topk", "capacity-position"])
-@pytest.mark.parametrize("placement", [[[3, 0, 5, 6], [1, 2, 7, 4]],
-                                       plan_placement([9.0, 1.0, 5.0, 5.0, 2.0, 8.0, 1.0, 3.0], 4)],
-                         ids=["world2", "world4-planned"])
+@pytest.mark.parametrize("case,placement", [
+    pytest.param("topk", [[3, 0, 5, 6], [1, 2, 7, 4]], id="world2-topk"),
+    pytest.param("capacity-position", plan_placement([9.0, 1.0, 5.0, 5.0, 2.0, 8.0, 1.0, 3.0], 4),
+                 id="world4-planned-capacity-position")])
 def test_any_expert_placement_gives_the_same_layer(tmp_path, case, placement):
     world_size = placement.num_devices if isinstance(placement, Placement) else len(placement)
     sizes = [7, 0, 12, 5][:world_size]
