@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--expert-parallel", action="store_true",
                        help="under torchrun: shard the experts over the processes, split each "
                             "batch over them (data + expert parallel; docs/parallel.md)")
+    train.add_argument("--placement", metavar="FILE",
+                       help="with --expert-parallel: which experts each process holds, from "
+                            "`moekit plan-placement --devices N` (no --replicas)")
     _add_training_flags(train)
 
     generate = commands.add_parser("generate", help="sample text from a trained run")
@@ -197,7 +200,7 @@ def _report(result, model_cfg, log) -> None:
         + "".join(f", {p.name}" for p in plots) + ")")
 
 
-def _start_expert_parallel(device: torch.device):
+def _start_expert_parallel(device: torch.device, placement_file: str | None):
     """Join the torchrun process group (gloo on CPU, NCCL on CUDA, one GPU per local
     rank) -> (DataExpertParallel, this rank's device)."""
     import os
@@ -206,23 +209,28 @@ def _start_expert_parallel(device: torch.device):
 
     from .lm.distributed import DataExpertParallel
 
+    from .placement import read_placement_file
+
     if "WORLD_SIZE" not in os.environ:
         raise ValueError("--expert-parallel runs under torchrun, e.g. "
                          "torchrun --nproc-per-node 2 -m moekit train --expert-parallel")
+    placement = None if placement_file is None else read_placement_file(placement_file)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DataExpertParallel(), device
+    return DataExpertParallel(placement), device
 
 
 def cmd_train(args: argparse.Namespace, log=print) -> int:
     device = _resolve_device(args.device)
     if not args.expert_parallel:
+        if args.placement:
+            raise ValueError("--placement places experts over processes: it needs --expert-parallel")
         return _train(args, device, None, log)
     import torch.distributed as dist
 
-    parallel, device = _start_expert_parallel(device)
+    parallel, device = _start_expert_parallel(device, args.placement)
     try:
         return _train(args, device, parallel, log if parallel.is_main else (lambda message: None))
     finally:

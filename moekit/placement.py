@@ -23,9 +23,11 @@ plan against exhaustive search on small cases.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -236,3 +238,16 @@ def _local_search(devices: list[list[int]], expert_loads: list[float], replicas:
         else:
             replicas[x] -= 1
             replicas[y] += 1
+
+
+def read_placement_file(path: str | Path) -> dict[str, Placement]:
+    """The placement of every MoE layer in a file written by `moekit plan-placement`
+    ({layer name: Placement}), for moekit.parallel.apply_expert_parallel or
+    `moekit train --expert-parallel --placement FILE`."""
+    path = Path(path)
+    try:
+        layers = json.loads(path.read_text())["layers"]
+        return {name: Placement.from_dict(layer) for name, layer in layers.items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} is not a placement file written by moekit plan-placement "
+                         f"({type(error).__name__}: {error})") from error

@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from moekit.placement import Placement, contiguous_placement, max_over_mean, plan_placement
+from moekit.placement import (Placement, contiguous_placement, max_over_mean, plan_placement,
+                              read_placement_file)
 
 
 def best_by_exhaustive_search(loads, num_devices, num_replicas):
@@ -137,6 +138,11 @@ def test_plan_placement_command_from_metrics_and_from_inspect(tmp_path, capsys):
     assert first["max_over_mean_contiguous"] == pytest.approx(18 / 12)
     assert first["max_over_mean_planned"] == pytest.approx(18 / 12)  # 16 + the coldest is the best
     assert Placement.from_dict(first).device_loads([16, 2, 2, 4]) == first["device_loads"]
+    planned = read_placement_file(run / "placement.json")
+    assert list(planned) == ["blocks.0.ffn", "blocks.1.ffn"] and planned["blocks.0.ffn"] == Placement.from_dict(first)
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(ValueError, match="junk.json is not a placement file"):
+        read_placement_file(tmp_path / "junk.json")
 
     inspect = tmp_path / "inspect.json"
     inspect.write_text(json.dumps({"layers": {"m": {"tokens_per_expert": [6, 0, 0, 0, 0, 2]}}}))

@@ -77,9 +77,11 @@ class SingleProcess:
 
 class DataExpertParallel(SingleProcess):
     """Data + expert parallel over the default process group (torch.distributed must
-    be initialised, e.g. by `moekit train --expert-parallel` under torchrun)."""
+    be initialised, e.g. by `moekit train --expert-parallel` under torchrun).
+    ``placement``: which experts each rank holds, as apply_expert_parallel takes it
+    (e.g. moekit.placement.read_placement_file); default contiguous blocks."""
 
-    def __init__(self) -> None:
+    def __init__(self, placement: Any = None) -> None:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -87,6 +89,7 @@ class DataExpertParallel(SingleProcess):
                              "launch with torchrun --nproc-per-node N -m moekit train --expert-parallel")
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.is_main = self.rank == 0
+        self.placement = placement
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.world_size:
@@ -96,7 +99,9 @@ class DataExpertParallel(SingleProcess):
     def prepare(self, model: nn.Module) -> nn.Module:
         from moekit.parallel import apply_expert_parallel
 
-        return apply_expert_parallel(model) if getattr(model, "moe_layers", None) else model
+        if not getattr(model, "moe_layers", None):
+            return model
+        return apply_expert_parallel(model, placement=self.placement)
 
     def local_rows(self, batch: torch.Tensor) -> torch.Tensor:
         per_rank = batch.shape[0] // self.world_size

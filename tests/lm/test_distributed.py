@@ -46,9 +46,9 @@ def _configs() -> tuple[LMConfig, TrainConfig]:
     return model_cfg, tiny_train_config(steps=6, batch_size=4, grad_accum=2, grad_clip=0.05, eval_every=2)
 
 
-def _train_worker(rank, world_size, result_dir, run_dir, stop_after, resume):
+def _train_worker(rank, world_size, result_dir, run_dir, stop_after, resume, placement=None):
     model_cfg, train_cfg = _configs()
-    parallel = DataExpertParallel()
+    parallel = DataExpertParallel(placement)
     if rank == 0:
         with pytest.raises(ValueError, match="batch_size 3 must be divisible by the number of processes"):
             parallel.check_batch_size(3)
@@ -69,7 +69,9 @@ def test_checkpoint_written_at_two_processes_resumes_at_one_and_at_two(tmp_path)
         if resumed_at == 1:
             train(model_cfg, train_cfg, synthetic_corpus(), run_dir, resume=True, **QUIET)
         else:
-            run_distributed(_train_worker, 2, tmp_path / "second", str(run_dir), None, True)
+            # resumed with experts placed out of order (as from moekit plan-placement)
+            placement = {"blocks.0.ffn": [[3, 0], [2, 1]], "blocks.1.ffn": [[1, 2], [0, 3]]}
+            run_distributed(_train_worker, 2, tmp_path / "second", str(run_dir), None, True, placement)
         _assert_same_run(run_dir, tmp_path / "straight")
 
 
@@ -96,3 +98,6 @@ def test_expert_parallel_flag_outside_torchrun_says_how_to_launch(monkeypatch, c
     with pytest.raises(SystemExit):
         main(["train", "--expert-parallel", "--steps", "1"])
     assert "torchrun --nproc-per-node 2 -m moekit train --expert-parallel" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--placement", "plan.json", "--steps", "1"])
+    assert "--placement places experts over processes: it needs --expert-parallel" in capsys.readouterr().err
