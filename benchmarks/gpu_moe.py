@@ -107,12 +107,15 @@ def _row(name: str, fn: Callable, inputs: list[torch.Tensor], grad: torch.Tensor
         with torch.no_grad():
             return fn(*inputs)
 
-    def forward_backward():
-        fn(*inputs).backward(grad)
+    def release():
         for t in (*inputs, *params):
             t.grad = None
 
-    return Row(name, forward, forward_backward, note)
+    def forward_backward():
+        fn(*inputs).backward(grad)
+        release()
+
+    return Row(name, forward, forward_backward, release, note)
 
 
 def _layer(p: Problem, backend: str) -> moekit.MoE:

@@ -17,8 +17,10 @@ Peers: a naive per-expert loop, and Hugging Face transformers' Mixtral block
 with experts_implementation "eager" and "grouped_mm" (skipped if transformers
 is not installed), all with the same weights and routing as moekit.
 Peak memory: the rise of the process's peak resident set (VmHWM, reset
-through /proc/self/clear_refs after malloc_trim) over one forward+backward;
-it sees every allocation torch makes on CPU, which tracemalloc does not.
+through /proc/self/clear_refs after malloc_trim) over one forward+backward,
+from a baseline without the previous call's gradients, so it counts the
+gradients plus every temporary; it sees every allocation torch makes on CPU,
+which tracemalloc does not.
 """
 
 from __future__ import annotations
@@ -56,11 +58,13 @@ SHAPES = {
 
 @dataclass
 class Row:
-    """A candidate: forward() and forward_backward() each run one call."""
+    """A candidate: forward() and forward_backward() each run one call;
+    release() drops the gradients a forward_backward left behind."""
 
     name: str
     forward: Callable[[], object]
     forward_backward: Callable[[], object]
+    release: Callable[[], None]
     note: str = ""
 
 
@@ -81,9 +85,12 @@ def limit_rows(shape: Shape) -> list[Row]:
     x_grad = x.clone().requires_grad_()
     grad = torch.randn(rows_count, shape.dim)
 
-    def run(chunks: int, backward: bool):
+    def release():
         for w in (w1, w2, x_grad):
             w.grad = None
+
+    def run(chunks: int, backward: bool):
+        release()
         source = x_grad if backward else x
         for part, g in zip(source.chunk(chunks), grad.chunk(chunks)):
             if backward:
@@ -92,9 +99,9 @@ def limit_rows(shape: Shape) -> list[Row]:
                 with torch.no_grad():
                     _swiglu_chain(part, w1, w2)
 
-    return [Row("limit: one chain", lambda: run(1, False), lambda: run(1, True)),
+    return [Row("limit: one chain", lambda: run(1, False), lambda: run(1, True), release),
             Row(f"limit: {shape.num_experts} chunks", lambda: run(shape.num_experts, False),
-                lambda: run(shape.num_experts, True))]
+                lambda: run(shape.num_experts, True), release)]
 
 
 # ---------------------------------------------------------------- candidates
@@ -111,13 +118,16 @@ def _timed_module(name: str, module: torch.nn.Module, x: torch.Tensor, note: str
         with torch.no_grad():
             return module(x)
 
-    def forward_backward():
+    def release():
         for p in params:
             p.grad = None
         x_grad.grad = None
+
+    def forward_backward():
+        release()
         output(module(x_grad)).backward(grad)
 
-    return Row(name, forward, forward_backward, note)
+    return Row(name, forward, forward_backward, release, note)
 
 
 class NaiveLoopMoE(torch.nn.Module):
@@ -213,9 +223,14 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_mib(fn: Callable[[], object]) -> float:
-    """Rise of the peak resident set over one call of fn (Linux only; NaN elsewhere)."""
+def peak_memory_mib(fn: Callable[[], object], release: Callable[[], None] = lambda: None) -> float:
+    """Rise of the peak resident set over one call of fn, from a baseline taken after
+    release() (Linux only; NaN elsewhere). Releasing the previous call's gradients
+    first makes the figure count the gradients fn creates plus its temporaries;
+    without it, it would depend on whether the freed gradients' pages went back to
+    the OS, which changes from call to call."""
     try:
+        release()
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         baseline = _status_kib("VmRSS")
@@ -275,7 +290,7 @@ def shape_report(key: str, shape: Shape, repeats: int, compile_rows: bool) -> st
         if bound is not None:
             cells.append(f"{f / bound:.2f}")
         cells += [f"{fb * 1e3:.1f} ±{spread[(row.name, 'fb')] * 50:.0f}%", f"{fb / limit['fb']:.2f}",
-                  f"{peak_memory_mib(row.forward_backward):.0f}"]
+                  f"{peak_memory_mib(row.forward_backward, row.release):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
