@@ -49,8 +49,8 @@ def eplb_greedy(loads: list[float], num_devices: int, num_replicas: int) -> Plac
 
 
 def main(draws: int = 10, cases=CASES, exponents=EXPONENTS) -> str:
-    lines = [f"| Zipf s | experts | devices | extra copies | contiguous | EPLB greedy | "
-             f"plan_placement | lower bound | plan ms |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| Zipf s | experts | devices | extra copies | contiguous | EPLB greedy | "
+             "plan_placement | lower bound | plan ms |", "|---|---|---|---|---|---|---|---|---|"]
     for exponent in exponents:
         for experts, devices, replicas in cases:
             rng = random.Random(experts * 1000 + devices + int(100 * exponent))  # same draws for every R

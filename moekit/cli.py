@@ -330,7 +330,7 @@ def cmd_compare(args: argparse.Namespace, log=print) -> int:
                               progress=not args.no_progress,
                               extra_config={"preset": name, "data": args.data}, log=log)
     moe_result, dense_result = results[args.moe_preset], results["dense"]
-    log(f"\n| run | validation loss (nats/byte) | tokens/s |\n|---|---|---|")
+    log("\n| run | validation loss (nats/byte) | tokens/s |\n|---|---|---|")
     for name, result in results.items():
         log(f"| {name} | {result.val_loss:.4f} | {result.tokens_per_second:.0f} |")
     log(f"\n{args.moe_preset} - dense = {moe_result.val_loss - dense_result.val_loss:+.4f} nats/byte; "
