@@ -13,6 +13,22 @@ from moekit.losses import load_balance_loss, router_z_loss, sequence_balance_los
 from moekit.routing import Routing
 
 
+def load_imbalance(tokens_per_expert: torch.Tensor) -> tuple[float, float]:
+    """(max / mean, coefficient of variation) of per-expert counts [E]; NaN, NaN
+    when there is no load."""
+    load = tokens_per_expert.double()
+    mean = load.mean().item() if load.numel() else 0.0
+    if mean == 0:
+        return math.nan, math.nan
+    return load.max().item() / mean, load.std(unbiased=False).item() / mean
+
+
+def router_entropy_sum(router_probs: torch.Tensor) -> float:
+    """Sum over tokens of the entropy (nats) of each token's router distribution [T, E]."""
+    probs = router_probs.detach().double()
+    return float(-(probs * probs.clamp_min(1e-30).log()).sum())
+
+
 class MoEAux(NamedTuple):
     """Losses and routing statistics of one MoE forward, over the T routed tokens.
 
@@ -46,16 +62,13 @@ class MoEAux(NamedTuple):
         """Plain floats: load_max_over_mean and load_cv of tokens_per_expert
         (NaN when no tokens), router_entropy (mean per-token entropy of
         router_probs, in nats), dropped_fraction, and the three losses."""
-        load = self.tokens_per_expert.double()
-        mean = load.mean().item()
-        no_load = mean == 0 or load.numel() == 0
-        probs = self.router_probs.detach().double()
-        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean().item() \
-            if probs.shape[0] else math.nan
+        max_over_mean, cv = load_imbalance(self.tokens_per_expert)
+        num_tokens = self.router_probs.shape[0]
         return {
-            "load_max_over_mean": math.nan if no_load else load.max().item() / mean,
-            "load_cv": math.nan if no_load else load.std(unbiased=False).item() / mean,
-            "router_entropy": entropy,
+            "load_max_over_mean": max_over_mean,
+            "load_cv": cv,
+            "router_entropy": router_entropy_sum(self.router_probs) / num_tokens if num_tokens
+            else math.nan,
             "dropped_fraction": float(self.dropped_fraction),
             "loss": float(self.loss.detach()),
             "balance_loss": float(self.balance_loss.detach()),

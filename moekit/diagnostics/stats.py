@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moekit.aux import MoEAux
+from moekit.aux import MoEAux, load_imbalance, router_entropy_sum
 
 BYTE_CLASSES = ("lowercase", "uppercase", "digit", "space", "newline", "punctuation",
                 "other ASCII", "non-ASCII")
@@ -96,8 +96,7 @@ class LayerStats:
         self.coactivation += (chose_TE.t() @ chose_TE).round().long().cpu()
         self.routed_per_expert += chose_TE.sum(0).round().long().cpu()
         self.tokens_per_expert += aux.tokens_per_expert.detach().long().cpu()
-        probs_TE = aux.router_probs.detach().double()
-        self.entropy_sum += float(-(probs_TE * probs_TE.clamp_min(1e-30).log()).sum())
+        self.entropy_sum += router_entropy_sum(aux.router_probs)
         self.tokens += T
         if self.token_counts is not None and token_ids_T is not None:
             self._count_tokens(ids_TK, chosen_TK, token_ids_T)
@@ -126,15 +125,14 @@ class LayerStats:
         router_entropy (mean per token, nats; at most log E), dropped_fraction,
         coactivation (fraction of the tokens choosing both i and j) and, when
         token ids were counted, specialisation (see ``specialisation``)."""
-        load = self.tokens_per_expert.double()
-        mean = load.mean().item()
+        max_over_mean, cv = load_imbalance(self.tokens_per_expert)
         routed = int(self.routed_per_expert.sum())
         kept = int(self.tokens_per_expert.sum())
         result = {
             "tokens": self.tokens,
             "tokens_per_expert": self.tokens_per_expert.tolist(),
-            "load_max_over_mean": load.max().item() / mean if mean else math.nan,
-            "load_cv": load.std(unbiased=False).item() / mean if mean else math.nan,
+            "load_max_over_mean": max_over_mean,
+            "load_cv": cv,
             "router_entropy": self.entropy_sum / self.tokens if self.tokens else math.nan,
             "max_router_entropy": math.log(self.num_experts),
             "dropped_fraction": 1.0 - kept / routed if routed else 0.0,
