@@ -13,7 +13,6 @@ from moekit.aux import MoEAux, moe_aux
 from moekit.config import MoEConfig
 from moekit.dispatch import build_dispatcher
 from moekit.experts import Experts, SharedExperts
-from moekit.losses import nonempty_sequences
 from moekit.routers import build_router
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -60,10 +59,8 @@ class MoE(nn.Module):
             y_TD = y_TD.new_zeros(x.numel() // self.config.dim, self.config.dim) \
                 .index_copy(0, real_T, y_TD)
         compute_losses = self.training and torch.is_grad_enabled()
-        global_load = None
-        if compute_losses:
-            sequences = 0 if sequence_T is None else nonempty_sequences(sequence_T, num_sequences)
-            global_load = self.dispatcher.global_load(routing, sequences)
+        global_load = self.dispatcher.global_load(routing, sequence_T, num_sequences) \
+            if compute_losses else None
         aux = moe_aux(routing, plan, self.config, compute_losses, sequence_T, num_sequences, global_load)
         return y_TD.view(x.shape), aux
 

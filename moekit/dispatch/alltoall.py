@@ -29,6 +29,7 @@ from moekit.capacity import capacity_keep_mask
 from moekit.dispatch.capacity import CapacityDispatcher
 from moekit.dispatch.local import DispatchPlan, GlobalLoad, LocalDispatcher, plan_dispatch
 from moekit.dispatch.permute import permute_tokens
+from moekit.losses import nonempty_sequences
 from moekit.experts import Experts
 from moekit.routing import Routing, expert_counts
 
@@ -76,9 +77,11 @@ class AllToAllDispatcher:
     def num_experts(self) -> int:
         return self.local.num_experts
 
-    def global_load(self, routing: Routing, sequences: int = 0) -> GlobalLoad:
+    def global_load(self, routing: Routing, sequence_T: torch.Tensor | None = None,
+                    num_sequences: int = 0) -> GlobalLoad:
         """All-reduced routed assignment counts [E] (before capacity), token and
         non-empty sequence counts: one all_reduce."""
+        sequences = 0 if sequence_T is None else nonempty_sequences(sequence_T, num_sequences)
         ids_A = routing.expert_indices.reshape(-1)
         mask = None if routing.assignment_mask is None else routing.assignment_mask.reshape(-1)
         packed = torch.cat((expert_counts(ids_A, self.num_experts, mask),

@@ -63,10 +63,11 @@ class LocalDispatcher:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
-    def global_load(self, routing: Routing, sequences: int = 0) -> GlobalLoad | None:
-        """Totals over every rank sharing these experts, for the aux losses (this
-        rank has ``sequences`` non-empty sequences); None in one process (the
-        local ones serve)."""
+    def global_load(self, routing: Routing, sequence_T: torch.Tensor | None = None,
+                    num_sequences: int = 0) -> GlobalLoad | None:
+        """Totals over every rank sharing these experts, for the aux losses
+        (sequence_T [T]: each token's sequence among num_sequences, or None);
+        None in one process (the local ones serve)."""
         return None
 
     def keep_mask(self, routing: Routing) -> torch.Tensor | None:
