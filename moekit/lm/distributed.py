@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -82,8 +83,6 @@ class DataExpertParallel(SingleProcess):
     (e.g. moekit.placement.read_placement_file); default contiguous blocks."""
 
     def __init__(self, placement: Any = None) -> None:
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("data + expert parallel training needs torch.distributed initialised; "
                              "launch with torchrun --nproc-per-node N -m moekit train --expert-parallel")
@@ -113,7 +112,6 @@ class DataExpertParallel(SingleProcess):
         all_reduce_replicated_grads(model)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
-        import torch.distributed as dist
         from moekit.parallel import is_expert_parallel
 
         grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
@@ -129,15 +127,11 @@ class DataExpertParallel(SingleProcess):
         return float(total)
 
     def mean(self, values: list[float]) -> list[float]:
-        import torch.distributed as dist
-
         packed = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(packed)
         return (packed / self.world_size).tolist()
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         tensor = tensor.clone()
         dist.all_reduce(tensor)
         return tensor
@@ -165,13 +159,9 @@ class DataExpertParallel(SingleProcess):
         load_full_optimizer_state_dict(model, optimizer, state)
 
     def broadcast(self, value: Any) -> Any:
-        import torch.distributed as dist
-
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self) -> None:
-        import torch.distributed as dist
-
         dist.barrier()
