@@ -101,3 +101,8 @@ def test_expert_parallel_flag_outside_torchrun_says_how_to_launch(monkeypatch, c
     with pytest.raises(SystemExit):
         main(["train", "--placement", "plan.json", "--steps", "1"])
     assert "--placement places experts over processes: it needs --expert-parallel" in capsys.readouterr().err
+
+
+def test_data_expert_parallel_without_a_process_group_says_how_to_launch():
+    with pytest.raises(ValueError, match="needs torch.distributed initialised; launch with torchrun"):
+        DataExpertParallel()
