@@ -81,3 +81,13 @@ def test_hf_speed_runs_at_a_tiny_batch():
     report = hf_speed.main(["mixtral"], repeats=1, batch_size=1, seq_len=8)
     for row in hf_speed.ROWS:
         assert f"| {row} | " in report
+
+
+def test_skinny_kernel_runs_at_a_tiny_shape():
+    from benchmarks import skinny_kernel
+    from moekit.experts.cpu import skinny
+    report = skinny_kernel.main([1, 3], repeats=1, dim=16, expert_dim=8, num_experts=2)
+    if skinny.available():
+        assert "| 3 | " in report and report.count("GB/s") >= 8
+    else:
+        assert "nothing was measured" in report

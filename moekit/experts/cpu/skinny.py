@@ -1,0 +1,123 @@
+"""Skinny expert products on CPU (decode): a few rows per expert against its weight matrix.
+
+    out_RN[rows of e] = x_RK[rows of e] @ w_ENK[e]^T
+
+At a few rows the product costs one read of the weights, and BLAS GEMMs read them twice
+(they pack the matrix first). skinny.c streams each weight row once; it is compiled on first
+use with the host's C compiler (moekit/experts/cpu/build.py) and called through ctypes, which
+releases the GIL. Without a compiler, or with MOEKIT_CPU_KERNELS=0, ``available()`` is False,
+the reason is in ``unavailable_reason()``, and callers fall back to torch.mm.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from moekit.experts.cpu.build import KernelBuildError, build_library
+
+# Up to this many rows per expert the kernel beats MKL's GEMM (by 1.6-2.5x at 1-8 rows on a
+# 2-core AVX2 machine, about even at 16; benchmarks/skinny_kernel.py).
+MAX_ROWS = 12
+
+_SOURCE = Path(__file__).with_name("skinny.c")
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_reason: str | None = None
+_tried = False
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library, _reason, _tried
+    with _lock:
+        if _tried:
+            return _library
+        _tried = True
+        if os.environ.get("MOEKIT_CPU_KERNELS", "1") == "0":
+            _reason = "disabled by MOEKIT_CPU_KERNELS=0"
+            return None
+        try:
+            library = ctypes.CDLL(str(build_library(_SOURCE)))
+        except (KernelBuildError, OSError) as error:
+            _reason = f"the skinny CPU kernel could not be built: {error}"
+            warnings.warn(f"{_reason}; decode-size expert products fall back to torch.mm",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        library.moekit_skinny_grouped.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
+        library.moekit_skinny_grouped.restype = None
+        _library = library
+        return library
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (building it on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel is not in use, or None when it is."""
+    _load()
+    return _reason
+
+
+def usable_for(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x and w can go through the kernel: float32 CPU tensors and the kernel available.
+    (Whether it is faster depends on the rows per expert: see MAX_ROWS.)"""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and w.device.type == "cpu" and available())
+
+
+def skinny_grouped(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    """out_RN [R, N]: rows of expert e (counts_E[e] of them, in expert order) times w_ENK[e]^T.
+
+    x_RK [R, K] and w_ENK [E, N, K] float32 on CPU; each expert's matrix w_ENK[e] must be
+    contiguous (the stack itself may be a slice). Not differentiable: for forward passes.
+    """
+    library = _load()
+    if library is None:
+        raise RuntimeError(_reason)
+    if x_RK.dtype != torch.float32 or w_ENK.dtype != torch.float32:
+        raise TypeError(f"skinny_grouped takes float32, got x {x_RK.dtype} and w {w_ENK.dtype}")
+    if x_RK.device.type != "cpu" or w_ENK.device.type != "cpu":
+        raise ValueError(f"skinny_grouped runs on CPU, got x on {x_RK.device}, w on {w_ENK.device}")
+    if x_RK.dim() != 2 or w_ENK.dim() != 3 or x_RK.shape[1] != w_ENK.shape[2]:
+        raise ValueError(f"expected x [R, K] and w [E, N, K], got {tuple(x_RK.shape)} and "
+                         f"{tuple(w_ENK.shape)}")
+    if len(counts_E) != w_ENK.shape[0] or sum(counts_E) != x_RK.shape[0] or min(counts_E, default=0) < 0:
+        raise ValueError(f"counts {list(counts_E)} must be {w_ENK.shape[0]} non-negative numbers "
+                         f"summing to the {x_RK.shape[0]} rows of x")
+    return torch.ops.moekit.skinny_grouped(x_RK, w_ENK, list(counts_E))
+
+
+# A torch operator rather than a bare ctypes call, so that torch's tools see it: FlopCounterMode
+# counts its FLOPs, the profiler names it, and torch.compile treats it as one opaque op.
+@torch.library.custom_op("moekit::skinny_grouped", mutates_args=(), device_types="cpu")
+def _skinny_grouped_op(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    num_experts, n_out, k_in = w_ENK.shape
+    if w_ENK.stride(2) != 1 or w_ENK.stride(1) != k_in:
+        w_ENK = w_ENK.contiguous()
+    x_RK = x_RK.contiguous()
+    out_RN = torch.empty(x_RK.shape[0], n_out, dtype=torch.float32)
+    counts = torch.tensor(counts_E, dtype=torch.int64)
+    expert_stride = w_ENK.stride(0) if num_experts > 1 else 0
+    _load().moekit_skinny_grouped(x_RK.data_ptr(), w_ENK.data_ptr(), expert_stride,
+                                  out_RN.data_ptr(), counts.data_ptr(), num_experts, k_in, n_out,
+                                  torch.get_num_threads())
+    return out_RN
+
+
+@_skinny_grouped_op.register_fake
+def _(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    return x_RK.new_empty(x_RK.shape[0], w_ENK.shape[1])
+
+
+@register_flop_formula(torch.ops.moekit.skinny_grouped)
+def _flops(x_shape, w_shape, counts_E, *args, out_shape=None, **kwargs) -> int:
+    return 2 * x_shape[0] * w_shape[1] * w_shape[2]
