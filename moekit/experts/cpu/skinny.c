@@ -2,7 +2,7 @@
  *
  * At a few rows per expert the product is bound by reading w once from memory. BLAS GEMMs pack
  * w first (reading it twice); these loops stream each row of w once, two rows at a time, and
- * reuse the pair from L1 for every group of four x rows. Built at run time with the host's
+ * reuse the pair from L1 for every group of up to six x rows. Built at run time with the host's
  * compiler and -march=native (moekit/experts/cpu/build.py); the vector type is a GCC/Clang
  * extension, so the same source compiles to AVX2, AVX-512 or NEON.
  *
@@ -27,7 +27,7 @@ typedef float vec8 __attribute__((vector_size(32)));
 #define KEEP_IN_REGISTER(v) ((void)0)
 #endif
 
-enum { LANES = 8, ROW_PAIR = 2, ROW_GROUP = 4 };
+enum { LANES = 8, ROW_PAIR = 2, ROW_GROUP = 6 };
 
 static inline vec8 load8(const float *p) {
     vec8 v;
@@ -42,7 +42,8 @@ static inline float sum8(vec8 v) {
 }
 
 /* out[r, o] and out[r, o + 1] for r < rows (rows <= ROW_GROUP): two weight rows against the group.
- * Inlined with a constant rows, so the accumulators stay in registers. */
+ * Inlined with a constant rows, so the 2 * rows accumulators stay in registers (12 of the 16 of
+ * AVX2 at six rows, with the two weight vectors and one x vector). */
 static inline __attribute__((always_inline)) void pair_times_group(
     const float *x, const float *w, float *out, int64_t K, int64_t N, int64_t o, const int rows) {
     const float *w0 = w + o * K, *w1 = w0 + K;
@@ -98,7 +99,9 @@ static void expert_rows(const float *x, const float *w, float *out, int64_t n, i
                 case 1: pair_times_group(xr, w, outr, K, N, o, 1); break;
                 case 2: pair_times_group(xr, w, outr, K, N, o, 2); break;
                 case 3: pair_times_group(xr, w, outr, K, N, o, 3); break;
-                default: pair_times_group(xr, w, outr, K, N, o, 4); break;
+                case 4: pair_times_group(xr, w, outr, K, N, o, 4); break;
+                case 5: pair_times_group(xr, w, outr, K, N, o, 5); break;
+                default: pair_times_group(xr, w, outr, K, N, o, 6); break;
             }
         }
     }
