@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.overrides import has_torch_function
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from moekit.experts.cpu.build import KernelBuildError, build_library
@@ -77,11 +79,11 @@ def usable_for(x: torch.Tensor, w: torch.Tensor) -> bool:
 def skinny_grouped(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
     """out_RN [R, N]: rows of expert e (counts_E[e] of them, in expert order) times w_ENK[e]^T.
 
-    x_RK [R, K] and w_ENK [E, N, K] float32 on CPU; each expert's matrix w_ENK[e] must be
-    contiguous (the stack itself may be a slice). Not differentiable: for forward passes.
+    x_RK [R, K] and w_ENK [E, N, K] float32 on CPU. The stack may be a slice (any stride between
+    experts); an expert's matrix that is not contiguous is copied. Not differentiable: for
+    forward passes.
     """
-    library = _load()
-    if library is None:
+    if _load() is None:
         raise RuntimeError(_reason)
     if x_RK.dtype != torch.float32 or w_ENK.dtype != torch.float32:
         raise TypeError(f"skinny_grouped takes float32, got x {x_RK.dtype} and w {w_ENK.dtype}")
@@ -93,24 +95,39 @@ def skinny_grouped(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts_E: list[int])
     if len(counts_E) != w_ENK.shape[0] or sum(counts_E) != x_RK.shape[0] or min(counts_E, default=0) < 0:
         raise ValueError(f"counts {list(counts_E)} must be {w_ENK.shape[0]} non-negative numbers "
                          f"summing to the {x_RK.shape[0]} rows of x")
-    return torch.ops.moekit.skinny_grouped(x_RK, w_ENK, list(counts_E))
+    if _observed(x_RK, w_ENK):
+        return torch.ops.moekit.skinny_grouped(x_RK, w_ENK, list(counts_E))
+    return _run(x_RK, w_ENK, counts_E)
 
 
-# A torch operator rather than a bare ctypes call, so that torch's tools see it: FlopCounterMode
-# counts its FLOPs, the profiler names it, and torch.compile treats it as one opaque op.
-@torch.library.custom_op("moekit::skinny_grouped", mutates_args=(), device_types="cpu")
-def _skinny_grouped_op(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+def _observed(*tensors: torch.Tensor) -> bool:
+    """Whether a torch tool watches the call (compile, a dispatch mode such as FlopCounterMode or
+    fake tensors, the profiler, a tensor subclass): then it goes through the registered operator,
+    which they see. Otherwise the ctypes call is made directly: the operator's dispatch costs
+    about 40 us, several percent of a decode-size layer."""
+    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or torch.autograd._profiler_enabled() or has_torch_function(tensors))
+
+
+def _run(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
     num_experts, n_out, k_in = w_ENK.shape
     if w_ENK.stride(2) != 1 or w_ENK.stride(1) != k_in:
         w_ENK = w_ENK.contiguous()
     x_RK = x_RK.contiguous()
     out_RN = torch.empty(x_RK.shape[0], n_out, dtype=torch.float32)
-    counts = torch.tensor(counts_E, dtype=torch.int64)
+    counts = (ctypes.c_int64 * num_experts)(*counts_E)
     expert_stride = w_ENK.stride(0) if num_experts > 1 else 0
     _load().moekit_skinny_grouped(x_RK.data_ptr(), w_ENK.data_ptr(), expert_stride,
-                                  out_RN.data_ptr(), counts.data_ptr(), num_experts, k_in, n_out,
+                                  out_RN.data_ptr(), counts, num_experts, k_in, n_out,
                                   torch.get_num_threads())
     return out_RN
+
+
+# Also a torch operator, so that torch's tools see the kernel: FlopCounterMode counts its FLOPs,
+# the profiler names it, and torch.compile treats it as one opaque op.
+@torch.library.custom_op("moekit::skinny_grouped", mutates_args=(), device_types="cpu")
+def _skinny_grouped_op(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    return _run(x_RK, w_ENK, counts_E)
 
 
 @_skinny_grouped_op.register_fake

@@ -149,3 +149,12 @@ def test_is_a_well_formed_torch_operator():
     with FlopCounterMode(display=False) as counter:
         skinny.skinny_grouped(x, w, [2, 3])
     assert counter.get_total_flops() == 2 * 5 * 7 * 12
+
+
+@needs_kernel
+def test_profiler_names_the_kernel():
+    x, w = torch.randn(3, 12), torch.randn(1, 7, 12)
+    with torch.profiler.profile() as profile:
+        out = skinny.skinny_grouped(x, w, [3])
+    assert "moekit::skinny_grouped" in {event.key for event in profile.key_averages()}
+    torch.testing.assert_close(out, skinny.skinny_grouped(x, w, [3]))  # same either way
