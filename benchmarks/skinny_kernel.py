@@ -3,10 +3,13 @@
 Run: python benchmarks/skinny_kernel.py [--rows 1 2 4 8 12 16] [--repeats N]
 For each number of rows per expert, all experts of a Mixtral-like layer (E=8, dim=1024,
 expert_dim=896: gate/up [1792, 1024] and down [1024, 896] per expert) are multiplied by their
-rows, as the fused backend does in decode:
+rows, as the fused backend does in decode. Forward products (x @ W^T):
 - skinny kernel: moekit.experts.cpu.skinny_grouped, two calls for all experts;
 - torch.mm W @ x^T per expert (the fused backend's form without the kernel);
 - torch.mm x @ W^T per expert (what a plain linear layer does).
+Backward products (the input gradients, g @ W):
+- skinny kernel with transpose=False;
+- torch.mm g @ W per expert.
 The reference is reading the same bytes: a sum over a tensor as large as the weights, timed in
 the same rounds. Timings interleave round-robin; cells are medians, with the spread.
 """
@@ -49,12 +52,15 @@ def main(rows_per_expert: list[int], repeats: int = 20, dim: int = DIM,
     lines = [f"experts {num_experts} x (gate/up [{2 * expert_dim}, {dim}] + down [{dim}, "
              f"{expert_dim}]) = {weight_bytes / 2**20:.0f} MiB float32, {torch.get_num_threads()} "
              "threads; ms (± spread), GB/s of weights read, and time / reading the bytes", "",
-             "| rows per expert | read the bytes (sum) | skinny kernel | W @ x^T per expert "
-             "| x @ W^T per expert |", "|---|---|---|---|---|"]
+             "| rows per expert | read the bytes (sum) | forward: skinny kernel | W @ x^T per expert "
+             "| x @ W^T per expert | backward: skinny kernel | g @ W per expert |",
+             "|---|---|---|---|---|---|---|"]
     for rows in rows_per_expert:
         counts = [rows] * num_experts
         x = torch.randn(rows * num_experts, dim)
         h = torch.randn(rows * num_experts, expert_dim)
+        g = torch.randn(rows * num_experts, dim)              # dL/dy, times W2 [D, F]
+        grad_h = torch.randn(rows * num_experts, 2 * expert_dim)  # dL/dh, times W1 [2F, D]
 
         def per_expert(product):
             def run():
@@ -69,6 +75,10 @@ def main(rows_per_expert: list[int], repeats: int = 20, dim: int = DIM,
                                skinny.skinny_grouped(h, w2, counts)),
             "w_xt": per_expert(lambda a, w: torch.mm(w, a.t())),
             "x_wt": per_expert(lambda a, w: torch.mm(a, w.t())),
+            "kernel_nn": lambda: (skinny.skinny_grouped(g, w2, counts, transpose=False),
+                                  skinny.skinny_grouped(grad_h, w1, counts, transpose=False)),
+            "g_w": lambda: [(torch.mm(ge, w2[e]), torch.mm(he, w1[e])) for e, (ge, he)
+                            in enumerate(zip(g.split(counts), grad_h.split(counts)))],
         }
         with torch.no_grad():
             times = _timed(functions, repeats)

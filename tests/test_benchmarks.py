@@ -88,6 +88,6 @@ def test_skinny_kernel_runs_at_a_tiny_shape():
     from moekit.experts.cpu import skinny
     report = skinny_kernel.main([1, 3], repeats=1, dim=16, expert_dim=8, num_experts=2)
     if skinny.available():
-        assert "| 3 | " in report and report.count("GB/s") >= 8
+        assert "| 3 | " in report and report.count("GB/s") >= 12
     else:
         assert "nothing was measured" in report

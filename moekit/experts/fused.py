@@ -176,6 +176,13 @@ class _FusedExperts(torch.autograd.Function):
         grad_w2 = torch.empty_like(w2_EDF) if need_w2 else None
         grad_b1 = torch.zeros_like(b1_EH) if need_b1 else None
         grad_b2 = torch.zeros_like(b2_ED) if need_b2 else None
+        # Decode-size batches: the two products with the weights (g @ W2, grad_h @ W1) for all
+        # experts at once through the skinny kernel; only the weight gradients stay per expert.
+        skinny_rows = _skinny_sized(grad_y_TD, w2_EDF, ctx.counts)
+        if skinny_rows:
+            g_RD = grad_y_TD.index_select(0, token_R)
+            ga_raw_RF = skinny.skinny_grouped(g_RD, w2_EDF, ctx.counts, transpose=False)
+            grad_h_parts = []
         start = 0
         for e, n in enumerate(ctx.counts):
             if n == 0:
@@ -185,8 +192,11 @@ class _FusedExperts(torch.autograd.Function):
                 continue
             rows = slice(start, start + n)
             tokens = token_R[rows]
-            g = grad_y_TD.index_select(0, tokens)           # dL/dy rows, before the weight
-            ga_raw = torch.mm(g, w2_EDF[e])                 # dL/da, before the weight
+            if skinny_rows:
+                g, ga_raw = g_RD[rows], ga_raw_RF[rows]
+            else:
+                g = grad_y_TD.index_select(0, tokens)       # dL/dy rows, before the weight
+                ga_raw = torch.mm(g, w2_EDF[e])             # dL/da, before the weight
             w = None if weights_R is None else weights_R[rows, None].to(ga_raw.dtype)
             a, grad_h = _activation_backward(ctx.saved_h[e], ga_raw if w is None else ga_raw * w,
                                              ctx.activation)
@@ -203,9 +213,14 @@ class _FusedExperts(torch.autograd.Function):
                 torch.mm(grad_h.t(), x_TD.index_select(0, tokens), out=grad_w1[e])
             if need_b1:
                 grad_b1[e] = grad_h.sum(0)
-            if need_x:
+            if need_x and skinny_rows:
+                grad_h_parts.append(grad_h)
+            elif need_x:
                 grad_x.index_add_(0, tokens, torch.mm(grad_h, w1_EHD[e]).to(acc))
             start += n
+        if need_x and skinny_rows and grad_h_parts:
+            grad_x.index_add_(0, token_R, skinny.skinny_grouped(torch.cat(grad_h_parts), w1_EHD,
+                                                                ctx.counts, transpose=False))
         grad_x = None if grad_x is None else grad_x.to(x_TD.dtype)
         return grad_x, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2, None, None, None
 

@@ -6,9 +6,13 @@
  * compiler and -march=native (moekit/experts/cpu/build.py); the vector type is a GCC/Clang
  * extension, so the same source compiles to AVX2, AVX-512 or NEON.
  *
+ * moekit_skinny_grouped_nn is the same for out[r, n] = sum_k x[r, k] * w[k, n] (the products of
+ * the backward pass, x @ W without a transpose): it streams the rows of w in order, adding each
+ * to the rows' outputs, which stay in L1.
+ *
  * Layouts (float32, row-major, contiguous):
  *   x   [R, K]  rows grouped by expert: counts[e] rows for expert e, in expert order
- *   w   [E, N, K] at w_expert_stride floats from one expert to the next
+ *   w   [E, N, K] (grouped) or [E, K, N] (grouped_nn), w_expert_stride floats between experts
  *   out [R, N]
  */
 #include <stdint.h>
@@ -108,14 +112,80 @@ static void expert_rows(const float *x, const float *w, float *out, int64_t n, i
     if (o < o1) single_row_dot(x, w, out, n, K, N, o);
 }
 
-/* The whole grouped product. Work units are (expert with rows, pair of weight rows), split into
- * equal contiguous ranges over the threads, so experts of any size share the cores evenly. */
-void moekit_skinny_grouped(const float *x, const float *w, int64_t w_expert_stride, float *out,
-                           const int64_t *counts, int64_t E, int64_t K, int64_t N, int num_threads) {
-    int64_t pairs = (N + ROW_PAIR - 1) / ROW_PAIR;
+/* ---- x @ W: out[r, n] = sum_k x[r, k] * w[k, n] ---- */
+
+enum { AXPY_GROUP = 4, COLUMN_UNIT = 16 };
+
+static inline void store8(float *p, vec8 v) { memcpy(p, &v, sizeof v); }
+
+/* out[r, lo:hi] += x[r, k] * w[k, lo:hi] (+ x[r, k + 1] * w[k + 1, lo:hi] when pair == 2) for
+ * r < rows (rows <= AXPY_GROUP): weight rows streamed contiguously, two at a time, into the
+ * rows' outputs, which stay in L1. Inlined with constant rows and pair. */
+static inline __attribute__((always_inline)) void group_axpy(
+    const float *x, const float *w, float *out, int64_t K, int64_t N, int64_t k, int64_t lo,
+    int64_t hi, const int rows, const int pair) {
+    const float *w0 = w + k * N, *w1 = pair == 2 ? w0 + N : w0;
+    vec8 xa[AXPY_GROUP], xb[AXPY_GROUP];
+    for (int r = 0; r < rows; ++r) {
+        xa[r] = (vec8){0} + x[r * K + k];
+        xb[r] = (vec8){0} + (pair == 2 ? x[r * K + k + 1] : 0.0f);
+    }
+    int64_t j = lo;
+    for (; j + LANES <= hi; j += LANES) {
+        vec8 a = load8(w0 + j), b = load8(w1 + j);
+        __builtin_prefetch(w0 + 4 * N + j, 0, 3);
+        if (pair == 2) __builtin_prefetch(w1 + 4 * N + j, 0, 3);
+        for (int r = 0; r < rows; ++r) {
+            vec8 o = load8(out + r * N + j) + a * xa[r];
+            if (pair == 2) o += b * xb[r];
+            store8(out + r * N + j, o);
+        }
+    }
+    for (; j < hi; ++j)
+        for (int r = 0; r < rows; ++r)
+            out[r * N + j] += x[r * K + k] * w0[j] + (pair == 2 ? x[r * K + k + 1] * w1[j] : 0.0f);
+}
+
+static inline __attribute__((always_inline)) void rows_axpy(
+    const float *x, const float *w, float *out, int64_t K, int64_t N, int64_t k, int64_t lo,
+    int64_t hi, int64_t rows, const int pair) {
+    switch (rows) {
+        case 1: group_axpy(x, w, out, K, N, k, lo, hi, 1, pair); break;
+        case 2: group_axpy(x, w, out, K, N, k, lo, hi, 2, pair); break;
+        case 3: group_axpy(x, w, out, K, N, k, lo, hi, 3, pair); break;
+        default: group_axpy(x, w, out, K, N, k, lo, hi, 4, pair); break;
+    }
+}
+
+/* Columns [lo, hi) of one expert's x @ w for all its n rows: the weight rows are read once, in
+ * order, each pair applied to every group of up to four x rows while it is in L1. */
+static void expert_columns(const float *x, const float *w, float *out, int64_t n, int64_t K,
+                           int64_t N, int64_t lo, int64_t hi) {
+    for (int64_t r = 0; r < n; ++r) memset(out + r * N + lo, 0, (size_t)(hi - lo) * sizeof(float));
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2)
+        for (int64_t r0 = 0; r0 < n; r0 += AXPY_GROUP)
+            rows_axpy(x + r0 * K, w, out + r0 * N, K, N, k, lo, hi,
+                      n - r0 < AXPY_GROUP ? n - r0 : AXPY_GROUP, 2);
+    if (k < K)
+        for (int64_t r0 = 0; r0 < n; r0 += AXPY_GROUP)
+            rows_axpy(x + r0 * K, w, out + r0 * N, K, N, k, lo, hi,
+                      n - r0 < AXPY_GROUP ? n - r0 : AXPY_GROUP, 1);
+}
+
+typedef void (*expert_part)(const float *x, const float *w, float *out, int64_t n, int64_t K,
+                            int64_t N, int64_t lo, int64_t hi);
+
+/* A grouped product over all experts. Work units are (expert with rows, `width` output columns),
+ * split into equal contiguous ranges over the threads, so experts of any size share the cores
+ * evenly; part() computes columns [lo, hi) of one expert's product. */
+static void grouped(expert_part part, int64_t width, const float *x, const float *w,
+                    int64_t w_expert_stride, float *out, const int64_t *counts, int64_t E,
+                    int64_t K, int64_t N, int num_threads) {
+    int64_t per_expert = (N + width - 1) / width;
     int64_t active = 0;
     for (int64_t e = 0; e < E; ++e) active += counts[e] > 0;
-    int64_t units = active * pairs;
+    int64_t units = active * per_expert;
     if (units == 0) return;
     int64_t first_row[E], expert_of[active];
     for (int64_t e = 0, row = 0, a = 0; e < E; ++e) {
@@ -130,12 +200,26 @@ void moekit_skinny_grouped(const float *x, const float *w, int64_t w_expert_stri
         int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
         int64_t begin = units * t / nt, end = units * (t + 1) / nt;
         while (begin < end) {
-            int64_t a = begin / pairs, pair0 = begin % pairs;
-            int64_t pair1 = end - a * pairs < pairs ? end - a * pairs : pairs;
-            int64_t e = expert_of[a], o1 = pair1 * ROW_PAIR < N ? pair1 * ROW_PAIR : N;
-            expert_rows(x + first_row[e] * K, w + e * w_expert_stride, out + first_row[e] * N,
-                        counts[e], K, N, pair0 * ROW_PAIR, o1);
-            begin = a * pairs + pair1;
+            int64_t a = begin / per_expert, unit0 = begin % per_expert;
+            int64_t unit1 = end - a * per_expert < per_expert ? end - a * per_expert : per_expert;
+            int64_t e = expert_of[a], hi = unit1 * width < N ? unit1 * width : N;
+            part(x + first_row[e] * K, w + e * w_expert_stride, out + first_row[e] * N, counts[e],
+                 K, N, unit0 * width, hi);
+            begin = a * per_expert + unit1;
         }
     }
+}
+
+/* x @ w[e]^T for w [E, N, K] */
+void moekit_skinny_grouped(const float *x, const float *w, int64_t w_expert_stride, float *out,
+                           const int64_t *counts, int64_t E, int64_t K, int64_t N, int num_threads) {
+    grouped(expert_rows, ROW_PAIR, x, w, w_expert_stride, out, counts, E, K, N, num_threads);
+}
+
+/* x @ w[e] for w [E, K, N] */
+void moekit_skinny_grouped_nn(const float *x, const float *w, int64_t w_expert_stride, float *out,
+                              const int64_t *counts, int64_t E, int64_t K, int64_t N,
+                              int num_threads) {
+    grouped(expert_columns, COLUMN_UNIT, x, w, w_expert_stride, out, counts, E, K, N,
+            num_threads);
 }

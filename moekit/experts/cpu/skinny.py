@@ -1,9 +1,10 @@
 """Skinny expert products on CPU (decode): a few rows per expert against its weight matrix.
 
-    out_RN[rows of e] = x_RK[rows of e] @ w_ENK[e]^T
+    out_RN[rows of e] = x_RK[rows of e] @ w_ENK[e]^T      (forward: transpose=True)
+    out_RN[rows of e] = x_RK[rows of e] @ w_EKN[e]        (backward: transpose=False)
 
-At a few rows the product costs one read of the weights, and BLAS GEMMs read them twice
-(they pack the matrix first). skinny.c streams each weight row once; it is compiled on first
+At a few rows the product costs one read of the weights, and BLAS GEMMs read them more than
+once (they pack the matrix first). skinny.c streams each weight element once; it is compiled on first
 use with the host's C compiler (moekit/experts/cpu/build.py) and called through ctypes, which
 releases the GIL. Without a compiler, or with MOEKIT_CPU_KERNELS=0, ``available()`` is False,
 the reason is in ``unavailable_reason()``, and callers fall back to torch.mm.
@@ -52,8 +53,9 @@ def _load() -> ctypes.CDLL | None:
                           RuntimeWarning, stacklevel=3)
             return None
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        library.moekit_skinny_grouped.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
-        library.moekit_skinny_grouped.restype = None
+        for function in (library.moekit_skinny_grouped, library.moekit_skinny_grouped_nn):
+            function.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
+            function.restype = None
         _library = library
         return library
 
@@ -76,28 +78,32 @@ def usable_for(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.device.type == "cpu" and available())
 
 
-def skinny_grouped(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
-    """out_RN [R, N]: rows of expert e (counts_E[e] of them, in expert order) times w_ENK[e]^T.
+def skinny_grouped(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], *,
+                   transpose: bool = True) -> torch.Tensor:
+    """out_RN [R, N]: the rows of expert e (counts_E[e] of them, in expert order) times its matrix,
+    w[e]^T for w [E, N, K] (transpose=True) or w[e] for w [E, K, N] (transpose=False).
 
-    x_RK [R, K] and w_ENK [E, N, K] float32 on CPU. The stack may be a slice (any stride between
-    experts); an expert's matrix that is not contiguous is copied. Not differentiable: for
-    forward passes.
+    x_RK [R, K] and w float32 on CPU. The stack may be a slice (any stride between experts); an
+    expert's matrix that is not contiguous is copied. Not differentiable: for the insides of
+    forward and backward passes.
     """
     if _load() is None:
         raise RuntimeError(_reason)
-    if x_RK.dtype != torch.float32 or w_ENK.dtype != torch.float32:
-        raise TypeError(f"skinny_grouped takes float32, got x {x_RK.dtype} and w {w_ENK.dtype}")
-    if x_RK.device.type != "cpu" or w_ENK.device.type != "cpu":
-        raise ValueError(f"skinny_grouped runs on CPU, got x on {x_RK.device}, w on {w_ENK.device}")
-    if x_RK.dim() != 2 or w_ENK.dim() != 3 or x_RK.shape[1] != w_ENK.shape[2]:
-        raise ValueError(f"expected x [R, K] and w [E, N, K], got {tuple(x_RK.shape)} and "
-                         f"{tuple(w_ENK.shape)}")
-    if len(counts_E) != w_ENK.shape[0] or sum(counts_E) != x_RK.shape[0] or min(counts_E, default=0) < 0:
-        raise ValueError(f"counts {list(counts_E)} must be {w_ENK.shape[0]} non-negative numbers "
+    if x_RK.dtype != torch.float32 or w.dtype != torch.float32:
+        raise TypeError(f"skinny_grouped takes float32, got x {x_RK.dtype} and w {w.dtype}")
+    if x_RK.device.type != "cpu" or w.device.type != "cpu":
+        raise ValueError(f"skinny_grouped runs on CPU, got x on {x_RK.device}, w on {w.device}")
+    k_axis = 2 if transpose else 1
+    if x_RK.dim() != 2 or w.dim() != 3 or x_RK.shape[1] != w.shape[k_axis]:
+        layout = "[E, N, K]" if transpose else "[E, K, N]"
+        raise ValueError(f"expected x [R, K] and w {layout}, got {tuple(x_RK.shape)} and "
+                         f"{tuple(w.shape)}")
+    if len(counts_E) != w.shape[0] or sum(counts_E) != x_RK.shape[0] or min(counts_E, default=0) < 0:
+        raise ValueError(f"counts {list(counts_E)} must be {w.shape[0]} non-negative numbers "
                          f"summing to the {x_RK.shape[0]} rows of x")
-    if _observed(x_RK, w_ENK):
-        return torch.ops.moekit.skinny_grouped(x_RK, w_ENK, list(counts_E))
-    return _run(x_RK, w_ENK, counts_E)
+    if _observed(x_RK, w):
+        return torch.ops.moekit.skinny_grouped(x_RK, w, list(counts_E), transpose)
+    return _run(x_RK, w, counts_E, transpose)
 
 
 def _observed(*tensors: torch.Tensor) -> bool:
@@ -109,32 +115,35 @@ def _observed(*tensors: torch.Tensor) -> bool:
             or torch.autograd._profiler_enabled() or has_torch_function(tensors))
 
 
-def _run(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
-    num_experts, n_out, k_in = w_ENK.shape
-    if w_ENK.stride(2) != 1 or w_ENK.stride(1) != k_in:
-        w_ENK = w_ENK.contiguous()
+def _run(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], transpose: bool) -> torch.Tensor:
+    num_experts, rows, columns = w.shape
+    if w.stride(2) != 1 or w.stride(1) != columns:
+        w = w.contiguous()
+    k_in, n_out = (columns, rows) if transpose else (rows, columns)
     x_RK = x_RK.contiguous()
     out_RN = torch.empty(x_RK.shape[0], n_out, dtype=torch.float32)
     counts = (ctypes.c_int64 * num_experts)(*counts_E)
-    expert_stride = w_ENK.stride(0) if num_experts > 1 else 0
-    _load().moekit_skinny_grouped(x_RK.data_ptr(), w_ENK.data_ptr(), expert_stride,
-                                  out_RN.data_ptr(), counts, num_experts, k_in, n_out,
-                                  torch.get_num_threads())
+    expert_stride = w.stride(0) if num_experts > 1 else 0
+    library = _load()
+    function = library.moekit_skinny_grouped if transpose else library.moekit_skinny_grouped_nn
+    function(x_RK.data_ptr(), w.data_ptr(), expert_stride, out_RN.data_ptr(), counts, num_experts,
+             k_in, n_out, torch.get_num_threads())
     return out_RN
 
 
 # Also a torch operator, so that torch's tools see the kernel: FlopCounterMode counts its FLOPs,
 # the profiler names it, and torch.compile treats it as one opaque op.
 @torch.library.custom_op("moekit::skinny_grouped", mutates_args=(), device_types="cpu")
-def _skinny_grouped_op(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
-    return _run(x_RK, w_ENK, counts_E)
+def _skinny_grouped_op(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int],
+                       transpose: bool) -> torch.Tensor:
+    return _run(x_RK, w, counts_E, transpose)
 
 
 @_skinny_grouped_op.register_fake
-def _(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
-    return x_RK.new_empty(x_RK.shape[0], w_ENK.shape[1])
+def _(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], transpose: bool) -> torch.Tensor:
+    return x_RK.new_empty(x_RK.shape[0], w.shape[1] if transpose else w.shape[2])
 
 
 @register_flop_formula(torch.ops.moekit.skinny_grouped)
-def _flops(x_shape, w_shape, counts_E, *args, out_shape=None, **kwargs) -> int:
+def _flops(x_shape, w_shape, counts_E, transpose, *args, out_shape=None, **kwargs) -> int:
     return 2 * x_shape[0] * w_shape[1] * w_shape[2]

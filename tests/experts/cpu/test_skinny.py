@@ -17,52 +17,64 @@ needs_kernel = pytest.mark.skipif(not skinny.available(),
                                   reason=f"no skinny kernel: {skinny.unavailable_reason()}")
 
 
-def _reference(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    parts = [x.double() @ w_ENK[e].double().t() for e, x in enumerate(x_RK.split(counts))]
-    return torch.cat(parts) if parts else torch.zeros(0, w_ENK.shape[1], dtype=torch.float64)
+def _reference(x_RK: torch.Tensor, w: torch.Tensor, counts: list[int],
+               transpose: bool = True) -> torch.Tensor:
+    """float64 x_e @ w[e]^T (w [E, N, K]) or x_e @ w[e] (w [E, K, N]), expert by expert."""
+    matrices = w.double().transpose(1, 2) if transpose else w.double()
+    parts = [x.double() @ matrices[e] for e, x in enumerate(x_RK.split(counts))]
+    return torch.cat(parts)
+
+
+def _stack(num_experts: int, n_out: int, k_in: int, transpose: bool, generator=None) -> torch.Tensor:
+    shape = (num_experts, n_out, k_in) if transpose else (num_experts, k_in, n_out)
+    return torch.randn(*shape, generator=generator)
 
 
 @needs_kernel
 @pytest.mark.parametrize("k_in", [1, 7, 8, 13, 1000])
 @pytest.mark.parametrize("n_out", [1, 2, 3, 17])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_grouped_product_matches_float64(k_in, n_out, threads):
+@pytest.mark.parametrize("transpose", [True, False])
+def test_grouped_product_matches_float64(k_in, n_out, threads, transpose):
     generator = torch.Generator().manual_seed(k_in * 100 + n_out)
     counts = torch.randint(0, 13, (5,), generator=generator).tolist()
     counts[1] = 0  # always one expert without rows
     x = torch.randn(sum(counts), k_in, generator=generator)
-    w = torch.randn(5, n_out, k_in, generator=generator)
+    w = _stack(5, n_out, k_in, transpose, generator)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = skinny.skinny_grouped(x, w, counts)
+        out = skinny.skinny_grouped(x, w, counts, transpose=transpose)
     finally:
         torch.set_num_threads(previous)
-    expected = _reference(x, w, counts)
+    expected = _reference(x, w, counts, transpose)
     # float32 dot products of length K: error grows like sqrt(K) * eps * |x| |w|
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * k_in ** 0.5)
 
 
 @needs_kernel
-def test_every_row_count_up_to_the_limit():
+@pytest.mark.parametrize("transpose", [True, False])
+def test_every_row_count_up_to_the_limit(transpose):
     torch.manual_seed(0)
-    w = torch.randn(1, 6, 40)
+    w = _stack(1, 37, 40, transpose)
     for rows in range(skinny.MAX_ROWS + 1):
         x = torch.randn(rows, 40)
-        torch.testing.assert_close(skinny.skinny_grouped(x, w, [rows]).double(),
-                                   _reference(x, w, [rows]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(skinny.skinny_grouped(x, w, [rows], transpose=transpose).double(),
+                                   _reference(x, w, [rows], transpose), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
-def test_strided_inputs():
+@pytest.mark.parametrize("transpose", [True, False])
+def test_strided_inputs(transpose):
     torch.manual_seed(0)
-    w = torch.randn(6, 10, 24)
+    w = _stack(6, 24, 24, transpose)
     x = torch.randn(24, 7).t()  # [7, 24], not contiguous
-    cases = [(w[::2], x, [3, 0, 4]),                         # a stride of two experts
-             (w[:, :, :16], x[:, :16], [3, 0, 4, 0, 0, 0])]  # no expert's matrix contiguous
+    cases = [(w[::2], x, [3, 0, 4]),                          # a stride of two experts
+             (w[:, :16, :16], x[:, :16], [3, 0, 4, 0, 0, 0])]  # no expert's matrix contiguous
     for stack, rows, counts in cases:
-        torch.testing.assert_close(skinny.skinny_grouped(rows, stack, counts).double(),
-                                   _reference(rows, stack, counts), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            skinny.skinny_grouped(rows, stack, counts, transpose=transpose).double(),
+            _reference(rows, stack, counts, transpose), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
@@ -76,6 +88,8 @@ def test_bad_inputs_are_named():
         skinny.skinny_grouped(x, w, [3, 2])
     with pytest.raises(ValueError, match=r"counts \[5, -1\]"):
         skinny.skinny_grouped(x, w, [5, -1])
+    with pytest.raises(ValueError, match=r"w \[E, K, N\], got \(4, 8\) and \(2, 3, 8\)"):
+        skinny.skinny_grouped(x, w, [2, 2], transpose=False)
 
 
 @needs_kernel
@@ -89,7 +103,7 @@ def test_decode_path_equals_the_per_expert_path(activation, bias, monkeypatch):
     x = torch.randn(2, 7, 40)
     calls = []
     real = skinny.skinny_grouped
-    monkeypatch.setattr(skinny, "skinny_grouped", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(skinny, "skinny_grouped", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def run():
         inputs = x.clone().requires_grad_()
@@ -144,7 +158,7 @@ def test_is_a_well_formed_torch_operator():
     """Fake tensors, torch.compile and FlopCounterMode see the kernel as an operator."""
     from torch.utils.flop_counter import FlopCounterMode
     x, w = torch.randn(5, 12), torch.randn(2, 7, 12)
-    torch.library.opcheck(torch.ops.moekit.skinny_grouped.default, (x, w, [2, 3]),
+    torch.library.opcheck(torch.ops.moekit.skinny_grouped.default, (x, w, [2, 3], True),
                           test_utils=("test_schema", "test_faketensor"))
     with FlopCounterMode(display=False) as counter:
         skinny.skinny_grouped(x, w, [2, 3])
