@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import moekit
+from moekit.experts.cpu import skinny
 
 
 @dataclass(frozen=True)
@@ -298,8 +299,10 @@ def shape_report(key: str, shape: Shape, repeats: int, compile_rows: bool) -> st
 def main(shapes: list[str], repeats: int = 5, compile_rows: bool = True,
          custom: Shape | None = None) -> str:
     torch.manual_seed(0)
+    kernel = skinny.unavailable_reason()
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"moekit {moekit.__version__}")
+              f"moekit {moekit.__version__}, skinny decode kernel "
+              + ("on" if kernel is None else f"off ({kernel})"))
     targets = {"custom": custom} if custom else {k: SHAPES[k] for k in shapes}
     report = "\n\n".join([header] + [shape_report(k, s, repeats, compile_rows)
                                      for k, s in targets.items()])

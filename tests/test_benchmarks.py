@@ -22,6 +22,7 @@ def test_moe_speed_runs_at_a_tiny_shape():
     assert "| moekit dropless (backend fused) |" in report
     assert "| naive per-expert loop |" in report
     assert "weight-streaming bound" in report  # small token counts get the decode bound
+    assert "skinny decode kernel o" in report
 
 
 def test_lm_throughput_runs_at_a_small_batch():
