@@ -18,8 +18,11 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-NATIVE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-PORTABLE_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# -ffp-contract=fast: ISO C mode would otherwise keep a * b + c as a multiply and an add
+# instead of one fused multiply-add (half the throughput of the kernels' inner loops).
+NATIVE_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC",
+                "-std=c11"]
+PORTABLE_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
 class KernelBuildError(RuntimeError):

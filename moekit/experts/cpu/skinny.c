@@ -66,6 +66,7 @@ static inline __attribute__((always_inline)) void pair_times_group(
         KEEP_IN_REGISTER(b);
         for (int r = 0; r < rows; ++r) {
             vec8 xv = load8(x + r * K + i);
+            KEEP_IN_REGISTER(xv);
             acc0[r] += a * xv;
             acc1[r] += b * xv;
         }
