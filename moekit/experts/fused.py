@@ -15,6 +15,12 @@ forward FLOPs: g_e @ W2[e] gives both the activation gradient and the
 combine-weight gradient (act(h_e) * (g_e @ W2[e])).sum(-1) (+ g_e . b2[e]),
 so the expert output is never stored.
 
+Decode-size batches (every expert at most skinny.MAX_ROWS rows, float32) take the
+products with the weights through the skinny CPU kernel (moekit/experts/cpu), which
+reads each weight once: forward as one call per matrix for all experts, with the
+activation as one op over all R rows ([R, 2F] is small there); backward the
+input-gradient products likewise, the weight gradients per expert as above.
+
 Deterministic on CPU (index_add_ accumulates rows in order). Not for CUDA,
 where index_add_ uses atomics. Not twice differentiable. Under torch.compile
 it runs eagerly between the compiled parts (router, dispatch planning).
@@ -31,18 +37,18 @@ from moekit.experts.activations import apply_activation
 from moekit.experts.cpu import skinny
 
 
-# Up to this many rows per expert, products are taken as W @ x^T: MKL's GEMM
-# packs the weight matrix for a skinny x @ W^T, which costs 2-4x the weight
-# read at a few rows (decode), while W @ x^T with x^T column-major streams it
-# (measured on this 2-core AVX2 machine; see docs/benchmarks.md).
-SKINNY_ROWS = 256
+# Up to this many rows per expert (above the skinny kernel's range, or without it),
+# products are taken as W @ x^T: MKL's GEMM packs the weight matrix for a skinny
+# x @ W^T, which costs 2-4x the weight read at a few rows, while W @ x^T with x^T
+# column-major streams it (measured on a 2-core AVX2 machine; docs/benchmarks.md).
+WEIGHT_FIRST_ROWS = 256
 
 
 def _rows_times_weight_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [n, K] @ w[N, K]^T -> [n, N], in the faster form for n."""
     if x.shape[0] <= skinny.MAX_ROWS and skinny.usable_for(x, w):
         return skinny.skinny_grouped(x, w.unsqueeze(0), [x.shape[0]])
-    if x.shape[0] <= SKINNY_ROWS:
+    if x.shape[0] <= WEIGHT_FIRST_ROWS:
         return torch.mm(w, x.t()).t()
     return torch.mm(x, w.t())
 
@@ -124,7 +130,7 @@ def skinny_experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R:
     """experts_forward for decode-size batches (every expert at most skinny.MAX_ROWS rows, float32):
     all experts' products in two kernel calls and every other step as one op over all R rows,
     instead of a dozen small ops per expert. Same result, same saved_h."""
-    counts_E = torch.tensor(counts)
+    counts_E = torch.tensor(counts)  # for repeating each expert's bias over its rows
     h_RH = skinny.skinny_grouped(x_TD.index_select(0, token_R), w1_EHD, counts)
     if b1_EH is not None:
         h_RH += b1_EH.repeat_interleave(counts_E, dim=0)

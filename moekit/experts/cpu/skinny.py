@@ -4,9 +4,9 @@
     out_RN[rows of e] = x_RK[rows of e] @ w_EKN[e]        (backward: transpose=False)
 
 At a few rows the product costs one read of the weights, and BLAS GEMMs read them more than
-once (they pack the matrix first). skinny.c streams each weight element once; it is compiled on first
-use with the host's C compiler (moekit/experts/cpu/build.py) and called through ctypes, which
-releases the GIL. Without a compiler, or with MOEKIT_CPU_KERNELS=0, ``available()`` is False,
+once (they pack the matrix first). skinny.c streams each weight element once; it is compiled
+on first use with the host's C compiler (moekit/experts/cpu/build.py) and called through
+ctypes, which releases the GIL. Without a compiler, or with MOEKIT_CPU_KERNELS=0, ``available()`` is False,
 the reason is in ``unavailable_reason()``, and callers fall back to torch.mm.
 """
 
@@ -25,8 +25,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from moekit.experts.cpu.build import KernelBuildError, build_library
 
-# Up to this many rows per expert the kernel beats MKL's GEMM (by 1.6-2.5x at 1-8 rows on a
-# 2-core AVX2 machine, about even at 16; benchmarks/skinny_kernel.py).
+# Up to this many rows per expert the kernel beats MKL's GEMM (1.4-4x at 1-12 rows on a 2-core
+# AVX2 machine, forward and backward forms, about level at 16; benchmarks/skinny_kernel.py).
 MAX_ROWS = 12
 
 _SOURCE = Path(__file__).with_name("skinny.c")
