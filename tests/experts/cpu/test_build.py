@@ -62,3 +62,21 @@ def test_build_failure_warns_and_falls_back(tmp_path):
     shape, warnings_seen, reason = result.stdout.splitlines()
     assert shape == "torch.Size([3, 8])" and warnings_seen == "1"
     assert reason.startswith("the skinny CPU kernel could not be built: ") and "failed" in reason
+
+
+def test_missing_compiler_is_named(monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    with pytest.raises(build.KernelBuildError, match=r"no C compiler found \(tried \$CC"):
+        build.build_library(SOURCE)
+
+
+def test_compiler_that_cannot_start_is_named(tmp_path, monkeypatch):
+    not_a_program = tmp_path / "cc"
+    not_a_program.write_bytes(b"\x00\x01 not an executable")
+    not_a_program.chmod(0o755)
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(not_a_program))
+    with pytest.raises(build.KernelBuildError, match=r"cc could not run: .*Exec format error"):
+        build.build_library(SOURCE)
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -90,6 +90,16 @@ def test_bad_inputs_are_named():
         skinny.skinny_grouped(x, w, [5, -1])
     with pytest.raises(ValueError, match=r"w \[E, K, N\], got \(4, 8\) and \(2, 3, 8\)"):
         skinny.skinny_grouped(x, w, [2, 2], transpose=False)
+    with pytest.raises(ValueError, match="runs on CPU, got x on meta, w on cpu"):
+        skinny.skinny_grouped(x.to("meta"), w, [2, 2])
+
+
+def test_unavailable_kernel_says_why(monkeypatch):
+    monkeypatch.setattr(skinny, "_tried", True)
+    monkeypatch.setattr(skinny, "_library", None)
+    monkeypatch.setattr(skinny, "_reason", "disabled by MOEKIT_CPU_KERNELS=0")
+    with pytest.raises(RuntimeError, match="disabled by MOEKIT_CPU_KERNELS=0"):
+        skinny.skinny_grouped(torch.randn(2, 8), torch.randn(1, 3, 8), [2])
 
 
 @needs_kernel
