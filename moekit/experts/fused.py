@@ -20,6 +20,8 @@ products with the weights through the skinny CPU kernel (moekit/experts/cpu), wh
 reads each weight once: forward as one call per matrix for all experts, with the
 activation as one op over all R rows ([R, 2F] is small there); backward the
 input-gradient products likewise, the weight gradients per expert as above.
+Without gradients such a batch skips this op altogether: the dispatcher hands it to
+Experts.forward_decode, one C call for the whole FFN (moekit/experts/cpu/decode.py).
 
 Deterministic on CPU (index_add_ accumulates rows in order). Not for CUDA,
 where index_add_ uses atomics. Not twice differentiable. Under torch.compile

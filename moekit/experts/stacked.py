@@ -17,6 +17,7 @@ from torch import nn
 
 from moekit.config import MoEConfig
 from moekit.experts.activations import apply_activation
+from moekit.experts.cpu import decode, skinny
 from moekit.experts.fused import fused_experts
 from moekit.experts.grouped import grouped_matmul, grouped_mm_supports
 from moekit.experts.loop import loop_matmul
@@ -147,6 +148,26 @@ class Experts(nn.Module):
         token_R = torch.div(order_R, top_k, rounding_mode="floor")
         return fused_experts(x_TD, token_R, weights_R, counts, self.first_proj, self.down_proj,
                              self.config.activation, self.first_proj_bias, self.down_proj_bias)
+
+    def forward_decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor,
+                       weights_TK: torch.Tensor) -> decode.DecodedExperts | None:
+        """The fused backend's inference path for decode-size batches: every choice of every
+        token (ids_TK, weights_TK [T, K], none dropped) through its expert and combined, in one
+        C call (experts/cpu/decode.py). None where it does not apply: another backend, not float32,
+        a gradient to record, a torch tool watching (compile, FlopCounterMode, the profiler), the
+        kernel unavailable, or an expert with more than skinny.MAX_ROWS rows."""
+        if (self.backend_for(x_TD.dtype) != "fused" or x_TD.dtype != torch.float32
+                or weights_TK.dtype != torch.float32
+                or ids_TK.numel() > self.num_local_experts * skinny.MAX_ROWS):
+            return None
+        params = [p for p in (self.first_proj, self.down_proj, self.first_proj_bias,
+                              self.down_proj_bias) if p is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights_TK, *params)):
+            return None
+        if skinny.observed(x_TD, *params) or not skinny.available():
+            return None
+        return decode.skinny_ffn(x_TD, ids_TK, weights_TK, self.first_proj, self.down_proj,
+                                 self.config.activation, self.first_proj_bias, self.down_proj_bias)
 
     def forward(self, rows_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """rows_RD: [R, D] grouped by expert; counts_E: [E] ints summing to R -> [R, D]."""

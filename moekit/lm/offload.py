@@ -27,6 +27,8 @@ from safetensors import safe_open
 from torch import nn
 
 from ..config import MoEConfig
+from ..experts.cpu import skinny
+from ..experts.cpu.decode import DecodedExperts, skinny_ffn_fetched
 from ..experts.fused import ExpertWeights, experts_forward
 from ..layer import MoE
 from .checkpoint import MODEL_FILE, CheckpointError, read_run_config
@@ -172,6 +174,18 @@ class OffloadedExperts(nn.Module):
         token_R = torch.div(order_R, top_k, rounding_mode="floor")
         return experts_forward(x_TD, token_R, weights_R, counts_E.tolist(),
                                lambda e: self.cache.get(self.layer, e), self.config.activation)
+
+    def forward_decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor,
+                       weights_TK: torch.Tensor) -> DecodedExperts | None:
+        """As Experts.forward_decode, each expert with rows fetched from the cache in expert
+        order (so the resident and the offloaded model give the same bits)."""
+        if x_TD.dtype != torch.float32 or weights_TK.dtype != torch.float32 \
+                or x_TD.device.type != "cpu" or (torch.is_grad_enabled() and x_TD.requires_grad) \
+                or skinny.observed(x_TD) or not skinny.available():
+            return None
+        return skinny_ffn_fetched(x_TD, ids_TK, weights_TK, lambda e: self.cache.get(self.layer, e),
+                                  self.config.num_experts, self.config.expert_dim,
+                                  self.config.activation)
 
     def forward(self, rows_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         order_R = torch.arange(rows_RD.shape[0], device=rows_RD.device)

@@ -23,6 +23,7 @@ from pathlib import Path
 NATIVE_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC",
                 "-std=c11"]
 PORTABLE_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+LIBRARIES = ["-lm"]  # after the source, where the linker looks for what it still needs
 
 
 class KernelBuildError(RuntimeError):
@@ -62,7 +63,8 @@ def build_library(source: Path) -> Path:
     code = source.read_bytes()
     failures = []
     for flags in (NATIVE_FLAGS, PORTABLE_FLAGS):
-        key = hashlib.sha256(b"\0".join([code, compiler.encode(), " ".join(flags).encode(),
+        command = " ".join(flags + LIBRARIES)
+        key = hashlib.sha256(b"\0".join([code, compiler.encode(), command.encode(),
                                          platform.machine().encode(), cpu_features().encode()]))
         target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
         if target.exists():
@@ -85,7 +87,7 @@ def _compile(compiler: str, flags: list[str], source: Path, target: Path) -> Non
         raise KernelBuildError(f"cannot write to the kernel cache {target.parent}: {error}") from error
     try:
         try:
-            result = subprocess.run([compiler, *flags, str(source), "-o", partial],
+            result = subprocess.run([compiler, *flags, str(source), "-o", partial, *LIBRARIES],
                                     capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as error:
             raise KernelBuildError(f"{compiler} could not run: {error}") from error

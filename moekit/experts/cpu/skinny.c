@@ -17,7 +17,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #include <omp.h>
+#include <stdlib.h>
 
 typedef float vec8 __attribute__((vector_size(32)));
 
@@ -176,38 +178,53 @@ static void expert_columns(const float *x, const float *w, float *out, int64_t n
 typedef void (*expert_part)(const float *x, const float *w, float *out, int64_t n, int64_t K,
                             int64_t N, int64_t lo, int64_t hi);
 
-/* A grouped product over all experts. Work units are (expert with rows, `width` output columns),
- * split into equal contiguous ranges over the threads, so experts of any size share the cores
- * evenly; part() computes columns [lo, hi) of one expert's product. */
-static void grouped(expert_part part, int64_t width, const float *x, const float *w,
-                    int64_t w_expert_stride, float *out, const int64_t *counts, int64_t E,
-                    int64_t K, int64_t N, int num_threads) {
+/* A grouped product over all experts, for the calling thread of a team of nt (inside a parallel
+ * region). Work units are (expert with rows, `width` output columns), split into equal contiguous
+ * ranges over the threads, so experts of any size share the cores evenly; part() computes columns
+ * [lo, hi) of one expert's product. first_row[e] is expert e's first row of x and out. */
+static void grouped_share(expert_part part, int64_t width, const float *x,
+                          const float *const *w_of, float *out, const int64_t *counts,
+                          const int64_t *first_row, int64_t E, int64_t K, int64_t N, int64_t t,
+                          int64_t nt) {
     int64_t per_expert = (N + width - 1) / width;
     int64_t active = 0;
     for (int64_t e = 0; e < E; ++e) active += counts[e] > 0;
     int64_t units = active * per_expert;
-    if (units == 0) return;
-    int64_t first_row[E], expert_of[active];
-    for (int64_t e = 0, row = 0, a = 0; e < E; ++e) {
+    int64_t begin = units * t / nt, end = units * (t + 1) / nt;
+    /* the a-th expert with rows holds units [a * per_expert, (a + 1) * per_expert) */
+    int64_t e = 0, a = 0;
+    while (begin < end) {
+        int64_t wanted = begin / per_expert;
+        for (; counts[e] == 0 || a < wanted; ++e) a += counts[e] > 0;
+        int64_t unit0 = begin % per_expert;
+        int64_t left = end - wanted * per_expert, unit1 = left < per_expert ? left : per_expert;
+        int64_t hi = unit1 * width < N ? unit1 * width : N;
+        part(x + first_row[e] * K, w_of[e], out + first_row[e] * N, counts[e], K, N, unit0 * width,
+             hi);
+        begin = wanted * per_expert + unit1;
+    }
+}
+
+static int team_size(int num_threads, int64_t work) {
+    if (num_threads < 1) num_threads = 1;
+    return work < num_threads ? (int)(work > 0 ? work : 1) : num_threads;
+}
+
+static void grouped(expert_part part, int64_t width, const float *x, const float *w,
+                    int64_t w_expert_stride, float *out, const int64_t *counts, int64_t E,
+                    int64_t K, int64_t N, int num_threads) {
+    int64_t first_row[E], active = 0;
+    const float *w_of[E];
+    for (int64_t e = 0, row = 0; e < E; ++e) {
+        w_of[e] = w + e * w_expert_stride;
         first_row[e] = row;
         row += counts[e];
-        if (counts[e] > 0) expert_of[a++] = e;
+        active += counts[e] > 0;
     }
-    if (num_threads < 1) num_threads = 1;
-    if (num_threads > units) num_threads = (int)units;
-#pragma omp parallel num_threads(num_threads)
-    {
-        int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        int64_t begin = units * t / nt, end = units * (t + 1) / nt;
-        while (begin < end) {
-            int64_t a = begin / per_expert, unit0 = begin % per_expert;
-            int64_t unit1 = end - a * per_expert < per_expert ? end - a * per_expert : per_expert;
-            int64_t e = expert_of[a], hi = unit1 * width < N ? unit1 * width : N;
-            part(x + first_row[e] * K, w + e * w_expert_stride, out + first_row[e] * N, counts[e],
-                 K, N, unit0 * width, hi);
-            begin = a * per_expert + unit1;
-        }
-    }
+    if (active == 0) return;
+#pragma omp parallel num_threads(team_size(num_threads, active * ((N + width - 1) / width)))
+    grouped_share(part, width, x, w_of, out, counts, first_row, E, K, N, omp_get_thread_num(),
+                  omp_get_num_threads());
 }
 
 /* x @ w[e]^T for w [E, N, K] */
@@ -222,4 +239,114 @@ void moekit_skinny_grouped_nn(const float *x, const float *w, int64_t w_expert_s
                               int num_threads) {
     grouped(expert_columns, COLUMN_UNIT, x, w, w_expert_stride, out, counts, E, K, N,
             num_threads);
+}
+
+/* ---- the whole expert FFN of a decode step ----
+ *
+ * y[t] = sum_j weights[t, j] * FFN_{ids[t, j]}(x[t]), FFN_e(v) = act(v @ w1[e]^T + b1[e]) @ w2[e]^T
+ * + b2[e], in one call: the assignments sorted by expert (stable), the rows gathered, both
+ * products through the kernels above, the activation and the combine over the j of each token
+ * in order, all in one team of threads.
+ *
+ * Layouts (float32 unless noted, row-major, contiguous within an expert):
+ *   x [T, D]; ids [T, K] int64; weights [T, K]
+ *   w1[e] [H, D] (H = 2F gated: rows [0, F) gate, [F, 2F) up; else H = F), w2[e] [D, F]: arrays of
+ *   E pointers, each expert's matrix row-major and contiguous (an expert without rows may be NULL);
+ *   b1[e] [H], b2[e] [D]: arrays of E pointers, or NULL for no bias
+ *   y [T, D]; order [T * K] int64 (the assignment t * K + j of each row, grouped by expert);
+ *   counts [E] int64
+ * Returns 0 when y is written; 1 when an expert would get more than max_rows rows (order and
+ * counts are written, y is not); -1 when an id is outside [0, E) (nothing else is written
+ * reliably); -2 when scratch memory could not be allocated.
+ */
+enum { ACT_SWIGLU = 0, ACT_GEGLU = 1, ACT_GELU = 2, ACT_RELU = 3, ACT_SILU = 4 };
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+static inline float gelu(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
+
+static inline float activate(int activation, float v) {
+    switch (activation) {
+        case ACT_GEGLU:
+        case ACT_GELU: return gelu(v);
+        case ACT_RELU: return v > 0.0f ? v : 0.0f;
+        default: return silu(v);
+    }
+}
+
+/* a[f] = weight * act(h + b1) for one row: h [H], b1 [H] or NULL, a [F]. */
+static void activate_row(int activation, const float *h, const float *b1, float weight, float *a,
+                         int64_t F) {
+    int gated = activation == ACT_SWIGLU || activation == ACT_GEGLU;
+    for (int64_t f = 0; f < F; ++f) {
+        float v = h[f] + (b1 ? b1[f] : 0.0f);
+        float value = activate(activation, v);
+        if (gated) value *= h[F + f] + (b1 ? b1[F + f] : 0.0f);
+        a[f] = weight * value;
+    }
+}
+
+int moekit_skinny_ffn(const float *x, const int64_t *ids, const float *weights, int64_t T,
+                      int64_t K, const float *const *w1, const float *const *w2,
+                      const float *const *b1, const float *const *b2, int64_t E, int64_t D,
+                      int64_t F, int activation, int64_t max_rows, float *y, int64_t *order,
+                      int64_t *counts, int num_threads) {
+    int64_t A = T * K, H = activation == ACT_SWIGLU || activation == ACT_GEGLU ? 2 * F : F;
+    for (int64_t e = 0; e < E; ++e) counts[e] = 0;
+    for (int64_t i = 0; i < A; ++i) {
+        if (ids[i] < 0 || ids[i] >= E) return -1;
+        ++counts[ids[i]];
+    }
+    int64_t first_row[E], next[E], most = 0;
+    for (int64_t e = 0, row = 0; e < E; ++e) {
+        first_row[e] = next[e] = row;
+        row += counts[e];
+        if (counts[e] > most) most = counts[e];
+    }
+    int64_t *row_of = malloc((size_t)(A > 0 ? A : 1) * sizeof(int64_t));
+    if (!row_of) return -2;
+    for (int64_t i = 0; i < A; ++i) {  /* a stable counting sort: by token, then j, per expert */
+        row_of[i] = next[ids[i]]++;
+        order[row_of[i]] = i;
+    }
+    if (most > max_rows) {
+        free(row_of);
+        return 1;
+    }
+    float *rows = malloc((size_t)(A * (D + H + F + D) + 1) * sizeof(float));
+    if (!rows) {
+        free(row_of);
+        return -2;
+    }
+    float *x_rows = rows, *h = x_rows + A * D, *a = h + A * H, *out = a + A * F;
+#pragma omp parallel num_threads(team_size(num_threads, A * H))
+    {
+        int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < A; ++r)
+            memcpy(x_rows + r * D, x + order[r] / K * D, (size_t)D * sizeof(float));
+        grouped_share(expert_rows, ROW_PAIR, x_rows, w1, h, counts, first_row, E, D, H, t, nt);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < A; ++r) {
+            int64_t e = ids[order[r]];
+            activate_row(activation, h + r * H, b1 ? b1[e] : NULL, weights[order[r]], a + r * F, F);
+        }
+        grouped_share(expert_rows, ROW_PAIR, a, w2, out, counts, first_row, E, F, D, t, nt);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t token = 0; token < T; ++token) {
+            float *y_t = y + token * D;
+            memset(y_t, 0, (size_t)D * sizeof(float));
+            for (int64_t j = 0; j < K; ++j) {
+                int64_t i = token * K + j, e = ids[i];
+                const float *o = out + row_of[i] * D;
+                for (int64_t d = 0; d < D; ++d) y_t[d] += o[d];
+                if (b2)
+                    for (int64_t d = 0; d < D; ++d) y_t[d] += weights[i] * b2[e][d];
+            }
+        }
+    }
+    free(rows);
+    free(row_of);
+    return 0;
 }

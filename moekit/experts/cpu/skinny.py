@@ -36,6 +36,15 @@ _reason: str | None = None
 _tried = False
 
 
+def library() -> ctypes.CDLL:
+    """The loaded kernel library (building it on the first call); RuntimeError with the reason
+    when it is unavailable."""
+    loaded = _load()
+    if loaded is None:
+        raise RuntimeError(_reason)
+    return loaded
+
+
 def _load() -> ctypes.CDLL | None:
     global _library, _reason, _tried
     with _lock:
@@ -56,6 +65,9 @@ def _load() -> ctypes.CDLL | None:
         for function in (library.moekit_skinny_grouped, library.moekit_skinny_grouped_nn):
             function.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
             function.restype = None
+        library.moekit_skinny_ffn.argtypes = [p, p, p, i64, i64, p, p, p, p, i64, i64, i64,
+                                              ctypes.c_int, i64, p, p, p, ctypes.c_int]
+        library.moekit_skinny_ffn.restype = ctypes.c_int
         _library = library
         return library
 
@@ -87,8 +99,7 @@ def skinny_grouped(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], *,
     expert's matrix that is not contiguous is copied. Not differentiable: for the insides of
     forward and backward passes.
     """
-    if _load() is None:
-        raise RuntimeError(_reason)
+    library()
     if x_RK.dtype != torch.float32 or w.dtype != torch.float32:
         raise TypeError(f"skinny_grouped takes float32, got x {x_RK.dtype} and w {w.dtype}")
     if x_RK.device.type != "cpu" or w.device.type != "cpu":
@@ -101,12 +112,12 @@ def skinny_grouped(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], *,
     if len(counts_E) != w.shape[0] or sum(counts_E) != x_RK.shape[0] or min(counts_E, default=0) < 0:
         raise ValueError(f"counts {list(counts_E)} must be {w.shape[0]} non-negative numbers "
                          f"summing to the {x_RK.shape[0]} rows of x")
-    if _observed(x_RK, w):
+    if observed(x_RK, w):
         return torch.ops.moekit.skinny_grouped(x_RK, w, list(counts_E), transpose)
     return _run(x_RK, w, counts_E, transpose)
 
 
-def _observed(*tensors: torch.Tensor) -> bool:
+def observed(*tensors: torch.Tensor) -> bool:
     """Whether a torch tool watches the call (compile, a dispatch mode such as FlopCounterMode or
     fake tensors, the profiler, a tensor subclass): then it goes through the registered operator,
     which they see. Otherwise the ctypes call is made directly: the operator's dispatch costs
@@ -124,8 +135,8 @@ def _run(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], transpose: bo
     out_RN = torch.empty(x_RK.shape[0], n_out, dtype=torch.float32)
     counts = (ctypes.c_int64 * num_experts)(*counts_E)
     expert_stride = w.stride(0) if num_experts > 1 else 0
-    library = _load()
-    function = library.moekit_skinny_grouped if transpose else library.moekit_skinny_grouped_nn
+    kernels = library()
+    function = kernels.moekit_skinny_grouped if transpose else kernels.moekit_skinny_grouped_nn
     function(x_RK.data_ptr(), w.data_ptr(), expert_stride, out_RN.data_ptr(), counts, num_experts,
              k_in, n_out, torch.get_num_threads())
     return out_RN

@@ -1,0 +1,166 @@
+"""A decode step's whole expert FFN in one C call, for inference (no autograd).
+
+    y_TD[t] = sum_j weights_TK[t, j] * FFN_{ids_TK[t, j]}(x_TD[t])
+    FFN_e(v) = act(v @ w1[e]^T + b1[e]) @ w2[e]^T + b2[e]
+
+At decode sizes the products stream the weights at about memory speed (skinny.c), and what is
+left is the dozen small torch ops around them: sorting, gathering, the activation, the combine.
+Each of those runs on caches the weight stream has just emptied, so together they cost a large
+part of a step (measured in docs/benchmarks.md). moekit_skinny_ffn does all of it in one call
+and one team of threads. It declines (returns None) when some expert would get more than
+max_rows rows, where torch.mm is the faster product.
+
+Numerically it is the fused backend's forward: the same products, the activation in float32 with
+libm's expf/erff, the combine weight applied to the activation, and each token's outputs summed
+in the order of its choices j.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from moekit.experts.activations import GATED
+from moekit.experts.cpu import skinny
+from moekit.experts.fused import ExpertWeights
+
+# The activation codes of skinny.c.
+ACTIVATION_CODES = {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3, "silu": 4}
+
+
+class DecodedExperts(NamedTuple):
+    """y_TD [T, D] float32; order_R [R] int64, the assignment t * K + j of each row with rows
+    grouped by expert (stable: by token, then j); counts_E [E] int64 rows per expert."""
+
+    y_TD: torch.Tensor
+    order_R: torch.Tensor
+    counts_E: torch.Tensor
+
+
+def _check_tokens(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                  activation: str) -> None:
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, "
+                         f"got {activation!r}")
+    for name, tensor in (("x_TD", x_TD), ("weights_TK", weights_TK)):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise TypeError(f"{name} must be a float32 CPU tensor, got {tensor.dtype} on "
+                            f"{tensor.device}")
+    if ids_TK.dtype != torch.int64 or ids_TK.device.type != "cpu":
+        raise TypeError(f"ids_TK must be an int64 CPU tensor, got {ids_TK.dtype} on "
+                        f"{ids_TK.device}")
+    if x_TD.dim() != 2 or ids_TK.dim() != 2 or weights_TK.shape != ids_TK.shape \
+            or ids_TK.shape[0] != x_TD.shape[0]:
+        raise ValueError(f"expected x_TD [T, D], ids_TK and weights_TK [T, K]; got "
+                         f"{tuple(x_TD.shape)}, {tuple(ids_TK.shape)}, {tuple(weights_TK.shape)}")
+
+
+def _check_expert(e: int, weights: ExpertWeights, dim: int, expert_dim: int,
+                  activation: str) -> None:
+    hidden = 2 * expert_dim if activation in GATED else expert_dim
+    expected = ((hidden, dim), (dim, expert_dim), (hidden,), (dim,))
+    for name, tensor, shape in zip(("w1", "w2", "b1", "b2"), weights, expected):
+        if tensor is None:
+            continue
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise TypeError(f"expert {e}'s {name} must be a float32 CPU tensor, got {tensor.dtype} "
+                            f"on {tensor.device}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"expert {e}'s {name} must have shape {shape} for {activation!r}, got "
+                             f"{tuple(tensor.shape)}")
+    if (weights[2] is None) != (weights[3] is None):
+        raise ValueError(f"expert {e} has one bias but not the other")
+
+
+def _run(x_TD, ids_TK, weights_TK, pointers, num_experts, dim, expert_dim, activation,
+         max_rows) -> DecodedExperts | None:
+    """The C call; pointers = (w1, w2, b1, b2) ctypes arrays of E addresses (b1, b2 may be None)."""
+    num_tokens, top_k = ids_TK.shape
+    x_TD, ids_TK, weights_TK = x_TD.contiguous(), ids_TK.contiguous(), weights_TK.contiguous()
+    y_TD = torch.empty(num_tokens, dim)
+    order_R = torch.empty(num_tokens * top_k, dtype=torch.int64)
+    counts_E = torch.empty(num_experts, dtype=torch.int64)
+    status = skinny.library().moekit_skinny_ffn(
+        x_TD.data_ptr(), ids_TK.data_ptr(), weights_TK.data_ptr(), num_tokens, top_k, *pointers,
+        num_experts, dim, expert_dim, ACTIVATION_CODES[activation], max_rows, y_TD.data_ptr(),
+        order_R.data_ptr(), counts_E.data_ptr(), torch.get_num_threads())
+    if status == 1:
+        return None
+    if status == -1:
+        raise ValueError(f"ids_TK must lie in [0, {num_experts}), got values from "
+                         f"{int(ids_TK.min())} to {int(ids_TK.max())}")
+    if status != 0:
+        raise MemoryError(f"moekit_skinny_ffn could not allocate its rows (status {status})")
+    return DecodedExperts(y_TD, order_R, counts_E)
+
+
+def _addresses(tensors: list[torch.Tensor | None]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
+
+
+def skinny_ffn(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+               w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, activation: str,
+               b1_EH: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
+               max_rows: int = skinny.MAX_ROWS) -> DecodedExperts | None:
+    """The experts' combined output for every token, or None when an expert would get more than
+    max_rows rows. All float32 on CPU (ids int64): x_TD [T, D], ids_TK [T, K] expert of each
+    choice, weights_TK [T, K] its combine weight, w1_EHD [E, H, D] (H = 2F for gated
+    activations: gate rows then up rows), w2_EDF [E, D, F], biases [E, H] and [E, D] or None.
+    Not differentiable. ValueError for an id outside [0, E)."""
+    skinny.library()
+    _check_tokens(x_TD, ids_TK, weights_TK, activation)
+    if w1_EHD.dim() != 3 or w2_EDF.dim() != 3 or w1_EHD.shape[0] != w2_EDF.shape[0] \
+            or w2_EDF.shape[0] == 0:
+        raise ValueError(f"expected w1_EHD [E, H, D] and w2_EDF [E, D, F], got "
+                         f"{tuple(w1_EHD.shape)} and {tuple(w2_EDF.shape)}")
+    num_experts, dim, expert_dim = w2_EDF.shape
+    stacks = [w1_EHD, w2_EDF, b1_EH, b2_ED]
+    _check_expert(0, [None if t is None else t[0] for t in stacks], x_TD.shape[1], expert_dim,
+                  activation)
+    # Each expert's matrix must be row-major and contiguous; the stack may be strided.
+    stacks = [None if t is None else t if t[0].is_contiguous() else t.contiguous() for t in stacks]
+    pointers = []
+    for stack in stacks:
+        if stack is None:
+            pointers.append(None)
+            continue
+        base, step = stack.data_ptr(), stack.stride(0) * stack.element_size()
+        pointers.append((ctypes.c_void_p * num_experts)(*(base + e * step
+                                                          for e in range(num_experts))))
+    return _run(x_TD, ids_TK, weights_TK, pointers, num_experts, dim, expert_dim, activation,
+                max_rows)
+
+
+def skinny_ffn_fetched(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                       expert_weights: Callable[[int], ExpertWeights], num_experts: int,
+                       expert_dim: int, activation: str,
+                       max_rows: int = skinny.MAX_ROWS) -> DecodedExperts | None:
+    """skinny_ffn with each expert's weights fetched by expert_weights(e): called once for each
+    expert with rows, in expert order, and only once it is known that no expert has more than
+    max_rows rows (else None, and nothing is fetched). For weights held outside a stack (an
+    offloading cache); same arithmetic as skinny_ffn, bit for bit."""
+    skinny.library()
+    _check_tokens(x_TD, ids_TK, weights_TK, activation)
+    if ids_TK.numel() and (int(ids_TK.min()) < 0 or int(ids_TK.max()) >= num_experts):
+        raise ValueError(f"ids_TK must lie in [0, {num_experts}), got values from "
+                         f"{int(ids_TK.min())} to {int(ids_TK.max())}")
+    counts = torch.bincount(ids_TK.reshape(-1), minlength=num_experts).tolist()
+    if max(counts, default=0) > max_rows:
+        return None
+    fetched: list[ExpertWeights] = [(None, None, None, None)] * num_experts
+    for e, count in enumerate(counts):
+        if count:
+            weights = tuple(None if t is None else t.contiguous() for t in expert_weights(e))
+            _check_expert(e, weights, x_TD.shape[1], expert_dim, activation)
+            fetched[e] = weights
+    biased = {w[2] is not None for w, count in zip(fetched, counts) if count}
+    if len(biased) > 1:
+        raise ValueError("either every expert with rows has biases or none has")
+    has_bias = biased == {True}
+    pointers = [_addresses([w[i] for w in fetched]) if i < 2 or has_bias else None
+                for i in range(4)]
+    return _run(x_TD, ids_TK, weights_TK, pointers, num_experts, x_TD.shape[1], expert_dim,
+                activation, max_rows)

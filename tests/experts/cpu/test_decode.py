@@ -1,0 +1,190 @@
+"""A decode step's whole expert FFN in one C call, against a float64 reference and the layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.experts.activations import GATED, apply_activation
+from moekit.experts.cpu import decode, skinny
+from tests.conftest import randomized_moe
+
+needs_kernel = pytest.mark.skipif(not skinny.available(),
+                                  reason=f"no skinny kernel: {skinny.unavailable_reason()}")
+
+
+def _reference(x, ids, weights, w1, w2, activation, b1=None, b2=None) -> torch.Tensor:
+    """float64 sum_j weights[t, j] * FFN_{ids[t, j]}(x[t]), token by token."""
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = w1[e].double() @ x[t].double() + (0 if b1 is None else b1[e].double())
+            out = w2[e].double() @ apply_activation(h, activation)
+            y[t] += weights[t, j].double() * (out + (0 if b2 is None else b2[e].double()))
+    return y
+
+
+def _problem(tokens, top_k, experts, dim, expert_dim, activation, bias, generator):
+    hidden = 2 * expert_dim if activation in GATED else expert_dim
+    x = torch.randn(tokens, dim, generator=generator)
+    ids = torch.rand(tokens, experts, generator=generator).argsort(-1)[:, :top_k]
+    weights = torch.rand(tokens, top_k, generator=generator)
+    w1 = torch.randn(experts, hidden, dim, generator=generator) / dim ** 0.5
+    w2 = torch.randn(experts, dim, expert_dim, generator=generator) / expert_dim ** 0.5
+    b1 = torch.randn(experts, hidden, generator=generator) if bias else None
+    b2 = torch.randn(experts, dim, generator=generator) if bias else None
+    return x, ids, weights, w1, w2, b1, b2
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", sorted(decode.ACTIVATION_CODES))
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_matches_float64(activation, bias, threads):
+    generator = torch.Generator().manual_seed(len(activation) * 10 + threads)
+    x, ids, weights, w1, w2, b1, b2 = _problem(9, 2, 5, 37, 19, activation, bias, generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = decode.skinny_ffn(x, ids, weights, w1, w2, activation, b1, b2)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(result.y_TD.double(), _reference(x, ids, weights, w1, w2, activation,
+                                                                b1, b2), rtol=1e-5, atol=1e-5)
+    flat = ids.reshape(-1)
+    torch.testing.assert_close(result.counts_E, torch.bincount(flat, minlength=5))
+    torch.testing.assert_close(result.order_R, torch.argsort(flat, stable=True))
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens,top_k,experts", [(0, 2, 4), (1, 1, 1), (1, 4, 4), (16, 2, 8),
+                                                   (6, 3, 3)])
+def test_batch_shapes(tokens, top_k, experts):
+    generator = torch.Generator().manual_seed(tokens * 7 + top_k)
+    x, ids, weights, w1, w2, _, _ = _problem(tokens, top_k, experts, 24, 16, "swiglu", False,
+                                             generator)
+    result = decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", max_rows=16)
+    assert result.y_TD.shape == (tokens, 24) and result.order_R.shape == (tokens * top_k,)
+    torch.testing.assert_close(result.y_TD.double(),
+                               _reference(x, ids, weights, w1, w2, "swiglu"), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_strided_stacks_and_inputs():
+    generator = torch.Generator().manual_seed(5)
+    x, ids, weights, w1, w2, _, _ = _problem(4, 2, 6, 16, 8, "relu", False, generator)
+    ids = ids % 3
+    w1_every_other, w2_every_other = torch.cat([w1, w1])[::2], torch.cat([w2, w2])[::2]
+    x_strided = torch.cat([x, x], dim=1)[:, ::2]
+    result = decode.skinny_ffn(x_strided, ids, weights.t().contiguous().t(), w1_every_other,
+                               w2_every_other, "relu")
+    expected = _reference(x_strided, ids, weights, w1_every_other, w2_every_other, "relu")
+    torch.testing.assert_close(result.y_TD.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_declines_above_max_rows():
+    generator = torch.Generator().manual_seed(0)
+    x, _, weights, w1, w2, _, _ = _problem(5, 1, 3, 8, 8, "silu", False, generator)
+    ids = torch.tensor([[0], [2], [0], [0], [1]])
+    assert decode.skinny_ffn(x, ids, weights, w1, w2, "silu", max_rows=2) is None
+    assert decode.skinny_ffn(x, ids, weights, w1, w2, "silu", max_rows=3) is not None
+
+
+@needs_kernel
+def test_bad_inputs_are_named():
+    generator = torch.Generator().manual_seed(0)
+    x, ids, weights, w1, w2, _, _ = _problem(3, 2, 4, 8, 6, "swiglu", False, generator)
+    with pytest.raises(ValueError, match=r"ids_TK must lie in \[0, 4\), got values from 0 to 4"):
+        decode.skinny_ffn(x, torch.tensor([[0, 4], [1, 2], [3, 0]]), weights, w1, w2, "swiglu")
+    with pytest.raises(ValueError, match=r"ids_TK must lie in \[0, 4\), got values from -1"):
+        decode.skinny_ffn(x, torch.tensor([[0, -1], [1, 2], [3, 0]]), weights, w1, w2, "swiglu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        decode.skinny_ffn(x, ids, weights, w1, w2, "tanh")
+    with pytest.raises(TypeError, match="x_TD must be a float32 CPU tensor, got torch.float64"):
+        decode.skinny_ffn(x.double(), ids, weights, w1, w2, "swiglu")
+    with pytest.raises(TypeError, match="ids_TK must be an int64 CPU tensor, got torch.int32"):
+        decode.skinny_ffn(x, ids.int(), weights, w1, w2, "swiglu")
+    with pytest.raises(ValueError, match=r"expected x_TD \[T, D\], ids_TK and weights_TK \[T, K\]; "
+                                         r"got \(3, 8\), \(3, 2\), \(2, 3\)"):
+        decode.skinny_ffn(x, ids, weights.t(), w1, w2, "swiglu")
+    with pytest.raises(ValueError, match=r"expert 0's w1 must have shape \(14, 8\) for 'swiglu', "
+                                         r"got \(12, 8\)"):  # F = 7 from w2
+        decode.skinny_ffn(x, ids, weights, w1, torch.randn(4, 8, 7), "swiglu")
+    with pytest.raises(ValueError, match=r"expected w1_EHD \[E, H, D\] and w2_EDF \[E, D, F\], got "
+                                         r"\(4, 12, 8\) and \(3, 8, 6\)"):
+        decode.skinny_ffn(x, ids, weights, w1, w2[:3], "swiglu")
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_inference_takes_one_call_and_equals_the_autograd_path(activation, bias, monkeypatch):
+    """Under no_grad a decode-size dropless layer goes through skinny_ffn; its output and
+    aux equal those of the same layer run with gradients (the fused autograd op)."""
+    moe = randomized_moe(2, dim=40, expert_dim=24, num_experts=6, top_k=2, activation=activation,
+                         bias=bias)
+    x = torch.randn(2, 5, 40)
+    calls = []
+    real = decode.skinny_ffn
+    monkeypatch.setattr(decode, "skinny_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        y_fast, aux_fast = moe(x)
+    assert calls, "the inference batch did not take the one-call path"
+    calls.clear()
+    y_grad, aux_grad = moe(x)
+    assert not calls and y_grad.requires_grad
+    torch.testing.assert_close(y_fast, y_grad.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux_fast.tokens_per_expert, aux_grad.tokens_per_expert)
+    assert float(aux_fast.dropped_fraction) == 0.0
+
+
+@needs_kernel
+def test_layer_keeps_the_general_path_where_it_must(monkeypatch):
+    """Capacity drops, float64, too many rows per expert, and a watching FlopCounterMode all
+    leave the one-call path alone (and still give the right answer)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    calls = []
+    real = decode.skinny_ffn
+    monkeypatch.setattr(decode, "skinny_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(6, 16)
+    capacity = randomized_moe(1, dim=16, expert_dim=8, num_experts=4, top_k=2, capacity_factor=0.5)
+    dropless = randomized_moe(1, dim=16, expert_dim=8, num_experts=4, top_k=2)
+    with torch.no_grad():
+        capacity(x)
+        dropless.double()(x.double())
+        randomized_moe(1, dim=16, expert_dim=8, num_experts=2, top_k=2)(torch.randn(13, 16))
+        with FlopCounterMode(display=False) as counter:
+            randomized_moe(1, dim=16, expert_dim=8, num_experts=4, top_k=2)(x)
+    assert not calls
+    assert counter.get_total_flops() > 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+def test_fetched_weights_give_the_same_bits(bias):
+    """skinny_ffn_fetched fetches only experts with rows, in expert order, and equals skinny_ffn
+    exactly; above max_rows it fetches nothing."""
+    generator = torch.Generator().manual_seed(9)
+    x, _, weights, w1, w2, b1, b2 = _problem(4, 2, 6, 16, 8, "geglu", bias, generator)
+    ids = torch.tensor([[4, 1], [1, 4], [0, 4], [1, 0]])
+    fetched = []
+
+    def expert_weights(e):
+        fetched.append(e)
+        return w1[e], w2[e], None if b1 is None else b1[e], None if b2 is None else b2[e]
+
+    result = decode.skinny_ffn_fetched(x, ids, weights, expert_weights, 6, 8, "geglu")
+    assert fetched == [0, 1, 4]
+    stacked = decode.skinny_ffn(x, ids, weights, w1, w2, "geglu", b1, b2)
+    assert torch.equal(result.y_TD, stacked.y_TD) and torch.equal(result.order_R, stacked.order_R)
+    fetched.clear()
+    declined = decode.skinny_ffn_fetched(x, ids, weights, expert_weights, 6, 8, "geglu", max_rows=2)
+    assert declined is None
+    assert fetched == []
+    with pytest.raises(ValueError, match=r"ids_TK must lie in \[0, 6\), got values from 2 to 6"):
+        decode.skinny_ffn_fetched(x, ids + 2, weights, expert_weights, 6, 8, "geglu")
+    with pytest.raises(ValueError, match="either every expert with rows has biases or none has"):
+        decode.skinny_ffn_fetched(x, ids, weights, lambda e: (w1[e], w2[e]) + (
+            (torch.zeros(16), torch.zeros(16)) if e == 4 else (None, None)), 6, 8, "geglu")
