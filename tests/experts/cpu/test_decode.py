@@ -8,6 +8,7 @@ import torch
 from moekit.experts.activations import GATED, apply_activation
 from moekit.experts.cpu import decode, skinny
 from tests.conftest import randomized_moe
+from tests.experts.cpu.conftest import count_calls
 
 needs_kernel = pytest.mark.skipif(not skinny.available(),
                                   reason=f"no skinny kernel: {skinny.unavailable_reason()}")
@@ -126,9 +127,7 @@ def test_layer_inference_takes_one_call_and_equals_the_autograd_path(activation,
     moe = randomized_moe(2, dim=40, expert_dim=24, num_experts=6, top_k=2, activation=activation,
                          bias=bias)
     x = torch.randn(2, 5, 40)
-    calls = []
-    real = decode.skinny_ffn
-    monkeypatch.setattr(decode, "skinny_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, decode, "skinny_ffn")
     with torch.no_grad():
         y_fast, aux_fast = moe(x)
     assert calls, "the inference batch did not take the one-call path"
@@ -145,9 +144,7 @@ def test_layer_keeps_the_general_path_where_it_must(monkeypatch):
     """Capacity drops, float64, too many rows per expert, and a watching FlopCounterMode all
     leave the one-call path alone (and still give the right answer)."""
     from torch.utils.flop_counter import FlopCounterMode
-    calls = []
-    real = decode.skinny_ffn
-    monkeypatch.setattr(decode, "skinny_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, decode, "skinny_ffn")
     x = torch.randn(6, 16)
     capacity = randomized_moe(1, dim=16, expert_dim=8, num_experts=4, top_k=2, capacity_factor=0.5)
     dropless = randomized_moe(1, dim=16, expert_dim=8, num_experts=4, top_k=2)

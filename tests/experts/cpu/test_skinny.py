@@ -12,6 +12,7 @@ import torch
 from moekit.experts import fused
 from moekit.experts.cpu import skinny
 from tests.conftest import randomized_moe
+from tests.experts.cpu.conftest import count_calls
 
 needs_kernel = pytest.mark.skipif(not skinny.available(),
                                   reason=f"no skinny kernel: {skinny.unavailable_reason()}")
@@ -111,9 +112,7 @@ def test_decode_path_equals_the_per_expert_path(activation, bias, monkeypatch):
     moe = randomized_moe(3, dim=40, expert_dim=24, num_experts=6, top_k=2, activation=activation,
                          bias=bias)
     x = torch.randn(2, 7, 40)
-    calls = []
-    real = skinny.skinny_grouped
-    monkeypatch.setattr(skinny, "skinny_grouped", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, skinny, "skinny_grouped")
 
     def run():
         inputs = x.clone().requires_grad_()
