@@ -156,15 +156,11 @@ class Experts(nn.Module):
         C call (experts/cpu/decode.py). None where it does not apply: another backend, not float32,
         a gradient to record, a torch tool watching (compile, FlopCounterMode, the profiler), the
         kernel unavailable, or an expert with more than skinny.MAX_ROWS rows."""
-        if (self.backend_for(x_TD.dtype) != "fused" or x_TD.dtype != torch.float32
-                or weights_TK.dtype != torch.float32
-                or ids_TK.numel() > self.num_local_experts * skinny.MAX_ROWS):
-            return None
         params = [p for p in (self.first_proj, self.down_proj, self.first_proj_bias,
                               self.down_proj_bias) if p is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights_TK, *params)):
-            return None
-        if skinny.observed(x_TD, *params) or not skinny.available():
+        if (self.backend_for(x_TD.dtype) != "fused"
+                or ids_TK.numel() > self.num_local_experts * skinny.MAX_ROWS
+                or not decode.applies_to(x_TD, weights_TK, *params)):
             return None
         return decode.skinny_ffn(x_TD, ids_TK, weights_TK, self.first_proj, self.down_proj,
                                  self.config.activation, self.first_proj_bias, self.down_proj_bias)

@@ -27,8 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..config import MoEConfig
-from ..experts.cpu import skinny
-from ..experts.cpu.decode import DecodedExperts, skinny_ffn_fetched
+from ..experts.cpu.decode import DecodedExperts, applies_to, skinny_ffn_fetched
 from ..experts.fused import ExpertWeights, experts_forward
 from ..layer import MoE
 from .checkpoint import MODEL_FILE, CheckpointError, read_run_config
@@ -179,9 +178,7 @@ class OffloadedExperts(nn.Module):
                        weights_TK: torch.Tensor) -> DecodedExperts | None:
         """As Experts.forward_decode, each expert with rows fetched from the cache in expert
         order (so the resident and the offloaded model give the same bits)."""
-        if x_TD.dtype != torch.float32 or weights_TK.dtype != torch.float32 \
-                or x_TD.device.type != "cpu" or (torch.is_grad_enabled() and x_TD.requires_grad) \
-                or skinny.observed(x_TD) or not skinny.available():
+        if not applies_to(x_TD, weights_TK):
             return None
         return skinny_ffn_fetched(x_TD, ids_TK, weights_TK, lambda e: self.cache.get(self.layer, e),
                                   self.config.num_experts, self.config.expert_dim,

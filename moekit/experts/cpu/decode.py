@@ -40,6 +40,21 @@ class DecodedExperts(NamedTuple):
     counts_E: torch.Tensor
 
 
+def applies_to(x_TD: torch.Tensor, weights_TK: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the one-call path may run for these tensors: float32 on CPU, no gradient to record
+    for any of them, no torch tool watching (compile, FlopCounterMode, the profiler; they would
+    not see the C call), and the kernel available."""
+    tensors = (x_TD, weights_TK, *weights)
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and not skinny.observed(*tensors) and skinny.available())
+
+
+def _ids_out_of_range(ids_TK: torch.Tensor, num_experts: int) -> ValueError:
+    return ValueError(f"ids_TK must lie in [0, {num_experts}), got values from "
+                      f"{int(ids_TK.min())} to {int(ids_TK.max())}")
+
+
 def _check_tokens(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                   activation: str) -> None:
     if activation not in ACTIVATION_CODES:
@@ -90,15 +105,22 @@ def _run(x_TD, ids_TK, weights_TK, pointers, num_experts, dim, expert_dim, activ
     if status == 1:
         return None
     if status == -1:
-        raise ValueError(f"ids_TK must lie in [0, {num_experts}), got values from "
-                         f"{int(ids_TK.min())} to {int(ids_TK.max())}")
+        raise _ids_out_of_range(ids_TK, num_experts)
     if status != 0:
         raise MemoryError(f"moekit_skinny_ffn could not allocate its rows (status {status})")
     return DecodedExperts(y_TD, order_R, counts_E)
 
 
 def _addresses(tensors: list[torch.Tensor | None]) -> ctypes.Array:
+    """A C array of the tensors' addresses (NULL for None)."""
     return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
+
+
+def _stack_addresses(stack: torch.Tensor) -> ctypes.Array:
+    """A C array of the address of each expert's slice of a stack [E, ...], without building
+    the slices (this runs on every decode step)."""
+    base, step = stack.data_ptr(), stack.stride(0) * stack.element_size()
+    return (ctypes.c_void_p * stack.shape[0])(*(base + e * step for e in range(stack.shape[0])))
 
 
 def skinny_ffn(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -118,18 +140,12 @@ def skinny_ffn(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tenso
                          f"{tuple(w1_EHD.shape)} and {tuple(w2_EDF.shape)}")
     num_experts, dim, expert_dim = w2_EDF.shape
     stacks = [w1_EHD, w2_EDF, b1_EH, b2_ED]
-    _check_expert(0, [None if t is None else t[0] for t in stacks], x_TD.shape[1], expert_dim,
-                  activation)
+    firsts = [None if t is None else t[0] for t in stacks]
+    _check_expert(0, firsts, x_TD.shape[1], expert_dim, activation)
     # Each expert's matrix must be row-major and contiguous; the stack may be strided.
-    stacks = [None if t is None else t if t[0].is_contiguous() else t.contiguous() for t in stacks]
-    pointers = []
-    for stack in stacks:
-        if stack is None:
-            pointers.append(None)
-            continue
-        base, step = stack.data_ptr(), stack.stride(0) * stack.element_size()
-        pointers.append((ctypes.c_void_p * num_experts)(*(base + e * step
-                                                          for e in range(num_experts))))
+    stacks = [t if first is None or first.is_contiguous() else t.contiguous()
+              for t, first in zip(stacks, firsts)]
+    pointers = [None if t is None else _stack_addresses(t) for t in stacks]
     return _run(x_TD, ids_TK, weights_TK, pointers, num_experts, dim, expert_dim, activation,
                 max_rows)
 
@@ -145,8 +161,7 @@ def skinny_ffn_fetched(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: tor
     skinny.library()
     _check_tokens(x_TD, ids_TK, weights_TK, activation)
     if ids_TK.numel() and (int(ids_TK.min()) < 0 or int(ids_TK.max()) >= num_experts):
-        raise ValueError(f"ids_TK must lie in [0, {num_experts}), got values from "
-                         f"{int(ids_TK.min())} to {int(ids_TK.max())}")
+        raise _ids_out_of_range(ids_TK, num_experts)
     counts = torch.bincount(ids_TK.reshape(-1), minlength=num_experts).tolist()
     if max(counts, default=0) > max_rows:
         return None
