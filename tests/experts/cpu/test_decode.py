@@ -113,6 +113,10 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"expert 0's w1 must have shape \(14, 8\) for 'swiglu', "
                                          r"got \(12, 8\)"):  # F = 7 from w2
         decode.skinny_ffn(x, ids, weights, w1, torch.randn(4, 8, 7), "swiglu")
+    with pytest.raises(TypeError, match="expert 0's w2 must be a float32 CPU tensor, got torch.float64"):
+        decode.skinny_ffn(x, ids, weights, w1, w2.double(), "swiglu")
+    with pytest.raises(ValueError, match="expert 0 has one bias but not the other"):
+        decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", b1_EH=torch.zeros(4, 12))
     with pytest.raises(ValueError, match=r"expected w1_EHD \[E, H, D\] and w2_EDF \[E, D, F\], got "
                                          r"\(4, 12, 8\) and \(3, 8, 6\)"):
         decode.skinny_ffn(x, ids, weights, w1, w2[:3], "swiglu")
