@@ -22,7 +22,29 @@ def test_moe_speed_runs_at_a_tiny_shape():
     assert "| moekit dropless (backend fused) |" in report
     assert "| naive per-expert loop |" in report
     assert "weight-streaming bound" in report  # small token counts get the decode bound
+    assert "| bound: read the touched weights once (sum) (0 MiB) |" in report
+    bound_line = next(line for line in report.splitlines() if line.startswith("| bound:"))
+    assert bound_line.endswith("| 1.00 | — | — | — |")  # forward only, the streaming ratio's base
     assert "skinny decode kernel o" in report
+
+
+def test_touched_weights_are_the_router_and_the_routed_experts():
+    import moekit
+    from moekit import bench as moe_speed
+    torch.manual_seed(0)
+    moe = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=4, num_experts=6, top_k=1))
+    with torch.no_grad():  # route every token to expert 1 or 4 (logits from the first two dims)
+        moe.router.weight.zero_()
+        moe.router.weight[1, 0] = moe.router.weight[4, 1] = 1.0
+    x = torch.zeros(5, 8)
+    x[:3, 0], x[3:, 1] = 1.0, 1.0
+    weights = moe_speed.touched_weights(moe, x)
+    experts = moe.experts
+    expected = [moe.router.weight, experts.gate_up_proj[1:2], experts.down_proj[1:2],
+                experts.gate_up_proj[4:5], experts.down_proj[4:5]]
+    assert len(weights) == len(expected)
+    for got, want in zip(weights, expected):
+        assert got.data_ptr() == want.data_ptr() and got.shape == want.shape
 
 
 def test_lm_throughput_runs_at_a_small_batch():
