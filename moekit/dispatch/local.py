@@ -79,17 +79,19 @@ class LocalDispatcher:
                     experts: Experts) -> tuple[torch.Tensor, DispatchPlan]:
         """combine(experts(dispatch(x_TD))) -> (y_TD [T, D], plan). When the experts
         take tokens directly (the fused CPU and triton backends) no dispatched
-        rows are built; a dropless decode-size batch without gradients may skip
-        the plan too (Experts.forward_decode)."""
+        rows are built; a decode-size batch without gradients may skip the plan
+        too (Experts.forward_decode, with capacity drops or not)."""
         if experts.backend_for(x_TD.dtype) not in TOKEN_BACKENDS:
             rows_RD, plan = self.dispatch(x_TD, routing)
             return self.combine(experts(rows_RD, plan.counts_E), plan), plan
         kept_TK = self.keep_mask(routing)
-        if kept_TK is None:  # nothing dropped: a decode-size inference batch takes one C call
-            decoded = experts.forward_decode(x_TD, routing.expert_indices, routing.expert_weights)
-            if decoded is not None:
-                return decoded.y_TD, DispatchPlan(decoded.order_R, decoded.counts_E,
-                                                  routing.expert_weights, None)
+        decoded = experts.forward_decode(x_TD, routing.expert_indices, routing.expert_weights,
+                                         kept_TK)
+        if decoded is not None:  # the plan plan_dispatch would have made
+            weights_TK = routing.expert_weights if kept_TK is None \
+                else routing.expert_weights * kept_TK
+            return decoded.y_TD, DispatchPlan(decoded.order_R, decoded.counts_E, weights_TK,
+                                              kept_TK, routing.assignment_mask)
         plan = plan_dispatch(routing, self.num_experts, kept_TK)
         weights_R = plan.weights_TK.reshape(-1).index_select(0, plan.order_R)
         return experts.forward_tokens(x_TD, plan.order_R, routing.top_k, weights_R,

@@ -149,21 +149,23 @@ class Experts(nn.Module):
         return fused_experts(x_TD, token_R, weights_R, counts, self.first_proj, self.down_proj,
                              self.config.activation, self.first_proj_bias, self.down_proj_bias)
 
-    def forward_decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor,
-                       weights_TK: torch.Tensor) -> decode.DecodedExperts | None:
+    def forward_decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                       kept_TK: torch.Tensor | None = None) -> decode.DecodedExperts | None:
         """The fused backend's inference path for decode-size batches: every choice of every
-        token (ids_TK, weights_TK [T, K], none dropped) through its expert and combined, in one
-        C call (experts/cpu/decode.py). None where it does not apply: another backend, not float32,
-        a gradient to record, a torch tool watching (compile, FlopCounterMode, the profiler), the
-        kernel unavailable, or an expert with more than skinny.MAX_ROWS rows."""
+        token (ids_TK, weights_TK [T, K]) that kept_TK [T, K] bool keeps (None: all) through its
+        expert and combined, in one C call (experts/cpu/decode.py). None where it does not apply:
+        another backend, not float32, a gradient to record, a torch tool watching (compile,
+        FlopCounterMode, the profiler), the kernel unavailable, or an expert with more than
+        skinny.MAX_ROWS rows."""
         params = [p for p in (self.first_proj, self.down_proj, self.first_proj_bias,
                               self.down_proj_bias) if p is not None]
         if (self.backend_for(x_TD.dtype) != "fused"
-                or ids_TK.numel() > self.num_local_experts * skinny.MAX_ROWS
+                or (kept_TK is None and ids_TK.numel() > self.num_local_experts * skinny.MAX_ROWS)
                 or not decode.applies_to(x_TD, weights_TK, *params)):
             return None
         return decode.skinny_ffn(x_TD, ids_TK, weights_TK, self.first_proj, self.down_proj,
-                                 self.config.activation, self.first_proj_bias, self.down_proj_bias)
+                                 self.config.activation, self.first_proj_bias, self.down_proj_bias,
+                                 kept_TK=kept_TK)
 
     def forward(self, rows_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """rows_RD: [R, D] grouped by expert; counts_E: [E] ints summing to R -> [R, D]."""

@@ -174,15 +174,15 @@ class OffloadedExperts(nn.Module):
         return experts_forward(x_TD, token_R, weights_R, counts_E.tolist(),
                                lambda e: self.cache.get(self.layer, e), self.config.activation)
 
-    def forward_decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor,
-                       weights_TK: torch.Tensor) -> DecodedExperts | None:
+    def forward_decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                       kept_TK: torch.Tensor | None = None) -> DecodedExperts | None:
         """As Experts.forward_decode, each expert with rows fetched from the cache in expert
         order (so the resident and the offloaded model give the same bits)."""
         if not applies_to(x_TD, weights_TK):
             return None
         return skinny_ffn_fetched(x_TD, ids_TK, weights_TK, lambda e: self.cache.get(self.layer, e),
                                   self.config.num_experts, self.config.expert_dim,
-                                  self.config.activation)
+                                  self.config.activation, kept_TK=kept_TK)
 
     def forward(self, rows_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         order_R = torch.arange(rows_RD.shape[0], device=rows_RD.device)

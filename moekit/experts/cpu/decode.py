@@ -32,8 +32,8 @@ ACTIVATION_CODES = {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3, "silu": 4}
 
 
 class DecodedExperts(NamedTuple):
-    """y_TD [T, D] float32; order_R [R] int64, the assignment t * K + j of each row with rows
-    grouped by expert (stable: by token, then j); counts_E [E] int64 rows per expert."""
+    """y_TD [T, D] float32; order_R [R] int64, the assignment t * K + j of each kept row with
+    rows grouped by expert (stable: by token, then j); counts_E [E] int64 rows per expert."""
 
     y_TD: torch.Tensor
     order_R: torch.Tensor
@@ -56,7 +56,7 @@ def _ids_out_of_range(ids_TK: torch.Tensor, num_experts: int) -> ValueError:
 
 
 def _check_tokens(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                  activation: str) -> None:
+                  kept_TK: torch.Tensor | None, activation: str) -> None:
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, "
                          f"got {activation!r}")
@@ -71,6 +71,13 @@ def _check_tokens(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Te
             or ids_TK.shape[0] != x_TD.shape[0]:
         raise ValueError(f"expected x_TD [T, D], ids_TK and weights_TK [T, K]; got "
                          f"{tuple(x_TD.shape)}, {tuple(ids_TK.shape)}, {tuple(weights_TK.shape)}")
+    if kept_TK is not None:
+        if kept_TK.dtype != torch.bool or kept_TK.device.type != "cpu":
+            raise TypeError(f"kept_TK must be a bool CPU tensor, got {kept_TK.dtype} on "
+                            f"{kept_TK.device}")
+        if kept_TK.shape != ids_TK.shape:
+            raise ValueError(f"kept_TK must have ids_TK's shape {tuple(ids_TK.shape)}, got "
+                             f"{tuple(kept_TK.shape)}")
 
 
 def _check_expert(e: int, weights: ExpertWeights, dim: int, expert_dim: int,
@@ -90,16 +97,18 @@ def _check_expert(e: int, weights: ExpertWeights, dim: int, expert_dim: int,
         raise ValueError(f"expert {e} has one bias but not the other")
 
 
-def _run(x_TD, ids_TK, weights_TK, pointers, num_experts, dim, expert_dim, activation,
+def _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, num_experts, dim, expert_dim, activation,
          max_rows) -> DecodedExperts | None:
     """The C call; pointers = (w1, w2, b1, b2) ctypes arrays of E addresses (b1, b2 may be None)."""
     num_tokens, top_k = ids_TK.shape
     x_TD, ids_TK, weights_TK = x_TD.contiguous(), ids_TK.contiguous(), weights_TK.contiguous()
+    kept_TK = None if kept_TK is None else kept_TK.contiguous()
     y_TD = torch.empty(num_tokens, dim)
     order_R = torch.empty(num_tokens * top_k, dtype=torch.int64)
     counts_E = torch.empty(num_experts, dtype=torch.int64)
     status = skinny.library().moekit_skinny_ffn(
-        x_TD.data_ptr(), ids_TK.data_ptr(), weights_TK.data_ptr(), num_tokens, top_k, *pointers,
+        x_TD.data_ptr(), ids_TK.data_ptr(), weights_TK.data_ptr(),
+        None if kept_TK is None else kept_TK.data_ptr(), num_tokens, top_k, *pointers,
         num_experts, dim, expert_dim, ACTIVATION_CODES[activation], max_rows, y_TD.data_ptr(),
         order_R.data_ptr(), counts_E.data_ptr(), torch.get_num_threads())
     if status == 1:
@@ -108,6 +117,8 @@ def _run(x_TD, ids_TK, weights_TK, pointers, num_experts, dim, expert_dim, activ
         raise _ids_out_of_range(ids_TK, num_experts)
     if status != 0:
         raise MemoryError(f"moekit_skinny_ffn could not allocate its rows (status {status})")
+    if kept_TK is not None:
+        order_R = order_R[:int(counts_E.sum())]
     return DecodedExperts(y_TD, order_R, counts_E)
 
 
@@ -126,14 +137,16 @@ def _stack_addresses(stack: torch.Tensor) -> ctypes.Array:
 def skinny_ffn(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, activation: str,
                b1_EH: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
-               max_rows: int = skinny.MAX_ROWS) -> DecodedExperts | None:
+               max_rows: int = skinny.MAX_ROWS,
+               kept_TK: torch.Tensor | None = None) -> DecodedExperts | None:
     """The experts' combined output for every token, or None when an expert would get more than
     max_rows rows. All float32 on CPU (ids int64): x_TD [T, D], ids_TK [T, K] expert of each
     choice, weights_TK [T, K] its combine weight, w1_EHD [E, H, D] (H = 2F for gated
-    activations: gate rows then up rows), w2_EDF [E, D, F], biases [E, H] and [E, D] or None.
-    Not differentiable. ValueError for an id outside [0, E)."""
+    activations: gate rows then up rows), w2_EDF [E, D, F], biases [E, H] and [E, D] or None;
+    kept_TK [T, K] bool leaves out the choices it marks False (dropped by capacity, or not
+    assignments), None keeps all. Not differentiable. ValueError for an id outside [0, E)."""
     skinny.library()
-    _check_tokens(x_TD, ids_TK, weights_TK, activation)
+    _check_tokens(x_TD, ids_TK, weights_TK, kept_TK, activation)
     if w1_EHD.dim() != 3 or w2_EDF.dim() != 3 or w1_EHD.shape[0] != w2_EDF.shape[0] \
             or w2_EDF.shape[0] == 0:
         raise ValueError(f"expected w1_EHD [E, H, D] and w2_EDF [E, D, F], got "
@@ -146,23 +159,24 @@ def skinny_ffn(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tenso
     stacks = [t if first is None or first.is_contiguous() else t.contiguous()
               for t, first in zip(stacks, firsts)]
     pointers = [None if t is None else _stack_addresses(t) for t in stacks]
-    return _run(x_TD, ids_TK, weights_TK, pointers, num_experts, dim, expert_dim, activation,
-                max_rows)
+    return _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, num_experts, dim, expert_dim,
+                activation, max_rows)
 
 
 def skinny_ffn_fetched(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                        expert_weights: Callable[[int], ExpertWeights], num_experts: int,
-                       expert_dim: int, activation: str,
-                       max_rows: int = skinny.MAX_ROWS) -> DecodedExperts | None:
+                       expert_dim: int, activation: str, max_rows: int = skinny.MAX_ROWS,
+                       kept_TK: torch.Tensor | None = None) -> DecodedExperts | None:
     """skinny_ffn with each expert's weights fetched by expert_weights(e): called once for each
-    expert with rows, in expert order, and only once it is known that no expert has more than
-    max_rows rows (else None, and nothing is fetched). For weights held outside a stack (an
+    expert with (kept) rows, in expert order, and only once it is known that no expert has more
+    than max_rows rows (else None, and nothing is fetched). For weights held outside a stack (an
     offloading cache); same arithmetic as skinny_ffn, bit for bit."""
     skinny.library()
-    _check_tokens(x_TD, ids_TK, weights_TK, activation)
+    _check_tokens(x_TD, ids_TK, weights_TK, kept_TK, activation)
     if ids_TK.numel() and (int(ids_TK.min()) < 0 or int(ids_TK.max()) >= num_experts):
         raise _ids_out_of_range(ids_TK, num_experts)
-    counts = torch.bincount(ids_TK.reshape(-1), minlength=num_experts).tolist()
+    ids = ids_TK.reshape(-1) if kept_TK is None else ids_TK[kept_TK]
+    counts = torch.bincount(ids, minlength=num_experts).tolist()
     if max(counts, default=0) > max_rows:
         return None
     fetched: list[ExpertWeights] = [(None, None, None, None)] * num_experts
@@ -177,5 +191,5 @@ def skinny_ffn_fetched(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: tor
     has_bias = biased == {True}
     pointers = [_addresses([w[i] for w in fetched]) if i < 2 or has_bias else None
                 for i in range(4)]
-    return _run(x_TD, ids_TK, weights_TK, pointers, num_experts, x_TD.shape[1], expert_dim,
-                activation, max_rows)
+    return _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, num_experts, x_TD.shape[1],
+                expert_dim, activation, max_rows)

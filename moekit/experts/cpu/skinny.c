@@ -249,12 +249,13 @@ void moekit_skinny_grouped_nn(const float *x, const float *w, int64_t w_expert_s
  * in order, all in one team of threads.
  *
  * Layouts (float32 unless noted, row-major, contiguous within an expert):
- *   x [T, D]; ids [T, K] int64; weights [T, K]
+ *   x [T, D]; ids [T, K] int64; weights [T, K]; kept [T, K] bool (one byte, 0 or 1), or NULL for
+ *   all: an assignment with kept 0 is left out (dropped by capacity, or not an assignment)
  *   w1[e] [H, D] (H = 2F gated: rows [0, F) gate, [F, 2F) up; else H = F), w2[e] [D, F]: arrays of
  *   E pointers, each expert's matrix row-major and contiguous (an expert without rows may be NULL);
  *   b1[e] [H], b2[e] [D]: arrays of E pointers, or NULL for no bias
- *   y [T, D]; order [T * K] int64 (the assignment t * K + j of each row, grouped by expert);
- *   counts [E] int64
+ *   y [T, D]; order [R] int64 (the assignment t * K + j of each of the R kept rows, grouped by
+ *   expert); counts [E] int64 kept rows per expert
  * Returns 0 when y is written; 1 when an expert would get more than max_rows rows (order and
  * counts are written, y is not); -1 when an id is outside [0, E) (nothing else is written
  * reliably); -2 when scratch memory could not be allocated.
@@ -285,49 +286,49 @@ static void activate_row(int activation, const float *h, const float *b1, float 
     }
 }
 
-int moekit_skinny_ffn(const float *x, const int64_t *ids, const float *weights, int64_t T,
-                      int64_t K, const float *const *w1, const float *const *w2,
-                      const float *const *b1, const float *const *b2, int64_t E, int64_t D,
-                      int64_t F, int activation, int64_t max_rows, float *y, int64_t *order,
-                      int64_t *counts, int num_threads) {
-    int64_t A = T * K, H = activation == ACT_SWIGLU || activation == ACT_GEGLU ? 2 * F : F;
+int moekit_skinny_ffn(const float *x, const int64_t *ids, const float *weights,
+                      const uint8_t *kept, int64_t T, int64_t K, const float *const *w1,
+                      const float *const *w2, const float *const *b1, const float *const *b2,
+                      int64_t E, int64_t D, int64_t F, int activation, int64_t max_rows, float *y,
+                      int64_t *order, int64_t *counts, int num_threads) {
+    int64_t A = T * K, R = 0, H = activation == ACT_SWIGLU || activation == ACT_GEGLU ? 2 * F : F;
     for (int64_t e = 0; e < E; ++e) counts[e] = 0;
     for (int64_t i = 0; i < A; ++i) {
         if (ids[i] < 0 || ids[i] >= E) return -1;
-        ++counts[ids[i]];
+        if (!kept || kept[i]) ++counts[ids[i]];
     }
     int64_t first_row[E], next[E], most = 0;
-    for (int64_t e = 0, row = 0; e < E; ++e) {
-        first_row[e] = next[e] = row;
-        row += counts[e];
+    for (int64_t e = 0; e < E; ++e) {
+        first_row[e] = next[e] = R;
+        R += counts[e];
         if (counts[e] > most) most = counts[e];
     }
     int64_t *row_of = malloc((size_t)(A > 0 ? A : 1) * sizeof(int64_t));
     if (!row_of) return -2;
     for (int64_t i = 0; i < A; ++i) {  /* a stable counting sort: by token, then j, per expert */
-        row_of[i] = next[ids[i]]++;
-        order[row_of[i]] = i;
+        row_of[i] = !kept || kept[i] ? next[ids[i]]++ : -1;
+        if (row_of[i] >= 0) order[row_of[i]] = i;
     }
     if (most > max_rows) {
         free(row_of);
         return 1;
     }
-    float *rows = malloc((size_t)(A * (D + H + F + D) + 1) * sizeof(float));
+    float *rows = malloc((size_t)(R * (D + H + F + D) + 1) * sizeof(float));
     if (!rows) {
         free(row_of);
         return -2;
     }
-    float *x_rows = rows, *h = x_rows + A * D, *a = h + A * H, *out = a + A * F;
-#pragma omp parallel num_threads(team_size(num_threads, A * H))
+    float *x_rows = rows, *h = x_rows + R * D, *a = h + R * H, *out = a + R * F;
+#pragma omp parallel num_threads(team_size(num_threads, R * H))
     {
         int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < A; ++r)
+        for (int64_t r = 0; r < R; ++r)
             memcpy(x_rows + r * D, x + order[r] / K * D, (size_t)D * sizeof(float));
         grouped_share(expert_rows, ROW_PAIR, x_rows, w1, h, counts, first_row, E, D, H, t, nt);
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < A; ++r) {
+        for (int64_t r = 0; r < R; ++r) {
             int64_t e = ids[order[r]];
             activate_row(activation, h + r * H, b1 ? b1[e] : NULL, weights[order[r]], a + r * F, F);
         }
@@ -339,6 +340,7 @@ int moekit_skinny_ffn(const float *x, const int64_t *ids, const float *weights, 
             memset(y_t, 0, (size_t)D * sizeof(float));
             for (int64_t j = 0; j < K; ++j) {
                 int64_t i = token * K + j, e = ids[i];
+                if (row_of[i] < 0) continue;
                 const float *o = out + row_of[i] * D;
                 for (int64_t d = 0; d < D; ++d) y_t[d] += o[d];
                 if (b2)

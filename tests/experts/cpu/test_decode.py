@@ -14,11 +14,13 @@ needs_kernel = pytest.mark.skipif(not skinny.available(),
                                   reason=f"no skinny kernel: {skinny.unavailable_reason()}")
 
 
-def _reference(x, ids, weights, w1, w2, activation, b1=None, b2=None) -> torch.Tensor:
-    """float64 sum_j weights[t, j] * FFN_{ids[t, j]}(x[t]), token by token."""
+def _reference(x, ids, weights, w1, w2, activation, b1=None, b2=None, kept=None) -> torch.Tensor:
+    """float64 sum_j weights[t, j] * FFN_{ids[t, j]}(x[t]) over the kept j, token by token."""
     y = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
+            if kept is not None and not kept[t, j]:
+                continue
             e = int(ids[t, j])
             h = w1[e].double() @ x[t].double() + (0 if b1 is None else b1[e].double())
             out = w2[e].double() @ apply_activation(h, activation)
@@ -72,6 +74,34 @@ def test_batch_shapes(tokens, top_k, experts):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kept_mask_leaves_choices_out(bias, threads):
+    """Choices kept_TK marks False take no row, no work and no part in the combine; a token
+    with none kept gets zeros."""
+    generator = torch.Generator().manual_seed(3 + threads)
+    x, ids, weights, w1, w2, b1, b2 = _problem(7, 3, 5, 24, 12, "swiglu", bias, generator)
+    kept = torch.rand(7, 3, generator=generator) < 0.6
+    kept[2] = False
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", b1, b2, kept_TK=kept)
+    finally:
+        torch.set_num_threads(previous)
+    expected = _reference(x, ids, weights, w1, w2, "swiglu", b1, b2, kept)
+    torch.testing.assert_close(result.y_TD.double(), expected, rtol=1e-5, atol=1e-5)
+    assert not result.y_TD[2].any()
+    flat_ids, flat_kept = ids.reshape(-1), kept.reshape(-1)
+    torch.testing.assert_close(result.counts_E, torch.bincount(flat_ids[flat_kept], minlength=5))
+    sort_key = torch.where(flat_kept, flat_ids, 5)
+    expected_order = torch.argsort(sort_key, stable=True)[:int(flat_kept.sum())]
+    torch.testing.assert_close(result.order_R, expected_order)
+    none_kept = decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", kept_TK=torch.zeros_like(kept))
+    assert not none_kept.y_TD.any() and none_kept.order_R.numel() == 0
+
+
+@needs_kernel
 def test_strided_stacks_and_inputs():
     generator = torch.Generator().manual_seed(5)
     x, ids, weights, w1, w2, _, _ = _problem(4, 2, 6, 16, 8, "relu", False, generator)
@@ -117,6 +147,10 @@ def test_bad_inputs_are_named():
         decode.skinny_ffn(x, ids, weights, w1, w2.double(), "swiglu")
     with pytest.raises(ValueError, match="expert 0 has one bias but not the other"):
         decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", b1_EH=torch.zeros(4, 12))
+    with pytest.raises(TypeError, match="kept_TK must be a bool CPU tensor, got torch.int64"):
+        decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", kept_TK=torch.ones_like(ids))
+    with pytest.raises(ValueError, match=r"kept_TK must have ids_TK's shape \(3, 2\), got \(3,\)"):
+        decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", kept_TK=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"expected w1_EHD \[E, H, D\] and w2_EDF \[E, D, F\], got "
                                          r"\(4, 12, 8\) and \(3, 8, 6\)"):
         decode.skinny_ffn(x, ids, weights, w1, w2[:3], "swiglu")
@@ -144,16 +178,36 @@ def test_layer_inference_takes_one_call_and_equals_the_autograd_path(activation,
 
 
 @needs_kernel
+@pytest.mark.parametrize("fields", [dict(capacity_factor=0.5), dict(router="expert_choice")],
+                         ids=["capacity", "expert_choice"])
+def test_layer_drops_and_masks_take_one_call_too(fields, monkeypatch):
+    """Capacity drops and expert choice's non-assignments go through the one-call path as a
+    kept mask; output, counts and dropped fraction equal the autograd path's."""
+    moe = randomized_moe(3, dim=16, expert_dim=8, num_experts=4, top_k=2, **fields)
+    x = torch.randn(6, 16)
+    calls = count_calls(monkeypatch, decode, "skinny_ffn")
+    with torch.no_grad():
+        y_fast, aux_fast = moe(x)
+    assert calls, "the inference batch did not take the one-call path"
+    calls.clear()
+    y_grad, aux_grad = moe(x)
+    assert not calls
+    torch.testing.assert_close(y_fast, y_grad.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux_fast.tokens_per_expert, aux_grad.tokens_per_expert)
+    torch.testing.assert_close(aux_fast.dropped_fraction, aux_grad.dropped_fraction)
+    if "capacity_factor" in fields:
+        assert float(aux_fast.dropped_fraction) > 0  # the case under test: some choices dropped
+
+
+@needs_kernel
 def test_layer_keeps_the_general_path_where_it_must(monkeypatch):
-    """Capacity drops, float64, too many rows per expert, and a watching FlopCounterMode all
-    leave the one-call path alone (and still give the right answer)."""
+    """float64, too many rows per expert, and a watching FlopCounterMode all leave the one-call
+    path alone (and still give the right answer)."""
     from torch.utils.flop_counter import FlopCounterMode
     calls = count_calls(monkeypatch, decode, "skinny_ffn")
     x = torch.randn(6, 16)
-    capacity = randomized_moe(1, dim=16, expert_dim=8, num_experts=4, top_k=2, capacity_factor=0.5)
     dropless = randomized_moe(1, dim=16, expert_dim=8, num_experts=4, top_k=2)
     with torch.no_grad():
-        capacity(x)
         dropless.double()(x.double())
         randomized_moe(1, dim=16, expert_dim=8, num_experts=2, top_k=2)(torch.randn(13, 16))
         with FlopCounterMode(display=False) as counter:
@@ -179,6 +233,13 @@ def test_fetched_weights_give_the_same_bits(bias):
     result = decode.skinny_ffn_fetched(x, ids, weights, expert_weights, 6, 8, "geglu")
     assert fetched == [0, 1, 4]
     stacked = decode.skinny_ffn(x, ids, weights, w1, w2, "geglu", b1, b2)
+    assert torch.equal(result.y_TD, stacked.y_TD) and torch.equal(result.order_R, stacked.order_R)
+    fetched.clear()
+    kept = torch.tensor([[True, False], [False, True], [True, True], [False, False]])
+    result = decode.skinny_ffn_fetched(x, ids, weights, expert_weights, 6, 8, "geglu",
+                                       kept_TK=kept)
+    assert fetched == [0, 4]  # expert 1's choices are all dropped: not fetched
+    stacked = decode.skinny_ffn(x, ids, weights, w1, w2, "geglu", b1, b2, kept_TK=kept)
     assert torch.equal(result.y_TD, stacked.y_TD) and torch.equal(result.order_R, stacked.order_R)
     fetched.clear()
     declined = decode.skinny_ffn_fetched(x, ids, weights, expert_weights, 6, 8, "geglu", max_rows=2)
