@@ -156,15 +156,9 @@ def test_bad_inputs_are_named():
         decode.skinny_ffn(x, ids, weights, w1, w2[:3], "swiglu")
 
 
-@needs_kernel
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-@pytest.mark.parametrize("bias", [False, True])
-def test_layer_inference_takes_one_call_and_equals_the_autograd_path(activation, bias, monkeypatch):
-    """Under no_grad a decode-size dropless layer goes through skinny_ffn; its output and
-    aux equal those of the same layer run with gradients (the fused autograd op)."""
-    moe = randomized_moe(2, dim=40, expert_dim=24, num_experts=6, top_k=2, activation=activation,
-                         bias=bias)
-    x = torch.randn(2, 5, 40)
+def run_one_call_and_autograd(moe, x, monkeypatch):
+    """moe(x) under no_grad (which must take the one-call path) and with gradients (which must
+    not); asserts equal outputs and counts and returns both aux."""
     calls = count_calls(monkeypatch, decode, "skinny_ffn")
     with torch.no_grad():
         y_fast, aux_fast = moe(x)
@@ -174,6 +168,18 @@ def test_layer_inference_takes_one_call_and_equals_the_autograd_path(activation,
     assert not calls and y_grad.requires_grad
     torch.testing.assert_close(y_fast, y_grad.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(aux_fast.tokens_per_expert, aux_grad.tokens_per_expert)
+    return aux_fast, aux_grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_inference_takes_one_call_and_equals_the_autograd_path(activation, bias, monkeypatch):
+    """Under no_grad a decode-size dropless layer goes through skinny_ffn; its output and
+    aux equal those of the same layer run with gradients (the fused autograd op)."""
+    moe = randomized_moe(2, dim=40, expert_dim=24, num_experts=6, top_k=2, activation=activation,
+                         bias=bias)
+    aux_fast, _ = run_one_call_and_autograd(moe, torch.randn(2, 5, 40), monkeypatch)
     assert float(aux_fast.dropped_fraction) == 0.0
 
 
@@ -184,16 +190,7 @@ def test_layer_drops_and_masks_take_one_call_too(fields, monkeypatch):
     """Capacity drops and expert choice's non-assignments go through the one-call path as a
     kept mask; output, counts and dropped fraction equal the autograd path's."""
     moe = randomized_moe(3, dim=16, expert_dim=8, num_experts=4, top_k=2, **fields)
-    x = torch.randn(6, 16)
-    calls = count_calls(monkeypatch, decode, "skinny_ffn")
-    with torch.no_grad():
-        y_fast, aux_fast = moe(x)
-    assert calls, "the inference batch did not take the one-call path"
-    calls.clear()
-    y_grad, aux_grad = moe(x)
-    assert not calls
-    torch.testing.assert_close(y_fast, y_grad.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(aux_fast.tokens_per_expert, aux_grad.tokens_per_expert)
+    aux_fast, aux_grad = run_one_call_and_autograd(moe, torch.randn(6, 16), monkeypatch)
     torch.testing.assert_close(aux_fast.dropped_fraction, aux_grad.dropped_fraction)
     if "capacity_factor" in fields:
         assert float(aux_fast.dropped_fraction) > 0  # the case under test: some choices dropped
