@@ -159,11 +159,11 @@ class Experts(nn.Module):
         skinny.MAX_ROWS rows."""
         params = [p for p in (self.first_proj, self.down_proj, self.first_proj_bias,
                               self.down_proj_bias) if p is not None]
-        if self.backend_for(x_TD.dtype) != "fused" or x_TD.device.type != "cpu":
-            return None  # before counting the kept rows, which would sync a GPU
-        rows = ids_TK.numel() if kept_TK is None else int(kept_TK.sum())
-        if rows > self.num_local_experts * skinny.MAX_ROWS \
+        if self.backend_for(x_TD.dtype) != "fused" \
                 or not decode.applies_to(x_TD, weights_TK, *params):
+            return None  # before counting the kept rows: training and GPU batches skip the sum
+        rows = ids_TK.numel() if kept_TK is None else int(kept_TK.sum())
+        if rows > self.num_local_experts * skinny.MAX_ROWS:
             return None
         return decode.skinny_ffn(x_TD, ids_TK, weights_TK, self.first_proj, self.down_proj,
                                  self.config.activation, self.first_proj_bias, self.down_proj_bias,
