@@ -8,7 +8,8 @@ from typing import NamedTuple
 import torch
 
 from moekit.config import MoEConfig
-from moekit.dispatch.local import DispatchPlan, GlobalLoad
+from moekit.contract import DispatchPlan
+from moekit.dispatch.local import GlobalLoad
 from moekit.losses import load_balance_loss, router_z_loss, sequence_balance_loss
 from moekit.routing import Routing
 

@@ -18,7 +18,6 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_NOISES = ("none", "jitter", "gaussian")
 DROP_POLICIES = ("position", "score")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
-EXPERTS_BACKENDS = ("auto", "fused", "triton", "grouped_mm", "loop")
 HASH_WEIGHTS = ("uniform", "router")
 BALANCE_SCOPES = ("batch", "sequence")
 
@@ -111,7 +110,8 @@ class MoEConfig:
             scatter in one op, per expert); on CUDA "triton" (fused Triton
             kernels, docs/gpu.md) when Triton is installed and bias is off, else
             grouped_mm where it is exact, else a per-expert loop; "fused",
-            "triton", "grouped_mm" or "loop" force one.
+            "triton", "grouped_mm", "loop" or any backend registered with
+            moekit.experts.register_backend force one.
         slots_per_expert: slots each expert processes in moekit.SoftMoE.
     Losses
         balance_loss_weight: alpha in alpha * E * sum_i f_i * P_i.
@@ -187,7 +187,8 @@ class MoEConfig:
         _require_bool("shared_expert_gate", self.shared_expert_gate)
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1, got 0")
-        _require_choice("experts_backend", self.experts_backend, EXPERTS_BACKENDS)
+        from moekit.experts.backends import backend_names  # the registry imports this module
+        _require_choice("experts_backend", self.experts_backend, backend_names())
         _require_int("slots_per_expert", self.slots_per_expert, 1)
         _require_float("balance_loss_weight", self.balance_loss_weight, 0.0)
         _require_choice("balance_scope", self.balance_scope, BALANCE_SCOPES)

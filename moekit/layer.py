@@ -84,7 +84,7 @@ class MoE(nn.Module):
                             f"got dtype {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.config.dim:
             raise ValueError(f"x must have shape [..., dim={self.config.dim}], got {tuple(x.shape)}")
-        weight_dtype, weight_device = self.experts.down_proj.dtype, self.experts.down_proj.device
+        weight_dtype, weight_device = self.experts.dtype, self.experts.device
         if x.device != weight_device:
             raise ValueError(f"x is on {x.device} but the layer's weights are on {weight_device}")
         if x.dtype != weight_dtype:

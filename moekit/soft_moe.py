@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
+from moekit.contract import rows_plan
 from moekit.experts import Experts
 from moekit.routing import router_dtype
 
@@ -75,5 +76,5 @@ class SoftMoE(nn.Module):
         batch, p = slots_BND.shape[0], c.slots_per_expert
         rows = slots_BND.view(batch, c.num_experts, p, c.dim).transpose(0, 1).reshape(-1, c.dim)
         counts_E = torch.full((c.num_experts,), batch * p, dtype=torch.int64, device=rows.device)
-        out = self.experts(rows, counts_E)
+        out = self.experts(rows, rows_plan(counts_E, rows.shape[0]))
         return out.view(c.num_experts, batch, p, c.dim).transpose(0, 1).reshape(batch, -1, c.dim)

@@ -1,11 +1,13 @@
-"""Dispatch / combine: tokens plus a Routing -> expert-major rows, and back."""
+"""Dispatch: a Routing -> the DispatchPlan the experts run (moekit.contract); the row helpers
+(dispatch_rows, combine_rows) for row backends. Names no expert backend."""
 
 from __future__ import annotations
 
 from moekit.config import MoEConfig
+from moekit.contract import DispatchPlan, rows_plan
 from moekit.dispatch.capacity import CapacityDispatcher
-from moekit.dispatch.local import DispatchPlan, LocalDispatcher
-from moekit.dispatch.permute import permute_tokens, unpermute
+from moekit.dispatch.local import LocalDispatcher, plan_dispatch
+from moekit.dispatch.permute import combine_rows, dispatch_rows, permute_tokens, unpermute
 
 
 def build_dispatcher(config: MoEConfig) -> LocalDispatcher:
@@ -18,4 +20,5 @@ def build_dispatcher(config: MoEConfig) -> LocalDispatcher:
 
 
 __all__ = ["CapacityDispatcher", "DispatchPlan", "LocalDispatcher", "build_dispatcher",
-           "permute_tokens", "unpermute"]
+           "combine_rows", "dispatch_rows", "permute_tokens", "plan_dispatch", "rows_plan",
+           "unpermute"]

@@ -27,10 +27,10 @@ import torch.distributed._functional_collectives as funcol
 
 from moekit.capacity import capacity_keep_mask
 from moekit.dispatch.capacity import CapacityDispatcher
-from moekit.dispatch.local import DispatchPlan, GlobalLoad, LocalDispatcher, plan_dispatch
-from moekit.dispatch.permute import permute_tokens
+from moekit.contract import DispatchPlan, ExpertsContract, rows_plan
+from moekit.dispatch.local import GlobalLoad, LocalDispatcher, plan_dispatch
+from moekit.dispatch.permute import combine_rows, dispatch_rows
 from moekit.losses import nonempty_sequences
-from moekit.experts import Experts
 from moekit.routing import Routing, expert_counts
 
 
@@ -94,10 +94,11 @@ class AllToAllDispatcher:
         the assignments that survive capacity over every rank's tokens."""
         kept_TK = self._global_keep_mask(routing) if isinstance(self.local, CapacityDispatcher) \
             else self.local.keep_mask(routing)
+        ids_TK = routing.expert_indices
         if self.slot_of_expert is not None:
-            slots_TK = self.slot_of_expert.to(routing.expert_indices.device)[routing.expert_indices]
-            routing = routing._replace(expert_indices=slots_TK)
-        return plan_dispatch(routing, self.num_experts, kept_TK)
+            ids_TK = self.slot_of_expert.to(ids_TK.device)[ids_TK]
+        return plan_dispatch(ids_TK, routing.expert_weights, self.num_experts, kept_TK,
+                             routing.assignment_mask)
 
     def _global_keep_mask(self, routing: Routing) -> torch.Tensor:
         """bool [T, K]: this rank's rows of capacity_keep_mask over all ranks' tokens."""
@@ -115,10 +116,10 @@ class AllToAllDispatcher:
         return kept[start:start + ids_TK.shape[0]]
 
     def run_experts(self, x_TD: torch.Tensor, routing: Routing,
-                    experts: Experts) -> tuple[torch.Tensor, DispatchPlan]:
+                    experts: ExpertsContract) -> tuple[torch.Tensor, DispatchPlan]:
         """combine(remote experts(dispatch(x_TD))) -> (y_TD [T, D], plan)."""
         plan = self.plan(routing)
-        rows_RD = permute_tokens(x_TD, plan.order_R, routing.top_k)
+        rows_RD = dispatch_rows(x_TD, plan)
         W, E_l = self.world_size, self.num_local_experts
         counts_WE = plan.counts_E.view(W, E_l)
         received_WE = torch.empty_like(counts_WE)
@@ -128,12 +129,13 @@ class AllToAllDispatcher:
         received_RD = self._exchange(rows_RD, recv_sizes, send_sizes)
         # received rows come grouped by source rank, then local expert: regroup by expert
         by_expert = _source_major_to_expert_major(received_WE)
-        out_RD = experts(received_RD.index_select(0, by_expert), received_WE.sum(0))
+        out_RD = experts(received_RD.index_select(0, by_expert),
+                         rows_plan(received_WE.sum(0), by_expert.shape[0]))
         out_RD = torch.empty_like(out_RD).index_copy(0, by_expert, out_RD)
         returned_RD = self._exchange(out_RD, send_sizes, recv_sizes)
-        y_TD = self.local.combine(returned_RD, plan)
+        y_TD = combine_rows(returned_RD, plan)
         if self.slot_of_expert is not None:  # report counts per expert id, not per slot
-            plan = plan._replace(counts_E=plan.counts_E[self.slot_of_expert.to(plan.counts_E.device)])
+            plan = plan.with_counts(plan.counts_E[self.slot_of_expert.to(plan.counts_E.device)])
         return y_TD, plan
 
     def _exchange(self, rows_RD: torch.Tensor, recv_sizes: list[int], send_sizes: list[int]

@@ -1,4 +1,5 @@
-"""Moving token rows into expert-major order and back, deterministically.
+"""Moving token rows into expert-major order and back, deterministically: the helpers a
+row backend uses around its matrix products (dispatch_rows, combine_rows).
 
 Both directions are gathers/scatters with unique indices, in forward and in
 backward, so results are bitwise reproducible on every device (no atomics).
@@ -7,6 +8,8 @@ backward, so results are bitwise reproducible on every device (no atomics).
 from __future__ import annotations
 
 import torch
+
+from moekit.contract import DispatchPlan
 
 
 class _PermuteTokens(torch.autograd.Function):
@@ -42,3 +45,24 @@ def unpermute(rows_RD: torch.Tensor, order_R: torch.Tensor, num_assignments: int
     """
     out_AD = rows_RD.new_zeros(num_assignments, rows_RD.shape[1])
     return out_AD.index_copy(0, order_R, rows_RD)
+
+
+def dispatch_rows(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Rows [R, D] of x_TD [T, D] in the plan's expert-major order (a row backend's gather);
+    x_TD itself for a rows plan. Differentiable in x_TD."""
+    if plan.ids_TK is None:
+        return x_TD
+    return permute_tokens(x_TD, plan.order_R, plan.top_k)
+
+
+def combine_rows(out_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """y_TD [T, D] in out_RD's dtype: each token's rows weighted and summed over its K choices,
+    in the combine weights' dtype (float32 for half inputs) and a fixed order; out_RD itself
+    for a rows plan. Differentiable in out_RD and the plan's weights."""
+    if plan.weights_TK is None:
+        return out_RD
+    num_tokens, top_k = plan.weights_TK.shape
+    out_AD = unpermute(out_RD, plan.order_R, num_tokens * top_k)
+    out_TKD = out_AD.view(num_tokens, top_k, out_AD.shape[1]).to(plan.weights_TK.dtype)
+    y_TD = torch.bmm(plan.weights_TK.unsqueeze(1), out_TKD).squeeze(1)
+    return y_TD.to(out_RD.dtype)

@@ -20,8 +20,9 @@ products with the weights through the skinny CPU kernel (moekit/experts/cpu), wh
 reads each weight once: forward as one call per matrix for all experts, with the
 activation as one op over all R rows ([R, 2F] is small there); backward the
 input-gradient products likewise, the weight gradients per expert as above.
-Without gradients such a batch skips this op altogether: the dispatcher hands it to
-Experts.forward_decode, one C call for the whole FFN (moekit/experts/cpu/decode.py).
+Without gradients such a batch skips this op altogether: the fused backend
+(moekit/experts/cpu/backend.py) runs it as one C call for the whole FFN
+(moekit/experts/cpu/decode.py).
 
 Deterministic on CPU (index_add_ accumulates rows in order). Not for CUDA,
 where index_add_ uses atomics. Not twice differentiable. Under torch.compile
@@ -48,7 +49,7 @@ WEIGHT_FIRST_ROWS = 256
 
 def _rows_times_weight_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [n, K] @ w[N, K]^T -> [n, N], in the faster form for n."""
-    if x.shape[0] <= skinny.MAX_ROWS and skinny.usable_for(x, w):
+    if skinny.small_batch(x.shape[0], x, w):
         return skinny.skinny_grouped(x, w.unsqueeze(0), [x.shape[0]])
     if x.shape[0] <= WEIGHT_FIRST_ROWS:
         return torch.mm(w, x.t()).t()
@@ -148,10 +149,6 @@ def skinny_experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R:
     return torch.zeros_like(x_TD).index_add_(0, token_R, out_RD)
 
 
-def _skinny_sized(x_TD: torch.Tensor, w1_EHD: torch.Tensor, counts: list[int]) -> bool:
-    return max(counts, default=0) <= skinny.MAX_ROWS and skinny.usable_for(x_TD, w1_EHD)
-
-
 class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R, counts, activation):
@@ -160,7 +157,7 @@ class _FusedExperts(torch.autograd.Function):
                     None if b2_ED is None else b2_ED[e])
 
         saved_h = []
-        if _skinny_sized(x_TD, w1_EHD, counts):
+        if skinny.small_batch(max(counts, default=0), x_TD, w1_EHD):
             y_TD = skinny_experts_forward(x_TD, token_R, weights_R, counts, w1_EHD, w2_EDF, b1_EH,
                                           b2_ED, activation, saved_h)
         else:
@@ -186,7 +183,7 @@ class _FusedExperts(torch.autograd.Function):
         grad_b2 = torch.zeros_like(b2_ED) if need_b2 else None
         # Decode-size batches: the two products with the weights (g @ W2, grad_h @ W1) for all
         # experts at once through the skinny kernel; only the weight gradients stay per expert.
-        skinny_rows = _skinny_sized(grad_y_TD, w2_EDF, ctx.counts)
+        skinny_rows = skinny.small_batch(max(ctx.counts, default=0), grad_y_TD, w2_EDF)
         if skinny_rows:
             g_RD = grad_y_TD.index_select(0, token_R)
             ga_raw_RF = skinny.skinny_grouped(g_RD, w2_EDF, ctx.counts, transpose=False)

@@ -1,4 +1,4 @@
-"""A safe wrapper around ``torch.nn.functional.grouped_mm``.
+"""The "grouped_mm" backend: a safe wrapper around ``torch.nn.functional.grouped_mm``.
 
 It hides the operator's traps (torch 2.13, CPU): offsets must be int32; sizes
 must be 16-byte aligned; rows past the last offset are left uninitialised in
@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from moekit.contract import DispatchPlan
+from moekit.experts.rows import rows_ffn
 
 _INT32_MAX = 2**31 - 1
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -75,3 +78,19 @@ def grouped_matmul(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts_E: list[int])
     if tail:
         y = torch.cat([y, y.new_zeros(tail, out_features)], dim=0)
     return y
+
+
+class GroupedMMBackend:
+    """Row backend over grouped_matmul (the GPU path; on CPU a loop of matmuls)."""
+
+    def unsupported(self, experts, dtype: torch.dtype) -> str | None:
+        device = experts.device
+        sizes = (experts.config.dim, experts.first_proj.shape[1], experts.config.expert_dim)
+        if grouped_mm_supports(device, dtype, *sizes):
+            return None
+        return (f"experts_backend='grouped_mm' cannot run dtype {dtype} on {device} with sizes "
+                f"{sizes}: it needs float32/bfloat16/float16 on CPU or CUDA (capability >= 8.0) "
+                "and sizes that are multiples of 16 bytes; use experts_backend='auto' or 'loop'")
+
+    def __call__(self, experts, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        return rows_ffn(experts, x_TD, plan, grouped_matmul)

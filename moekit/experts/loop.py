@@ -1,8 +1,12 @@
-"""Per-expert loop matmul: the simple, always-exact backend (any dtype, any size)."""
+"""The "loop" backend: a per-expert loop of matmuls, the simple, always-exact backend (any
+dtype, any size, any device)."""
 
 from __future__ import annotations
 
 import torch
+
+from moekit.contract import DispatchPlan
+from moekit.experts.rows import rows_ffn
 
 
 def loop_matmul(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
@@ -19,3 +23,13 @@ def loop_matmul(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts_E: list[int]) ->
     if tail:
         pieces.append(x_RI.new_zeros(tail, w_EOI.shape[1]))
     return torch.cat(pieces, dim=0)
+
+
+class LoopBackend:
+    """Row backend over loop_matmul; runs everything."""
+
+    def unsupported(self, experts, dtype: torch.dtype) -> str | None:
+        return None
+
+    def __call__(self, experts, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        return rows_ffn(experts, x_TD, plan, loop_matmul)

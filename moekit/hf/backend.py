@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.dispatch import LocalDispatcher
+from moekit.dispatch import plan_dispatch
 from moekit.experts import Experts
 from moekit.hf.convert import experts_activation
-from moekit.routing import Routing
 
 BACKEND_NAME = "moekit"
 
@@ -88,7 +87,5 @@ def moekit_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
         raise ValueError(f"{type(self).__name__}: transformers' expert parallelism is not supported "
                          "by the moekit experts backend; use moekit.parallel on a patched model")
     experts = experts_view(self)
-    # The dispatcher reads only the expert ids and combine weights of a Routing.
-    routing = Routing(top_k_index.long(), top_k_weights, None, None)
-    y_TD, _ = LocalDispatcher(experts.num_local_experts).run_experts(hidden_states, routing, experts)
-    return y_TD.to(hidden_states.dtype)
+    plan = plan_dispatch(top_k_index.long(), top_k_weights, experts.num_local_experts)
+    return experts(hidden_states, plan).to(hidden_states.dtype)

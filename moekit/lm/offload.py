@@ -18,6 +18,7 @@ Shape letters: E experts, D model dim, F expert dim, H = 2F (gated) or F.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
@@ -27,7 +28,8 @@ from safetensors import safe_open
 from torch import nn
 
 from ..config import MoEConfig
-from ..experts.cpu.decode import DecodedExperts, applies_to, skinny_ffn_fetched
+from ..contract import DispatchPlan
+from ..experts.cpu.decode import applies_to, skinny_ffn_fetched
 from ..experts.fused import ExpertWeights, experts_forward
 from ..layer import MoE
 from .checkpoint import MODEL_FILE, CheckpointError, read_run_config
@@ -145,48 +147,39 @@ class ExpertCache:
 
 
 class OffloadedExperts(nn.Module):
-    """Stands in for a layer's Experts with no weights of its own: each expert with
-    rows is fetched from the cache, in expert order, and run as the fused backend
-    runs it. Inference only (no gradient reaches the stored weights)."""
+    """The experts contract (moekit.contract) with no weights of its own: each expert with rows
+    is fetched from the cache, in expert order, and run as the fused CPU backend runs it (one
+    native call for a decode-size batch). Inputs must have the cache's dtype and device.
+    Inference only (no gradient reaches the stored weights)."""
 
-    def __init__(self, config: MoEConfig, layer: str, cache: ExpertCache,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: MoEConfig, layer: str, cache: ExpertCache) -> None:
         super().__init__()
         self.config, self.layer, self.cache = config, layer, cache
-        self.expert_ids = range(config.num_experts)
-        # Empty: carries the dtype and device the MoE layer checks its input against.
-        self.register_buffer("down_proj", torch.empty(0, dtype=dtype, device=device), persistent=False)
 
     @property
     def num_local_experts(self) -> int:
         return self.config.num_experts
 
-    def backend_for(self, dtype: torch.dtype) -> str:
-        return "fused"  # the dispatcher then hands over tokens, not gathered rows
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cache.dtype
 
-    def forward_tokens(self, x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int,
-                       weights_R: torch.Tensor | None, counts_E: torch.Tensor) -> torch.Tensor:
-        """y_TD [T, D] = sum over rows r of weights_R[r] * FFN_{e(r)}(x_TD[order_R[r] // top_k]),
-        as Experts.forward_tokens."""
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
+    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         if torch.is_grad_enabled() and x_TD.requires_grad:
             raise RuntimeError("offloaded experts are for inference: run under torch.no_grad()")
-        token_R = torch.div(order_R, top_k, rounding_mode="floor")
-        return experts_forward(x_TD, token_R, weights_R, counts_E.tolist(),
-                               lambda e: self.cache.get(self.layer, e), self.config.activation)
-
-    def forward_decode(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                       kept_TK: torch.Tensor | None = None) -> DecodedExperts | None:
-        """As Experts.forward_decode, each expert with rows fetched from the cache in expert
-        order (so the resident and the offloaded model give the same bits)."""
-        if not applies_to(x_TD, weights_TK):
-            return None
-        return skinny_ffn_fetched(x_TD, ids_TK, weights_TK, lambda e: self.cache.get(self.layer, e),
-                                  self.config.num_experts, self.config.expert_dim,
-                                  self.config.activation, kept_TK=kept_TK)
-
-    def forward(self, rows_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        order_R = torch.arange(rows_RD.shape[0], device=rows_RD.device)
-        return self.forward_tokens(rows_RD, order_R, 1, None, counts_E)
+        fetch = functools.partial(self.cache.get, self.layer)
+        if applies_to(x_TD, plan):
+            decoded = skinny_ffn_fetched(x_TD, plan.ids_TK, plan.weights_TK, fetch,
+                                         self.config.num_experts, self.config.expert_dim,
+                                         self.config.activation, kept_TK=plan.kept_TK)
+            plan.adopt_sort(decoded.order_R, decoded.counts_E)
+            return decoded.y_TD
+        return experts_forward(x_TD, plan.token_R, plan.weights_R, plan.counts_E.tolist(), fetch,
+                               self.config.activation)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer!r}, num_experts={self.config.num_experts}, offloaded"
@@ -205,10 +198,10 @@ def offload_experts(model: nn.Module, store: ExpertStore, max_resident: int,
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} holds no moekit MoE layer to offload")
-    reference = next(iter(layers.values())).experts.down_proj
+    reference = next(iter(layers.values())).experts
     cache = ExpertCache(store, max_resident, reference.device, reference.dtype, policy)
     for name, moe in layers.items():
-        moe.experts = OffloadedExperts(moe.config, name, cache, reference.dtype, reference.device)
+        moe.experts = OffloadedExperts(moe.config, name, cache)
     return cache
 
 

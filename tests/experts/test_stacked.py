@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moekit import MoEConfig
+from moekit.contract import rows_plan
 from moekit.experts import Experts
 
 
@@ -45,9 +46,9 @@ def test_backends_agree(backend):
     rows, counts = torch.randn(9, 16, requires_grad=True), torch.tensor([4, 0, 5])
     grads = []
     for module in (experts, loop):
-        out = module(rows, counts)
+        out = module(rows, rows_plan(counts, rows.shape[0]))
         grads.append(torch.autograd.grad(out.square().sum(), [rows, *module.parameters()]))
-    torch.testing.assert_close(experts(rows, counts), loop(rows, counts))
+    torch.testing.assert_close(experts(rows, rows_plan(counts, rows.shape[0])), loop(rows, rows_plan(counts, rows.shape[0])))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
 
@@ -55,8 +56,8 @@ def test_backends_agree(backend):
 def test_bad_counts_are_rejected():
     experts = Experts(MoEConfig(dim=8, expert_dim=8, num_experts=3, top_k=1))
     with pytest.raises(ValueError, match=r"summing to the 5 rows; got \[1, 1, 1\]"):
-        experts(torch.randn(5, 8), torch.tensor([1, 1, 1]))
+        experts(torch.randn(5, 8), rows_plan(torch.tensor([1, 1, 1]), 5))
     with pytest.raises(ValueError, match=r"3 non-negative counts .* got \[6, -1, 0\]"):
-        experts(torch.randn(5, 8), torch.tensor([6, -1, 0]))
+        experts(torch.randn(5, 8), rows_plan(torch.tensor([6, -1, 0]), 5))
     with pytest.raises(ValueError, match=r"got \[5\]"):
-        experts(torch.randn(5, 8), torch.tensor([5]))
+        experts(torch.randn(5, 8), rows_plan(torch.tensor([5]), 5))

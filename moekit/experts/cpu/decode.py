@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from moekit.contract import DispatchPlan
 from moekit.experts.activations import GATED
 from moekit.experts.cpu import skinny
 from moekit.experts.fused import ExpertWeights
@@ -40,14 +41,18 @@ class DecodedExperts(NamedTuple):
     counts_E: torch.Tensor
 
 
-def applies_to(x_TD: torch.Tensor, weights_TK: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether the one-call path may run for these tensors: float32 on CPU, no gradient to record
-    for any of them, no torch tool watching (compile, FlopCounterMode, the profiler; they would
-    not see the C call), and the kernel available."""
-    tensors = (x_TD, weights_TK, *weights)
-    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and not skinny.observed(*tensors) and skinny.available())
+def applies_to(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor) -> bool:
+    """Whether the one-call path may run the plan on x_TD [T, D] with these expert weights: the
+    plan has the routing's choices (not a rows plan), no gradient to record for any tensor, no
+    torch tool watching (compile, FlopCounterMode, the profiler; they would not see the C call),
+    and a decode-size batch (skinny.small_batch: float32 on CPU, the kernel available, at most
+    skinny.MAX_ROWS rows for every expert)."""
+    if plan.ids_TK is None:
+        return False
+    tensors = (x_TD, plan.weights_TK, *weights)
+    return (not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and not skinny.observed(*tensors)
+            and skinny.small_batch(int(plan.counts_E.max()), *tensors))
 
 
 def _ids_out_of_range(ids_TK: torch.Tensor, num_experts: int) -> ValueError:

@@ -7,7 +7,8 @@ At a few rows the product costs one read of the weights, and BLAS GEMMs read the
 once (they pack the matrix first). skinny.c streams each weight element once; it is compiled
 on first use with the host's C compiler (moekit/experts/cpu/build.py) and called through
 ctypes, which releases the GIL. Without a compiler, or with MOEKIT_CPU_KERNELS=0, ``available()`` is False,
-the reason is in ``unavailable_reason()``, and callers fall back to torch.mm.
+the reason is in ``unavailable_reason()``, and callers fall back to torch.mm. ``small_batch`` is
+the one place that decides whether a batch takes the kernel.
 """
 
 from __future__ import annotations
@@ -83,11 +84,13 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def usable_for(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether x and w can go through the kernel: float32 CPU tensors and the kernel available.
-    (Whether it is faster depends on the rows per expert: see MAX_ROWS.)"""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and w.device.type == "cpu" and available())
+def small_batch(rows_per_expert: int, *tensors: torch.Tensor) -> bool:
+    """The one decision whether a batch is decode-size, i.e. its products go through the kernel:
+    at most MAX_ROWS rows for every expert (rows_per_expert: the most any expert has), every
+    tensor float32 on CPU, and the kernel available."""
+    return (rows_per_expert <= MAX_ROWS
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and available())
 
 
 def skinny_grouped(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], *,

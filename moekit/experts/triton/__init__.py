@@ -15,6 +15,7 @@ import os
 import torch
 
 _NAMES = ("ExpertSort", "fused_moe", "sort_by_expert", "triton_experts")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def triton_installed() -> bool:
@@ -36,6 +37,32 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
+class TritonBackend:
+    """The "triton" backend: the fused kernels on the plan's sort (no host round trip)."""
+
+    def unsupported(self, experts, dtype: torch.dtype) -> str | None:
+        if not triton_installed():
+            return "experts_backend='triton' needs Triton: pip install 'moekit[triton]'"
+        if not triton_runs_on(experts.device):
+            return (f"experts_backend='triton' runs on CUDA, not {experts.device} (on CPU only "
+                    "under the Triton interpreter, TRITON_INTERPRET=1, for tests)")
+        if experts.config.bias:
+            return "experts_backend='triton' does not support bias=True; use experts_backend='auto'"
+        if dtype not in _DTYPES:
+            return f"experts_backend='triton' runs float32/bfloat16/float16, not {dtype}"
+        return None
+
+    def __call__(self, experts, x_TD: torch.Tensor, plan) -> torch.Tensor:
+        from moekit.experts.triton.ops import expert_offsets, triton_experts
+        counts_E = plan.counts_E
+        if counts_E.shape != (experts.num_local_experts,):  # no value check: that would sync
+            raise ValueError(f"counts_E must have shape ({experts.num_local_experts},), "
+                             f"got {tuple(counts_E.shape)}")
+        return triton_experts(x_TD, plan.order_R, plan.top_k, plan.weights_R,
+                              expert_offsets(counts_E), experts.first_proj, experts.down_proj,
+                              experts.config.activation)
+
+
 def __getattr__(name: str):
     if name not in _NAMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -46,4 +73,4 @@ def __getattr__(name: str):
     return getattr(ops, name)
 
 
-__all__ = [*_NAMES, "triton_installed", "triton_runs_on"]
+__all__ = [*_NAMES, "TritonBackend", "triton_installed", "triton_runs_on"]

@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed (pip install 'moekit[triton]')")
 
 from moekit import MoEConfig  # noqa: E402
+from moekit.contract import rows_plan  # noqa: E402
 from moekit.experts import Experts  # noqa: E402
 from moekit.experts.triton import triton_runs_on  # noqa: E402
 from tests.conftest import randomized_moe  # noqa: E402
@@ -44,7 +45,7 @@ def test_rows_interface_matches_loop_backend():
     counts = torch.tensor([9, 0, 12], device=DEVICE)
     outs, grads = [], []
     for module in (triton, loop):
-        outs.append(module(rows, counts))
+        outs.append(module(rows, rows_plan(counts, rows.shape[0])))
         grads.append(torch.autograd.grad(outs[-1].square().sum(), [rows, *module.parameters()]))
     torch.testing.assert_close(*outs)
     for a, b in zip(*grads):
@@ -73,7 +74,7 @@ def test_selection_rules(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_without_triton_runs_grouped_mm_in_bf16(monkeypatch):
     """A GPU user without Triton gets grouped_mm, matching the loop backend."""
-    monkeypatch.setattr("moekit.experts.stacked.triton_installed", lambda: False)
+    monkeypatch.setattr("moekit.experts.triton.triton_installed", lambda: False)
     moe = randomized_moe(dtype=torch.bfloat16, dim=64, expert_dim=32, num_experts=4,
                          top_k=2).cuda()
     assert moe.experts.backend_for(torch.bfloat16) == "grouped_mm"
@@ -86,8 +87,7 @@ def test_cuda_without_triton_runs_grouped_mm_in_bf16(monkeypatch):
 
 def test_missing_triton_says_what_to_install(monkeypatch):
     import moekit.experts.triton as package
-    monkeypatch.setattr(package, "triton_installed", lambda: False)
-    monkeypatch.setattr("moekit.experts.stacked.triton_installed", lambda: False)
+    monkeypatch.setattr(package, "triton_installed", lambda: False)  # TritonBackend asks here too
     with pytest.raises(ImportError, match=r"pip install 'moekit\[triton\]'"):
         package.fused_moe  # noqa: B018
     forced = Experts(MoEConfig(dim=16, expert_dim=8, num_experts=2, top_k=1,

@@ -1,0 +1,37 @@
+"""The "fused" backend (CPU): gather, FFN and weighted combine without dispatched rows.
+
+Every batch can run through the fused autograd op (moekit/experts/fused.py). A decode-size
+batch with no gradient to record (decode.applies_to) instead runs as one native call that
+sorts, gathers, computes and combines (moekit/experts/cpu/decode.py); its sort is handed to
+the plan, so nothing is sorted twice. Both give the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.contract import DispatchPlan
+from moekit.experts.cpu import decode
+from moekit.experts.fused import fused_experts
+
+
+class FusedBackend:
+    """The CPU backend "auto" picks."""
+
+    def unsupported(self, experts, dtype: torch.dtype) -> str | None:
+        device = experts.device
+        if device.type != "cpu":
+            return f"experts_backend='fused' runs on CPU only, not {device}; use experts_backend='auto'"
+        return None
+
+    def __call__(self, experts, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        w1, w2, b1, b2 = experts.first_proj, experts.down_proj, experts.first_proj_bias, \
+            experts.down_proj_bias
+        activation = experts.config.activation
+        if decode.applies_to(x_TD, plan, *(t for t in (w1, w2, b1, b2) if t is not None)):
+            decoded = decode.skinny_ffn(x_TD, plan.ids_TK, plan.weights_TK, w1, w2, activation,
+                                        b1, b2, kept_TK=plan.kept_TK)
+            plan.adopt_sort(decoded.order_R, decoded.counts_E)
+            return decoded.y_TD
+        counts = experts.checked_counts(plan.counts_E, plan.order_R.shape[0])
+        return fused_experts(x_TD, plan.token_R, plan.weights_R, counts, w1, w2, activation, b1, b2)

@@ -1,0 +1,39 @@
+"""The row form of the expert FFN, shared by row backends (loop, grouped_mm).
+
+    rows_RD = dispatch_rows(x_TD, plan)                      gather, expert-major
+    h       = matmul(rows_RD, W1, counts) (+ b1[expert])     [R, 2F] gated or [R, F]
+    out_RD  = matmul(act(h), W2, counts) (+ b2[expert])      [R, D]
+    y_TD    = combine_rows(out_RD, plan)                     weighted sum over K
+
+A row backend supplies only ``matmul(x_RI, w_EOI, counts) -> y_RO`` (rows of expert e times
+w_EOI[e]^T, counts as Python ints); autograd differentiates the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from moekit.contract import DispatchPlan
+from moekit.dispatch.permute import combine_rows, dispatch_rows
+from moekit.experts.activations import apply_activation
+
+GroupedMatmul = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+
+
+def rows_ffn(experts, x_TD: torch.Tensor, plan: DispatchPlan, matmul: GroupedMatmul) -> torch.Tensor:
+    """y_TD [T, D]: the FFN of stacked ``experts`` (moekit.experts.Experts) on the plan's rows."""
+    rows_RD = dispatch_rows(x_TD, plan)
+    counts_E = plan.counts_E
+    counts = experts.checked_counts(counts_E, rows_RD.shape[0])
+    h = matmul(rows_RD, experts.first_proj, counts)
+    expert_of_row = None
+    if experts.config.bias:
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(len(counts), device=rows_RD.device), counts_E, output_size=rows_RD.shape[0])
+        h = h + experts.first_proj_bias[expert_of_row]
+    out = matmul(apply_activation(h, experts.config.activation), experts.down_proj, counts)
+    if expert_of_row is not None:
+        out = out + experts.down_proj_bias[expert_of_row]
+    return combine_rows(out, plan)
