@@ -17,7 +17,6 @@ ROUTERS = ("topk", "expert_choice", "hash", "balanced", "dense")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_NOISES = ("none", "jitter", "gaussian")
 DROP_POLICIES = ("position", "score")
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
 HASH_WEIGHTS = ("uniform", "router")
 BALANCE_SCOPES = ("batch", "sequence")
 
@@ -179,7 +178,8 @@ class MoEConfig:
                            open_minimum=True)
         _require_int("min_capacity", self.min_capacity, 0)
         _require_choice("drop_policy", self.drop_policy, DROP_POLICIES)
-        _require_choice("activation", self.activation, ACTIVATIONS)
+        from moekit.experts.activations import ACTIVATIONS  # the experts import this module
+        _require_choice("activation", self.activation, tuple(ACTIVATIONS))
         _require_bool("bias", self.bias)
         _require_int("num_shared_experts", self.num_shared_experts, 0)
         if self.shared_expert_dim is not None:

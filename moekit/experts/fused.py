@@ -34,9 +34,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from moekit.experts.activations import apply_activation
+from moekit.experts.activations import activate_no_grad, activation_backward
 from moekit.experts.cpu import skinny
 
 
@@ -58,33 +57,6 @@ def _rows_times_weight_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _activation_backward(h: torch.Tensor, grad_a: torch.Tensor, activation: str):
-    """(act(h), dL/dh) for one expert's pre-activation h. SwiGLU by hand (no
-    concatenation); the other activations through a local autograd call."""
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        grad_h = torch.empty_like(h)
-        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
-        torch.mul(grad_a, silu, out=grad_up)
-        # d silu / d gate = sig * (1 + gate * (1 - sig))
-        torch.mul(grad_a * up, sig * (1 + gate * (1 - sig)), out=grad_gate)
-        return silu.mul_(up), grad_h
-    h = h.detach().requires_grad_()
-    with torch.enable_grad():
-        a = apply_activation(h, activation)
-    (grad_h,) = torch.autograd.grad(a, h, grad_a)
-    return a.detach(), grad_h
-
-
-def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate).mul_(up)
-    return apply_activation(h, activation)
 
 
 ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -112,7 +84,7 @@ def experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R: torch.
         h = _rows_times_weight_t(x_TD.index_select(0, tokens), w1_HD).contiguous()
         if b1_H is not None:
             h += b1_H
-        a = _activate(h, activation)
+        a = activate_no_grad(h, activation)
         w = None if weights_R is None else weights_R[start:start + n, None].to(a.dtype)
         if w is not None:
             a.mul_(w)
@@ -137,7 +109,7 @@ def skinny_experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R:
     h_RH = skinny.skinny_grouped(x_TD.index_select(0, token_R), w1_EHD, counts)
     if b1_EH is not None:
         h_RH += b1_EH.repeat_interleave(counts_E, dim=0)
-    a_RF = _activate(h_RH, activation)
+    a_RF = activate_no_grad(h_RH, activation)
     w_R1 = None if weights_R is None else weights_R[:, None].to(a_RF.dtype)
     if w_R1 is not None:
         a_RF.mul_(w_R1)
@@ -203,7 +175,7 @@ class _FusedExperts(torch.autograd.Function):
                 g = grad_y_TD.index_select(0, tokens)       # dL/dy rows, before the weight
                 ga_raw = torch.mm(g, w2_EDF[e])             # dL/da, before the weight
             w = None if weights_R is None else weights_R[rows, None].to(ga_raw.dtype)
-            a, grad_h = _activation_backward(ctx.saved_h[e], ga_raw if w is None else ga_raw * w,
+            a, grad_h = activation_backward(ctx.saved_h[e], ga_raw if w is None else ga_raw * w,
                                              ctx.activation)
             if need_w:  # g . (a W2^T + b2) = (g W2) . a + g . b2
                 grad_w = (a.to(acc) * ga_raw.to(acc)).sum(-1)

@@ -18,12 +18,17 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from moekit.experts.activations import ELEMENTWISE_CODES
+
 # -ffp-contract=fast: ISO C mode would otherwise keep a * b + c as a multiply and an add
 # instead of one fused multiply-add (half the throughput of the kernels' inner loops).
 NATIVE_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC",
                 "-std=c11"]
 PORTABLE_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 LIBRARIES = ["-lm"]  # after the source, where the linker looks for what it still needs
+# The activation codes the kernels switch on, from the one table of activations.
+ACTIVATION_DEFINES = [f"-DMOEKIT_ACT_{name.upper()}={code}"
+                      for name, code in sorted(ELEMENTWISE_CODES.items())]
 
 
 class KernelBuildError(RuntimeError):
@@ -62,7 +67,7 @@ def build_library(source: Path) -> Path:
     compiler = find_compiler()
     code = source.read_bytes()
     failures = []
-    for flags in (NATIVE_FLAGS, PORTABLE_FLAGS):
+    for flags in (NATIVE_FLAGS + ACTIVATION_DEFINES, PORTABLE_FLAGS + ACTIVATION_DEFINES):
         command = " ".join(flags + LIBRARIES)
         key = hashlib.sha256(b"\0".join([code, compiler.encode(), command.encode(),
                                          platform.machine().encode(), cpu_features().encode()]))

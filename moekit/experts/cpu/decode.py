@@ -24,12 +24,10 @@ from typing import NamedTuple
 import torch
 
 from moekit.contract import DispatchPlan
-from moekit.experts.activations import GATED
+from moekit.experts.activations import ACTIVATIONS, GATED, kernel_codes
 from moekit.experts.cpu import skinny
 from moekit.experts.fused import ExpertWeights
 
-# The activation codes of skinny.c.
-ACTIVATION_CODES = {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3, "silu": 4}
 
 
 class DecodedExperts(NamedTuple):
@@ -62,8 +60,8 @@ def _ids_out_of_range(ids_TK: torch.Tensor, num_experts: int) -> ValueError:
 
 def _check_tokens(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                   kept_TK: torch.Tensor | None, activation: str) -> None:
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, "
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, "
                          f"got {activation!r}")
     for name, tensor in (("x_TD", x_TD), ("weights_TK", weights_TK)):
         if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
@@ -114,7 +112,7 @@ def _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, num_experts, dim, expert_d
     status = skinny.library().moekit_skinny_ffn(
         x_TD.data_ptr(), ids_TK.data_ptr(), weights_TK.data_ptr(),
         None if kept_TK is None else kept_TK.data_ptr(), num_tokens, top_k, *pointers,
-        num_experts, dim, expert_dim, ACTIVATION_CODES[activation], max_rows, y_TD.data_ptr(),
+        num_experts, dim, expert_dim, *kernel_codes(activation), max_rows, y_TD.data_ptr(),
         order_R.data_ptr(), counts_E.data_ptr(), torch.get_num_threads())
     if status == 1:
         return None

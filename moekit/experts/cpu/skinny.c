@@ -254,33 +254,35 @@ void moekit_skinny_grouped_nn(const float *x, const float *w, int64_t w_expert_s
  *   w1[e] [H, D] (H = 2F gated: rows [0, F) gate, [F, 2F) up; else H = F), w2[e] [D, F]: arrays of
  *   E pointers, each expert's matrix row-major and contiguous (an expert without rows may be NULL);
  *   b1[e] [H], b2[e] [D]: arrays of E pointers, or NULL for no bias
+ *   gated: act(gate) * up, else act(h); elementwise: the MOEKIT_ACT_* code of act
  *   y [T, D]; order [R] int64 (the assignment t * K + j of each of the R kept rows, grouped by
  *   expert); counts [E] int64 kept rows per expert
  * Returns 0 when y is written; 1 when an expert would get more than max_rows rows (order and
  * counts are written, y is not); -1 when an id is outside [0, E) (nothing else is written
  * reliably); -2 when scratch memory could not be allocated.
  */
-enum { ACT_SWIGLU = 0, ACT_GEGLU = 1, ACT_GELU = 2, ACT_RELU = 3, ACT_SILU = 4 };
+/* The elementwise activation codes come from moekit/experts/activations.py (build.py passes them). */
+#if !defined(MOEKIT_ACT_SILU) || !defined(MOEKIT_ACT_GELU) || !defined(MOEKIT_ACT_RELU)
+#error "compile with -DMOEKIT_ACT_SILU=... -DMOEKIT_ACT_GELU=... -DMOEKIT_ACT_RELU=... (moekit/experts/cpu/build.py)"
+#endif
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 static inline float gelu(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
 
-static inline float activate(int activation, float v) {
-    switch (activation) {
-        case ACT_GEGLU:
-        case ACT_GELU: return gelu(v);
-        case ACT_RELU: return v > 0.0f ? v : 0.0f;
-        default: return silu(v);
+static inline float activate(int elementwise, float v) {
+    switch (elementwise) {
+        case MOEKIT_ACT_GELU: return gelu(v);
+        case MOEKIT_ACT_RELU: return v > 0.0f ? v : 0.0f;
+        default: return silu(v);  /* MOEKIT_ACT_SILU; the caller checked the code */
     }
 }
 
-/* a[f] = weight * act(h + b1) for one row: h [H], b1 [H] or NULL, a [F]. */
-static void activate_row(int activation, const float *h, const float *b1, float weight, float *a,
-                         int64_t F) {
-    int gated = activation == ACT_SWIGLU || activation == ACT_GEGLU;
+/* a[f] = weight * act(h + b1) for one row: h [H], b1 [H] or NULL, a [F]; gated: act(gate) * up. */
+static void activate_row(int gated, int elementwise, const float *h, const float *b1, float weight,
+                         float *a, int64_t F) {
     for (int64_t f = 0; f < F; ++f) {
         float v = h[f] + (b1 ? b1[f] : 0.0f);
-        float value = activate(activation, v);
+        float value = activate(elementwise, v);
         if (gated) value *= h[F + f] + (b1 ? b1[F + f] : 0.0f);
         a[f] = weight * value;
     }
@@ -289,9 +291,9 @@ static void activate_row(int activation, const float *h, const float *b1, float 
 int moekit_skinny_ffn(const float *x, const int64_t *ids, const float *weights,
                       const uint8_t *kept, int64_t T, int64_t K, const float *const *w1,
                       const float *const *w2, const float *const *b1, const float *const *b2,
-                      int64_t E, int64_t D, int64_t F, int activation, int64_t max_rows, float *y,
-                      int64_t *order, int64_t *counts, int num_threads) {
-    int64_t A = T * K, R = 0, H = activation == ACT_SWIGLU || activation == ACT_GEGLU ? 2 * F : F;
+                      int64_t E, int64_t D, int64_t F, int gated, int elementwise, int64_t max_rows,
+                      float *y, int64_t *order, int64_t *counts, int num_threads) {
+    int64_t A = T * K, R = 0, H = gated ? 2 * F : F;
     for (int64_t e = 0; e < E; ++e) counts[e] = 0;
     for (int64_t i = 0; i < A; ++i) {
         if (ids[i] < 0 || ids[i] >= E) return -1;
@@ -330,7 +332,7 @@ int moekit_skinny_ffn(const float *x, const int64_t *ids, const float *weights,
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; ++r) {
             int64_t e = ids[order[r]];
-            activate_row(activation, h + r * H, b1 ? b1[e] : NULL, weights[order[r]], a + r * F, F);
+            activate_row(gated, elementwise, h + r * H, b1 ? b1[e] : NULL, weights[order[r]], a + r * F, F);
         }
         grouped_share(expert_rows, ROW_PAIR, a, w2, out, counts, first_row, E, F, D, t, nt);
 #pragma omp barrier

@@ -19,14 +19,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-SILU, GELU, RELU = 0, 1, 2
+from moekit.experts.activations import ELEMENTWISE_CODES
+
+# The elementwise activation codes, from the one table of activations.
+SILU = tl.constexpr(ELEMENTWISE_CODES["silu"])
+GELU = tl.constexpr(ELEMENTWISE_CODES["gelu"])
+RELU = tl.constexpr(ELEMENTWISE_CODES["relu"])
 
 
 @triton.jit
 def _act(x, ACT: tl.constexpr):
-    if ACT == 0:
+    if ACT == SILU:
         return x * tl.sigmoid(x)
-    elif ACT == 1:
+    elif ACT == GELU:
         return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))  # exact (erf) gelu
     else:
         return tl.maximum(x, 0.0)
@@ -34,10 +39,10 @@ def _act(x, ACT: tl.constexpr):
 
 @triton.jit
 def _act_grad(x, ACT: tl.constexpr):
-    if ACT == 0:
+    if ACT == SILU:
         s = tl.sigmoid(x)
         return s * (1.0 + x * (1.0 - s))
-    elif ACT == 1:
+    elif ACT == GELU:
         return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) \
             + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
     else:

@@ -15,11 +15,9 @@ from typing import NamedTuple
 import torch
 import triton
 
+from moekit.experts.activations import ACTIVATIONS, kernel_codes
 from moekit.experts.triton import interpreting, kernels
 
-ACTIVATIONS = {"swiglu": (True, kernels.SILU), "geglu": (True, kernels.GELU),
-               "silu": (False, kernels.SILU), "gelu": (False, kernels.GELU),
-               "relu": (False, kernels.RELU)}
 _SORT_BLOCK = 128
 
 
@@ -150,7 +148,7 @@ def _forward_op(x_TD: torch.Tensor, slot_R: torch.Tensor, weights_R: torch.Tenso
                 top_k: int, activation: str, save_h: bool, deterministic: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_tokens, dim = x_TD.shape
-    num_rows, (gated, act) = slot_R.shape[0], ACTIVATIONS[activation]
+    num_rows, (gated, act) = slot_R.shape[0], kernel_codes(activation)
     expert_dim = w2_EDF.shape[2]
     h = x_TD.new_empty(num_rows if save_h else 0, w1_EHD.shape[1])
     a = x_TD.new_empty(num_rows, expert_dim)
@@ -188,7 +186,7 @@ def _backward_op(grad_y_TD: torch.Tensor, x_TD: torch.Tensor, slot_R: torch.Tens
                  a_RF: torch.Tensor, top_k: int, activation: str
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     num_tokens, dim = x_TD.shape
-    num_rows, (gated, act) = slot_R.shape[0], ACTIVATIONS[activation]
+    num_rows, (gated, act) = slot_R.shape[0], kernel_codes(activation)
     expert_dim, hidden = w2_EDF.shape[2], w1_EHD.shape[1]
     grad_y_TD, x_TD = grad_y_TD.contiguous(), x_TD.contiguous()
     grad_w1 = torch.empty_like(w1_EHD)
@@ -263,7 +261,7 @@ def _check_inputs(x_TD, order_R, top_k, weights_R, offsets_E1, w1_EHD, w2_EDF, a
         raise ValueError(f"x_TD must be 2-D and the weights 3-D; got shapes {tuple(x_TD.shape)}, "
                          f"{tuple(w1_EHD.shape)}, {tuple(w2_EDF.shape)}")
     E, D, F = w2_EDF.shape
-    H = 2 * F if ACTIVATIONS[activation][0] else F
+    H = 2 * F if ACTIVATIONS[activation].gated else F
     if w1_EHD.shape != (E, H, D) or x_TD.shape[1] != D:
         raise ValueError(f"for {activation!r} with down_proj {tuple(w2_EDF.shape)} expected "
                          f"x_TD [T, {D}] and w1_EHD {(E, H, D)}; got {tuple(x_TD.shape)} and "
