@@ -59,8 +59,10 @@ class MoE(nn.Module):
             y_TD = y_TD.new_zeros(x.numel() // self.config.dim, self.config.dim) \
                 .index_copy(0, real_T, y_TD)
         compute_losses = self.training and torch.is_grad_enabled()
-        global_load = self.dispatcher.global_load(routing, sequence_T, num_sequences) \
-            if compute_losses else None
+        global_load = None
+        if compute_losses:
+            global_load = self.dispatcher.global_load(routing, sequence_T, num_sequences)
+            self.router.update_balancing(routing, global_load)
         aux = moe_aux(routing, plan, self.config, compute_losses, sequence_T, num_sequences, global_load)
         return y_TD.view(x.shape), aux
 

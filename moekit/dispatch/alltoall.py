@@ -80,14 +80,16 @@ class AllToAllDispatcher:
     def global_load(self, routing: Routing, sequence_T: torch.Tensor | None = None,
                     num_sequences: int = 0) -> GlobalLoad:
         """All-reduced routed assignment counts [E] (before capacity), token and
-        non-empty sequence counts: one all_reduce."""
+        non-empty sequence counts: one all_reduce, the layer's only one for its losses and
+        its balancing state."""
         sequences = 0 if sequence_T is None else nonempty_sequences(sequence_T, num_sequences)
         ids_A = routing.expert_indices.reshape(-1)
         mask = None if routing.assignment_mask is None else routing.assignment_mask.reshape(-1)
         packed = torch.cat((expert_counts(ids_A, self.num_experts, mask),
                             torch.tensor([routing.expert_indices.shape[0], sequences], device=ids_A.device)))
         dist.all_reduce(packed, group=self.group)
-        return GlobalLoad(packed[:-2], int(packed[-2]), int(packed[-1]))
+        all_ranks = self.world_size == dist.get_world_size()
+        return GlobalLoad(packed[:-2], int(packed[-2]), int(packed[-1]), all_ranks)
 
     def plan(self, routing: Routing) -> DispatchPlan:
         """The local dispatch plan, rows and counts_E in slot order; with capacity, of

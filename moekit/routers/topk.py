@@ -11,6 +11,8 @@ Covers the classic gates behind one module:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from moekit.config import MoEConfig
@@ -20,14 +22,17 @@ from moekit.routers.groups import group_limited_scores
 from moekit.routers.scores import router_scores, selected_weights
 from moekit.routing import Routing
 
+if TYPE_CHECKING:
+    from moekit.dispatch.local import GlobalLoad
+
 
 class TopKRouter(LinearRouter):
     """Routes each of T tokens to its k best-scoring experts.
 
     With bias_update_rate > 0 or expert_bias it holds the buffer ``expert_bias``
     [E] (float32, saved in the state dict), added to the scores for selection
-    only; with bias_update_rate > 0 it is updated after every forward in
-    training mode with gradients enabled.
+    only; with bias_update_rate > 0 the layer has it updated (update_balancing)
+    after every forward in training mode with gradients enabled.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -40,12 +45,20 @@ class TopKRouter(LinearRouter):
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         """x_TD: [T, D] -> Routing with K = top_k. token_ids_T is not used."""
         c = self.config
-        routing = route_topk(self.compute_logits(x_TD), c.top_k, c.score_func, c.normalize_topk,
-                             c.route_scale, self.expert_bias, c.num_groups, c.topk_groups)
-        if c.bias_update_rate > 0 and self.training and torch.is_grad_enabled():
+        return route_topk(self.compute_logits(x_TD), c.top_k, c.score_func, c.normalize_topk,
+                          c.route_scale, self.expert_bias, c.num_groups, c.topk_groups)
+
+    def update_balancing(self, routing: Routing, global_load: GlobalLoad | None) -> None:
+        """With bias_update_rate > 0: the bias update from the load over every rank, reusing the
+        dispatcher's all-reduced counts when they cover every rank (no second collective)."""
+        c = self.config
+        if c.bias_update_rate <= 0:
+            return
+        if global_load is not None and global_load.all_ranks:
+            load_E = global_load.counts_E.float()
+        else:
             load_E = global_expert_load(routing.expert_indices, c.num_experts)
-            update_expert_bias(self.expert_bias, load_E, c.bias_update_rate)
-        return routing
+        update_expert_bias(self.expert_bias, load_E, c.bias_update_rate)
 
 
 def route_topk(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax",

@@ -238,3 +238,32 @@ def test_received_rows_are_regrouped_by_expert_then_source():
     counts = torch.tensor([[2, 0, 1], [1, 3, 0]])
     assert _source_major_to_expert_major(counts).tolist() == [0, 1, 3, 4, 5, 6, 2]
     assert _source_major_to_expert_major(torch.zeros(2, 3, dtype=torch.int64)).tolist() == []
+
+
+def _count_all_reduces_worker(rank, world_size, result_dir):
+    moe = randomized_moe(seed=0, dim=8, expert_dim=12, num_experts=4, top_k=2, score_func="sigmoid",
+                         bias_update_rate=0.05)
+    apply_expert_parallel(moe)
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        calls.append(tuple(tensor.shape))
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    try:
+        moe(torch.randn(5 + rank, 8))
+    finally:
+        dist.all_reduce = real_all_reduce
+    torch.save({"calls": calls, "bias": moe.router.expert_bias.clone()},
+               os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_one_counts_all_reduce_per_layer_serves_losses_and_bias(tmp_path):
+    """Under expert parallelism the aux-loss-free bias reuses the losses' all-reduced counts."""
+    results = run_distributed(_count_all_reduces_worker, 2, tmp_path)
+    for result in results:
+        assert result["calls"] == [(4 + 2,)]  # counts [E] packed with tokens and sequences
+    assert torch.equal(results[0]["bias"], results[1]["bias"])
+    assert results[0]["bias"].abs().sum() > 0
