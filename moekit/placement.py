@@ -139,10 +139,11 @@ class Placement:
                    int(values["num_experts"]))
 
 
-def max_over_mean(device_loads: Sequence[float]) -> float:
-    """Most loaded device over the mean device load (1.0 is perfect; NaN with no load)."""
-    mean = sum(device_loads) / len(device_loads)
-    return max(device_loads) / mean if mean > 0 else math.nan
+def max_over_mean(loads: Sequence[float]) -> float:
+    """The largest load over the mean load (1.0 is perfectly even; NaN with no load):
+    of devices under a placement here, of experts in moekit.aux.load_imbalance."""
+    mean = sum(loads) / len(loads) if len(loads) else 0.0
+    return max(loads) / mean if mean > 0 else math.nan
 
 
 def contiguous_placement(num_experts: int, num_devices: int) -> Placement:

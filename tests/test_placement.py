@@ -86,6 +86,10 @@ def test_placement_record_loads_and_round_trip():
     assert max_over_mean([2.0, 1.0, 0.0]) == 2.0 and math.isnan(max_over_mean([0.0, 0.0]))
 
 
+def test_max_over_mean_of_no_loads_is_nan():
+    assert math.isnan(max_over_mean([])) and max_over_mean((4, 4)) == 1.0
+
+
 def test_plan_edges_one_device_one_expert_zero_loads():
     assert plan_placement([5.0], 1) == Placement(((0,),), 1)
     assert plan_placement([1.0, 2.0, 3.0], 1).experts_per_device == ((0, 1, 2),)
