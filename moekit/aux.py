@@ -11,17 +11,18 @@ from moekit.config import MoEConfig
 from moekit.contract import DispatchPlan
 from moekit.dispatch.local import GlobalLoad
 from moekit.losses import load_balance_loss, router_z_loss, sequence_balance_loss
+from moekit.placement import max_over_mean
 from moekit.routing import Routing
 
 
 def load_imbalance(tokens_per_expert: torch.Tensor) -> tuple[float, float]:
-    """(max / mean, coefficient of variation) of per-expert counts [E]; NaN, NaN
-    when there is no load."""
+    """(max / mean as moekit.placement.max_over_mean, coefficient of variation) of
+    per-expert counts [E]; NaN, NaN when there is no load."""
     load = tokens_per_expert.double()
-    mean = load.mean().item() if load.numel() else 0.0
-    if mean == 0:
+    peak = max_over_mean(load.tolist())
+    if math.isnan(peak):
         return math.nan, math.nan
-    return load.max().item() / mean, load.std(unbiased=False).item() / mean
+    return peak, load.std(unbiased=False).item() / load.mean().item()
 
 
 def router_entropy_sum(router_probs: torch.Tensor) -> float:

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-ROUTERS = ("topk", "expert_choice", "hash", "balanced", "dense")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_NOISES = ("none", "jitter", "gaussian")
 DROP_POLICIES = ("position", "score")
@@ -23,6 +22,15 @@ BALANCE_SCOPES = ("batch", "sequence")
 # A capacity factor this large is a typo, not a wish: capacity is clamped to the
 # token count anyway, so anything above num_experts can never change the result.
 MAX_CAPACITY_FACTOR = 1000.0
+
+
+def __getattr__(name: str) -> Any:
+    # ROUTERS: the registered router names, read from the one registry,
+    # moekit.routers.ROUTERS, when asked (moekit.routers imports this module).
+    if name == "ROUTERS":
+        from moekit.routers import ROUTERS
+        return tuple(ROUTERS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:
@@ -71,8 +79,9 @@ class MoEConfig:
         dim: model width D. expert_dim: hidden width F of each expert.
         num_experts: E routed experts. top_k: k experts per token, 1 <= k <= E.
     Router
-        router: routing strategy: "topk" (token choice, default), "expert_choice",
-            "hash", "balanced" or "dense" (see docs/routing.md).
+        router: routing strategy, a name in moekit.routers.ROUTERS: "topk" (token
+            choice, default), "expert_choice", "hash", "balanced" or "dense"
+            (see docs/routing.md).
         score_func: "softmax" or "sigmoid" scores over the E router logits.
         normalize_topk: renormalise the k selected scores to sum to 1 (for
             softmax this is softmax over the top-k logits); False keeps the raw
@@ -159,7 +168,7 @@ class MoEConfig:
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k must be <= num_experts ({self.num_experts}), got {self.top_k}")
-        _require_choice("router", self.router, ROUTERS)
+        self._check_router_name()
         _require_choice("score_func", self.score_func, SCORE_FUNCS)
         _require_bool("normalize_topk", self.normalize_topk)
         _require_float("route_scale", self.route_scale, 0.0, open_minimum=True)
@@ -194,6 +203,11 @@ class MoEConfig:
         _require_choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
         _require_float("z_loss_weight", self.z_loss_weight, 0.0)
         _require_bool("check_finite", self.check_finite)
+
+    def _check_router_name(self) -> None:
+        # imported here: moekit.routers imports this module
+        from moekit.routers import ROUTERS
+        _require_choice("router", self.router, tuple(ROUTERS))
 
     def _check_router_combination(self) -> None:
         """Options that only some routers understand, and their joint limits."""

@@ -25,9 +25,67 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def validate_placement(placement: Iterable[Iterable[int]], num_experts: int, num_devices: int, *,
+                       allow_copies: bool) -> list[list[int]]:
+    """The placement as a list per device of the expert ids it holds, checked.
+
+    Always: num_devices >= 1 devices, each holding the same number (>= 1) of
+    expert ids in [0, num_experts), none twice on one device, every expert on
+    at least one device. allow_copies=False (expert parallelism) also requires
+    every expert exactly once, so num_experts / num_devices per device; with
+    copies (plan_placement's replicas) an expert may sit on several devices.
+    Raises TypeError for an id that is not an int, ValueError for any other
+    broken rule, naming it and the offending values."""
+    devices = [[_expert_id(e) for e in experts] for experts in placement]
+    if num_devices < 1 or not devices:
+        raise ValueError("a placement needs at least one device")
+    if len(devices) != num_devices:
+        raise ValueError(f"placement lists {len(devices)} devices, expected num_devices={num_devices}")
+    if not allow_copies:
+        _require_each_expert_once(devices, num_experts)
+    sizes = [len(experts) for experts in devices]
+    if len(set(sizes)) != 1 or 0 in sizes:
+        raise ValueError(f"every device must hold the same number (>= 1) of experts, got {sizes}")
+    for d, experts in enumerate(devices):
+        if len(set(experts)) != len(experts):
+            raise ValueError(f"device {d} holds an expert twice: {experts}")
+        bad = [e for e in experts if not 0 <= e < num_experts]
+        if bad:
+            raise ValueError(f"device {d} holds expert ids {bad} outside [0, {num_experts})")
+    missing = sorted(set(range(num_experts)) - {e for experts in devices for e in experts})
+    if missing:
+        raise ValueError(f"experts {missing} are on no device")
+    return devices
+
+
+def _expert_id(value) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"expert ids must be ints, got {value!r} ({type(value).__name__})") from None
+
+
+def _require_each_expert_once(devices: list[list[int]], num_experts: int) -> None:
+    """The "no copies" rule of expert parallelism: every expert on exactly one
+    device, num_experts / num_devices on each."""
+    num_devices = len(devices)
+    if num_experts % num_devices:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by the number of devices "
+                         f"({num_devices}) to hold every expert exactly once")
+    if sorted(e for experts in devices for e in experts) != list(range(num_experts)):
+        raise ValueError(f"placement must hold every expert 0..{num_experts - 1} exactly once "
+                         f"(replicated experts are not supported under expert parallelism), "
+                         f"got {devices}")
+    per_device = num_experts // num_devices
+    if any(len(experts) != per_device for experts in devices):
+        raise ValueError(f"placement must list {per_device} experts for each of the {num_devices} "
+                         f"devices, got sizes {[len(experts) for experts in devices]}")
 
 
 @dataclass(frozen=True)
@@ -35,28 +93,16 @@ class Placement:
     """experts_per_device[d]: the expert ids device d holds, S of them on every
     device, each id at most once per device; every expert is on at least one
     device, and an expert held by r devices sends 1/r of its tokens to each.
-    The order within a device is the order of its local expert slots."""
+    The order within a device is the order of its local expert slots. Checked
+    by validate_placement with copies allowed."""
 
     experts_per_device: tuple[tuple[int, ...], ...]
     num_experts: int
 
     def __post_init__(self) -> None:
-        devices = self.experts_per_device
-        if not devices:
-            raise ValueError("a placement needs at least one device")
-        sizes = {len(experts) for experts in devices}
-        if len(sizes) != 1 or 0 in sizes:
-            raise ValueError(f"every device must hold the same number (>= 1) of experts, got "
-                             f"{[len(e) for e in devices]}")
-        for d, experts in enumerate(devices):
-            if len(set(experts)) != len(experts):
-                raise ValueError(f"device {d} holds an expert twice: {list(experts)}")
-            bad = [e for e in experts if not 0 <= e < self.num_experts]
-            if bad:
-                raise ValueError(f"device {d} holds expert ids {bad} outside [0, {self.num_experts})")
-        missing = sorted(set(range(self.num_experts)) - {e for d in devices for e in d})
-        if missing:
-            raise ValueError(f"experts {missing} are on no device")
+        devices = validate_placement(self.experts_per_device, self.num_experts,
+                                     len(self.experts_per_device), allow_copies=True)
+        object.__setattr__(self, "experts_per_device", tuple(map(tuple, devices)))
 
     @property
     def num_devices(self) -> int:
@@ -93,18 +139,19 @@ class Placement:
                    int(values["num_experts"]))
 
 
-def max_over_mean(device_loads: Sequence[float]) -> float:
-    """Most loaded device over the mean device load (1.0 is perfect; NaN with no load)."""
-    mean = sum(device_loads) / len(device_loads)
-    return max(device_loads) / mean if mean > 0 else math.nan
+def max_over_mean(loads: Sequence[float]) -> float:
+    """The largest load over the mean load (1.0 is perfectly even; NaN with no load):
+    of devices under a placement here, of experts in moekit.aux.load_imbalance."""
+    mean = sum(loads) / len(loads) if len(loads) else 0.0
+    return max(loads) / mean if mean > 0 else math.nan
 
 
 def contiguous_placement(num_experts: int, num_devices: int) -> Placement:
     """Experts in order, E / D per device (expert e on device e // (E / D)): the
     placement of plain expert parallelism."""
     if num_devices < 1 or num_experts % num_devices:
-        raise ValueError(f"a contiguous placement needs num_experts ({num_experts}) divisible by "
-                         f"num_devices ({num_devices})")
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by num_devices "
+                         f"({num_devices}) for a contiguous placement")
     per = num_experts // num_devices
     return Placement(tuple(tuple(range(d * per, (d + 1) * per)) for d in range(num_devices)),
                      num_experts)

@@ -1,4 +1,4 @@
-"""MoEAux.metrics: plain floats from hand-built records."""
+"""MoEAux.metrics and load_imbalance: plain floats from hand-built records."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from moekit.aux import MoEAux
+from moekit.aux import MoEAux, load_imbalance
+from moekit.placement import max_over_mean
 
 
 def _aux(tokens_per_expert, probs, dropped=0.0):
@@ -33,3 +34,11 @@ def test_metrics_at_perfect_balance_and_without_tokens():
                    torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, 1),
                    torch.zeros(2, dtype=torch.int64), torch.zeros(())).metrics()
     assert math.isnan(empty["load_max_over_mean"]) and math.isnan(empty["router_entropy"])
+
+
+def test_load_imbalance_max_over_mean_is_the_placement_one():
+    for counts in ([3, 1, 0, 0], [2, 2], [0, 0, 7], [5]):
+        peak, cv = load_imbalance(torch.tensor(counts))
+        assert peak == max_over_mean(counts) and cv >= 0.0
+    assert all(math.isnan(v) for v in load_imbalance(torch.zeros(3, dtype=torch.int64)))
+    assert all(math.isnan(v) for v in load_imbalance(torch.zeros(0, dtype=torch.int64)))

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from moekit.placement import (Placement, contiguous_placement, max_over_mean, plan_placement,
-                              read_placement_file)
+                              read_placement_file, validate_placement)
 
 
 def best_by_exhaustive_search(loads, num_devices, num_replicas):
@@ -86,6 +86,10 @@ def test_placement_record_loads_and_round_trip():
     assert max_over_mean([2.0, 1.0, 0.0]) == 2.0 and math.isnan(max_over_mean([0.0, 0.0]))
 
 
+def test_max_over_mean_of_no_loads_is_nan():
+    assert math.isnan(max_over_mean([])) and max_over_mean((4, 4)) == 1.0
+
+
 def test_plan_edges_one_device_one_expert_zero_loads():
     assert plan_placement([5.0], 1) == Placement(((0,),), 1)
     assert plan_placement([1.0, 2.0, 3.0], 1).experts_per_device == ((0, 1, 2),)
@@ -101,6 +105,59 @@ def test_plan_edges_one_device_one_expert_zero_loads():
 def test_a_bad_placement_is_refused(devices, message):
     with pytest.raises(ValueError, match=message):
         Placement(devices, 3)
+
+
+def test_validate_placement_with_and_without_copies():
+    copies = [[0, 1, 2], [3, 0, 1]]
+    assert validate_placement(copies, 4, 2, allow_copies=True) == copies
+    with pytest.raises(ValueError, match=r"every expert 0..3 exactly once \(replicated experts are not"):
+        validate_placement(copies, 4, 2, allow_copies=False)
+    once = validate_placement(((3, 1), (2, 0)), 4, 2, allow_copies=False)
+    assert once == [[3, 1], [2, 0]] and all(type(e) is int for d in once for e in d)
+    assert validate_placement(Placement(((0, 1), (1, 0)), 2).experts_per_device, 2, 2,
+                              allow_copies=True) == [[0, 1], [1, 0]]
+
+
+@pytest.mark.parametrize("devices,num_experts,num_devices,allow_copies,message", [
+    ([], 2, 0, True, "a placement needs at least one device"),
+    ([], 2, 1, False, "a placement needs at least one device"),
+    ([[0, 1]], 2, 2, True, r"placement lists 1 devices, expected num_devices=2"),
+    ([[0, 1], [2]], 3, 2, True, r"every device must hold the same number \(>= 1\) of experts, got \[2, 1\]"),
+    ([[], []], 0, 2, True, r"same number \(>= 1\) of experts, got \[0, 0\]"),
+    ([[1, 1], [0, 2]], 3, 2, True, r"device 0 holds an expert twice: \[1, 1\]"),
+    ([[0, 5], [1, 2]], 3, 2, True, r"device 0 holds expert ids \[5\] outside \[0, 3\)"),
+    ([[0, 1], [1, 0]], 3, 2, True, r"experts \[2\] are on no device"),
+    ([[0, 1, 2]], 3, 2, False, r"placement lists 1 devices, expected num_devices=2"),
+    ([[0], [1], [2]], 4, 3, False, r"num_experts \(4\) must be divisible by the number of devices \(3\)"),
+    ([[0, 1], [2, 2]], 4, 2, False, r"every expert 0..3 exactly once .* got \[\[0, 1\], \[2, 2\]\]"),
+    ([[0, 1], [2, 4]], 4, 2, False, r"every expert 0..3 exactly once"),
+    ([[0, 1, 2], [3]], 4, 2, False, r"placement must list 2 experts for each of the 2 devices, "
+                                    r"got sizes \[3, 1\]"),
+])
+def test_validate_placement_names_the_broken_rule(devices, num_experts, num_devices, allow_copies,
+                                                  message):
+    with pytest.raises(ValueError, match=message):
+        validate_placement(devices, num_experts, num_devices, allow_copies=allow_copies)
+
+
+def test_validate_placement_wants_int_expert_ids():
+    with pytest.raises(TypeError, match=r"expert ids must be ints, got 1.5 \(float\)"):
+        validate_placement([[0, 1.5]], 2, 1, allow_copies=True)
+    with pytest.raises(TypeError, match="expert ids must be ints, got '0'"):
+        Placement((("0", 1),), 2)
+    assert Placement([[1, 0]], 2).experts_per_device == ((1, 0),)  # lists become tuples
+
+
+def test_expert_parallel_placement_is_the_validator_without_copies():
+    from moekit.dispatch.alltoall import expert_placement
+    assert expert_placement(4, 2) == [[0, 1], [2, 3]]
+    assert expert_placement(4, 2, Placement(((3, 1), (2, 0)), 4)) == [[3, 1], [2, 0]]
+    with pytest.raises(ValueError, match=r"num_experts \(3\) must be divisible"):
+        expert_placement(3, 2)
+    with pytest.raises(ValueError, match=r"num_experts \(3\) must be divisible"):
+        expert_placement(3, 2, [[0, 1], [2]])
+    with pytest.raises(ValueError, match="replicated experts are not supported"):
+        expert_placement(4, 2, Placement(((0, 1, 2), (3, 0, 1)), 4))
 
 
 @pytest.mark.parametrize("loads,devices,replicas,message", [

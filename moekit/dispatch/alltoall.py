@@ -31,29 +31,19 @@ from moekit.contract import DispatchPlan, ExpertsContract, rows_plan
 from moekit.dispatch.local import GlobalLoad, LocalDispatcher, plan_dispatch
 from moekit.dispatch.permute import combine_rows, dispatch_rows
 from moekit.losses import nonempty_sequences
+from moekit.placement import contiguous_placement, validate_placement
 from moekit.routing import Routing, expert_counts
 
 
 def expert_placement(num_experts: int, world_size: int, placement=None) -> list[list[int]]:
     """The validated placement: for each rank the expert ids it holds. None gives
     contiguous blocks; otherwise a list per rank, or a moekit.placement.Placement
-    (from plan_placement), with every expert exactly once, E / W per rank."""
-    placement = getattr(placement, "experts_per_device", placement)
-    if num_experts % world_size:
-        raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel "
-                         f"world size ({world_size})")
-    per_rank = num_experts // world_size
+    (from plan_placement), with every expert exactly once, E / W per rank
+    (moekit.placement.validate_placement without copies)."""
     if placement is None:
-        return [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(world_size)]
-    placement = [[int(e) for e in experts] for experts in placement]
-    if sorted(e for experts in placement for e in experts) != list(range(num_experts)):
-        raise ValueError(f"placement must hold every expert 0..{num_experts - 1} exactly once "
-                         f"(replicated experts are not supported under expert parallelism), "
-                         f"got {placement}")
-    if len(placement) != world_size or any(len(experts) != per_rank for experts in placement):
-        raise ValueError(f"placement must list {per_rank} experts for each of the {world_size} ranks, "
-                         f"got sizes {[len(experts) for experts in placement]}")
-    return placement
+        placement = contiguous_placement(num_experts, world_size)
+    placement = getattr(placement, "experts_per_device", placement)
+    return validate_placement(placement, num_experts, world_size, allow_copies=False)
 
 
 class AllToAllDispatcher:

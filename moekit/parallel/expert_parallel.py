@@ -30,7 +30,8 @@ from moekit.routers import ExpertChoiceRouter
 
 def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None,
                  placement=None) -> list[int]:
-    """The global expert ids this rank holds (by default a contiguous block)."""
+    """The global expert ids this rank holds (by default a contiguous block); the
+    placement is checked by expert_placement (every expert exactly once)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     return expert_placement(num_experts, world, placement)[rank]
 

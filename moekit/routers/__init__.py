@@ -1,8 +1,9 @@
 """Routing strategies. Each maps (x_TD [T, D], token_ids_T or None) to a
 :class:`moekit.routing.Routing`, so all of them share dispatch and experts.
 
-Adding a strategy: one file here, one entry in ``ROUTERS`` (and its name in
-``moekit.config.ROUTERS``).
+Adding a strategy: one file here and one line in ``ROUTERS``, the only list of
+routers: MoEConfig accepts ``router=`` exactly the names registered there, and
+build_router builds the class registered under that name from the config.
 """
 
 from __future__ import annotations
