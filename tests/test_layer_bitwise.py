@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import moekit
 from moekit.experts.cpu import skinny
 from tests.conftest import randomized_moe
 

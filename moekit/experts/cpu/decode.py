@@ -29,7 +29,6 @@ from moekit.experts.cpu import skinny
 from moekit.experts.fused import ExpertWeights
 
 
-
 class DecodedExperts(NamedTuple):
     """y_TD [T, D] float32; order_R [R] int64, the assignment t * K + j of each kept row with
     rows grouped by expert (stable: by token, then j); counts_E [E] int64 rows per expert."""
