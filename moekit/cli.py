@@ -343,7 +343,7 @@ def cmd_compare(args: argparse.Namespace, log=print) -> int:
 
 
 def cmd_params(args: argparse.Namespace, log=print) -> int:
-    from .lm.params import KNOWN_ARCHITECTURES, count_parameters, format_breakdown, spec_from_lm_config
+    from .params import KNOWN_ARCHITECTURES, count_parameters, format_breakdown, spec_from_lm_config
     from .lm.presets import PRESETS
 
     if args.list or not args.name:
