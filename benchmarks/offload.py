@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moekit.cli import load_run_model
+from moekit.lm.checkpoint import load_run_model
 from moekit.lm.checkpoint import MODEL_FILE, read_run_config, weights_of, write_run_config
 from moekit.lm.generate import generate_tokens
 from moekit.lm.model import MoETransformer
