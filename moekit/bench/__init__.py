@@ -34,9 +34,9 @@ which tracemalloc does not.
 from moekit.bench.harness import Row, peak_memory_mib, read_bandwidth_gbs, time_rows
 from moekit.bench.limits import limit_rows, streaming_row, swiglu_chain, touched_weights
 from moekit.bench.peers import NaiveLoopMoE, candidate_rows, hf_rows, timed_module
-from moekit.bench.shapes import SHAPES, Shape
+from moekit.bench.shapes import SHAPES, Shape, parse_shape
 from moekit.bench.tables import main, shape_report
 
 __all__ = ["SHAPES", "NaiveLoopMoE", "Row", "Shape", "candidate_rows", "hf_rows", "limit_rows", "main",
-           "peak_memory_mib", "read_bandwidth_gbs", "shape_report", "streaming_row", "swiglu_chain",
+           "parse_shape", "peak_memory_mib", "read_bandwidth_gbs", "shape_report", "streaming_row", "swiglu_chain",
            "time_rows", "timed_module", "touched_weights"]

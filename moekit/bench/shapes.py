@@ -20,3 +20,13 @@ SHAPES = {
     "S2": Shape("fine-grained", 4096, 1024, 256, 64, 8),
     "S3": Shape("decode", 16, 1024, 896, 8, 2),
 }
+
+
+def parse_shape(text: str) -> Shape:
+    """A shape from "T,D,F,E,K" (tokens, dim, expert_dim, num_experts, top_k), named
+    "custom": the type of a --dims flag, for a quick run at any size."""
+    try:
+        tokens, dim, expert_dim, num_experts, top_k = (int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"a shape is five integers T,D,F,E,K, got {text!r}") from None
+    return Shape("custom", tokens, dim, expert_dim, num_experts, top_k)
