@@ -1,5 +1,6 @@
-"""The timing harness: a ``Row`` is one timed candidate; rows are timed interleaved,
-and /proc probes give peak memory; the machine's read bandwidth is measured beside.
+"""The timing harness: a ``Row`` is one timed candidate; ``time_rows`` times rows
+interleaved, ``peak_memory_mib`` probes /proc for a call's peak memory, and
+``read_bandwidth_gbs`` measures the machine's best-case read bandwidth.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class Row:
 
 
 def time_rows(rows: list[Row], repeats: int) -> dict[tuple[str, str], list[float]]:
+    """Seconds of every call by (row name, "f" or "fb"): two warm-up calls of each row,
+    then ``repeats`` rounds, each round calling every row once in turn."""
     times: dict[tuple[str, str], list[float]] = {}
     def calls(row: Row) -> list[tuple[str, Callable[[], object]]]:
         pairs = [("f", row.forward), ("fb", row.forward_backward)]

@@ -14,6 +14,8 @@ from moekit.bench.shapes import Shape
 
 
 def timed_module(name: str, module: torch.nn.Module, x: torch.Tensor, note: str = "") -> Row:
+    """A row that runs module on x: forward under no_grad, and forward+backward of a
+    fixed random upstream gradient."""
     grad = torch.randn_like(x)
     x_grad = x.detach().clone().requires_grad_()
     params = list(module.parameters())
@@ -60,6 +62,8 @@ class NaiveLoopMoE(torch.nn.Module):
 
 
 def hf_rows(moe: moekit.MoE, x: torch.Tensor) -> list[Row]:
+    """transformers' Mixtral block with moe's weights, eager and grouped_mm experts
+    (no rows if transformers is not installed)."""
     try:
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -82,6 +86,7 @@ def hf_rows(moe: moekit.MoE, x: torch.Tensor) -> list[Row]:
 
 
 def candidate_rows(shape: Shape, compile_rows: bool) -> tuple[list[Row], moekit.MoE, torch.Tensor]:
+    """moekit's rows and its peers' for shape -> (rows, the dropless layer, its input x_TD)."""
     torch.manual_seed(0)
     base = dict(dim=shape.dim, expert_dim=shape.expert_dim, num_experts=shape.num_experts,
                 top_k=shape.top_k)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Shape:
+    """One benchmark case: T tokens of width D through E SwiGLU experts of hidden width F, top-k."""
+
     name: str
     tokens: int
     dim: int

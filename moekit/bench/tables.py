@@ -15,6 +15,7 @@ from moekit.experts.cpu import skinny
 
 
 def shape_report(key: str, shape: Shape, repeats: int, compile_rows: bool) -> str:
+    """One shape's section: its title, the limits, and a row of ratios for every candidate."""
     limits = limit_rows(shape)
     rows, moe, x = candidate_rows(shape, compile_rows)
     decode = shape.tokens <= 64
@@ -59,6 +60,7 @@ def shape_report(key: str, shape: Shape, repeats: int, compile_rows: bool) -> st
 
 def main(shapes: list[str], repeats: int = 5, compile_rows: bool = True,
          custom: Shape | None = None) -> str:
+    """The report of the named shapes (or of ``custom`` alone), printed and returned."""
     torch.manual_seed(0)
     kernel = skinny.unavailable_reason()
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
