@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import moekit
-from moekit.bench import SHAPES, Shape
+from moekit.bench import SHAPES, Shape, parse_shape
 from moekit.parallel import apply_expert_parallel
 
 COMMUNICATION = re.compile(r"c10d|wait_tensor|all_to_all|allreduce|all_reduce|all_gather|barrier")
@@ -132,11 +132,13 @@ def main(argv: list[str] | None = None, shape: Shape | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--shape", default="S1", choices=list(SHAPES))
+    parser.add_argument("--dims", type=parse_shape, metavar="T,D,F,E,K",
+                        help="a custom shape instead of --shape")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                         help="cores to share among the processes (default: all)")
     args = parser.parse_args(argv)
-    shape = shape or SHAPES[args.shape]
+    shape = shape or args.dims or SHAPES[args.shape]
     for world_size in args.world_sizes:
         if world_size < 1 or shape.num_experts % world_size or shape.tokens % world_size:
             parser.error(f"--world-sizes {world_size}: must divide the {shape.num_experts} experts "

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import moekit
 from moekit.bench import SHAPES as CPU_SHAPES
-from moekit.bench import Row, Shape
+from moekit.bench import Row, Shape, parse_shape
 from moekit.experts.triton import triton_installed
 
 SHAPES = {
@@ -248,14 +248,22 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-tests", action="store_true",
                         help="skip running tests/experts/triton on the GPU first")
+    parser.add_argument("--dims", type=parse_shape, metavar="T,D,F,E,K",
+                        help="one custom shape instead of --shapes")
+    parser.add_argument("--cpu", action="store_true",
+                        help="build the rows and the table on CPU in float32 without warm-up, "
+                             "to check the script runs (Triton under its interpreter; no GPU numbers)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    if args.cpu:
+        main(args.shapes, args.repeats, custom=args.dims, device="cpu", dtype=torch.float32, warmup=0)
+        return
     if not torch.cuda.is_available():
         raise SystemExit(NO_GPU)
     if not args.no_tests and run_kernel_tests() != 0:
         raise SystemExit("tests/experts/triton failed on this GPU; not benchmarking")
-    main(args.shapes, args.repeats)
+    main(args.shapes, args.repeats, custom=args.dims)
 
 
 if __name__ == "__main__":

@@ -73,5 +73,7 @@ if __name__ == "__main__":
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, help="default: each preset's own")
+    parser.add_argument("--seq-len", type=int, help="default: each preset's own")
     args = parser.parse_args()
-    main(args.presets, args.repeats)
+    main(args.presets, args.repeats, args.batch_size, args.seq_len)

@@ -1,10 +1,16 @@
-"""MoE layer speed on CPU against the active-FLOPs limit and peers: see moekit/bench.py.
+"""MoE layer speed on CPU against the active-FLOPs limit and peers: see moekit/bench/.
 
 Run: python benchmarks/moe_speed.py [--shapes S1 S2 S3] [--repeats N] [--no-compile]
 (the same as `moekit bench`).
 """
 
-from moekit.bench import cli
+import argparse
+
+import moekit.bench
+from moekit.cli import bench as command
 
 if __name__ == "__main__":
-    cli()
+    parser = argparse.ArgumentParser(description=moekit.bench.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.add_arguments(parser)
+    command.run(parser.parse_args())

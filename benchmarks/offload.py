@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moekit.cli import load_run_model
+from moekit.lm.checkpoint import load_run_model
 from moekit.lm.checkpoint import MODEL_FILE, read_run_config, weights_of, write_run_config
 from moekit.lm.generate import generate_tokens
 from moekit.lm.model import MoETransformer
@@ -87,5 +87,7 @@ if __name__ == "__main__":
     parser.add_argument("--run", help="a run folder (default: a random tiny model)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache-sizes", type=int, nargs="+", help="resident experts to try")
+    parser.add_argument("--policies", nargs="+", choices=CACHE_POLICIES, default=list(CACHE_POLICIES))
     args = parser.parse_args()
-    main(args.run, args.new_tokens, repeats=args.repeats)
+    main(args.run, args.new_tokens, args.cache_sizes, tuple(args.policies), repeats=args.repeats)

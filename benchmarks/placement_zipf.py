@@ -78,4 +78,9 @@ def main(draws: int = 10, cases=CASES, exponents=EXPONENTS) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--draws", type=int, default=10)
-    main(parser.parse_args().draws)
+    parser.add_argument("--cases", nargs="+", metavar="E,N,R",
+                        type=lambda text: tuple(int(part) for part in text.split(",")),
+                        default=CASES, help="experts, devices, extra copies of each case")
+    parser.add_argument("--exponents", type=float, nargs="+", default=EXPONENTS)
+    args = parser.parse_args()
+    main(args.draws, args.cases, tuple(args.exponents))

@@ -96,8 +96,11 @@ def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--dim", type=int, default=DIM)
+    parser.add_argument("--expert-dim", type=int, default=EXPERT_DIM)
+    parser.add_argument("--num-experts", type=int, default=NUM_EXPERTS)
     args = parser.parse_args(argv)
-    print(main(args.rows, args.repeats))
+    print(main(args.rows, args.repeats, args.dim, args.expert_dim, args.num_experts))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from moekit.validation import require_bool, require_choice, require_float, require_int
+
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_NOISES = ("none", "jitter", "gaussian")
 DROP_POLICIES = ("position", "score")
@@ -24,39 +26,6 @@ BALANCE_SCOPES = ("batch", "sequence")
 MAX_CAPACITY_FACTOR = 1000.0
 
 
-def __getattr__(name: str) -> Any:
-    # ROUTERS: the registered router names, read from the one registry,
-    # moekit.routers.ROUTERS, when asked (moekit.routers imports this module).
-    if name == "ROUTERS":
-        from moekit.routers import ROUTERS
-        return tuple(ROUTERS)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _require_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _require_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
-
-
-def _require_float(name: str, value: Any, minimum: float, maximum: float = math.inf,
-                   *, open_minimum: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    too_low = value <= minimum if open_minimum else value < minimum
-    if not math.isfinite(value) or too_low or value > maximum:
-        low = f"> {minimum}" if open_minimum else f">= {minimum}"
-        high = "" if math.isinf(maximum) else f" and <= {maximum}"
-        raise ValueError(f"{name} must be a finite number {low}{high}, got {value}")
-
-
 def dataclass_from_dict(cls, values: dict[str, Any]):
     """cls(**values) for a dataclass, where an unknown key is an error, not ignored."""
     known = {f.name for f in dataclasses.fields(cls)}
@@ -64,11 +33,6 @@ def dataclass_from_dict(cls, values: dict[str, Any]):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     return cls(**values)
-
-
-def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -164,50 +128,50 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         for name in ("dim", "expert_dim", "num_experts", "top_k"):
-            _require_int(name, getattr(self, name), 1)
+            require_int(name, getattr(self, name), 1)
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k must be <= num_experts ({self.num_experts}), got {self.top_k}")
         self._check_router_name()
-        _require_choice("score_func", self.score_func, SCORE_FUNCS)
-        _require_bool("normalize_topk", self.normalize_topk)
-        _require_float("route_scale", self.route_scale, 0.0, open_minimum=True)
-        _require_choice("router_noise", self.router_noise, ROUTER_NOISES)
-        _require_float("jitter_eps", self.jitter_eps, 0.0, 1.0)
-        _require_bool("router_bias", self.router_bias)
-        _require_int("hash_seed", self.hash_seed, 0)
-        _require_choice("hash_weights", self.hash_weights, HASH_WEIGHTS)
-        _require_float("bias_update_rate", self.bias_update_rate, 0.0)
-        _require_bool("expert_bias", self.expert_bias)
-        _require_int("num_groups", self.num_groups, 1)
-        _require_int("topk_groups", self.topk_groups, 1)
+        require_choice("score_func", self.score_func, SCORE_FUNCS)
+        require_bool("normalize_topk", self.normalize_topk)
+        require_float("route_scale", self.route_scale, 0.0, open_minimum=True)
+        require_choice("router_noise", self.router_noise, ROUTER_NOISES)
+        require_float("jitter_eps", self.jitter_eps, 0.0, 1.0)
+        require_bool("router_bias", self.router_bias)
+        require_int("hash_seed", self.hash_seed, 0)
+        require_choice("hash_weights", self.hash_weights, HASH_WEIGHTS)
+        require_float("bias_update_rate", self.bias_update_rate, 0.0)
+        require_bool("expert_bias", self.expert_bias)
+        require_int("num_groups", self.num_groups, 1)
+        require_int("topk_groups", self.topk_groups, 1)
         self._check_router_combination()
         if self.capacity_factor is not None:
-            _require_float("capacity_factor", self.capacity_factor, 0.0, MAX_CAPACITY_FACTOR,
+            require_float("capacity_factor", self.capacity_factor, 0.0, MAX_CAPACITY_FACTOR,
                            open_minimum=True)
-        _require_int("min_capacity", self.min_capacity, 0)
-        _require_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        require_int("min_capacity", self.min_capacity, 0)
+        require_choice("drop_policy", self.drop_policy, DROP_POLICIES)
         from moekit.experts.activations import ACTIVATIONS  # the experts import this module
-        _require_choice("activation", self.activation, tuple(ACTIVATIONS))
-        _require_bool("bias", self.bias)
-        _require_int("num_shared_experts", self.num_shared_experts, 0)
+        require_choice("activation", self.activation, tuple(ACTIVATIONS))
+        require_bool("bias", self.bias)
+        require_int("num_shared_experts", self.num_shared_experts, 0)
         if self.shared_expert_dim is not None:
-            _require_int("shared_expert_dim", self.shared_expert_dim, 1)
-        _require_bool("shared_expert_gate", self.shared_expert_gate)
+            require_int("shared_expert_dim", self.shared_expert_dim, 1)
+        require_bool("shared_expert_gate", self.shared_expert_gate)
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1, got 0")
         from moekit.experts.backends import backend_names  # the registry imports this module
-        _require_choice("experts_backend", self.experts_backend, backend_names())
-        _require_int("slots_per_expert", self.slots_per_expert, 1)
-        _require_float("balance_loss_weight", self.balance_loss_weight, 0.0)
-        _require_choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
-        _require_float("z_loss_weight", self.z_loss_weight, 0.0)
-        _require_bool("check_finite", self.check_finite)
+        require_choice("experts_backend", self.experts_backend, backend_names())
+        require_int("slots_per_expert", self.slots_per_expert, 1)
+        require_float("balance_loss_weight", self.balance_loss_weight, 0.0)
+        require_choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
+        require_float("z_loss_weight", self.z_loss_weight, 0.0)
+        require_bool("check_finite", self.check_finite)
 
     def _check_router_name(self) -> None:
         # imported here: moekit.routers imports this module
         from moekit.routers import ROUTERS
-        _require_choice("router", self.router, tuple(ROUTERS))
+        require_choice("router", self.router, tuple(ROUTERS))
 
     def _check_router_combination(self) -> None:
         """Options that only some routers understand, and their joint limits."""

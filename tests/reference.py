@@ -212,3 +212,22 @@ def reference_experts(x_TD, ids_TK, weights_TK, w1_EHD, w2_EDF, activation: str)
     if rows:
         return torch.stack(rows)
     return x_TD * 0 + (w1_EHD.sum() + w2_EDF.sum() + weights_TK.sum()) * 0  # [0, D], in the graph
+
+
+def exact_optimum(scores_TE: torch.Tensor, top_k: int) -> float:
+    """Best total score of a balanced assignment, by linear programming (scipy):
+    x_te in [0, 1], rows sum to k, columns between floor and ceil of T*k/E. The
+    constraint matrix is totally unimodular, so the LP optimum is integral. The same
+    yardstick as benchmarks/routing_balance.py's optimality-gap table."""
+    import numpy as np
+    from scipy.optimize import linprog
+    T, E = scores_TE.shape
+    low, high = T * top_k // E, -(-T * top_k // E)
+    rows = np.kron(np.eye(T), np.ones((1, E)))
+    cols = np.kron(np.ones((1, T)), np.eye(E))
+    result = linprog(-scores_TE.flatten().numpy(), A_eq=rows, b_eq=np.full(T, top_k),
+                     A_ub=np.vstack([cols, -cols]), b_ub=np.r_[np.full(E, high), np.full(E, -low)],
+                     bounds=(0, 1), method="highs")
+    if not result.success:
+        raise RuntimeError(f"linprog failed: {result.message}")
+    return -result.fun

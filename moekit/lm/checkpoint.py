@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import UsageError
 from .config import LMConfig, TrainConfig
 
 CONFIG_FILE = "config.json"
@@ -37,8 +38,8 @@ CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
 
 
-class CheckpointError(ValueError):
-    """A run folder or checkpoint that is missing, partial or corrupt."""
+class CheckpointError(UsageError):
+    """A run folder or checkpoint that is missing, partial or corrupt (bad input, not a bug)."""
 
 
 def _sha256(path: Path) -> str:
@@ -115,6 +116,21 @@ def read_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig, dict[str, Any
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path} is not a valid run config: {error}") from error
     return model_cfg, train_cfg, values
+
+
+def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The trained model of a run folder (its model.safetensors), in eval mode."""
+    from .model import MoETransformer  # the model is built only when a run is loaded
+
+    model_cfg, _, _ = read_run_config(Path(run_dir))
+    model = MoETransformer(model_cfg)
+    load_weights(model, Path(run_dir) / MODEL_FILE)
+    return model.to(device).eval()
+
+
+def weights_file(path: Path) -> Path:
+    """model.safetensors of a run or checkpoint folder, or path itself if it is a file."""
+    return path if path.is_file() else path / MODEL_FILE
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

@@ -13,7 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import MoEConfig, _require_bool, _require_float, _require_int, dataclass_from_dict
+from ..config import MoEConfig, dataclass_from_dict
+from ..validation import require_bool, require_float, require_int
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,11 @@ class LMConfig:
         for name, minimum in (("dim", 1), ("num_layers", 1), ("num_heads", 1), ("ffn_dim", 1),
                               ("moe_every", 1), ("first_dense_layers", 0), ("vocab_size", 2),
                               ("max_seq_len", 1)):
-            _require_int(name, getattr(self, name), minimum)
-        _require_bool("tie_embeddings", self.tie_embeddings)
-        _require_float("rope_theta", self.rope_theta, 0.0, open_minimum=True)
-        _require_float("norm_eps", self.norm_eps, 0.0, open_minimum=True)
-        _require_float("init_std", self.init_std, 0.0, open_minimum=True)
+            require_int(name, getattr(self, name), minimum)
+        require_bool("tie_embeddings", self.tie_embeddings)
+        require_float("rope_theta", self.rope_theta, 0.0, open_minimum=True)
+        require_float("norm_eps", self.norm_eps, 0.0, open_minimum=True)
+        require_float("init_std", self.init_std, 0.0, open_minimum=True)
         if self.dim % self.num_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
         if (self.dim // self.num_heads) % 2:
@@ -119,13 +120,13 @@ class TrainConfig:
         for name, minimum in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup_steps", 0),
                               ("grad_accum", 1), ("eval_every", 1), ("eval_batches", 1),
                               ("save_every", 1), ("log_every", 1), ("seed", 0)):
-            _require_int(name, getattr(self, name), minimum)
-        _require_float("lr", self.lr, 0.0, open_minimum=True)
-        _require_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _require_float("weight_decay", self.weight_decay, 0.0)
-        _require_float("beta1", self.beta1, 0.0, 1.0)
-        _require_float("beta2", self.beta2, 0.0, 1.0)
-        _require_float("grad_clip", self.grad_clip, 0.0)
+            require_int(name, getattr(self, name), minimum)
+        require_float("lr", self.lr, 0.0, open_minimum=True)
+        require_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        require_float("weight_decay", self.weight_decay, 0.0)
+        require_float("beta1", self.beta1, 0.0, 1.0)
+        require_float("beta2", self.beta2, 0.0, 1.0)
+        require_float("grad_clip", self.grad_clip, 0.0)
 
     @property
     def tokens_per_step(self) -> int:

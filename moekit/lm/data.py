@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
+
 VAL_PERCENT = 5
 _BINARY_SNIFF_BYTES = 8192
 
@@ -62,7 +64,7 @@ def _list_files(root: Path, suffix: str = "", skip: tuple[str, ...] = ()) -> lis
 def _read_text_bytes(path: Path) -> bytes:
     data = path.read_bytes()
     if b"\x00" in data[:_BINARY_SNIFF_BYTES]:
-        raise ValueError(f"{path} looks binary (it contains NUL bytes); --data needs text files")
+        raise UsageError(f"{path} looks binary (it contains NUL bytes); --data needs text files")
     return data
 
 
@@ -90,7 +92,7 @@ def load_corpus(path: str | Path | None = None, seq_len: int = 256,
     else:
         root = Path(path).expanduser()
         if not root.exists():
-            raise ValueError(f"data path {str(root)!r} does not exist")
+            raise UsageError(f"data path {str(root)!r} does not exist")
         source = str(root)
         read = _read_text_bytes
         if root.is_file():
@@ -98,11 +100,11 @@ def load_corpus(path: str | Path | None = None, seq_len: int = 256,
         else:
             files = _list_files(root)
             if not files:
-                raise ValueError(f"data folder {str(root)!r} holds no files")
+                raise UsageError(f"data folder {str(root)!r} holds no files")
     contents = [(p, read(p)) for p in files]
     contents = [(p, data) for p, data in contents if data]
     if not contents:
-        raise ValueError(f"data path {str(root)!r} is empty")
+        raise UsageError(f"data path {str(root)!r} is empty")
 
     if len(contents) == 1:
         data = contents[0][1]
@@ -117,7 +119,7 @@ def load_corpus(path: str | Path | None = None, seq_len: int = 256,
         val = _as_tensor([d for (_, d), v in zip(contents, flags) if v])
     for name, split in (("training", train), ("validation", val)):
         if split.numel() < seq_len + 1:
-            raise ValueError(f"the {name} split of {source} has {split.numel()} bytes, fewer than "
+            raise UsageError(f"the {name} split of {source} has {split.numel()} bytes, fewer than "
                              f"one sequence of seq_len + 1 = {seq_len + 1}; use more data or a "
                              "smaller --seq-len")
     return Corpus(train, val, source, len(contents))

@@ -13,11 +13,14 @@ any number, or in one process, and `moekit generate` reads it as is.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..errors import UsageError
 
 
 class SingleProcess:
@@ -92,7 +95,7 @@ class DataExpertParallel(SingleProcess):
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.world_size:
-            raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes "
+            raise UsageError(f"batch_size {batch_size} must be divisible by the number of processes "
                              f"({self.world_size}): every rank trains on batch_size / processes sequences")
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -165,3 +168,13 @@ class DataExpertParallel(SingleProcess):
 
     def barrier(self) -> None:
         dist.barrier()
+
+
+def join_torchrun_group(device: torch.device) -> torch.device:
+    """Join the process group torchrun set up: gloo on CPU, NCCL on CUDA with one GPU
+    per local rank -> this rank's device. Call under torchrun (WORLD_SIZE is set)."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device

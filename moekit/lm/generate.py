@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..errors import UsageError
 from .model import MoETransformer
 
 
@@ -15,13 +16,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
     """logits [B, V] -> next ids [B] int64: greedy at temperature 0, else sampled
     from softmax(logits / temperature) restricted to the top_k largest logits."""
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise UsageError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None:
         if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+            raise UsageError(f"top_k must be >= 1, got {top_k}")
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
@@ -41,10 +42,10 @@ def generate_tokens(model: MoETransformer, prompt: torch.Tensor, max_new_tokens:
     the last half of the context (rotary positions are absolute).
     """
     if prompt.dim() != 1 or prompt.numel() == 0:
-        raise ValueError(f"prompt must be a non-empty 1-D tensor of token ids, got shape "
+        raise UsageError(f"prompt must be a non-empty 1-D tensor of token ids, got shape "
                          f"{tuple(prompt.shape)}")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     model.eval()
     device = next(model.parameters()).device
     limit = model.config.max_seq_len
@@ -71,7 +72,7 @@ def generate_text(model: MoETransformer, prompt: str, max_new_tokens: int,
     decoded text as it arrives (incomplete UTF-8 sequences wait for their last byte)."""
     data = prompt.encode("utf-8")
     if not data:
-        raise ValueError("prompt must not be empty")
+        raise UsageError("prompt must not be empty")
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces = []

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import MoEConfig
 from ..contract import DispatchPlan
+from ..errors import UsageError
 from ..experts.cpu.decode import applies_to, skinny_ffn_fetched
 from ..experts.fused import ExpertWeights, experts_forward
 from ..layer import MoE
@@ -103,9 +104,9 @@ class ExpertCache:
     def __init__(self, store: ExpertStore, max_resident: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, policy: str = "lru") -> None:
         if not isinstance(max_resident, int) or max_resident < 1:
-            raise ValueError(f"max_resident must be an int >= 1, got {max_resident!r}")
+            raise UsageError(f"max_resident must be an int >= 1, got {max_resident!r}")
         if policy not in CACHE_POLICIES:
-            raise ValueError(f"policy must be one of {CACHE_POLICIES}, got {policy!r}")
+            raise UsageError(f"policy must be one of {CACHE_POLICIES}, got {policy!r}")
         self.store, self.max_resident, self.policy = store, max_resident, policy
         self.device, self.dtype = torch.device(device), dtype
         self._resident: OrderedDict[tuple[str, int], ExpertWeights] = OrderedDict()  # oldest first
@@ -213,12 +214,12 @@ def load_offloaded_model(run_dir: str | Path, max_resident: int, device: str | t
     Only the other weights are loaded onto ``device``; at most max_resident experts
     join them there, evicted by ``policy`` ("lru" or "lfu", see ExpertCache)."""
     if store not in ("auto", "disk", "memory"):
-        raise ValueError(f"store must be 'auto', 'disk' or 'memory', got {store!r}")
+        raise UsageError(f"store must be 'auto', 'disk' or 'memory', got {store!r}")
     device = torch.device(device)
     path = Path(run_dir) / MODEL_FILE
     model_cfg, _, _ = read_run_config(Path(run_dir))
     if model_cfg.moe is None:
-        raise ValueError(f"{run_dir} is a dense model: it has no experts to offload")
+        raise UsageError(f"{run_dir} is a dense model: it has no experts to offload")
     model = MoETransformer(model_cfg)
     layers = moe_layers(model)
     disk = SafetensorsExpertStore(path, {name: moe.config for name, moe in layers.items()})

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from .checkpoint import (METRICS_FILE, CheckpointError, checkpoint_dirs, latest_checkpoint,
                          load_checkpoint, read_run_config, save_checkpoint, write_run_config)
 from .config import LMConfig, TrainConfig
@@ -178,7 +179,7 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
         log(f"resumed {run_dir} at step {step} from {checkpoint.name}")
     else:
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise ValueError(f"output folder {run_dir} exists and is not empty; "
+            raise UsageError(f"output folder {run_dir} exists and is not empty; "
                              "choose another --out or --resume it")
         parallel.barrier()  # every rank has checked the folder before the main one fills it
         if parallel.is_main:

@@ -13,7 +13,7 @@ from moekit.diagnostics.report import byte_token, top_pairs
 
 from ..conftest import randomized_moe
 from ..lm.helpers import write_text_files
-from ..test_cli import SMALL
+from ..cli.test_commands import SMALL
 
 
 def test_top_pairs_rate_and_lift_by_hand():

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from benchmarks.routing_balance import exact_optimum
 from moekit.routers.balanced import balanced_assignment, greedy_balanced, improve_assignment
 from tests.conftest import randomized_moe
+from tests.reference import exact_optimum
 from tests.test_layer import check_against_reference
 
 

@@ -23,7 +23,6 @@ def test_config_accepts_exactly_the_registered_routers():
     for name in ROUTERS:
         fields = BASE | dict(router=name, top_k=4 if name == "dense" else 2)
         assert isinstance(build_router(MoEConfig(**fields)), ROUTERS[name])
-    assert moekit.config.ROUTERS == tuple(ROUTERS)
 
 
 def test_an_unknown_router_names_the_registered_ones():
@@ -44,7 +43,6 @@ def test_a_router_registered_with_one_line_runs_in_the_layer(monkeypatch):
     lowest_TK = (x_TD @ moe.router.weight.t()).topk(2, largest=False).indices
     assert y_TD.shape == (5, 8) and torch.isfinite(y_TD).all()
     assert aux.expert_indices.sort(-1).values.equal(lowest_TK.sort(-1).values)
-    assert "lowest" in moekit.config.ROUTERS
 
 
 def test_the_registry_is_restored_after_a_test_registers_a_router():

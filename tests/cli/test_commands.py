@@ -10,7 +10,7 @@ import pytest
 
 from moekit.cli import main
 
-from .lm.helpers import write_text_files
+from ..lm.helpers import write_text_files
 
 SMALL = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2",
          "--save-every", "2", "--no-progress", "--device", "cpu"]

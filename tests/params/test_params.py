@@ -13,9 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import moekit
 from moekit import MoEConfig
 from moekit.lm.config import LMConfig
-from moekit.lm.params import (CATEGORIES, KNOWN_ARCHITECTURES, ArchSpec, AttentionSpec, MLASpec,
-                              ParamCount, count_parameters, format_breakdown,
-                              moe_layer_parameters, spec_from_lm_config)
+from moekit.params import (CATEGORIES, KNOWN_ARCHITECTURES, ArchSpec, AttentionSpec, MLASpec,
+                           ParamCount, count_parameters, format_breakdown,
+                           moe_layer_parameters, spec_from_lm_config)
 
 # (name, published total, published active, relative tolerance). Published figures are
 # rounded (46.7B, 37B, ...); the tolerance covers the rounding and nothing more.

@@ -1,0 +1,87 @@
+"""The timing harness: a ``Row`` is one timed candidate; ``time_rows`` times rows
+interleaved, ``peak_memory_mib`` probes /proc for a call's peak memory, and
+``read_bandwidth_gbs`` measures the machine's best-case read bandwidth.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Row:
+    """A candidate: forward() and forward_backward() each run one call (a row
+    without a backward, such as the weight stream, has forward_backward None);
+    release() drops the gradients a forward_backward left behind."""
+
+    name: str
+    forward: Callable[[], object]
+    forward_backward: Callable[[], object] | None
+    release: Callable[[], None]
+    note: str = ""
+
+
+def time_rows(rows: list[Row], repeats: int) -> dict[tuple[str, str], list[float]]:
+    """Seconds of every call by (row name, "f" or "fb"): two warm-up calls of each row,
+    then ``repeats`` rounds, each round calling every row once in turn."""
+    times: dict[tuple[str, str], list[float]] = {}
+    def calls(row: Row) -> list[tuple[str, Callable[[], object]]]:
+        pairs = [("f", row.forward), ("fb", row.forward_backward)]
+        return [(kind, fn) for kind, fn in pairs if fn is not None]
+
+    for row in rows:  # warm-up (and compilation) first
+        for _ in range(2):
+            for _, fn in calls(row):
+                fn()
+    for _ in range(repeats):
+        for row in rows:
+            for kind, fn in calls(row):
+                start = time.perf_counter()
+                fn()
+                times.setdefault((row.name, kind), []).append(time.perf_counter() - start)
+    return times
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mib(fn: Callable[[], object], release: Callable[[], None] = lambda: None) -> float:
+    """Rise of the peak resident set over one call of fn, from a baseline taken after
+    release() (Linux only; NaN elsewhere). Releasing the previous call's gradients
+    first makes the figure count the gradients fn creates plus its temporaries;
+    without it, it would depend on whether the freed gradients' pages went back to
+    the OS, which changes from call to call."""
+    try:
+        release()
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        baseline = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # reset VmHWM to the current resident set
+        fn()
+        return (_status_kib("VmHWM") - baseline) / 1024
+    except (OSError, RuntimeError):
+        return float("nan")
+
+
+def read_bandwidth_gbs() -> float:
+    """Best-case read bandwidth: the fastest of five sums of a 256 MiB buffer."""
+    big = torch.ones(64 * 2**20)
+    big.sum()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        big.sum()
+        times.append(time.perf_counter() - start)
+    return big.numel() * 4 / min(times) / 1e9

@@ -1,0 +1,120 @@
+"""``moekit train``: train the small MoE language model, in one process or data + expert
+parallel under torchrun, and report the result."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from moekit.cli.flags import (DTYPES, LAYOUT_FLAGS, MOE_FLAGS, TRAIN_FLAGS, add_training_flags,
+                              configured, given_flags, resolve_device)
+from moekit.errors import UsageError, usage_errors
+
+HELP = "train a small MoE language model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from moekit.lm.presets import PRESETS
+
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    parser.add_argument("--out", help="run folder (default runs/<preset>-<timestamp>)")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    parser.add_argument("--stop-after", type=int, metavar="STEP",
+                        help="stop after this step (with a checkpoint); --resume continues")
+    parser.add_argument("--expert-parallel", action="store_true",
+                        help="under torchrun: shard the experts over the processes, split each "
+                             "batch over them (data + expert parallel; docs/parallel.md)")
+    parser.add_argument("--placement", metavar="FILE",
+                        help="with --expert-parallel: which experts each process holds, from "
+                             "`moekit plan-placement --devices N` (no --replicas)")
+    add_training_flags(parser)
+
+
+def run(args: argparse.Namespace, log=print) -> int:
+    device = resolve_device(args.device)
+    if not args.expert_parallel:
+        if args.placement:
+            raise UsageError("--placement places experts over processes: it needs --expert-parallel")
+        return _train(args, device, None, log)
+    import torch.distributed as dist
+
+    parallel, device = _start_expert_parallel(device, args.placement)
+    try:
+        return _train(args, device, parallel, log if parallel.is_main else (lambda message: None))
+    finally:
+        dist.destroy_process_group()
+
+
+def _start_expert_parallel(device: torch.device, placement_file: str | None):
+    """Join the torchrun process group -> (DataExpertParallel, this rank's device)."""
+    from moekit.lm.distributed import DataExpertParallel, join_torchrun_group
+    from moekit.placement import read_placement_file
+
+    if "WORLD_SIZE" not in os.environ:
+        raise UsageError("--expert-parallel runs under torchrun, e.g. "
+                         "torchrun --nproc-per-node 2 -m moekit train --expert-parallel")
+    placement = None
+    if placement_file is not None:
+        with usage_errors():
+            placement = read_placement_file(placement_file)
+    device = join_torchrun_group(device)
+    return DataExpertParallel(placement), device
+
+
+def _train(args: argparse.Namespace, device: torch.device, parallel, log) -> int:
+    from moekit.lm.checkpoint import read_run_config
+    from moekit.lm.data import load_corpus
+    from moekit.lm.train import train
+
+    dtype = DTYPES[args.dtype]
+    if args.resume:
+        given = [f"--{n.replace('_', '-')}" for n in given_flags(args, (*TRAIN_FLAGS, *MOE_FLAGS,
+                                                                         *LAYOUT_FLAGS, "out"))]
+        if given:
+            raise UsageError(f"--resume continues a run with its own configs; drop {', '.join(given)}")
+        run_dir = Path(args.resume)
+        model_cfg, train_cfg, extra = read_run_config(run_dir)
+        data = args.data if args.data is not None else extra.get("data")
+    else:
+        model_cfg, train_cfg = configured(args, args.preset)
+        run_dir = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if parallel is not None:  # one folder for every rank: the main rank's
+            run_dir = Path(parallel.broadcast(str(run_dir)))
+        data = args.data
+        extra = {"preset": args.preset, "data": data}
+    corpus = load_corpus(data, train_cfg.seq_len)
+    log(f"data: {corpus.source}: {corpus.train.numel():,} training and {corpus.val.numel():,} "
+        f"validation bytes from {corpus.num_files} file(s)")
+    result = train(model_cfg, train_cfg, corpus, run_dir, resume=bool(args.resume), device=device,
+                   dtype=dtype, stop_after=args.stop_after, progress=not args.no_progress,
+                   extra_config=extra, log=log, parallel=parallel)
+    if parallel is not None and not parallel.is_main:
+        return 0
+    if not result.finished:
+        log(f"stopped after step {result.step} of {train_cfg.steps}; continue with "
+            f"`moekit train --resume {run_dir}`")
+    report_result(result, model_cfg, log)
+    return 0
+
+
+def report_result(result, model_cfg, log) -> None:
+    """The validation loss, the final expert loads, the plots and the run folder's files."""
+    from moekit.lm.plots import plot_run, read_metrics
+
+    bits = result.val_loss / math.log(2)
+    log(f"validation loss {result.val_loss:.4f} nats/byte ({bits:.3f} bits/byte), "
+        f"perplexity {math.exp(result.val_loss):.2f}; unigram baseline {result.unigram_loss:.4f} nats/byte")
+    train_records, _ = read_metrics(result.run_dir)
+    if model_cfg.moe is not None and train_records:
+        loads = ", ".join(f"{v:.2f}" for v in train_records[-1]["load_max_over_mean"])
+        log(f"load max/mean per MoE layer at the end: {loads}")
+    plots = plot_run(result.run_dir)
+    if not plots:
+        log("plots skipped: matplotlib is not installed (pip install 'moekit[plot]')")
+    log(f"run folder: {result.run_dir} (config.json, model.safetensors, checkpoints/, metrics.jsonl"
+        + "".join(f", {p.name}" for p in plots) + ")")

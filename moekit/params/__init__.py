@@ -1,0 +1,30 @@
+"""Parameter and FLOP accounting of MoE transformers: total vs active per token.
+
+``ArchSpec`` describes a transformer (decoder-only, or T5-style encoder-decoder)
+whose feed-forward blocks are dense or MoE; its MoE layers are described by
+moekit's own ``MoEConfig``, so a count of a moekit layer is exact by
+construction. ``KNOWN_ARCHITECTURES`` holds published models as data,
+``spec_from_lm_config`` describes a moekit ``LMConfig``, ``count_parameters``
+returns a ``ParamBreakdown`` and ``format_breakdown`` prints it.
+
+Modules: ``specs`` (the spec classes), ``counting`` (the counts and FLOPs),
+``formatting`` (the table), ``published`` (the known architectures).
+
+Conventions
+  * Active parameters are those one token meets in a forward pass: everything
+    except the E - k routed experts it is not sent to, in every MoE layer.
+    Embeddings count as active (Mixtral's published 12.9B active includes them).
+  * Norms are weight-only (RMSNorm, T5's LayerNorm); buffers (rotary tables, the
+    aux-loss-free ``expert_bias``) are not parameters.
+  * Which blocks are dense and which are MoE changes no count, only how many.
+"""
+
+from moekit.params.counting import (CATEGORIES, ParamBreakdown, ParamCount, count_parameters,
+                                    moe_layer_parameters)
+from moekit.params.formatting import format_breakdown
+from moekit.params.published import KNOWN_ARCHITECTURES
+from moekit.params.specs import QK_NORMS, ArchSpec, AttentionSpec, MLASpec, spec_from_lm_config
+
+__all__ = ["CATEGORIES", "KNOWN_ARCHITECTURES", "QK_NORMS", "ArchSpec", "AttentionSpec", "MLASpec",
+           "ParamBreakdown", "ParamCount", "count_parameters", "format_breakdown",
+           "moe_layer_parameters", "spec_from_lm_config"]
