@@ -9,7 +9,6 @@ the checks, so a derived config is as safe as a fresh one.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
