@@ -157,7 +157,8 @@ def contiguous_placement(num_experts: int, num_devices: int) -> Placement:
                      num_experts)
 
 
-def _check_plan_inputs(expert_loads: Sequence[float], num_devices: int, num_replicas: int) -> None:
+def check_plan_inputs(expert_loads: Sequence[float], num_devices: int, num_replicas: int) -> None:
+    """ValueError/TypeError naming the bad value unless plan_placement can plan these inputs."""
     if len(expert_loads) == 0:
         raise ValueError("expert_loads must not be empty")
     bad = [x for x in expert_loads if not (math.isfinite(x) and x >= 0)]
@@ -195,7 +196,7 @@ def plan_placement(expert_loads: Sequence[float], num_devices: int, num_replicas
     over num_devices devices that keeps the most loaded device light (see the
     module docstring). Loads are any non-negative numbers (tokens per expert)."""
     expert_loads = [float(x) for x in expert_loads]
-    _check_plan_inputs(expert_loads, num_devices, num_replicas)
+    check_plan_inputs(expert_loads, num_devices, num_replicas)
     best = None
     # Candidate splits of the extra copies into hot and cold ones (at most 9 tried).
     for hot in sorted({round(num_replicas * i / 8) for i in range(9)}, reverse=True):

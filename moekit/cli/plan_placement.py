@@ -43,7 +43,7 @@ def run(args: argparse.Namespace, log=print) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from moekit.placement import contiguous_placement, max_over_mean, plan_placement
+    from moekit.placement import check_plan_inputs, contiguous_placement, max_over_mean, plan_placement
 
     loads, source = measured_loads(args)
     layers = {}
@@ -53,10 +53,9 @@ def run(args: argparse.Namespace, log=print) -> int:
         table.add_column(column, justify="left" if column in ("layer", "replicated experts (copies)")
                          else "right")
     for name, expert_loads in loads.items():
-        # plan_placement's own checks of --devices and --replicas against the loads are the
-        # only validation of them; it does no other work that could raise these errors.
-        with usage_errors():
-            placement = plan_placement(expert_loads, args.devices, args.replicas)
+        with usage_errors():  # --devices and --replicas against the loads
+            check_plan_inputs(expert_loads, args.devices, args.replicas)
+        placement = plan_placement(expert_loads, args.devices, args.replicas)
         after = max_over_mean(placement.device_loads(expert_loads))
         before = max_over_mean(contiguous_placement(len(expert_loads), args.devices)
                                .device_loads(expert_loads)) \
