@@ -1,6 +1,7 @@
 """The timing harness: a ``Row`` is one timed candidate; ``time_rows`` times rows
 interleaved, ``peak_memory_mib`` probes /proc for a call's peak memory, and
-``read_bandwidth_gbs`` measures the machine's best-case read bandwidth.
+``read_bandwidth_gbs`` measures the machine's best-case read bandwidth, and
+``bf16_matmul_note`` says whether this CPU runs bf16 matrix products natively.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from moekit.experts.cpu.build import cpu_features
 
 
 @dataclass
@@ -85,3 +88,14 @@ def read_bandwidth_gbs() -> float:
         big.sum()
         times.append(time.perf_counter() - start)
     return big.numel() * 4 / min(times) / 1e9
+
+
+def bf16_matmul_note() -> str:
+    """What this CPU offers bf16 matrix products, from its feature flags (Linux): AMX-BF16 and
+    AVX512-BF16 run them natively; without either they are emulated in float32."""
+    flags = set(cpu_features().split())
+    native = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
+              if flag in flags]
+    if native:
+        return f"{' and '.join(native)} here: bf16 matmul runs natively"
+    return "no AVX512-BF16/AMX here: bf16 matmul is emulated"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 import moekit
-from moekit.bench.harness import Row
+from moekit.bench.harness import Row, bf16_matmul_note
 from moekit.bench.limits import swiglu_chain
 from moekit.bench.shapes import Shape
 
@@ -102,7 +102,7 @@ def candidate_rows(shape: Shape, compile_rows: bool) -> tuple[list[Row], moekit.
     rows.append(timed_module("moekit capacity 1.25", variant(capacity_factor=1.25), x))
     rows.append(timed_module("moekit grouped_mm backend", variant(experts_backend="grouped_mm"), x))
     rows.append(timed_module("moekit bf16", variant(torch.bfloat16), x.bfloat16(),
-                              "no AVX512-BF16/AMX here: bf16 matmul is emulated"))
+                              bf16_matmul_note()))
     if compile_rows:
         rows.append(timed_module("moekit torch.compile", torch.compile(variant()), x))
     rows.append(timed_module("naive per-expert loop", NaiveLoopMoE(moe), x))
