@@ -15,6 +15,8 @@ One layer call issues, on every rank and in this order whatever its data:
 3. the local experts on the received rows, grouped by local expert
 4. all_to_all_single of the outputs back (differentiable)
 5. the local combine (weighted sum over each token's k outputs)
+6. training with gradients only: one all_reduce of the routed counts, tokens and sequences
+   (global_load), for the losses and, when the group is the world, the aux-loss-free bias
 
 Shapes: T local tokens, K choices, R rows this rank sends, R_in rows it receives.
 """

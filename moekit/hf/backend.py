@@ -3,9 +3,10 @@
 transformers (v5) runs the expert part of every MoE block through a registry
 of functions ``forward(experts_module, hidden_states [T, D], top_k_index
 [T, K], top_k_weights [T, K]) -> [T, D]``. ``register()`` adds moekit's: the
-model's own router decides, and moekit's dispatcher and grouped expert
-execution (the fused CPU op, grouped_mm on GPU) compute, on the model's own
-weights (shared, never copied).
+model's own router decides; moekit plans the dispatch of its choices
+(``plan_dispatch``) and runs a moekit ``Experts`` view of the model's own
+weights (shared, never copied) on that plan, with the backend "auto" picks
+(fused on CPU; Triton, else grouped_mm, on CUDA).
 """
 
 from __future__ import annotations

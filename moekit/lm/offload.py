@@ -177,8 +177,9 @@ class OffloadedExperts(nn.Module):
             decoded = skinny_ffn_fetched(x_TD, plan.ids_TK, plan.weights_TK, fetch,
                                          self.config.num_experts, self.config.expert_dim,
                                          self.config.activation, kept_TK=plan.kept_TK)
-            plan.adopt_sort(decoded.order_R, decoded.counts_E)
-            return decoded.y_TD
+            if decoded is not None:  # None only if it declined after all: the general path
+                plan.adopt_sort(decoded.order_R, decoded.counts_E)
+                return decoded.y_TD
         return experts_forward(x_TD, plan.token_R, plan.weights_R, plan.counts_E.tolist(), fetch,
                                self.config.activation)
 

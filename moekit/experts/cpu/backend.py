@@ -31,7 +31,8 @@ class FusedBackend:
         if decode.applies_to(x_TD, plan, *(t for t in (w1, w2, b1, b2) if t is not None)):
             decoded = decode.skinny_ffn(x_TD, plan.ids_TK, plan.weights_TK, w1, w2, activation,
                                         b1, b2, kept_TK=plan.kept_TK)
-            plan.adopt_sort(decoded.order_R, decoded.counts_E)
-            return decoded.y_TD
+            if decoded is not None:  # None only if it declined after all: the general path
+                plan.adopt_sort(decoded.order_R, decoded.counts_E)
+                return decoded.y_TD
         counts = experts.checked_counts(plan.counts_E, plan.order_R.shape[0])
         return fused_experts(x_TD, plan.token_R, plan.weights_R, counts, w1, w2, activation, b1, b2)

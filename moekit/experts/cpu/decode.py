@@ -49,7 +49,7 @@ def applies_to(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor) -
     tensors = (x_TD, plan.weights_TK, *weights)
     return (not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and not skinny.observed(*tensors)
-            and skinny.small_batch(int(plan.counts_E.max()), *tensors))
+            and skinny.small_batch(lambda: int(plan.counts_E.max()), *tensors))
 
 
 def _ids_out_of_range(ids_TK: torch.Tensor, num_experts: int) -> ValueError:

@@ -17,6 +17,7 @@ import ctypes
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -84,13 +85,15 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def small_batch(rows_per_expert: int, *tensors: torch.Tensor) -> bool:
+def small_batch(rows_per_expert: int | Callable[[], int], *tensors: torch.Tensor) -> bool:
     """The one decision whether a batch is decode-size, i.e. its products go through the kernel:
-    at most MAX_ROWS rows for every expert (rows_per_expert: the most any expert has), every
-    tensor float32 on CPU, and the kernel available."""
-    return (rows_per_expert <= MAX_ROWS
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-            and available())
+    every tensor float32 on CPU, the kernel available, and at most MAX_ROWS rows for every
+    expert. rows_per_expert: the most rows any expert has, or a function that gives it, called
+    only when the other conditions hold (counting rows costs more than they do)."""
+    if not (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and available()):
+        return False
+    return (rows_per_expert() if callable(rows_per_expert) else rows_per_expert) <= MAX_ROWS
 
 
 def skinny_grouped(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], *,
