@@ -25,7 +25,8 @@ Without gradients such a batch skips this op altogether: the fused backend
 (moekit/experts/cpu/decode.py).
 
 Deterministic on CPU (index_add_ accumulates rows in order). Not for CUDA,
-where index_add_ uses atomics. Not twice differentiable. Under torch.compile
+where index_add_ uses atomics. Not twice differentiable: a backward with
+create_graph=True raises a RuntimeError that names the backends that are. Under torch.compile
 it runs eagerly between the compiled parts (router, dispatch planning).
 """
 
@@ -140,8 +141,15 @@ class _FusedExperts(torch.autograd.Function):
         return y_TD
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y_TD):
+        # Grad mode is on in a backward only for create_graph=True (a Hessian-vector product,
+        # a gradient penalty, torch.func): the hand-written backward below is not itself
+        # differentiable, so refuse instead of returning gradients with missing terms.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "experts_backend='fused' is not twice differentiable (a backward with "
+                "create_graph=True, e.g. a Hessian-vector product); use experts_backend='loop' "
+                "(or 'grouped_mm') for higher-order gradients")
         x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R = ctx.saved_tensors
         need_x, need_w, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:6]
         acc = _accumulate_dtype(x_TD.dtype)
