@@ -78,9 +78,9 @@ class MoEConfig:
             that see every token, as in DeepSeek and Qwen2-MoE; their hidden
             width is num_shared_experts * shared_expert_dim (default expert_dim).
         experts_backend: "auto" picks "fused" on CPU (gather, FFN and weighted
-            scatter in one op, per expert); on CUDA "triton" (fused Triton
-            kernels, docs/gpu.md) when Triton is installed and bias is off, else
-            grouped_mm where it is exact, else a per-expert loop; "fused",
+            scatter in one op, per expert); on CUDA grouped_mm where it is
+            exact, else a per-expert loop ("triton", the fused Triton kernels
+            of docs/gpu.md, only when named: they have not run on a GPU yet); "fused",
             "triton", "grouped_mm", "loop" or any backend registered with
             moekit.experts.register_backend force one.
         slots_per_expert: slots each expert processes in moekit.SoftMoE.

@@ -32,7 +32,9 @@ class ExpertsBackend(Protocol):
 
 
 BACKENDS: dict[str, ExpertsBackend] = {}
-AUTO_ORDER = ("fused", "triton", "grouped_mm", "loop")
+# Triton is not in "auto": its kernels have passed their tests only under the CPU interpreter,
+# never on a GPU; it stays an explicit experts_backend="triton" until they have.
+AUTO_ORDER = ("fused", "grouped_mm", "loop")
 
 
 def register_backend(name: str, backend: ExpertsBackend) -> None:

@@ -29,9 +29,9 @@ class Experts(nn.Module):
     Knows nothing about routing. ``config.experts_backend`` names the backend that computes
     (moekit.experts.backends): "fused" (CPU: gather, FFN and combine in one autograd op, one
     native call for decode-size inference), "triton" (CUDA kernels), "grouped_mm" or "loop"
-    (row backends), or any registered one. "auto" picks fused on CPU, triton on CUDA when
-    Triton is installed (and bias is off), grouped_mm where it is exact for the device, dtype
-    and sizes, and the loop otherwise; ``backend_for(dtype)`` tells which one a dtype gets,
+    (row backends), or any registered one. "auto" picks fused on CPU, grouped_mm where it is
+    exact for the device, dtype and sizes (CUDA), and the loop otherwise (triton only when
+    asked for by name); ``backend_for(dtype)`` tells which one a dtype gets,
     and logs it (debug level) the first time.
     """
 

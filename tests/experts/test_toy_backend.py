@@ -39,3 +39,9 @@ def test_registry_rejects_bad_entries():
         register_backend("x", 3)
     with pytest.raises(ValueError, match=r"experts_backend must be one of .*'float64_loop'.*got 'nope'"):
         moekit.MoEConfig(dim=8, expert_dim=8, num_experts=2, top_k=1, experts_backend="nope")
+
+
+def test_auto_never_picks_triton():
+    """Triton runs only when named: its kernels have not yet passed their tests on a GPU."""
+    from moekit.experts.backends import AUTO_ORDER
+    assert AUTO_ORDER[0] == "fused" and "triton" not in AUTO_ORDER and AUTO_ORDER[-1] == "loop"
