@@ -23,7 +23,9 @@ class MoE(nn.Module):
 
     forward(x [..., D], padding_mask [...] bool or None, token_ids [...] int or None)
     -> (y [..., D], MoEAux).
-    y has x's shape and dtype. Padded positions (mask False) are not routed,
+    y has x's shape and dtype; under torch.autocast the experts compute in the autocast
+    dtype, as nn.Linear does, and y has that dtype (the router and the losses stay float32).
+    Padded positions (mask False) are not routed,
     produce zeros and take no part in losses, counts or metrics; the MoEAux
     per-token fields then cover only the real tokens, in flattened order.
     token_ids feed router="hash" (other routers ignore them). A sequence, for
@@ -51,7 +53,8 @@ class MoE(nn.Module):
             x_TD = x_TD.index_select(0, real_T)
             token_ids_T = None if token_ids_T is None else token_ids_T.index_select(0, real_T)
             sequence_T = None if sequence_T is None else sequence_T.index_select(0, real_T)
-        routing = self.router(x_TD, token_ids_T)
+        with torch.autocast(x.device.type, enabled=False):  # routing math stays float32
+            routing = self.router(x_TD, token_ids_T)
         y_TD, plan = self.dispatcher.run_experts(x_TD, routing, self.experts)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
@@ -60,10 +63,12 @@ class MoE(nn.Module):
                 .index_copy(0, real_T, y_TD)
         compute_losses = self.training and torch.is_grad_enabled()
         global_load = None
-        if compute_losses:
-            global_load = self.dispatcher.global_load(routing, sequence_T, num_sequences)
-            self.router.update_balancing(routing, global_load)
-        aux = moe_aux(routing, plan, self.config, compute_losses, sequence_T, num_sequences, global_load)
+        with torch.autocast(x.device.type, enabled=False):  # losses stay float32
+            if compute_losses:
+                global_load = self.dispatcher.global_load(routing, sequence_T, num_sequences)
+                self.router.update_balancing(routing, global_load)
+            aux = moe_aux(routing, plan, self.config, compute_losses, sequence_T, num_sequences,
+                          global_load)
         return y_TD.view(x.shape), aux
 
     def _sequence_index(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:

@@ -52,6 +52,16 @@ def router_dtype(activation_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if activation_dtype == torch.float64 else torch.float32
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast runs matrix products in on x's device, or None when autocast
+    is off there (or x is not floating point)."""
+    device = x.device.type
+    if not x.is_floating_point() or not torch.amp.is_autocast_available(device) \
+            or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def expert_counts(ids: torch.Tensor, num_experts: int,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """[E] int64: how often each expert id occurs in ids (any shape), counting

@@ -150,6 +150,11 @@ class _FusedExperts(torch.autograd.Function):
                 "experts_backend='fused' is not twice differentiable (a backward with "
                 "create_graph=True, e.g. a Hessian-vector product); use experts_backend='loop' "
                 "(or 'grouped_mm') for higher-order gradients")
+        with torch.autocast(grad_y_TD.device.type, enabled=False):  # one dtype, as the forward
+            return _FusedExperts._backward(ctx, grad_y_TD)
+
+    @staticmethod
+    def _backward(ctx, grad_y_TD):
         x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R = ctx.saved_tensors
         need_x, need_w, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:6]
         acc = _accumulate_dtype(x_TD.dtype)

@@ -18,6 +18,7 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.contract import DispatchPlan
 from moekit.experts.backends import AUTO_ORDER, BACKENDS
+from moekit.routing import autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -106,4 +107,22 @@ class Experts(nn.Module):
         return counts
 
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        return BACKENDS[self.backend_for(x_TD.dtype)](self, x_TD, plan)
+        """y_TD [T, D] in x's dtype; under torch.autocast in the autocast dtype, computed from
+        x and the weights cast to it (differentiably), as nn.Linear does."""
+        dtype = autocast_dtype(x_TD)
+        if dtype is None:
+            return BACKENDS[self.backend_for(x_TD.dtype)](self, x_TD, plan)
+        with torch.autocast(x_TD.device.type, enabled=False):  # the backend sees one dtype
+            return BACKENDS[self.backend_for(dtype)](_CastExperts(self, dtype), x_TD.to(dtype), plan)
+
+
+class _CastExperts:
+    """What a backend reads of stacked experts, with the weights cast to ``dtype`` (autocast)."""
+
+    def __init__(self, experts: Experts, dtype: torch.dtype) -> None:
+        self.config, self.num_local_experts = experts.config, experts.num_local_experts
+        self.dtype, self.device, self.checked_counts = dtype, experts.device, experts.checked_counts
+        self.first_proj, self.down_proj, self.first_proj_bias, self.down_proj_bias = (
+            None if w is None else w.to(dtype) for w in (
+                experts.first_proj, experts.down_proj, experts.first_proj_bias,
+                experts.down_proj_bias))
