@@ -63,10 +63,11 @@ class MoE(nn.Module):
                 .index_copy(0, real_T, y_TD)
         compute_losses = self.training and torch.is_grad_enabled()
         global_load = None
+        if self.training:
+            self.router.record_routing(routing)
         with torch.autocast(x.device.type, enabled=False):  # losses stay float32
             if compute_losses:
                 global_load = self.dispatcher.global_load(routing, sequence_T, num_sequences)
-                self.router.update_balancing(routing, global_load)
             aux = moe_aux(routing, plan, self.config, compute_losses, sequence_T, num_sequences,
                           global_load)
         return y_TD.view(x.shape), aux

@@ -16,7 +16,8 @@ One layer call issues, on every rank and in this order whatever its data:
 4. all_to_all_single of the outputs back (differentiable)
 5. the local combine (weighted sum over each token's k outputs)
 6. training with gradients only: one all_reduce of the routed counts, tokens and sequences
-   (global_load), for the losses and, when the group is the world, the aux-loss-free bias
+   (global_load), for the losses (the aux-loss-free bias all-reduces its counts once per
+   optimizer step, in moekit.balancing.update_router_bias)
 
 Shapes: T local tokens, K choices, R rows this rank sends, R_in rows it receives.
 """
@@ -72,16 +73,14 @@ class AllToAllDispatcher:
     def global_load(self, routing: Routing, sequence_T: torch.Tensor | None = None,
                     num_sequences: int = 0) -> GlobalLoad:
         """All-reduced routed assignment counts [E] (before capacity), token and
-        non-empty sequence counts: one all_reduce, the layer's only one for its losses and
-        its balancing state."""
+        non-empty sequence counts: one all_reduce, the layer's only one per forward."""
         sequences = 0 if sequence_T is None else nonempty_sequences(sequence_T, num_sequences)
         ids_A = routing.expert_indices.reshape(-1)
         mask = None if routing.assignment_mask is None else routing.assignment_mask.reshape(-1)
         packed = torch.cat((expert_counts(ids_A, self.num_experts, mask),
                             torch.tensor([routing.expert_indices.shape[0], sequences], device=ids_A.device)))
         dist.all_reduce(packed, group=self.group)
-        all_ranks = self.world_size == dist.get_world_size()
-        return GlobalLoad(packed[:-2], int(packed[-2]), int(packed[-1]), all_ranks)
+        return GlobalLoad(packed[:-2], int(packed[-2]), int(packed[-1]))
 
     def plan(self, routing: Routing) -> DispatchPlan:
         """The local dispatch plan, rows and counts_E in slot order; with capacity, of

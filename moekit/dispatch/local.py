@@ -22,14 +22,11 @@ class GlobalLoad(NamedTuple):
 
     counts_E: [E] int64 routed assignments per expert (before capacity).
     tokens: routed tokens. sequences: non-empty sequences (balance_scope="sequence").
-    all_ranks: summed over every rank of the default process group (the expert-parallel group
-    is the world), so state shared by all ranks (the aux-loss-free bias) can use it too.
     """
 
     counts_E: torch.Tensor
     tokens: int
     sequences: int
-    all_ranks: bool = False
 
 
 class LocalDispatcher:

@@ -10,7 +10,6 @@ cast to that dtype on the fly. Noise and jitter apply in training mode only.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +17,6 @@ from torch import nn
 
 from moekit.config import MoEConfig
 from moekit.routing import Routing, router_dtype
-
-if TYPE_CHECKING:
-    from moekit.dispatch.local import GlobalLoad
 
 
 class LinearRouter(nn.Module):
@@ -64,7 +60,7 @@ class LinearRouter(nn.Module):
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         raise NotImplementedError
 
-    def update_balancing(self, routing: Routing, global_load: GlobalLoad | None) -> None:
-        """Move training-time balancing state after a training forward that produced routing;
-        global_load: the dispatcher's totals over the ranks sharing the experts, or None in one
-        process. Routers without such state do nothing."""
+    def record_routing(self, routing: Routing) -> None:
+        """Record what a training forward routed, for balancing state that moves once per
+        optimizer step (moekit.balancing.update_router_bias). Routers without such state
+        record nothing."""

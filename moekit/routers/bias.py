@@ -1,26 +1,20 @@
 """Auxiliary-loss-free load balancing (DeepSeek-V3, Wang et al. 2024).
 
-A per-expert bias b is added to the scores for selection only; after each
-training step, b_i += rate * sign(mean_load - load_i), so an overloaded expert
-becomes less attractive and an idle one more. Combine weights never see b.
+A per-expert bias b is added to the scores for selection only; once per
+optimizer step, b_i += rate * sign(mean_load - load_i) over the loads routed
+since the previous step (moekit.balancing), so an overloaded expert becomes
+less attractive and an idle one more. Combine weights never see b.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-
-from moekit.routing import expert_counts
 
 
-def global_expert_load(ids_TK: torch.Tensor, num_experts: int,
-                       mask_TK: torch.Tensor | None = None) -> torch.Tensor:
-    """[E] float32 assignments per expert, summed over all ranks when
-    torch.distributed is initialised, so every rank sees the same load."""
-    load_E = expert_counts(ids_TK, num_experts, mask_TK).float()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(load_E)
-    return load_E
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing recomputing
+    it (torch.utils.checkpoint, either mode). Its routing was recorded by the first forward."""
+    return torch._C._current_graph_task_id() != -1
 
 
 @torch.no_grad()

@@ -11,19 +11,14 @@ Covers the classic gates behind one module:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from moekit.config import MoEConfig
 from moekit.routers.base import LinearRouter
-from moekit.routers.bias import global_expert_load, update_expert_bias
+from moekit.routers.bias import recomputing, update_expert_bias
 from moekit.routers.groups import group_limited_scores
 from moekit.routers.scores import router_scores, selected_weights
-from moekit.routing import Routing
-
-if TYPE_CHECKING:
-    from moekit.dispatch.local import GlobalLoad
+from moekit.routing import Routing, expert_counts
 
 
 class TopKRouter(LinearRouter):
@@ -31,8 +26,9 @@ class TopKRouter(LinearRouter):
 
     With bias_update_rate > 0 or expert_bias it holds the buffer ``expert_bias``
     [E] (float32, saved in the state dict), added to the scores for selection
-    only; with bias_update_rate > 0 the layer has it updated (update_balancing)
-    after every forward in training mode with gradients enabled.
+    only. With bias_update_rate > 0 it never moves inside a forward: training
+    forwards add their routed counts to ``routed_load``, and
+    moekit.update_router_bias(model) moves the bias once per optimizer step.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -41,6 +37,13 @@ class TopKRouter(LinearRouter):
             self.register_buffer("expert_bias", torch.zeros(config.num_experts))
         else:
             self.expert_bias = None
+        # Counts routed since the last bias update (int64, so a cast of the model leaves them
+        # exact); not saved: it is empty at every optimizer step, where checkpoints are taken.
+        if config.bias_update_rate > 0:
+            self.register_buffer("routed_load", torch.zeros(config.num_experts, dtype=torch.int64),
+                                 persistent=False)
+        else:
+            self.routed_load = None
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         """x_TD: [T, D] -> Routing with K = top_k. token_ids_T is not used."""
@@ -48,17 +51,17 @@ class TopKRouter(LinearRouter):
         return route_topk(self.compute_logits(x_TD), c.top_k, c.score_func, c.normalize_topk,
                           c.route_scale, self.expert_bias, c.num_groups, c.topk_groups)
 
-    def update_balancing(self, routing: Routing, global_load: GlobalLoad | None) -> None:
-        """With bias_update_rate > 0: the bias update from the load over every rank, reusing the
-        dispatcher's all-reduced counts when they cover every rank (no second collective)."""
-        c = self.config
-        if c.bias_update_rate <= 0:
-            return
-        if global_load is not None and global_load.all_ranks:
-            load_E = global_load.counts_E.float()
-        else:
-            load_E = global_expert_load(routing.expert_indices, c.num_experts)
-        update_expert_bias(self.expert_bias, load_E, c.bias_update_rate)
+    def record_routing(self, routing: Routing) -> None:
+        """With bias_update_rate > 0: add this forward's routed counts to ``routed_load``. No
+        collective here; a recomputation (activation checkpointing) records nothing."""
+        if self.routed_load is not None and not recomputing():
+            self.routed_load += expert_counts(routing.expert_indices, self.config.num_experts)
+
+    def apply_bias_update(self, load_E: torch.Tensor) -> None:
+        """bias += rate * sign(mean(load) - load) for load_E [E], the counts over every rank
+        since the last update; then routed_load starts again from 0."""
+        update_expert_bias(self.expert_bias, load_E.float(), self.config.bias_update_rate)
+        self.routed_load.zero_()
 
 
 def route_topk(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax",

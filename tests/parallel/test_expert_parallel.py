@@ -66,6 +66,9 @@ def _worker(rank, world_size, result_dir, case, sizes, all_to_one, placement=Non
             expected = expected[shard]
         torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-5, msg=name)
     if fields.get("bias_update_rate"):
+        moekit.update_router_bias(sharded)  # this rank's counts summed over the group
+        reference.router.apply_bias_update(reference.router.routed_load)  # all tokens already
+        assert reference.router.expert_bias.abs().sum() > 0
         torch.testing.assert_close(sharded.router.expert_bias, reference.router.expert_bias)
     full = full_state_dict(sharded)
     for key, value in reference.state_dict().items():
@@ -254,16 +257,21 @@ def _count_all_reduces_worker(rank, world_size, result_dir):
     dist.all_reduce = counting_all_reduce
     try:
         moe(torch.randn(5 + rank, 8))
+        forward_calls = list(calls)
+        moekit.update_router_bias(moe)
     finally:
         dist.all_reduce = real_all_reduce
-    torch.save({"calls": calls, "bias": moe.router.expert_bias.clone()},
+    torch.save({"calls": forward_calls, "step_calls": calls[len(forward_calls):],
+                "bias": moe.router.expert_bias.clone()},
                os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-def test_one_counts_all_reduce_per_layer_serves_losses_and_bias(tmp_path):
-    """Under expert parallelism the aux-loss-free bias reuses the losses' all-reduced counts."""
+def test_one_counts_all_reduce_per_layer_and_one_per_step_for_the_bias(tmp_path):
+    """Under expert parallelism a training forward all-reduces the counts once (the losses);
+    the aux-loss-free bias all-reduces its recorded counts once per optimizer step."""
     results = run_distributed(_count_all_reduces_worker, 2, tmp_path)
     for result in results:
         assert result["calls"] == [(4 + 2,)]  # counts [E] packed with tokens and sequences
+        assert result["step_calls"] == [(4,)]  # every layer's counts in one tensor
     assert torch.equal(results[0]["bias"], results[1]["bias"])
     assert results[0]["bias"].abs().sum() > 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import moekit
+from moekit.balancing import update_router_bias
 from moekit.routers.bias import update_expert_bias
 from tests.conftest import randomized_moe
 from tests.test_layer import check_against_reference
@@ -34,21 +35,25 @@ def test_bias_changes_selection_but_not_weights():
     torch.testing.assert_close(aux.expert_weights, chosen / chosen.sum(-1, keepdim=True))
 
 
-def test_updates_only_in_training_with_grad_and_is_saved():
+def test_moves_only_in_the_step_from_training_loads_and_is_saved():
     moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=1, bias_update_rate=0.5)
     x = torch.randn(40, 8)
     assert "router.expert_bias" in moe.state_dict()
-    with torch.no_grad():
-        moe(x)
+    assert "router.routed_load" not in moe.state_dict()  # empty at every step boundary
     moe.eval()
     moe(x)
-    assert torch.count_nonzero(moe.router.expert_bias) == 0
+    assert update_router_bias(moe) == 1
+    assert torch.count_nonzero(moe.router.expert_bias) == 0  # eval forwards record nothing
     moe.train()
     _, aux = moe(x)
+    assert torch.count_nonzero(moe.router.expert_bias) == 0  # a forward never moves it
+    assert torch.equal(moe.router.routed_load, aux.tokens_per_expert)
+    update_router_bias(moe)
     load = aux.tokens_per_expert.float()
     expected = 0.5 * torch.sign(load.mean() - load)
     torch.testing.assert_close(moe.router.expert_bias, expected)
     assert not moe.router.expert_bias.requires_grad
+    assert torch.count_nonzero(moe.router.routed_load) == 0
 
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
@@ -67,8 +72,10 @@ def test_bias_evens_out_a_skewed_router():
     with torch.no_grad():
         moe.router.weight[0] += 1.0
     first = moe(torch.randn(256, 8).abs())[1].metrics()["load_max_over_mean"]
-    for _ in range(300):
+    update_router_bias(moe)
+    for _ in range(300):  # a training step each: forward, then the step's bias update
         moe(torch.randn(256, 8).abs())
+        update_router_bias(moe)
     moe.eval()
     _, aux = moe(torch.randn(4096, 8).abs())
     assert first == 4.0 and aux.metrics()["load_max_over_mean"] < 1.3

@@ -1,0 +1,55 @@
+"""Balancing state that moves once per optimizer step: the aux-loss-free bias (DeepSeek-V3).
+
+A forward never changes how the next one routes. Training forwards only record the counts
+they routed (the top-k router's ``routed_load`` [E] int64, for bias_update_rate > 0); a
+recomputation under activation checkpointing records nothing, so forward and recompute route
+alike, and micro-batches of gradient accumulation add up. Once per optimizer step,
+``update_router_bias(model)`` sums the records over the ranks (one all_reduce for all layers)
+and moves every bias by rate * sign(mean load - load). ``update_router_bias_before_step``
+makes an optimizer do that itself, for training loops one does not own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from moekit.layer import MoE
+
+
+def _biased_routers(model: nn.Module) -> list[nn.Module]:
+    return [m.router for m in model.modules()
+            if isinstance(m, MoE) and getattr(m.router, "routed_load", None) is not None]
+
+
+@torch.no_grad()
+def update_router_bias(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
+    """Move the aux-loss-free bias of every MoE layer in ``model`` once, from the counts its
+    training forwards recorded since the last call, summed over ``group`` (default: every
+    rank, when torch.distributed is initialised) with one all_reduce for all layers; the
+    records start again from 0. Every rank of the group must call it, at the same step.
+    Returns how many layers moved."""
+    routers = _biased_routers(model)
+    if not routers:
+        return 0
+    loads = torch.cat([router.routed_load for router in routers])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loads, group=group)
+    for router, load_E in zip(routers, loads.split([r.routed_load.numel() for r in routers])):
+        router.apply_bias_update(load_E)
+    return len(routers)
+
+
+def update_router_bias_before_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                                   group: dist.ProcessGroup | None = None) -> RemovableHandle:
+    """Have ``optimizer.step()`` call update_router_bias(model, group) first (a step pre-hook);
+    returns the hook's handle (``.remove()`` undoes it)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+    def before_step(*_) -> None:  # a step pre-hook must return None
+        update_router_bias(model, group)
+
+    return optimizer.register_step_pre_hook(before_step)
