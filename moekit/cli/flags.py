@@ -23,7 +23,7 @@ MOE_FLAGS = ("num_experts", "top_k", "expert_dim", "router", "score_func", "capa
              "balance_loss_weight", "z_loss_weight", "bias_update_rate", "num_shared_experts")
 LAYOUT_FLAGS = ("moe_every", "first_dense_layers")  # LMConfig fields that need an MoE preset
 TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "seed", "eval_every", "save_every",
-               "grad_accum", "warmup_steps")
+               "grad_accum", "warmup_steps", "autocast")
 
 
 def given_flags(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
@@ -47,6 +47,9 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     group.add_argument("--dtype", default="float32", choices=list(DTYPES),
                        help="parameter dtype (bfloat16 is slow on CPUs without AVX512-BF16)")
+    group.add_argument("--autocast", choices=("none", "bfloat16", "float16"),
+                       help="run the training forwards under torch.autocast in this dtype "
+                            "(parameters stay in --dtype); stored with the run")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     moe = parser.add_argument_group("MoE overrides (MoE presets only)")
     moe.add_argument("--num-experts", type=int)

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import MoEConfig, dataclass_from_dict
-from ..validation import require_bool, require_float, require_int
+from ..validation import require_bool, require_choice, require_float, require_int
+
+AUTOCAST_DTYPES = ("none", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class TrainConfig:
     save_every: int = 500
     log_every: int = 10
     seed: int = 0
+    autocast: str = "none"  # "bfloat16" or "float16": training forwards under torch.autocast
 
     def __post_init__(self) -> None:
         for name, minimum in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup_steps", 0),
@@ -127,6 +130,7 @@ class TrainConfig:
         require_float("beta1", self.beta1, 0.0, 1.0)
         require_float("beta2", self.beta2, 0.0, 1.0)
         require_float("grad_clip", self.grad_clip, 0.0)
+        require_choice("autocast", self.autocast, AUTOCAST_DTYPES)
 
     @property
     def tokens_per_step(self) -> int:

@@ -205,6 +205,8 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
     num_experts = model_cfg.moe.num_experts if model_cfg.moe is not None else 0
     last_stop = train_cfg.steps if stop_after is None else min(stop_after, train_cfg.steps)
     window = _Window(num_moe, num_experts)
+    autocast = torch.autocast(device.type, dtype=getattr(torch, train_cfg.autocast, None),
+                              enabled=train_cfg.autocast != "none")
     val_loss = math.nan
     trained_tokens, training_seconds = 0, 0.0  # this call's, for the mean throughput
     bar = _progress_bar(train_cfg.steps, step, progress)
@@ -220,9 +222,10 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                     inputs, targets = sample_batch(corpus.train, train_cfg.batch_size,
                                                    train_cfg.seq_len, data_rng)
                     inputs, targets = parallel.local_rows(inputs), parallel.local_rows(targets)
-                    out = model(inputs.to(device))
-                    loss = F.cross_entropy(out.logits.flatten(0, 1).float(),
-                                           targets.to(device).flatten())
+                    with autocast:
+                        out = model(inputs.to(device))
+                        loss = F.cross_entropy(out.logits.flatten(0, 1).float(),
+                                               targets.to(device).flatten())
                     # aux_loss is already this rank's share of the global aux loss
                     ((loss / parallel.world_size + out.aux_loss) / train_cfg.grad_accum).backward()
                     window.add(float(loss.detach()), float(out.aux_loss.detach()), inputs.numel(),

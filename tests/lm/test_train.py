@@ -111,3 +111,32 @@ def test_dense_model_trains_and_reports_no_expert_counts(tmp_path):
     assert math.isfinite(result.val_loss)
     last = json.loads((tmp_path / "dense" / "metrics.jsonl").read_text().splitlines()[-2])
     assert last["tokens_per_expert"] == [] and last["aux_loss"] == 0.0
+
+
+def test_autocast_training_learns_is_stored_and_resumes_exactly(tmp_path, monkeypatch):
+    """--autocast bfloat16: the MoE layers' experts run in bfloat16 (their router in float32),
+    the run learns, the setting travels with the run, and a resume continues bitwise."""
+    from moekit.layer import MoE
+
+    seen = []
+    original = MoE.forward
+
+    def recording_forward(self, x, *args, **kwargs):
+        y, aux = original(self, x, *args, **kwargs)
+        seen.append((y.dtype, aux.router_logits.dtype))
+        return y, aux
+
+    monkeypatch.setattr(MoE, "forward", recording_forward)
+    corpus, quiet = synthetic_corpus(), dict(progress=False, log=lambda _: None)
+    train_cfg = tiny_train_config(steps=40, eval_every=20, save_every=100, autocast="bfloat16")
+    result = train(tiny_model_config(), train_cfg, corpus, tmp_path / "run", **quiet)
+    assert result.val_loss < corpus.unigram_loss() - 0.5
+    assert (torch.bfloat16, torch.float32) in seen  # training forwards
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["autocast"] == "bfloat16"
+    short = tiny_train_config(steps=6, save_every=100, eval_every=3, autocast="bfloat16")
+    straight = train(tiny_model_config(), short, corpus, tmp_path / "straight", **quiet)
+    train(tiny_model_config(), short, corpus, tmp_path / "resumed", stop_after=3, **quiet)
+    resumed = train(tiny_model_config(), short, corpus, tmp_path / "resumed", resume=True, **quiet)
+    assert resumed.val_loss == straight.val_loss
+    with pytest.raises(ValueError, match="autocast must be one of 'none', 'bfloat16', 'float16'"):
+        tiny_train_config(autocast="fp8")
