@@ -14,6 +14,7 @@ from moekit.config import MoEConfig
 from moekit.dispatch import build_dispatcher
 from moekit.experts import Experts, SharedExperts
 from moekit.routers import build_router
+from moekit.routing import autocast_off
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -53,7 +54,7 @@ class MoE(nn.Module):
             x_TD = x_TD.index_select(0, real_T)
             token_ids_T = None if token_ids_T is None else token_ids_T.index_select(0, real_T)
             sequence_T = None if sequence_T is None else sequence_T.index_select(0, real_T)
-        with torch.autocast(x.device.type, enabled=False):  # routing math stays float32
+        with autocast_off(x):  # routing math stays float32
             routing = self.router(x_TD, token_ids_T)
         y_TD, plan = self.dispatcher.run_experts(x_TD, routing, self.experts)
         if self.shared_experts is not None:
@@ -65,7 +66,7 @@ class MoE(nn.Module):
         global_load = None
         if self.training:
             self.router.record_routing(routing)
-        with torch.autocast(x.device.type, enabled=False):  # losses stay float32
+        with autocast_off(x):  # losses stay float32
             if compute_losses:
                 global_load = self.dispatcher.global_load(routing, sequence_T, num_sequences)
             aux = moe_aux(routing, plan, self.config, compute_losses, sequence_T, num_sequences,

@@ -7,6 +7,7 @@ R dispatched rows (A minus dropped assignments), C capacity per expert.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -60,6 +61,14 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
             or not torch.is_autocast_enabled(device):
         return None
     return torch.get_autocast_dtype(device)
+
+
+def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context in which torch.autocast is off on x's device (for the routing math)."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def expert_counts(ids: torch.Tensor, num_experts: int,
