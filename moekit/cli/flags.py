@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from moekit.config import SCORE_FUNCS
+from moekit.lm.config import AUTOCAST_DTYPES
 from moekit.routers import ROUTERS
 from moekit.errors import UsageError, usage_errors
 
@@ -47,7 +48,7 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     group.add_argument("--dtype", default="float32", choices=list(DTYPES),
                        help="parameter dtype (bfloat16 is slow on CPUs without AVX512-BF16)")
-    group.add_argument("--autocast", choices=("none", "bfloat16", "float16"),
+    group.add_argument("--autocast", choices=AUTOCAST_DTYPES,
                        help="run the training forwards under torch.autocast in this dtype "
                             "(parameters stay in --dtype); stored with the run")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
