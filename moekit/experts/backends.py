@@ -1,11 +1,12 @@
 """The registry of expert backends: how stacked experts compute ``experts(x_TD, plan)``.
 
-A backend is an object with two methods:
+A backend is an object with two methods, and optionally a third:
 
     unsupported(experts, dtype) -> str | None   why it cannot run these experts (an
                                                 moekit.experts.Experts) on inputs of this
                                                 dtype, or None when it can
     __call__(experts, x_TD, plan) -> y_TD       the contract of moekit.contract
+    describe(experts, x_TD, plan) -> str        which path it takes for this call, and why
 
 Adding one is one new file plus one line, ``register_backend("name", Backend())``; then
 ``MoEConfig(experts_backend="name")`` selects it. "auto" takes the first of AUTO_ORDER that

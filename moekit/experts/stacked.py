@@ -33,7 +33,8 @@ class Experts(nn.Module):
     (row backends), or any registered one. "auto" picks fused on CPU, grouped_mm where it is
     exact for the device, dtype and sizes (CUDA), and the loop otherwise (triton only when
     asked for by name); ``backend_for(dtype)`` tells which one a dtype gets,
-    and logs it (debug level) the first time.
+    and logs it (debug level) the first time; ``explain_backend(x_TD, plan)`` says the whole
+    choice for one call.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -96,6 +97,21 @@ class Experts(nn.Module):
             self._logged_backends.add((backend, dtype))
             logger.debug("moekit experts: backend %r for %s on %s", backend, dtype, self.device)
         return backend
+
+    def explain_backend(self, x_TD: torch.Tensor, plan: DispatchPlan) -> str:
+        """The whole choice for this call, in words: the backend (and the autocast dtype),
+        and, where the backend has more than one path (fused: the one native call for
+        decode-size inference), which one it takes and why not the other."""
+        dtype = autocast_dtype(x_TD)
+        backend = self.backend_for(dtype or x_TD.dtype)
+        describe = getattr(BACKENDS[backend], "describe", None)
+        if describe is None:
+            words = backend
+        elif dtype is None:
+            words = describe(self, x_TD, plan)
+        else:
+            words = describe(_CastExperts(self, dtype), x_TD.to(dtype), plan)
+        return words if dtype is None else f"{words}; under autocast in {dtype}"
 
     def checked_counts(self, counts_E: torch.Tensor, num_rows: int) -> list[int]:
         """counts_E [E] as Python ints; ValueError unless E non-negative counts summing to num_rows."""

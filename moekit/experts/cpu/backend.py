@@ -24,6 +24,15 @@ class FusedBackend:
             return f"experts_backend='fused' runs on CPU only, not {device}; use experts_backend='auto'"
         return None
 
+    def describe(self, experts, x_TD: torch.Tensor, plan: DispatchPlan) -> str:
+        """Which of the two paths this plan takes, and why not the native one."""
+        weights = (experts.first_proj, experts.down_proj, experts.first_proj_bias,
+                   experts.down_proj_bias)
+        reason = decode.declined_because(x_TD, plan, *(t for t in weights if t is not None))
+        if reason is None:
+            return "fused: one native call for the whole FFN (decode-size, no gradient)"
+        return f"fused: the autograd op (not the one native call: {reason})"
+
     def __call__(self, experts, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         w1, w2, b1, b2 = experts.first_proj, experts.down_proj, experts.first_proj_bias, \
             experts.down_proj_bias

@@ -44,12 +44,19 @@ def applies_to(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor) -
     torch tool watching (compile, FlopCounterMode, the profiler; they would not see the C call),
     and a decode-size batch (skinny.small_batch: float32 on CPU, the kernel available, at most
     skinny.MAX_ROWS rows for every expert)."""
+    return declined_because(x_TD, plan, *weights) is None
+
+
+def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor) -> str | None:
+    """Why the one-call path does not run this plan (see applies_to), or None when it does."""
     if plan.ids_TK is None:
-        return False
+        return "rows already grouped by expert (a rows plan)"
     tensors = (x_TD, plan.weights_TK, *weights)
-    return (not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and not skinny.observed(*tensors)
-            and skinny.small_batch(lambda: int(plan.counts_E.max()), *tensors))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "a gradient to record"
+    if skinny.observed(*tensors):
+        return "a torch tool watches (compile, a dispatch mode or the profiler)"
+    return skinny.not_small_batch(lambda: int(plan.counts_E.max()), *tensors)
 
 
 def _ids_out_of_range(ids_TK: torch.Tensor, num_experts: int) -> ValueError:

@@ -90,10 +90,20 @@ def small_batch(rows_per_expert: int | Callable[[], int], *tensors: torch.Tensor
     every tensor float32 on CPU, the kernel available, and at most MAX_ROWS rows for every
     expert. rows_per_expert: the most rows any expert has, or a function that gives it, called
     only when the other conditions hold (counting rows costs more than they do)."""
-    if not (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-            and available()):
-        return False
-    return (rows_per_expert() if callable(rows_per_expert) else rows_per_expert) <= MAX_ROWS
+    return not_small_batch(rows_per_expert, *tensors) is None
+
+
+def not_small_batch(rows_per_expert: int | Callable[[], int], *tensors: torch.Tensor) -> str | None:
+    """Why a batch is not decode-size (see small_batch), or None when it is."""
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return f"the kernel takes float32 on CPU, not {t.dtype} on {t.device.type}"
+    if not available():
+        return unavailable_reason()
+    rows = rows_per_expert() if callable(rows_per_expert) else rows_per_expert
+    if rows > MAX_ROWS:
+        return f"an expert has {rows} rows, more than the kernel's {MAX_ROWS}"
+    return None
 
 
 def skinny_grouped(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], *,

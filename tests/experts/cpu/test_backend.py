@@ -33,3 +33,26 @@ def test_rows_are_counted_only_when_the_cheap_checks_pass():
     assert counted == []
     assert skinny.small_batch(most_rows, torch.ones(2)) == skinny.available()
     assert not skinny.small_batch(skinny.MAX_ROWS + 1, torch.ones(2))
+
+
+def test_explain_backend_says_the_whole_choice_and_why():
+    from moekit.dispatch import plan_dispatch
+
+    moe = randomized_moe(dim=32, expert_dim=16, num_experts=4, top_k=2)
+    x = torch.randn(6, 32)
+    plan = plan_dispatch(torch.tensor([[0, 1]] * 6), torch.full((6, 2), 0.5), 4)
+    with torch.no_grad():
+        if skinny.available():
+            assert moe.experts.explain_backend(x, plan) == \
+                "fused: one native call for the whole FFN (decode-size, no gradient)"
+        assert moe.experts.explain_backend(x.double(), plan).endswith(
+            "the kernel takes float32 on CPU, not torch.float64 on cpu)")
+        big = plan_dispatch(torch.tensor([[0, 1]] * 13), torch.full((13, 2), 0.5), 4)
+        assert moe.experts.explain_backend(torch.randn(13, 32), big).endswith(
+            "an expert has 13 rows, more than the kernel's 12)")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert moe.experts.explain_backend(x, plan).endswith("under autocast in torch.bfloat16")
+    assert moe.experts.explain_backend(x.requires_grad_(), plan) == \
+        "fused: the autograd op (not the one native call: a gradient to record)"
+    loop = randomized_moe(dim=32, expert_dim=16, num_experts=4, top_k=2, experts_backend="loop")
+    assert loop.experts.explain_backend(x, plan) == "loop"
