@@ -64,9 +64,10 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """A context in which torch.autocast is off on x's device (for the routing math)."""
+    """A context in which torch.autocast is off on x's device (for the routing math); a
+    no-op context when it is off already (the common case: nothing to enter or leave)."""
     device = x.device.type
-    if torch.amp.is_autocast_available(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.autocast(device, enabled=False)
     return contextlib.nullcontext()
 

@@ -38,6 +38,7 @@ import torch
 
 from moekit.experts.activations import activate_no_grad, activation_backward
 from moekit.experts.cpu import skinny
+from moekit.routing import autocast_off
 
 
 # Up to this many rows per expert (above the skinny kernel's range, or without it),
@@ -150,7 +151,7 @@ class _FusedExperts(torch.autograd.Function):
                 "experts_backend='fused' is not twice differentiable (a backward with "
                 "create_graph=True, e.g. a Hessian-vector product); use experts_backend='loop' "
                 "(or 'grouped_mm') for higher-order gradients")
-        with torch.autocast(grad_y_TD.device.type, enabled=False):  # one dtype, as the forward
+        with autocast_off(grad_y_TD):  # one dtype, as the forward
             return _FusedExperts._backward(ctx, grad_y_TD)
 
     @staticmethod

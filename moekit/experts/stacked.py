@@ -18,7 +18,7 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.contract import DispatchPlan
 from moekit.experts.backends import AUTO_ORDER, BACKENDS
-from moekit.routing import autocast_dtype
+from moekit.routing import autocast_dtype, autocast_off
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Experts(nn.Module):
         dtype = autocast_dtype(x_TD)
         if dtype is None:
             return BACKENDS[self.backend_for(x_TD.dtype)](self, x_TD, plan)
-        with torch.autocast(x_TD.device.type, enabled=False):  # the backend sees one dtype
+        with autocast_off(x_TD):  # the backend sees one dtype
             return BACKENDS[self.backend_for(dtype)](_CastExperts(self, dtype), x_TD.to(dtype), plan)
 
 
