@@ -1,11 +1,13 @@
-"""Balancing state that moves once per optimizer step: the aux-loss-free bias (DeepSeek-V3).
+"""Balancing state that moves once per optimizer step: the aux-loss-free bias (DeepSeek-V3)
+and the global-batch balance counts (balance_scope="global").
 
 A forward never changes how the next one routes. Training forwards only record the counts
-they routed (the top-k router's ``routed_load`` [E] int64, for bias_update_rate > 0); a
-recomputation under activation checkpointing records nothing, so forward and recompute route
-alike, and micro-batches of gradient accumulation add up. Once per optimizer step,
-``update_router_bias(model)`` sums the records over the ranks (one all_reduce for all layers)
-and moves every bias by rate * sign(mean load - load). ``update_router_bias_before_step``
+they routed (the top-k router's ``routed_load`` [E] int64, for bias_update_rate > 0; the
+layer's ``step_load`` for balance_scope="global"); a recomputation under activation
+checkpointing records nothing, so forward and recompute route and weigh alike, and
+micro-batches of gradient accumulation add up. Once per optimizer step, ``router_step(model)``
+sums the bias records over the ranks (one all_reduce for all layers), moves every bias by
+rate * sign(mean load - load), and starts the global-batch counts again. ``router_step_before``
 makes an optimizer do that itself, for training loops one does not own.
 """
 
@@ -19,19 +21,19 @@ from torch.utils.hooks import RemovableHandle
 from moekit.layer import MoE
 
 
-def _biased_routers(model: nn.Module) -> list[nn.Module]:
-    return [m.router for m in model.modules()
-            if isinstance(m, MoE) and getattr(m.router, "routed_load", None) is not None]
-
-
 @torch.no_grad()
-def update_router_bias(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
-    """Move the aux-loss-free bias of every MoE layer in ``model`` once, from the counts its
-    training forwards recorded since the last call, summed over ``group`` (default: every
-    rank, when torch.distributed is initialised) with one all_reduce for all layers; the
-    records start again from 0. Every rank of the group must call it, at the same step.
-    Returns how many layers moved."""
-    routers = _biased_routers(model)
+def router_step(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
+    """Once per optimizer step: move the aux-loss-free bias of every MoE layer in ``model``
+    from the counts its training forwards recorded since the last call, summed over ``group``
+    (default: every rank, when torch.distributed is initialised) with one all_reduce for all
+    layers, and start those records and the global-batch balance counts again from 0. Every
+    rank of the group must call it, at the same step. Returns how many biases moved."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for layer in layers:
+        if layer.step_load is not None:
+            layer.step_load.zero_()
+            layer.micro_batches_in_step = 0
+    routers = [m.router for m in layers if getattr(m.router, "routed_load", None) is not None]
     if not routers:
         return 0
     loads = torch.cat([router.routed_load for router in routers])
@@ -42,14 +44,14 @@ def update_router_bias(model: nn.Module, group: dist.ProcessGroup | None = None)
     return len(routers)
 
 
-def update_router_bias_before_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-                                   group: dist.ProcessGroup | None = None) -> RemovableHandle:
-    """Have ``optimizer.step()`` call update_router_bias(model, group) first (a step pre-hook);
+def router_step_before(model: nn.Module, optimizer: torch.optim.Optimizer,
+                       group: dist.ProcessGroup | None = None) -> RemovableHandle:
+    """Have ``optimizer.step()`` call router_step(model, group) first (a step pre-hook);
     returns the hook's handle (``.remove()`` undoes it)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
 
     def before_step(*_) -> None:  # a step pre-hook must return None
-        update_router_bias(model, group)
+        router_step(model, group)
 
     return optimizer.register_step_pre_hook(before_step)

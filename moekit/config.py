@@ -18,7 +18,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_NOISES = ("none", "jitter", "gaussian")
 DROP_POLICIES = ("position", "score")
 HASH_WEIGHTS = ("uniform", "router")
-BALANCE_SCOPES = ("batch", "sequence")
+BALANCE_SCOPES = ("batch", "sequence", "global")
 
 # A capacity factor this large is a typo, not a wish: capacity is clamped to the
 # token count anyway, so anything above num_experts can never change the result.
@@ -86,8 +86,10 @@ class MoEConfig:
         slots_per_expert: slots each expert processes in moekit.SoftMoE.
     Losses
         balance_loss_weight: alpha in alpha * E * sum_i f_i * P_i.
-        balance_scope: "batch" (f, P over all tokens) or "sequence" (per
-            sequence, then averaged: DeepSeek-V3's sequence-wise loss).
+        balance_scope: "batch" (f, P over all tokens), "sequence" (per
+            sequence, then averaged: DeepSeek-V3's sequence-wise loss) or "global"
+            (f over the optimizer step's micro-batches so far, P over this one:
+            Qwen's global-batch loss; needs moekit.router_step(model) once per step).
         z_loss_weight: beta in beta * mean_t logsumexp(logits_t)^2 (ST-MoE).
     Checks
         check_finite: raise if the input holds NaN or Inf (costs a sync).

@@ -6,6 +6,8 @@ output with an MoEAux record; the logic lives in those parts.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -13,9 +15,13 @@ from moekit.aux import MoEAux, moe_aux
 from moekit.config import MoEConfig
 from moekit.dispatch import build_dispatcher
 from moekit.experts import Experts, SharedExperts
+from moekit.func_transforms import refuse_vmap
 from moekit.routers import build_router
-from moekit.routing import autocast_off
+from moekit.dispatch.local import GlobalLoad
+from moekit.routers.bias import recomputing
+from moekit.routing import Routing, autocast_off, expert_counts
 
+_FORGOTTEN_STEP = 1000  # micro-batches without router_step before a warning
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -42,10 +48,20 @@ class MoE(nn.Module):
         self.dispatcher = build_dispatcher(config)
         self.experts = Experts(config)
         self.shared_experts = SharedExperts(config) if config.num_shared_experts else None
+        # balance_scope="global": counts [E] int64 of the optimizer step's micro-batches so far,
+        # over the ranks; moekit.router_step(model) starts them again (empty at every step, so
+        # not saved)
+        if config.balance_scope == "global":
+            self.register_buffer("step_load", torch.zeros(config.num_experts, dtype=torch.int64),
+                                 persistent=False)
+        else:
+            self.step_load = None
+        self.micro_batches_in_step = 0
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         self._check_input(x, padding_mask, token_ids)
+        refuse_vmap()
         x_TD = x.reshape(-1, self.config.dim)
         token_ids_T = None if token_ids is None else token_ids.reshape(-1)
         sequence_T, num_sequences = self._sequence_index(x)
@@ -69,9 +85,29 @@ class MoE(nn.Module):
         with autocast_off(x):  # losses stay float32
             if compute_losses:
                 global_load = self.dispatcher.global_load(routing, sequence_T, num_sequences)
+                if self.step_load is not None:
+                    global_load = self._step_load_so_far(routing, global_load)
             aux = moe_aux(routing, plan, self.config, compute_losses, sequence_T, num_sequences,
                           global_load)
         return y_TD.view(x.shape), aux
+
+    def _step_load_so_far(self, routing: Routing, load: GlobalLoad | None) -> GlobalLoad:
+        """balance_scope="global": add this micro-batch's counts (over the ranks) to
+        step_load, unless activation checkpointing is recomputing it, and have the loss take
+        f from the step's micro-batches so far (P stays this micro-batch's)."""
+        if load is None:
+            counts_E = expert_counts(routing.expert_indices, self.config.num_experts,
+                                     routing.assignment_mask)
+            load = GlobalLoad(counts_E, routing.num_tokens, 0)
+        if not recomputing():
+            self.step_load += load.counts_E
+            self.micro_batches_in_step += 1
+            if self.micro_batches_in_step == _FORGOTTEN_STEP:
+                warnings.warn(f"balance_scope='global' has summed {_FORGOTTEN_STEP} micro-batches "
+                              "without a moekit.router_step(model): call it once per optimizer "
+                              "step (or moekit.router_step_before(model, optimizer)), or f keeps "
+                              "averaging over the whole run", stacklevel=3)
+        return load._replace(counts_E=self.step_load)
 
     def _sequence_index(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         """[T] sequence index of every token, and the number of sequences, when

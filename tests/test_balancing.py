@@ -30,8 +30,8 @@ def test_gradient_accumulation_moves_the_bias_as_one_step_on_the_whole_batch():
     assert torch.equal(accumulated.router.expert_bias, whole.router.expert_bias)  # not yet moved
     whole(x.reshape(-1, 16))
     assert torch.equal(accumulated.router.routed_load, whole.router.routed_load)
-    moekit.update_router_bias(accumulated)
-    moekit.update_router_bias(whole)
+    moekit.router_step(accumulated)
+    moekit.router_step(whole)
     assert not torch.equal(accumulated.router.expert_bias, torch.linspace(-0.3, 0.3, 8))
     assert torch.equal(accumulated.router.expert_bias, whole.router.expert_bias)
 
@@ -63,15 +63,15 @@ def test_checkpoint_recompute_routes_as_the_forward_and_gradients_match(use_reen
     # the recompute recorded nothing a second time
     assert torch.equal(checkpointed.router.routed_load, plain.router.routed_load)
     assert int(plain.router.routed_load.sum()) == 40 * 2
-    moekit.update_router_bias(plain)
-    moekit.update_router_bias(checkpointed)
+    moekit.router_step(plain)
+    moekit.router_step(checkpointed)
     assert torch.equal(checkpointed.router.expert_bias, plain.router.expert_bias)
 
 
 def test_an_optimizer_pre_hook_moves_the_bias_at_each_step():
     moe = _skewed_moe()
     optimizer = torch.optim.SGD(moe.parameters(), lr=0.0)
-    handle = moekit.update_router_bias_before_step(moe, optimizer)
+    handle = moekit.router_step_before(moe, optimizer)
     before = moe.router.expert_bias.clone()
     _, aux = moe(torch.randn(32, 16))
     aux.loss.backward()
@@ -90,6 +90,6 @@ def test_records_only_training_forwards_and_rejects_a_non_optimizer():
     moe.eval()
     moe(torch.randn(10, 16))
     assert torch.count_nonzero(moe.router.routed_load) == 0
-    assert moekit.update_router_bias(torch.nn.Linear(2, 2)) == 0  # no MoE layer: nothing to do
+    assert moekit.router_step(torch.nn.Linear(2, 2)) == 0  # no MoE layer: nothing to do
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got list"):
-        moekit.update_router_bias_before_step(moe, [])
+        moekit.router_step_before(moe, [])

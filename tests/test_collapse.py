@@ -22,7 +22,7 @@ def train_skewed(**fields) -> tuple[float, float]:
         moe.router.weight[0] += 0.5  # inputs have a positive mean: expert 0 wins at first
     teacher = torch.nn.Linear(16, 16)
     optimizer = torch.optim.Adam(moe.parameters(), lr=1e-2)
-    moekit.update_router_bias_before_step(moe, optimizer)  # the aux-loss-free bias, per step
+    moekit.router_step_before(moe, optimizer)  # the aux-loss-free bias, per step
     for _ in range(STEPS):
         x = torch.randn(128, 16) + 1.0
         y, aux = moe(x)

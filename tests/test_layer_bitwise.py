@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moekit.balancing import update_router_bias
+from moekit.balancing import router_step
 from moekit.experts.cpu import skinny
 from tests.conftest import randomized_moe
 
@@ -106,7 +106,7 @@ def case_digest(name: str) -> str:
         y, aux = moe(x, padding_mask=mask, token_ids=ids)
         upstream = torch.randn(y.shape, generator=gen).to(dtype)
         ((y * upstream).sum().float() + aux.loss).backward()
-        update_router_bias(moe)  # the optimizer step's bias update (it moved in forward before)
+        router_step(moe)  # the optimizer step's bias update (it moved in forward before)
     else:
         with torch.no_grad():
             y, aux = moe(x, padding_mask=mask, token_ids=ids)

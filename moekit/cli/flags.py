@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from moekit.config import SCORE_FUNCS
+from moekit.config import BALANCE_SCOPES, SCORE_FUNCS
 from moekit.lm.config import AUTOCAST_DTYPES
 from moekit.routers import ROUTERS
 from moekit.errors import UsageError, usage_errors
@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Override flags of `train` and `compare`, each named as the config field it sets.
 MOE_FLAGS = ("num_experts", "top_k", "expert_dim", "router", "score_func", "capacity_factor",
-             "balance_loss_weight", "z_loss_weight", "bias_update_rate", "num_shared_experts")
+             "balance_loss_weight", "balance_scope", "z_loss_weight", "bias_update_rate", "num_shared_experts")
 LAYOUT_FLAGS = ("moe_every", "first_dense_layers")  # LMConfig fields that need an MoE preset
 TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "seed", "eval_every", "save_every",
                "grad_accum", "warmup_steps", "autocast")
@@ -60,6 +60,9 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     moe.add_argument("--score-func", choices=SCORE_FUNCS)
     moe.add_argument("--capacity-factor", type=float)
     moe.add_argument("--balance-loss-weight", type=float)
+    moe.add_argument("--balance-scope", choices=BALANCE_SCOPES,
+                     help="f and P of the balance loss over: the micro-batch (batch), each "
+                          "sequence, or f over the optimizer step's micro-batches (global)")
     moe.add_argument("--z-loss-weight", type=float)
     moe.add_argument("--bias-update-rate", type=float)
     moe.add_argument("--num-shared-experts", type=int)

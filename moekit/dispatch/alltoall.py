@@ -17,7 +17,7 @@ One layer call issues, on every rank and in this order whatever its data:
 5. the local combine (weighted sum over each token's k outputs)
 6. training with gradients only: one all_reduce of the routed counts, tokens and sequences
    (global_load), for the losses (the aux-loss-free bias all-reduces its counts once per
-   optimizer step, in moekit.balancing.update_router_bias)
+   optimizer step, in moekit.balancing.router_step)
 
 Shapes: T local tokens, K choices, R rows this rank sends, R_in rows it receives.
 """
@@ -31,9 +31,8 @@ import torch.distributed._functional_collectives as funcol
 from moekit.capacity import capacity_keep_mask
 from moekit.dispatch.capacity import CapacityDispatcher
 from moekit.contract import DispatchPlan, ExpertsContract, rows_plan
-from moekit.dispatch.local import GlobalLoad, LocalDispatcher, plan_dispatch
+from moekit.dispatch.local import GlobalLoad, LocalDispatcher, all_reduced_load, plan_dispatch
 from moekit.dispatch.permute import combine_rows, dispatch_rows
-from moekit.losses import nonempty_sequences
 from moekit.placement import contiguous_placement, validate_placement
 from moekit.routing import Routing, expert_counts
 
@@ -72,15 +71,9 @@ class AllToAllDispatcher:
 
     def global_load(self, routing: Routing, sequence_T: torch.Tensor | None = None,
                     num_sequences: int = 0) -> GlobalLoad:
-        """All-reduced routed assignment counts [E] (before capacity), token and
-        non-empty sequence counts: one all_reduce, the layer's only one per forward."""
-        sequences = 0 if sequence_T is None else nonempty_sequences(sequence_T, num_sequences)
-        ids_A = routing.expert_indices.reshape(-1)
-        mask = None if routing.assignment_mask is None else routing.assignment_mask.reshape(-1)
-        packed = torch.cat((expert_counts(ids_A, self.num_experts, mask),
-                            torch.tensor([routing.expert_indices.shape[0], sequences], device=ids_A.device)))
-        dist.all_reduce(packed, group=self.group)
-        return GlobalLoad(packed[:-2], int(packed[-2]), int(packed[-1]))
+        """Routed counts, tokens and sequences summed over the expert-parallel group (see
+        all_reduced_load): one all_reduce, the layer's only one per forward."""
+        return all_reduced_load(routing, self.num_experts, self.group, sequence_T, num_sequences)
 
     def plan(self, routing: Routing) -> DispatchPlan:
         """The local dispatch plan, rows and counts_E in slot order; with capacity, of

@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from moekit.contract import DispatchPlan, ExpertsContract
+from moekit.losses import nonempty_sequences
 from moekit.dispatch.permute import combine_rows, dispatch_rows
-from moekit.routing import Routing
+from moekit.routing import Routing, expert_counts
 
 
 class GlobalLoad(NamedTuple):
@@ -34,13 +36,19 @@ class LocalDispatcher:
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
+        # Data-parallel replicas whose routing the losses see as one batch
+        # (moekit.parallel.share_balance_load); None: this process alone.
+        self.balance_group: dist.ProcessGroup | None = None
 
     def global_load(self, routing: Routing, sequence_T: torch.Tensor | None = None,
                     num_sequences: int = 0) -> GlobalLoad | None:
-        """Totals over every rank sharing these experts, for the aux losses
-        (sequence_T [T]: each token's sequence among num_sequences, or None);
-        None in one process (the local ones serve)."""
-        return None
+        """Totals over the balance_group's ranks, for the aux losses (sequence_T [T]: each
+        token's sequence among num_sequences, or None); None without a group (the local
+        ones serve)."""
+        if self.balance_group is None:
+            return None
+        return all_reduced_load(routing, self.num_experts, self.balance_group, sequence_T,
+                                num_sequences)
 
     def keep_mask(self, routing: Routing) -> torch.Tensor | None:
         """bool [T, K] of slots to dispatch, or None for all: here the routing's
@@ -66,6 +74,19 @@ class LocalDispatcher:
     def combine(self, out_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """y_TD [T, D] in out_RD's dtype (see moekit.dispatch.permute.combine_rows)."""
         return combine_rows(out_RD, plan)
+
+
+def all_reduced_load(routing: Routing, num_experts: int, group: dist.ProcessGroup | None,
+                     sequence_T: torch.Tensor | None = None, num_sequences: int = 0) -> GlobalLoad:
+    """Routed assignment counts [E] (before capacity), tokens and non-empty sequences,
+    summed over ``group`` with one all_reduce."""
+    sequences = 0 if sequence_T is None else nonempty_sequences(sequence_T, num_sequences)
+    ids_A = routing.expert_indices.reshape(-1)
+    mask = None if routing.assignment_mask is None else routing.assignment_mask.reshape(-1)
+    packed = torch.cat((expert_counts(ids_A, num_experts, mask),
+                        torch.tensor([routing.expert_indices.shape[0], sequences], device=ids_A.device)))
+    dist.all_reduce(packed, group=group)
+    return GlobalLoad(packed[:-2], int(packed[-2]), int(packed[-1]))
 
 
 def plan_dispatch(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,

@@ -13,20 +13,35 @@ from moekit.contract import DispatchPlan
 
 
 class _PermuteTokens(torch.autograd.Function):
-    """rows_RD[r] = x_TD[order_R[r] // K]; backward sums each token's K row grads."""
+    """rows_RD[r] = x_TD[order_R[r] // K]; backward sums each token's K row grads.
+
+    In the setup_context form, with a jvp and a generated vmap rule, so torch.func's
+    transforms (grad, jvp, vmap) run through it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int) -> torch.Tensor:
+    def forward(x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int) -> torch.Tensor:
+        return x_TD.index_select(0, torch.div(order_R, top_k, rounding_mode="floor"))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x_TD, order_R, top_k = inputs
         ctx.save_for_backward(order_R)
+        ctx.save_for_forward(order_R)
         ctx.top_k = top_k
         ctx.num_tokens = x_TD.shape[0]
-        return x_TD.index_select(0, torch.div(order_R, top_k, rounding_mode="floor"))
 
     @staticmethod
     def backward(ctx, grad_RD: torch.Tensor):
         (order_R,) = ctx.saved_tensors
         grad_AD = unpermute(grad_RD, order_R, ctx.num_tokens * ctx.top_k)
         return grad_AD.view(ctx.num_tokens, ctx.top_k, grad_AD.shape[1]).sum(dim=1), None, None
+
+    @staticmethod
+    def jvp(ctx, tangent_TD: torch.Tensor, *_) -> torch.Tensor:
+        (order_R,) = ctx.saved_tensors
+        return _PermuteTokens.forward(tangent_TD, order_R, ctx.top_k)
 
 
 def permute_tokens(x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int) -> torch.Tensor:

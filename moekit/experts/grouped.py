@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from moekit.contract import DispatchPlan
 from moekit.experts.rows import rows_ffn
+from moekit.func_transforms import active_func_transforms
 
 _INT32_MAX = 2**31 - 1
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -41,15 +42,26 @@ def grouped_mm_supports(device: torch.device, dtype: torch.dtype, *sizes: int) -
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous."""
+    """Identity whose backward makes the incoming gradient contiguous (setup_context form,
+    with a jvp and a generated vmap rule, for torch.func's transforms)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        return tangent.view_as(tangent)
 
 
 def grouped_matmul(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
@@ -86,6 +98,9 @@ class GroupedMMBackend:
     def unsupported(self, experts, dtype: torch.dtype) -> str | None:
         device = experts.device
         sizes = (experts.config.dim, experts.first_proj.shape[1], experts.config.expert_dim)
+        if "jvp" in active_func_transforms():
+            return ("experts_backend='grouped_mm' does not run under torch.func.jvp (torch's "
+                    "grouped_mm has no forward-mode derivative); use experts_backend='auto' or 'loop'")
         if grouped_mm_supports(device, dtype, *sizes):
             return None
         return (f"experts_backend='grouped_mm' cannot run dtype {dtype} on {device} with sizes "

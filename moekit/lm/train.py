@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..balancing import update_router_bias
+from ..balancing import router_step
 from ..errors import UsageError
 from .checkpoint import (METRICS_FILE, CheckpointError, checkpoint_dirs, latest_checkpoint,
                          load_checkpoint, read_run_config, save_checkpoint, write_run_config)
@@ -231,7 +231,7 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                     window.add(float(loss.detach()), float(out.aux_loss.detach()), inputs.numel(),
                                out.moe_aux)
                 parallel.finish_gradients(model)
-                update_router_bias(model)  # once per optimizer step, over every rank
+                router_step(model)  # once per optimizer step, over every rank
                 grad_norm = parallel.clip_grad_norm(
                     model, train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf)
                 optimizer.step()

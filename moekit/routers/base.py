@@ -62,5 +62,5 @@ class LinearRouter(nn.Module):
 
     def record_routing(self, routing: Routing) -> None:
         """Record what a training forward routed, for balancing state that moves once per
-        optimizer step (moekit.balancing.update_router_bias). Routers without such state
+        optimizer step (moekit.balancing.router_step). Routers without such state
         record nothing."""

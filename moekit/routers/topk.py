@@ -28,7 +28,7 @@ class TopKRouter(LinearRouter):
     [E] (float32, saved in the state dict), added to the scores for selection
     only. With bias_update_rate > 0 it never moves inside a forward: training
     forwards add their routed counts to ``routed_load``, and
-    moekit.update_router_bias(model) moves the bias once per optimizer step.
+    moekit.router_step(model) moves the bias once per optimizer step.
     """
 
     def __init__(self, config: MoEConfig) -> None:

@@ -66,7 +66,7 @@ def _worker(rank, world_size, result_dir, case, sizes, all_to_one, placement=Non
             expected = expected[shard]
         torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-5, msg=name)
     if fields.get("bias_update_rate"):
-        moekit.update_router_bias(sharded)  # this rank's counts summed over the group
+        moekit.router_step(sharded)  # this rank's counts summed over the group
         reference.router.apply_bias_update(reference.router.routed_load)  # all tokens already
         assert reference.router.expert_bias.abs().sum() > 0
         torch.testing.assert_close(sharded.router.expert_bias, reference.router.expert_bias)
@@ -258,7 +258,7 @@ def _count_all_reduces_worker(rank, world_size, result_dir):
     try:
         moe(torch.randn(5 + rank, 8))
         forward_calls = list(calls)
-        moekit.update_router_bias(moe)
+        moekit.router_step(moe)
     finally:
         dist.all_reduce = real_all_reduce
     torch.save({"calls": forward_calls, "step_calls": calls[len(forward_calls):],

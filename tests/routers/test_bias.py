@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import moekit
-from moekit.balancing import update_router_bias
+from moekit.balancing import router_step
 from moekit.routers.bias import update_expert_bias
 from tests.conftest import randomized_moe
 from tests.test_layer import check_against_reference
@@ -42,13 +42,13 @@ def test_moves_only_in_the_step_from_training_loads_and_is_saved():
     assert "router.routed_load" not in moe.state_dict()  # empty at every step boundary
     moe.eval()
     moe(x)
-    assert update_router_bias(moe) == 1
+    assert router_step(moe) == 1
     assert torch.count_nonzero(moe.router.expert_bias) == 0  # eval forwards record nothing
     moe.train()
     _, aux = moe(x)
     assert torch.count_nonzero(moe.router.expert_bias) == 0  # a forward never moves it
     assert torch.equal(moe.router.routed_load, aux.tokens_per_expert)
-    update_router_bias(moe)
+    router_step(moe)
     load = aux.tokens_per_expert.float()
     expected = 0.5 * torch.sign(load.mean() - load)
     torch.testing.assert_close(moe.router.expert_bias, expected)
@@ -72,10 +72,10 @@ def test_bias_evens_out_a_skewed_router():
     with torch.no_grad():
         moe.router.weight[0] += 1.0
     first = moe(torch.randn(256, 8).abs())[1].metrics()["load_max_over_mean"]
-    update_router_bias(moe)
+    router_step(moe)
     for _ in range(300):  # a training step each: forward, then the step's bias update
         moe(torch.randn(256, 8).abs())
-        update_router_bias(moe)
+        router_step(moe)
     moe.eval()
     _, aux = moe(torch.randn(4096, 8).abs())
     assert first == 4.0 and aux.metrics()["load_max_over_mean"] < 1.3

@@ -20,7 +20,7 @@ def _worker(rank: int, world_size: int, result_dir: str) -> None:
     torch.manual_seed(100 + rank)  # different data per rank, different sizes too
     x = torch.randn(5 + 7 * rank, 8) + rank
     _, aux = moe(x)
-    moekit.update_router_bias(moe)  # once per optimizer step, over every rank
+    moekit.router_step(moe)  # once per optimizer step, over every rank
     torch.save({"bias": moe.router.expert_bias.clone(), "load": aux.tokens_per_expert},
                os.path.join(result_dir, f"rank{rank}.pt"))
 

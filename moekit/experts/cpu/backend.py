@@ -13,6 +13,7 @@ import torch
 from moekit.contract import DispatchPlan
 from moekit.experts.cpu import decode
 from moekit.experts.fused import fused_experts
+from moekit.func_transforms import active_func_transforms
 
 
 class FusedBackend:
@@ -22,6 +23,11 @@ class FusedBackend:
         device = experts.device
         if device.type != "cpu":
             return f"experts_backend='fused' runs on CPU only, not {device}; use experts_backend='auto'"
+        transforms = active_func_transforms()
+        if transforms:
+            return (f"experts_backend='fused' does not run under torch.func transforms "
+                    f"({', '.join(sorted(transforms))}): its backward is hand-written; use "
+                    "experts_backend='auto' or 'loop'")
         return None
 
     def describe(self, experts, x_TD: torch.Tensor, plan: DispatchPlan) -> str:

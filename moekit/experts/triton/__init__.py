@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from moekit.func_transforms import active_func_transforms
+
 _NAMES = ("ExpertSort", "fused_moe", "sort_by_expert", "triton_experts")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -50,6 +52,9 @@ class TritonBackend:
             return "experts_backend='triton' does not support bias=True; use experts_backend='auto'"
         if dtype not in _DTYPES:
             return f"experts_backend='triton' runs float32/bfloat16/float16, not {dtype}"
+        if active_func_transforms():
+            return ("experts_backend='triton' does not run under torch.func transforms; use "
+                    "experts_backend='auto' or 'loop'")
         return None
 
     def __call__(self, experts, x_TD: torch.Tensor, plan) -> torch.Tensor:
