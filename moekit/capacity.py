@@ -21,8 +21,16 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
     1.1 * 10 tokens is capacity 11, not 12 from a float rounding error."""
     if capacity_factor <= 0 or not math.isfinite(capacity_factor):
         raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor}")
-    exact = Fraction(repr(float(capacity_factor))) * num_tokens * top_k / num_experts
-    return min(num_tokens, max(min_capacity, math.ceil(exact)))
+    numerator, denominator = _decimal_ratio(capacity_factor)
+    exact_ceil = -(-numerator * num_tokens * top_k // (denominator * num_experts))
+    return min(num_tokens, max(min_capacity, exact_ceil))
+
+
+@torch.compiler.assume_constant_result
+def _decimal_ratio(value: float) -> tuple[int, int]:
+    """value as the ratio of integers its shortest decimal form says (1.1 -> 11 / 10)."""
+    exact = Fraction(repr(float(value)))
+    return exact.numerator, exact.denominator
 
 
 def capacity_keep_mask(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,

@@ -83,13 +83,13 @@ class DispatchPlan:
     @property
     def dropped_fraction(self) -> torch.Tensor:
         """Fraction of the assignments dropped by capacity (0-dim float32)."""
-        zero = torch.zeros((), device=self.counts_E.device)
         if self.kept_TK is None:
-            return zero
-        assigned = self.kept_TK.numel() if self.assigned_TK is None else int(self.assigned_TK.sum())
-        if assigned == 0:
-            return zero
-        return 1.0 - self.kept_TK.sum().float() / assigned
+            return torch.zeros((), device=self.counts_E.device)
+        kept = self.kept_TK.sum().float()
+        assigned = kept.new_tensor(self.kept_TK.numel()) if self.assigned_TK is None \
+            else self.assigned_TK.sum().float()
+        # no host sync (and no torch.compile graph break): 0 when nothing was assigned
+        return torch.where(assigned > 0, 1.0 - kept / assigned.clamp_min(1), 0.0)
 
     def adopt_sort(self, order_R: torch.Tensor, counts_E: torch.Tensor) -> None:
         """Take a sort made elsewhere; it must be the one ``order_R`` and ``counts_E`` would give."""

@@ -10,27 +10,18 @@ from __future__ import annotations
 import torch
 
 from moekit.contract import DispatchPlan
+from moekit.func_transforms import active_func_transforms
 
 
 class _PermuteTokens(torch.autograd.Function):
-    """rows_RD[r] = x_TD[order_R[r] // K]; backward sums each token's K row grads.
-
-    In the setup_context form, with a jvp and a generated vmap rule, so torch.func's
-    transforms (grad, jvp, vmap) run through it."""
-
-    generate_vmap_rule = True
+    """rows_RD[r] = x_TD[order_R[r] // K]; backward sums each token's K row grads."""
 
     @staticmethod
-    def forward(x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int) -> torch.Tensor:
-        return x_TD.index_select(0, torch.div(order_R, top_k, rounding_mode="floor"))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x_TD, order_R, top_k = inputs
+    def forward(ctx, x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int) -> torch.Tensor:
         ctx.save_for_backward(order_R)
-        ctx.save_for_forward(order_R)
         ctx.top_k = top_k
         ctx.num_tokens = x_TD.shape[0]
+        return x_TD.index_select(0, torch.div(order_R, top_k, rounding_mode="floor"))
 
     @staticmethod
     def backward(ctx, grad_RD: torch.Tensor):
@@ -38,17 +29,16 @@ class _PermuteTokens(torch.autograd.Function):
         grad_AD = unpermute(grad_RD, order_R, ctx.num_tokens * ctx.top_k)
         return grad_AD.view(ctx.num_tokens, ctx.top_k, grad_AD.shape[1]).sum(dim=1), None, None
 
-    @staticmethod
-    def jvp(ctx, tangent_TD: torch.Tensor, *_) -> torch.Tensor:
-        (order_R,) = ctx.saved_tensors
-        return _PermuteTokens.forward(tangent_TD, order_R, ctx.top_k)
-
 
 def permute_tokens(x_TD: torch.Tensor, order_R: torch.Tensor, top_k: int) -> torch.Tensor:
     """Rows [R, D] for the assignments ``order_R`` (flat index t * K + j) of x_TD [T, D].
 
-    Differentiable in x_TD; token t's gradient is the sum over its kept rows.
+    Differentiable in x_TD; token t's gradient is the sum over its kept rows, without
+    atomics. Under torch.func transforms the plain gather (autograd's own rules, which
+    those transforms know).
     """
+    if active_func_transforms():
+        return x_TD.index_select(0, torch.div(order_R, top_k, rounding_mode="floor"))
     return _PermuteTokens.apply(x_TD, order_R, top_k)
 
 

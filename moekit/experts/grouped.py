@@ -42,10 +42,8 @@ def grouped_mm_supports(device: torch.device, dtype: torch.dtype, *sizes: int) -
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous (setup_context form,
-    with a jvp and a generated vmap rule, for torch.func's transforms)."""
-
-    generate_vmap_rule = True
+    """Identity whose backward makes the incoming gradient contiguous (in the setup_context
+    form, which torch.func.grad needs)."""
 
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -59,19 +57,20 @@ class _ContiguousGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
 
-    @staticmethod
-    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
-        return tangent.view_as(tangent)
 
-
-def grouped_matmul(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+def grouped_matmul(x_RI: torch.Tensor, w_EOI: torch.Tensor,
+                   counts_E: list[int] | torch.Tensor) -> torch.Tensor:
     """y_RO where rows of expert e are x_RI[rows of e] @ w_EOI[e].T, via grouped_mm.
 
     counts_E: rows per expert as Python ints summing to at most R. Rows past
     the last group never reach the operator: they are 0 in the output and get 0
     gradient. Same contract as ``loop_matmul``; check ``grouped_mm_supports``
-    first.
+    first. Or the [E] int64 tensor of counts summing to exactly R (unchecked: nothing
+    is read on the host, so torch.compile traces it whole).
     """
+    if isinstance(counts_E, torch.Tensor):
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        return _ContiguousGrad.apply(F.grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offsets_E))
     total = sum(counts_E)
     if total > _INT32_MAX:
         raise ValueError(f"grouped_mm offsets are int32; {total} rows exceed {_INT32_MAX}")
@@ -108,4 +107,6 @@ class GroupedMMBackend:
                 "and sizes that are multiples of 16 bytes; use experts_backend='auto' or 'loop'")
 
     def __call__(self, experts, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        return rows_ffn(experts, x_TD, plan, grouped_matmul)
+        # traced by torch.compile: counts stay a tensor, no graph break
+        return rows_ffn(experts, x_TD, plan, grouped_matmul,
+                        counts_on_device=torch.compiler.is_compiling())

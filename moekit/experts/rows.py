@@ -6,7 +6,9 @@
     y_TD    = combine_rows(out_RD, plan)                     weighted sum over K
 
 A row backend supplies only ``matmul(x_RI, w_EOI, counts) -> y_RO`` (rows of expert e times
-w_EOI[e]^T, counts as Python ints); autograd differentiates the rest.
+w_EOI[e]^T, counts as Python ints, or as the [E] int64 tensor for a matmul that takes it:
+then nothing leaves the device and torch.compile sees no data-dependent break);
+autograd differentiates the rest.
 """
 
 from __future__ import annotations
@@ -19,19 +21,22 @@ from moekit.contract import DispatchPlan
 from moekit.dispatch.permute import combine_rows, dispatch_rows
 from moekit.experts.activations import apply_activation
 
-GroupedMatmul = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+GroupedMatmul = Callable[[torch.Tensor, torch.Tensor, "list[int] | torch.Tensor"], torch.Tensor]
 
 
-def rows_ffn(experts, x_TD: torch.Tensor, plan: DispatchPlan, matmul: GroupedMatmul) -> torch.Tensor:
-    """y_TD [T, D]: the FFN of stacked ``experts`` (moekit.experts.Experts) on the plan's rows."""
+def rows_ffn(experts, x_TD: torch.Tensor, plan: DispatchPlan, matmul: GroupedMatmul,
+             counts_on_device: bool = False) -> torch.Tensor:
+    """y_TD [T, D]: the FFN of stacked ``experts`` (moekit.experts.Experts) on the plan's rows.
+    counts_on_device: hand matmul the plan's counts tensor as is (no check, no host copy)."""
     rows_RD = dispatch_rows(x_TD, plan)
     counts_E = plan.counts_E
-    counts = experts.checked_counts(counts_E, rows_RD.shape[0])
+    counts = counts_E if counts_on_device else experts.checked_counts(counts_E, rows_RD.shape[0])
     h = matmul(rows_RD, experts.first_proj, counts)
     expert_of_row = None
     if experts.config.bias:
         expert_of_row = torch.repeat_interleave(
-            torch.arange(len(counts), device=rows_RD.device), counts_E, output_size=rows_RD.shape[0])
+            torch.arange(experts.num_local_experts, device=rows_RD.device), counts_E,
+            output_size=rows_RD.shape[0])
         h = h + experts.first_proj_bias[expert_of_row]
     out = matmul(apply_activation(h, experts.config.activation), experts.down_proj, counts)
     if expert_of_row is not None:

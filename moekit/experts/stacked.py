@@ -93,7 +93,7 @@ class Experts(nn.Module):
                 raise ValueError(reason)
             return choice
         backend = next(name for name in AUTO_ORDER if BACKENDS[name].unsupported(self, dtype) is None)
-        if (backend, dtype) not in self._logged_backends:
+        if (backend, dtype) not in self._logged_backends and not torch.compiler.is_compiling():
             self._logged_backends.add((backend, dtype))
             logger.debug("moekit experts: backend %r for %s on %s", backend, dtype, self.device)
         return backend

@@ -1,0 +1,64 @@
+"""torch.compile with its default backend (inductor): forward and backward equal eager (fp32)
+and the float64 reference (bf16); the dropless grouped_mm path compiles as one graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import assert_rel_close, randomized_moe
+from tests.reference import float64_params, reference_moe
+
+FIELDS = dict(dim=32, expert_dim=32, num_experts=4, top_k=2, z_loss_weight=0.01)
+
+
+def _step(moe, x, upstream):
+    y, aux = moe(x)
+    return (y.float() * upstream).sum() + aux.loss, y
+
+
+def _grads(moe, x):
+    return [x.grad] + [p.grad for p in moe.parameters()]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_caches():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_inductor_equals_eager_in_float32():
+    """The default CPU backend (fused): breaks around its native op, the rest compiled."""
+    eager, compiled = randomized_moe(**FIELDS), randomized_moe(**FIELDS)
+    x = torch.randn(2, 24, 32)
+    upstream = torch.randn(2, 24, 32)
+    x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss, y = _step(eager, x_eager, upstream)
+    loss.backward()
+    loss_c, y_c = torch.compile(_step)(compiled, x_compiled, upstream)
+    loss_c.backward()
+    torch.testing.assert_close(y_c, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(_grads(compiled, x_compiled), _grads(eager, x_eager)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_mm_bfloat16_compiles_whole_and_matches_the_float64_reference():
+    moe = randomized_moe(experts_backend="grouped_mm", **FIELDS).to(torch.bfloat16)
+    x = torch.randn(48, 32).to(torch.bfloat16).requires_grad_()
+    upstream = torch.randn(48, 32)
+    loss, y = torch.compile(_step, fullgraph=True)(moe, x, upstream)  # no graph break
+    loss.backward()
+    p = float64_params(moe)
+    x64 = x.detach().double().requires_grad_()
+    _, aux = moe(x.detach())
+    ref = reference_moe(moe.config, p, x64, ids=aux.expert_indices.tolist())
+    ref_loss = (ref["y"] * upstream.double()).sum() \
+        + moe.config.balance_loss_weight * ref["balance"] + moe.config.z_loss_weight * ref["z"]
+    ref_loss.backward()
+    assert y.dtype == torch.bfloat16
+    assert_rel_close(y, ref["y"], 2e-2, "output")
+    assert_rel_close(x.grad, x64.grad, 5e-2, "input grad")
+    for name, param in moe.named_parameters():
+        assert_rel_close(param.grad, p[name].grad, 5e-2, f"grad of {name}")
