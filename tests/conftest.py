@@ -27,8 +27,8 @@ def randomized_moe(seed: int = 0, dtype: torch.dtype = torch.float32, **fields) 
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = ""):
-    """||actual - expected|| <= tol * max(||expected||, 1e-12), in float64."""
-    actual, expected = actual.double(), expected.double()
+    """||actual - expected|| <= tol * max(||expected||, 1e-12), in float64 (on the CPU)."""
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     err = (actual - expected).norm().item()
     scale = max(expected.norm().item(), 1e-12)

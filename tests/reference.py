@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 
 def float64_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Leaf float64 copies of every parameter, requiring grad, by name."""
-    return {name: p.detach().double().requires_grad_() for name, p in module.named_parameters()}
+    """Leaf float64 CPU copies of every parameter, requiring grad, by name."""
+    return {name: p.detach().cpu().double().requires_grad_() for name, p in module.named_parameters()}
 
 
 def _act(name: str, h: torch.Tensor) -> torch.Tensor:

@@ -17,11 +17,13 @@ def check_against_reference(moe: moekit.MoE, num_tokens: int, dtype=torch.float3
                             token_ids=None, batch: int | None = None):
     """Forward and every gradient of one training step against the reference.
 
-    batch: split the tokens into that many sequences (x of shape [B, S, D])."""
+    batch: split the tokens into that many sequences (x of shape [B, S, D]). The layer runs
+    on its own device; the reference on the CPU."""
     cfg = moe.config
+    device = moe.experts.device
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_tokens, cfg.dim, generator=gen).to(dtype).requires_grad_()
-    upstream = torch.randn(num_tokens, cfg.dim, generator=gen).to(dtype)
+    x = torch.randn(num_tokens, cfg.dim, generator=gen).to(device, dtype).requires_grad_()
+    upstream = torch.randn(num_tokens, cfg.dim, generator=gen).to(device, dtype)
     expert_bias = None if getattr(moe.router, "expert_bias", None) is None \
         else moe.router.expert_bias.tolist()  # the bias before this step's update
     moe.train()
@@ -33,11 +35,11 @@ def check_against_reference(moe: moekit.MoE, num_tokens: int, dtype=torch.float3
     ((y.float() * upstream.float()).sum() + aux.loss).backward()
 
     p = float64_params(moe)
-    x64 = x.detach().double().requires_grad_()
+    x64 = x.detach().cpu().double().requires_grad_()
     ref = reference_moe(cfg, p, x64, ids=aux.expert_indices.tolist(), expert_bias=expert_bias,
                         seq_len=shape[1] if batch else None)
     loss_ref = cfg.balance_loss_weight * ref["balance"] + cfg.z_loss_weight * ref["z"]
-    ((ref["y"] * upstream.double()).sum() + loss_ref).backward()
+    ((ref["y"] * upstream.cpu().double()).sum() + loss_ref).backward()
 
     if aux.assignment_mask is None:
         assert aux.expert_indices.tolist() == ref["ids"]
@@ -96,6 +98,19 @@ def test_matches_reference_fp32(case, num_tokens, dim, expert_dim):
             check_against_reference(randomized_moe(**fields), num_tokens)
         return
     check_against_reference(randomized_moe(**fields), num_tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, tol, grad_tol", [(torch.float32, 1e-5, 1e-3),
+                                                  (torch.bfloat16, 2e-2, 5e-2)])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_matches_reference_on_cuda(case, dtype, tol, grad_tol):
+    """The layer on a GPU (the "auto" default there: grouped_mm where exact, else the loop)."""
+    fields = dict(dim=16, expert_dim=8) | case
+    if fields.get("experts_backend") in (None, "fused"):
+        fields["experts_backend"] = "auto"
+    moe = randomized_moe(dtype=dtype, **fields).cuda()
+    check_against_reference(moe, 33, dtype=dtype, tol=tol, grad_tol=grad_tol)
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -26,9 +26,8 @@ runs_here = pytest.mark.skipif(not triton_runs_on(DEVICE),
                                   dict(num_experts=4, top_k=2, capacity_factor=0.75),
                                   dict(num_experts=3, top_k=1, activation="gelu")])
 def test_layer_matches_reference(case, dtype, tol, grad_tol):
-    if DEVICE.type == "cuda":
-        pytest.skip("check_against_reference runs on CPU")
     moe = randomized_moe(dtype=dtype, dim=16, expert_dim=8, experts_backend="triton", **case)
+    moe = moe.to(DEVICE)
     assert moe.experts.backend_for(dtype) == "triton"
     check_against_reference(moe, 19, dtype=dtype, tol=tol, grad_tol=grad_tol)
 
