@@ -47,6 +47,29 @@ def test_autocast_matches_the_float64_reference(case, backend):
         assert_rel_close(param.grad, p[name].grad, 5e-2, f"grad of {name}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cuda_autocast_matches_the_float64_reference(case, dtype):
+    moe = randomized_moe(dim=32, expert_dim=16, z_loss_weight=0.01, **CASES[case]).cuda().train()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(96, 32, generator=gen).cuda().requires_grad_()
+    upstream = torch.randn(96, 32, generator=gen).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        y, aux = moe(x)
+        ((y.float() * upstream).sum() + aux.loss).backward()
+    assert y.dtype == dtype and aux.router_logits.dtype == torch.float32
+    p = float64_params(moe)
+    x64 = x.detach().cpu().double().requires_grad_()
+    ref = reference_moe(moe.config, p, x64, ids=aux.expert_indices.tolist())
+    loss_ref = moe.config.balance_loss_weight * ref["balance"] + moe.config.z_loss_weight * ref["z"]
+    ((ref["y"] * upstream.cpu().double()).sum() + loss_ref).backward()
+    assert_rel_close(y, ref["y"], 2e-2, "output")
+    assert_rel_close(x.grad, x64.grad, 5e-2, "input grad")
+    for name, param in moe.named_parameters():
+        assert_rel_close(param.grad, p[name].grad, 5e-2, f"grad of {name}")
+
+
 def test_autocast_routes_as_a_float32_router_does():
     """Near-ties pick the same experts: the router does not see bfloat16."""
     moe = randomized_moe(dim=64, expert_dim=16, num_experts=16, top_k=4).eval()
