@@ -58,7 +58,7 @@ BASE = dict(dim=8, expert_dim=16, num_experts=4, top_k=2)
     (dict(expert_bias=1), TypeError, r"expert_bias must be a bool, got 1"),
     (dict(router="dense", top_k=2), ValueError, r"router='dense' .* set top_k to num_experts \(4\), "
                                                 r"got top_k=2"),
-    (dict(balance_scope="token"), ValueError, r"balance_scope must be one of 'batch', 'sequence'; "
+    (dict(balance_scope="token"), ValueError, r"balance_scope must be one of 'batch', 'sequence', 'global'; "
                                               r"got 'token'"),
     (dict(slots_per_expert=0), ValueError, r"slots_per_expert must be >= 1, got 0"),
 ])
