@@ -25,7 +25,7 @@ from torch.overrides import has_torch_function
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
-from moekit.experts.cpu.build import KernelBuildError, build_library
+from moekit.experts.cpu.build import build_library
 
 # Up to this many rows per expert the kernel beats MKL's GEMM (1.4-4x at 1-12 rows on a 2-core
 # AVX2 machine, forward and backward forms, about level at 16; benchmarks/skinny_kernel.py).
@@ -58,20 +58,24 @@ def _load() -> ctypes.CDLL | None:
             return None
         try:
             library = ctypes.CDLL(str(build_library(_SOURCE)))
-        except (KernelBuildError, OSError) as error:
+            _declare(library)
+        except Exception as error:  # whatever stops the kernel, the callers fall back to torch.mm
             _reason = f"the skinny CPU kernel could not be built: {error}"
             warnings.warn(f"{_reason}; decode-size expert products fall back to torch.mm",
                           RuntimeWarning, stacklevel=3)
             return None
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        for function in (library.moekit_skinny_grouped, library.moekit_skinny_grouped_nn):
-            function.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
-            function.restype = None
-        library.moekit_skinny_ffn.argtypes = [p, p, p, p, i64, i64, p, p, p, p, i64, i64, i64,
-                                              ctypes.c_int, ctypes.c_int, i64, p, p, p, ctypes.c_int]
-        library.moekit_skinny_ffn.restype = ctypes.c_int
         _library = library
         return library
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    for function in (library.moekit_skinny_grouped, library.moekit_skinny_grouped_nn):
+        function.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
+        function.restype = None
+    library.moekit_skinny_ffn.argtypes = [p, p, p, p, i64, i64, p, p, p, p, i64, i64, i64,
+                                          ctypes.c_int, ctypes.c_int, i64, p, p, p, ctypes.c_int]
+    library.moekit_skinny_ffn.restype = ctypes.c_int
 
 
 def available() -> bool:
