@@ -103,6 +103,24 @@ def test_unavailable_kernel_says_why(monkeypatch):
         skinny.skinny_grouped(torch.randn(2, 8), torch.randn(1, 3, 8), [2])
 
 
+def test_any_load_failure_turns_the_kernel_off_and_says_why(monkeypatch):
+    """Not only build errors: whatever stops the library (an error locating the cache, say)
+    leaves the kernel reported off with that reason, never reported in use."""
+    monkeypatch.setattr(skinny, "_tried", False)
+    monkeypatch.setattr(skinny, "_library", None)
+    monkeypatch.setattr(skinny, "_reason", None)
+    monkeypatch.setenv("MOEKIT_CPU_KERNELS", "1")
+
+    def unexpected(source):
+        raise KeyError("getpwuid(): uid not found: 4242")
+
+    monkeypatch.setattr(skinny, "build_library", unexpected)
+    with pytest.warns(RuntimeWarning, match="uid not found: 4242.*fall back to torch.mm"):
+        assert not skinny.available()
+    assert not skinny.available() and "uid not found: 4242" in skinny.unavailable_reason()
+    assert not skinny.small_batch(1, torch.ones(2))
+
+
 @needs_kernel
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("bias", [False, True])
