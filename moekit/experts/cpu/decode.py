@@ -38,16 +38,18 @@ class DecodedExperts(NamedTuple):
     counts_E: torch.Tensor
 
 
-def applies_to(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor) -> bool:
+def applies_to(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor,
+               cpu_kernels: str = "auto") -> bool:
     """Whether the one-call path may run the plan on x_TD [T, D] with these expert weights: the
     plan has the routing's choices (not a rows plan), no gradient to record for any tensor, no
     torch tool watching (compile, FlopCounterMode, the profiler; they would not see the C call),
-    and a decode-size batch (skinny.small_batch: float32 on CPU, the kernel available, at most
-    skinny.MAX_ROWS rows for every expert)."""
-    return declined_because(x_TD, plan, *weights) is None
+    and a decode-size batch (skinny.small_batch: float32 on CPU, cpu_kernels not "off", the
+    kernel available, at most skinny.MAX_ROWS rows for every expert)."""
+    return declined_because(x_TD, plan, *weights, cpu_kernels=cpu_kernels) is None
 
 
-def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor) -> str | None:
+def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor,
+                     cpu_kernels: str = "auto") -> str | None:
     """Why the one-call path does not run this plan (see applies_to), or None when it does."""
     if plan.ids_TK is None:
         return "rows already grouped by expert (a rows plan)"
@@ -56,7 +58,8 @@ def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Ten
         return "a gradient to record"
     if skinny.observed(*tensors):
         return "a torch tool watches (compile, a dispatch mode or the profiler)"
-    return skinny.not_small_batch(lambda: int(plan.counts_E.max()), *tensors)
+    return skinny.not_small_batch(lambda: int(plan.counts_E.max()), *tensors,
+                                  cpu_kernels=cpu_kernels)
 
 
 def _ids_out_of_range(ids_TK: torch.Tensor, num_experts: int) -> ValueError:

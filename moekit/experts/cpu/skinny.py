@@ -6,9 +6,10 @@
 At a few rows the product costs one read of the weights, and BLAS GEMMs read them more than
 once (they pack the matrix first). skinny.c streams each weight element once; it is compiled
 on first use with the host's C compiler (moekit/experts/cpu/build.py) and called through
-ctypes, which releases the GIL. Without a compiler, or with MOEKIT_CPU_KERNELS=0, ``available()`` is False,
-the reason is in ``unavailable_reason()``, and callers fall back to torch.mm. ``small_batch`` is
-the one place that decides whether a batch takes the kernel.
+ctypes, which releases the GIL. Without a compiler, or with MOEKIT_CPU_KERNELS=0 (which overrides
+the config), ``available()`` is False, the reason is in ``unavailable_reason()``, and callers fall
+back to torch.mm. ``small_batch`` is the one place that decides whether a batch takes the kernel;
+callers pass it the layer's ``MoEConfig.cpu_kernels`` ("auto", or "off": never).
 """
 
 from __future__ import annotations
@@ -89,19 +90,24 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def small_batch(rows_per_expert: int | Callable[[], int], *tensors: torch.Tensor) -> bool:
+def small_batch(rows_per_expert: int | Callable[[], int], *tensors: torch.Tensor,
+                cpu_kernels: str = "auto") -> bool:
     """The one decision whether a batch is decode-size, i.e. its products go through the kernel:
-    every tensor float32 on CPU, the kernel available, and at most MAX_ROWS rows for every
-    expert. rows_per_expert: the most rows any expert has, or a function that gives it, called
-    only when the other conditions hold (counting rows costs more than they do)."""
-    return not_small_batch(rows_per_expert, *tensors) is None
+    every tensor float32 on CPU, cpu_kernels not "off", the kernel available, and at most
+    MAX_ROWS rows for every expert. rows_per_expert: the most rows any expert has, or a function
+    that gives it, called only when the other conditions hold (counting rows costs more than
+    they do)."""
+    return not_small_batch(rows_per_expert, *tensors, cpu_kernels=cpu_kernels) is None
 
 
-def not_small_batch(rows_per_expert: int | Callable[[], int], *tensors: torch.Tensor) -> str | None:
+def not_small_batch(rows_per_expert: int | Callable[[], int], *tensors: torch.Tensor,
+                    cpu_kernels: str = "auto") -> str | None:
     """Why a batch is not decode-size (see small_batch), or None when it is."""
     for t in tensors:
         if t.dtype != torch.float32 or t.device.type != "cpu":
             return f"the kernel takes float32 on CPU, not {t.dtype} on {t.device.type}"
+    if cpu_kernels == "off":
+        return "turned off by cpu_kernels='off'"
     if not available():
         return unavailable_reason()
     rows = rows_per_expert() if callable(rows_per_expert) else rows_per_expert
