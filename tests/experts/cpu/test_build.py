@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from moekit.experts.cpu import build, cache_folder
+from tests.conftest import needs
 
 SOURCE = Path(build.__file__).with_name("skinny.c")
-needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("cc", "gcc", "clang")),
-                                    reason="no C compiler")
+needs_compiler = needs(any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="no C compiler")
 
 
 @needs_compiler

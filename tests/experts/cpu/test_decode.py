@@ -7,11 +7,10 @@ import torch
 
 from moekit.experts.activations import ACTIVATIONS, GATED, apply_activation
 from moekit.experts.cpu import decode, skinny
-from tests.conftest import randomized_moe
+from tests.conftest import needs, randomized_moe
 from tests.experts.cpu.conftest import count_calls
 
-needs_kernel = pytest.mark.skipif(not skinny.available(),
-                                  reason=f"no skinny kernel: {skinny.unavailable_reason()}")
+needs_kernel = needs(skinny.available(), reason=f"no skinny kernel: {skinny.unavailable_reason()}")
 
 
 def _reference(x, ids, weights, w1, w2, activation, b1=None, b2=None, kept=None) -> torch.Tensor:

@@ -11,11 +11,10 @@ import torch
 
 from moekit.experts import fused
 from moekit.experts.cpu import skinny
-from tests.conftest import randomized_moe
+from tests.conftest import needs, randomized_moe
 from tests.experts.cpu.conftest import count_calls
 
-needs_kernel = pytest.mark.skipif(not skinny.available(),
-                                  reason=f"no skinny kernel: {skinny.unavailable_reason()}")
+needs_kernel = needs(skinny.available(), reason=f"no skinny kernel: {skinny.unavailable_reason()}")
 
 
 def _reference(x_RK: torch.Tensor, w: torch.Tensor, counts: list[int],

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="Triton is not installed (pip install 'moekit[triton]')")
+from tests.conftest import import_or_skip, needs, randomized_moe
+
+import_or_skip("triton", reason="Triton is not installed (pip install 'moekit[triton]')")
 
 from moekit import MoEConfig  # noqa: E402
 from moekit.contract import rows_plan  # noqa: E402
 from moekit.experts import Experts  # noqa: E402
 from moekit.experts.triton import triton_runs_on  # noqa: E402
-from tests.conftest import randomized_moe  # noqa: E402
 from tests.test_layer import check_against_reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-runs_here = pytest.mark.skipif(not triton_runs_on(DEVICE),
-                               reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+runs_here = needs(triton_runs_on(DEVICE), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 
 @runs_here
