@@ -71,6 +71,15 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
     assert err <= tol * scale, f"{what}: relative error {err / scale:.3g} > {tol}"
 
 
+def assert_rel_close_per_expert(actual: torch.Tensor, expected: torch.Tensor, tol: float,
+                                what: str = ""):
+    """assert_rel_close on each expert's slice [e] of a per-expert tensor [E, ...]: an error in
+    one expert cannot hide in the norm of all of them."""
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    for e in range(expected.shape[0]):
+        assert_rel_close(actual[e], expected[e], tol, f"{what}, expert {e}")
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(1234)
