@@ -7,8 +7,9 @@ Set MOEKIT_CACHE_DIR to choose the folder (default: $XDG_CACHE_HOME/moekit or ~/
 CC to choose the compiler.
 
 A cached library is code that every process of this user loads, so the cache is trusted only
-when nobody else can write it (moekit/experts/cpu/cache_folder.py): otherwise, or when it cannot be located or
-written, the library is built in a private temporary folder for this process, with a warning.
+when nobody else can write it (moekit/experts/cpu/cache_folder.py): otherwise, or when it cannot
+be located or written, the library is built in a private temporary folder for this process, with
+a warning.
 Each library is loaded only if its SHA-256 matches the one recorded when it was built (a
 truncated or altered file is rebuilt, never loaded), and a file lock lets one process build
 while the others that start at the same time wait for it.
