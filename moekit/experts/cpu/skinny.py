@@ -126,6 +126,15 @@ def skinny_grouped(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], *,
     forward and backward passes.
     """
     library()
+    _check_grouped(x_RK, w, counts_E, transpose)
+    if observed(x_RK, w):
+        return torch.ops.moekit.skinny_grouped(x_RK, w, list(counts_E), transpose)
+    return _run(x_RK, w, counts_E, transpose)
+
+
+def _check_grouped(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int],
+                   transpose: bool) -> None:
+    """Every shape the C code relies on, for skinny_grouped and the operator alike."""
     if x_RK.dtype != torch.float32 or w.dtype != torch.float32:
         raise TypeError(f"skinny_grouped takes float32, got x {x_RK.dtype} and w {w.dtype}")
     if x_RK.device.type != "cpu" or w.device.type != "cpu":
@@ -138,9 +147,6 @@ def skinny_grouped(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], *,
     if len(counts_E) != w.shape[0] or sum(counts_E) != x_RK.shape[0] or min(counts_E, default=0) < 0:
         raise ValueError(f"counts {list(counts_E)} must be {w.shape[0]} non-negative numbers "
                          f"summing to the {x_RK.shape[0]} rows of x")
-    if observed(x_RK, w):
-        return torch.ops.moekit.skinny_grouped(x_RK, w, list(counts_E), transpose)
-    return _run(x_RK, w, counts_E, transpose)
 
 
 def observed(*tensors: torch.Tensor) -> bool:
@@ -173,6 +179,7 @@ def _run(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], transpose: bo
 @torch.library.custom_op("moekit::skinny_grouped", mutates_args=(), device_types="cpu")
 def _skinny_grouped_op(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int],
                        transpose: bool) -> torch.Tensor:
+    _check_grouped(x_RK, w, counts_E, transpose)  # the operator may be called directly
     return _run(x_RK, w, counts_E, transpose)
 
 

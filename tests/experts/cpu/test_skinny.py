@@ -92,6 +92,11 @@ def test_bad_inputs_are_named():
         skinny.skinny_grouped(x, w, [2, 2], transpose=False)
     with pytest.raises(ValueError, match="runs on CPU, got x on meta, w on cpu"):
         skinny.skinny_grouped(x.to("meta"), w, [2, 2])
+    # The registered operator checks as much: counts that overrun x or w never reach the C code.
+    with pytest.raises(ValueError, match=r"counts \[3, 4\] must be 2 non-negative numbers"):
+        torch.ops.moekit.skinny_grouped(x, w, [3, 4], True)
+    with pytest.raises(ValueError, match=r"counts \[1, 1, 2\] must be 2"):
+        torch.ops.moekit.skinny_grouped(x, w, [1, 1, 2], True)
 
 
 def test_unavailable_kernel_says_why(monkeypatch):
