@@ -19,6 +19,7 @@ ROUTER_NOISES = ("none", "jitter", "gaussian")
 DROP_POLICIES = ("position", "score")
 HASH_WEIGHTS = ("uniform", "router")
 BALANCE_SCOPES = ("batch", "sequence", "global")
+CPU_KERNELS = ("auto", "off")
 
 # A capacity factor this large is a typo, not a wish: capacity is clamped to the
 # token count anyway, so anything above num_experts can never change the result.
@@ -83,6 +84,11 @@ class MoEConfig:
             of docs/gpu.md, only when named: they have not run on a GPU yet); "fused",
             "triton", "grouped_mm", "loop" or any backend registered with
             moekit.experts.register_backend force one.
+        cpu_kernels: "auto" (default) lets the fused backend run decode-size batches through
+            moekit's native CPU kernel, compiled on first use where a C compiler is found;
+            "off" keeps every product in torch. The environment variable
+            MOEKIT_CPU_KERNELS=0 turns the kernel off whatever this says.
+            Experts.explain_backend says which path a call takes and why.
         slots_per_expert: slots each expert processes in moekit.SoftMoE.
     Losses
         balance_loss_weight: alpha in alpha * E * sum_i f_i * P_i.
@@ -121,6 +127,7 @@ class MoEConfig:
     shared_expert_dim: int | None = None
     shared_expert_gate: bool = False
     experts_backend: str = "auto"
+    cpu_kernels: str = "auto"
     slots_per_expert: int = 1
     balance_loss_weight: float = 0.01
     balance_scope: str = "batch"
@@ -163,6 +170,7 @@ class MoEConfig:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1, got 0")
         from moekit.experts.backends import backend_names  # the registry imports this module
         require_choice("experts_backend", self.experts_backend, backend_names())
+        require_choice("cpu_kernels", self.cpu_kernels, CPU_KERNELS)
         require_int("slots_per_expert", self.slots_per_expert, 1)
         require_float("balance_loss_weight", self.balance_loss_weight, 0.0)
         require_choice("balance_scope", self.balance_scope, BALANCE_SCOPES)

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from moekit.experts.cpu import skinny
+from tests.conftest import needs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,8 +89,8 @@ def test_offload_runs_on_a_random_model():
     assert "| NO |" not in report  # every offloaded row generated the resident model's tokens
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
-                    reason="transformers is not installed")
+@needs(importlib.util.find_spec("transformers") is not None,
+       reason="transformers is not installed (pip install 'moekit[hf]')")
 def test_hf_speed_runs_at_a_tiny_batch():
     report = report_of("hf_speed", "--models", "mixtral", "--repeats", "1", "--batch-size", "1",
                        "--seq-len", "8")

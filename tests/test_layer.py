@@ -8,14 +8,22 @@ import pytest
 import torch
 
 import moekit
-from tests.conftest import assert_rel_close, randomized_moe
+from tests.conftest import assert_rel_close, assert_rel_close_per_expert, randomized_moe
 from tests.reference import float64_params, reference_moe
 
 
+ROUTER_GRAD_TOL = 1e-3
+
+
 def check_against_reference(moe: moekit.MoE, num_tokens: int, dtype=torch.float32,
-                            tol: float = 1e-5, grad_tol: float = 1e-3, seed: int = 0,
+                            tol: float = 1e-5, grad_tol: float = 1e-5, seed: int = 0,
                             token_ids=None, batch: int | None = None):
-    """Forward and every gradient of one training step against the reference.
+    """Forward and every gradient of one training step against the reference. The routed
+    experts' gradients are checked expert by expert (each slice [e] within grad_tol), so that an
+    error in one expert cannot hide in the norm of all; the router's, which in float32 lose
+    digits to cancellation in the softmax/sigmoid and balance-loss terms (measured up to 3e-4
+    over the whole tensor, 8e-4 for one expert's row), as one tensor within
+    max(grad_tol, ROUTER_GRAD_TOL).
 
     batch: split the tokens into that many sequences (x of shape [B, S, D]). The layer runs
     on its own device; the reference on the CPU."""
@@ -58,7 +66,12 @@ def check_against_reference(moe: moekit.MoE, num_tokens: int, dtype=torch.float3
     for name, param in moe.named_parameters():
         assert param.grad is not None, f"{name} has no gradient"
         expected = p[name].grad if p[name].grad is not None else torch.zeros_like(p[name])
-        assert_rel_close(param.grad, expected, grad_tol, f"grad of {name}")
+        if name.startswith("experts."):
+            assert_rel_close_per_expert(param.grad, expected, grad_tol, f"grad of {name}")
+        elif name.startswith("router."):
+            assert_rel_close(param.grad, expected, max(grad_tol, ROUTER_GRAD_TOL), f"grad of {name}")
+        else:
+            assert_rel_close(param.grad, expected, grad_tol, f"grad of {name}")
     return aux
 
 

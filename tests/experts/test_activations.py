@@ -13,7 +13,7 @@ from moekit.experts.activations import (ACTIVATIONS, ELEMENTWISE_CODES, ELEMENTW
                                         activate_no_grad, activation_backward, apply_activation,
                                         kernel_codes)
 from moekit.experts.cpu import build, decode, skinny
-from tests.conftest import randomized_moe
+from tests.conftest import import_or_skip, randomized_moe
 
 FORMULAS = {  # float64 formulas, written out independently of torch's functions
     "silu": lambda v: v / (1 + torch.exp(-v)),
@@ -67,7 +67,7 @@ def test_native_kernel_matches_the_formula(name):
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_triton_kernels_match_the_loop_backend(name):
-    pytest.importorskip("triton", reason="Triton is not installed (pip install 'moekit[triton]')")
+    import_or_skip("triton", reason="Triton is not installed (pip install 'moekit[triton]')")
     fields = dict(dim=16, expert_dim=8, num_experts=2, top_k=1, activation=name)
     loop = randomized_moe(**fields, experts_backend="loop")
     triton = randomized_moe(**fields, experts_backend="triton")

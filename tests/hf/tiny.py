@@ -7,10 +7,12 @@ routers get a random score correction bias, so that it changes selections.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from tests.conftest import import_or_skip
+
+transformers = import_or_skip("transformers", reason="transformers is not installed "
+                                                     "(pip install 'moekit[hf]')")
 
 VOCAB = 64
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

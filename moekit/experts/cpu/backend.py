@@ -34,7 +34,8 @@ class FusedBackend:
         """Which of the two paths this plan takes, and why not the native one."""
         weights = (experts.first_proj, experts.down_proj, experts.first_proj_bias,
                    experts.down_proj_bias)
-        reason = decode.declined_because(x_TD, plan, *(t for t in weights if t is not None))
+        reason = decode.declined_because(x_TD, plan, *(t for t in weights if t is not None),
+                                         cpu_kernels=experts.config.cpu_kernels)
         if reason is None:
             return "fused: one native call for the whole FFN (decode-size, no gradient)"
         return f"fused: the autograd op (not the one native call: {reason})"
@@ -42,12 +43,14 @@ class FusedBackend:
     def __call__(self, experts, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         w1, w2, b1, b2 = experts.first_proj, experts.down_proj, experts.first_proj_bias, \
             experts.down_proj_bias
-        activation = experts.config.activation
-        if decode.applies_to(x_TD, plan, *(t for t in (w1, w2, b1, b2) if t is not None)):
+        activation, cpu_kernels = experts.config.activation, experts.config.cpu_kernels
+        if decode.applies_to(x_TD, plan, *(t for t in (w1, w2, b1, b2) if t is not None),
+                             cpu_kernels=cpu_kernels):
             decoded = decode.skinny_ffn(x_TD, plan.ids_TK, plan.weights_TK, w1, w2, activation,
                                         b1, b2, kept_TK=plan.kept_TK)
             if decoded is not None:  # None only if it declined after all: the general path
                 plan.adopt_sort(decoded.order_R, decoded.counts_E)
                 return decoded.y_TD
         counts = experts.checked_counts(plan.counts_E, plan.order_R.shape[0])
-        return fused_experts(x_TD, plan.token_R, plan.weights_R, counts, w1, w2, activation, b1, b2)
+        return fused_experts(x_TD, plan.token_R, plan.weights_R, counts, w1, w2, activation, b1, b2,
+                             cpu_kernels)

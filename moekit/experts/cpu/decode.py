@@ -38,16 +38,18 @@ class DecodedExperts(NamedTuple):
     counts_E: torch.Tensor
 
 
-def applies_to(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor) -> bool:
+def applies_to(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor,
+               cpu_kernels: str = "auto") -> bool:
     """Whether the one-call path may run the plan on x_TD [T, D] with these expert weights: the
     plan has the routing's choices (not a rows plan), no gradient to record for any tensor, no
     torch tool watching (compile, FlopCounterMode, the profiler; they would not see the C call),
-    and a decode-size batch (skinny.small_batch: float32 on CPU, the kernel available, at most
-    skinny.MAX_ROWS rows for every expert)."""
-    return declined_because(x_TD, plan, *weights) is None
+    and a decode-size batch (skinny.small_batch: float32 on CPU, cpu_kernels not "off", the
+    kernel available, at most skinny.MAX_ROWS rows for every expert)."""
+    return declined_because(x_TD, plan, *weights, cpu_kernels=cpu_kernels) is None
 
 
-def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor) -> str | None:
+def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor,
+                     cpu_kernels: str = "auto") -> str | None:
     """Why the one-call path does not run this plan (see applies_to), or None when it does."""
     if plan.ids_TK is None:
         return "rows already grouped by expert (a rows plan)"
@@ -56,7 +58,8 @@ def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Ten
         return "a gradient to record"
     if skinny.observed(*tensors):
         return "a torch tool watches (compile, a dispatch mode or the profiler)"
-    return skinny.not_small_batch(lambda: int(plan.counts_E.max()), *tensors)
+    return skinny.not_small_batch(lambda: int(plan.counts_E.max()), *tensors,
+                                  cpu_kernels=cpu_kernels)
 
 
 def _ids_out_of_range(ids_TK: torch.Tensor, num_experts: int) -> ValueError:
@@ -89,21 +92,39 @@ def _check_tokens(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Te
                              f"{tuple(kept_TK.shape)}")
 
 
-def _check_expert(e: int, weights: ExpertWeights, dim: int, expert_dim: int,
-                  activation: str) -> None:
-    hidden = 2 * expert_dim if activation in GATED else expert_dim
-    expected = ((hidden, dim), (dim, expert_dim), (hidden,), (dim,))
-    for name, tensor, shape in zip(("w1", "w2", "b1", "b2"), weights, expected):
+def _check_weights(names: tuple[str, ...], weights: ExpertWeights,
+                   expected: tuple[tuple[int, ...], ...], activation: str) -> None:
+    """weights (w1, w2, b1, b2; b1 and b2 both or neither None) float32 on CPU with the expected
+    shapes, in full: the C code reads every element these shapes promise."""
+    for name, tensor, shape in zip(names, weights, expected):
         if tensor is None:
             continue
         if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
-            raise TypeError(f"expert {e}'s {name} must be a float32 CPU tensor, got {tensor.dtype} "
+            raise TypeError(f"{name} must be a float32 CPU tensor, got {tensor.dtype} "
                             f"on {tensor.device}")
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"expert {e}'s {name} must have shape {shape} for {activation!r}, got "
+            raise ValueError(f"{name} must have shape {shape} for {activation!r}, got "
                              f"{tuple(tensor.shape)}")
     if (weights[2] is None) != (weights[3] is None):
-        raise ValueError(f"expert {e} has one bias but not the other")
+        raise ValueError(f"give both {names[2]} and {names[3]} or neither")
+
+
+def _expert_shapes(dim: int, expert_dim: int, activation: str) -> tuple[tuple[int, ...], ...]:
+    """One expert's (w1, w2, b1, b2) shapes."""
+    hidden = 2 * expert_dim if activation in GATED else expert_dim
+    return (hidden, dim), (dim, expert_dim), (hidden,), (dim,)
+
+
+def _check_expert(e: int, weights: ExpertWeights, dim: int, expert_dim: int,
+                  activation: str) -> None:
+    names = tuple(f"expert {e}'s {name}" for name in ("w1", "w2", "b1", "b2"))
+    _check_weights(names, weights, _expert_shapes(dim, expert_dim, activation), activation)
+
+
+def _check_stacks(stacks: ExpertWeights, num_experts: int, dim: int, expert_dim: int,
+                  activation: str) -> None:
+    shapes = tuple((num_experts, *shape) for shape in _expert_shapes(dim, expert_dim, activation))
+    _check_weights(("w1_EHD", "w2_EDF", "b1_EH", "b2_ED"), stacks, shapes, activation)
 
 
 def _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, num_experts, dim, expert_dim, activation,
@@ -162,11 +183,10 @@ def skinny_ffn(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tenso
                          f"{tuple(w1_EHD.shape)} and {tuple(w2_EDF.shape)}")
     num_experts, dim, expert_dim = w2_EDF.shape
     stacks = [w1_EHD, w2_EDF, b1_EH, b2_ED]
-    firsts = [None if t is None else t[0] for t in stacks]
-    _check_expert(0, firsts, x_TD.shape[1], expert_dim, activation)
+    # Every stack in full, every expert: the C code reads E experts from each.
+    _check_stacks(stacks, num_experts, x_TD.shape[1], expert_dim, activation)
     # Each expert's matrix must be row-major and contiguous; the stack may be strided.
-    stacks = [t if first is None or first.is_contiguous() else t.contiguous()
-              for t, first in zip(stacks, firsts)]
+    stacks = [t if t is None or t[0].is_contiguous() else t.contiguous() for t in stacks]
     pointers = [None if t is None else _stack_addresses(t) for t in stacks]
     return _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, num_experts, dim, expert_dim,
                 activation, max_rows)

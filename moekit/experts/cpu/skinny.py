@@ -6,9 +6,10 @@
 At a few rows the product costs one read of the weights, and BLAS GEMMs read them more than
 once (they pack the matrix first). skinny.c streams each weight element once; it is compiled
 on first use with the host's C compiler (moekit/experts/cpu/build.py) and called through
-ctypes, which releases the GIL. Without a compiler, or with MOEKIT_CPU_KERNELS=0, ``available()`` is False,
-the reason is in ``unavailable_reason()``, and callers fall back to torch.mm. ``small_batch`` is
-the one place that decides whether a batch takes the kernel.
+ctypes, which releases the GIL. Without a compiler, or with MOEKIT_CPU_KERNELS=0 (which overrides
+the config), ``available()`` is False, the reason is in ``unavailable_reason()``, and callers fall
+back to torch.mm. ``small_batch`` is the one place that decides whether a batch takes the kernel;
+callers pass it the layer's ``MoEConfig.cpu_kernels`` ("auto", or "off": never).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch.overrides import has_torch_function
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
-from moekit.experts.cpu.build import KernelBuildError, build_library
+from moekit.experts.cpu.build import build_library
 
 # Up to this many rows per expert the kernel beats MKL's GEMM (1.4-4x at 1-12 rows on a 2-core
 # AVX2 machine, forward and backward forms, about level at 16; benchmarks/skinny_kernel.py).
@@ -58,20 +59,24 @@ def _load() -> ctypes.CDLL | None:
             return None
         try:
             library = ctypes.CDLL(str(build_library(_SOURCE)))
-        except (KernelBuildError, OSError) as error:
+            _declare(library)
+        except Exception as error:  # whatever stops the kernel, the callers fall back to torch.mm
             _reason = f"the skinny CPU kernel could not be built: {error}"
             warnings.warn(f"{_reason}; decode-size expert products fall back to torch.mm",
                           RuntimeWarning, stacklevel=3)
             return None
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        for function in (library.moekit_skinny_grouped, library.moekit_skinny_grouped_nn):
-            function.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
-            function.restype = None
-        library.moekit_skinny_ffn.argtypes = [p, p, p, p, i64, i64, p, p, p, p, i64, i64, i64,
-                                              ctypes.c_int, ctypes.c_int, i64, p, p, p, ctypes.c_int]
-        library.moekit_skinny_ffn.restype = ctypes.c_int
         _library = library
         return library
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    for function in (library.moekit_skinny_grouped, library.moekit_skinny_grouped_nn):
+        function.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
+        function.restype = None
+    library.moekit_skinny_ffn.argtypes = [p, p, p, p, i64, i64, p, p, p, p, i64, i64, i64,
+                                          ctypes.c_int, ctypes.c_int, i64, p, p, p, ctypes.c_int]
+    library.moekit_skinny_ffn.restype = ctypes.c_int
 
 
 def available() -> bool:
@@ -85,19 +90,24 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def small_batch(rows_per_expert: int | Callable[[], int], *tensors: torch.Tensor) -> bool:
+def small_batch(rows_per_expert: int | Callable[[], int], *tensors: torch.Tensor,
+                cpu_kernels: str = "auto") -> bool:
     """The one decision whether a batch is decode-size, i.e. its products go through the kernel:
-    every tensor float32 on CPU, the kernel available, and at most MAX_ROWS rows for every
-    expert. rows_per_expert: the most rows any expert has, or a function that gives it, called
-    only when the other conditions hold (counting rows costs more than they do)."""
-    return not_small_batch(rows_per_expert, *tensors) is None
+    every tensor float32 on CPU, cpu_kernels not "off", the kernel available, and at most
+    MAX_ROWS rows for every expert. rows_per_expert: the most rows any expert has, or a function
+    that gives it, called only when the other conditions hold (counting rows costs more than
+    they do)."""
+    return not_small_batch(rows_per_expert, *tensors, cpu_kernels=cpu_kernels) is None
 
 
-def not_small_batch(rows_per_expert: int | Callable[[], int], *tensors: torch.Tensor) -> str | None:
+def not_small_batch(rows_per_expert: int | Callable[[], int], *tensors: torch.Tensor,
+                    cpu_kernels: str = "auto") -> str | None:
     """Why a batch is not decode-size (see small_batch), or None when it is."""
     for t in tensors:
         if t.dtype != torch.float32 or t.device.type != "cpu":
             return f"the kernel takes float32 on CPU, not {t.dtype} on {t.device.type}"
+    if cpu_kernels == "off":
+        return "turned off by cpu_kernels='off'"
     if not available():
         return unavailable_reason()
     rows = rows_per_expert() if callable(rows_per_expert) else rows_per_expert
@@ -116,6 +126,15 @@ def skinny_grouped(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], *,
     forward and backward passes.
     """
     library()
+    _check_grouped(x_RK, w, counts_E, transpose)
+    if observed(x_RK, w):
+        return torch.ops.moekit.skinny_grouped(x_RK, w, list(counts_E), transpose)
+    return _run(x_RK, w, counts_E, transpose)
+
+
+def _check_grouped(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int],
+                   transpose: bool) -> None:
+    """Every shape the C code relies on, for skinny_grouped and the operator alike."""
     if x_RK.dtype != torch.float32 or w.dtype != torch.float32:
         raise TypeError(f"skinny_grouped takes float32, got x {x_RK.dtype} and w {w.dtype}")
     if x_RK.device.type != "cpu" or w.device.type != "cpu":
@@ -128,9 +147,6 @@ def skinny_grouped(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], *,
     if len(counts_E) != w.shape[0] or sum(counts_E) != x_RK.shape[0] or min(counts_E, default=0) < 0:
         raise ValueError(f"counts {list(counts_E)} must be {w.shape[0]} non-negative numbers "
                          f"summing to the {x_RK.shape[0]} rows of x")
-    if observed(x_RK, w):
-        return torch.ops.moekit.skinny_grouped(x_RK, w, list(counts_E), transpose)
-    return _run(x_RK, w, counts_E, transpose)
 
 
 def observed(*tensors: torch.Tensor) -> bool:
@@ -163,6 +179,7 @@ def _run(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int], transpose: bo
 @torch.library.custom_op("moekit::skinny_grouped", mutates_args=(), device_types="cpu")
 def _skinny_grouped_op(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int],
                        transpose: bool) -> torch.Tensor:
+    _check_grouped(x_RK, w, counts_E, transpose)  # the operator may be called directly
     return _run(x_RK, w, counts_E, transpose)
 
 

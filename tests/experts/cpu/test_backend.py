@@ -6,6 +6,7 @@ import torch
 
 from moekit.experts.cpu import backend, skinny
 from tests.conftest import randomized_moe
+from tests.experts.cpu.conftest import count_calls
 
 
 def test_a_declining_native_call_falls_back_to_the_fused_op(monkeypatch):
@@ -56,3 +57,25 @@ def test_explain_backend_says_the_whole_choice_and_why():
         "fused: the autograd op (not the one native call: a gradient to record)"
     loop = randomized_moe(dim=32, expert_dim=16, num_experts=4, top_k=2, experts_backend="loop")
     assert loop.experts.explain_backend(x, plan) == "loop"
+
+
+def test_cpu_kernels_off_keeps_every_product_in_torch(monkeypatch):
+    """MoEConfig(cpu_kernels="off"): neither the one native call nor the kernel's products, in
+    inference or training, and explain_backend says so; the result is the same up to rounding."""
+    from moekit.dispatch import plan_dispatch
+
+    fields = dict(dim=32, expert_dim=16, num_experts=4, top_k=2, bias=True)
+    auto, off = randomized_moe(**fields), randomized_moe(**fields, cpu_kernels="off")
+    native_calls = count_calls(monkeypatch, backend.decode, "skinny_ffn")
+    product_calls = count_calls(monkeypatch, skinny, "skinny_grouped")
+    x = torch.randn(6, 32)
+    plan = plan_dispatch(torch.tensor([[0, 1]] * 6), torch.full((6, 2), 0.5), 4)
+    with torch.no_grad():
+        assert off.experts.explain_backend(x, plan) == \
+            "fused: the autograd op (not the one native call: turned off by cpu_kernels='off')"
+        y_off, y_auto = off.eval()(x)[0], auto.eval()(x)[0]
+    torch.testing.assert_close(y_off, y_auto)
+    y, aux = off.train()(x.clone().requires_grad_())
+    (y.square().sum() + aux.loss).backward()
+    assert native_calls == ([1] if skinny.available() else [])  # the auto layer's, only
+    assert product_calls == []

@@ -7,11 +7,10 @@ import torch
 
 from moekit.experts.activations import ACTIVATIONS, GATED, apply_activation
 from moekit.experts.cpu import decode, skinny
-from tests.conftest import randomized_moe
+from tests.conftest import needs, randomized_moe
 from tests.experts.cpu.conftest import count_calls
 
-needs_kernel = pytest.mark.skipif(not skinny.available(),
-                                  reason=f"no skinny kernel: {skinny.unavailable_reason()}")
+needs_kernel = needs(skinny.available(), reason=f"no skinny kernel: {skinny.unavailable_reason()}")
 
 
 def _reference(x, ids, weights, w1, w2, activation, b1=None, b2=None, kept=None) -> torch.Tensor:
@@ -140,13 +139,20 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"expected x_TD \[T, D\], ids_TK and weights_TK \[T, K\]; "
                                          r"got \(3, 8\), \(3, 2\), \(2, 3\)"):
         decode.skinny_ffn(x, ids, weights.t(), w1, w2, "swiglu")
-    with pytest.raises(ValueError, match=r"expert 0's w1 must have shape \(14, 8\) for 'swiglu', "
-                                         r"got \(12, 8\)"):  # F = 7 from w2
+    with pytest.raises(ValueError, match=r"w1_EHD must have shape \(4, 14, 8\) for 'swiglu', "
+                                         r"got \(4, 12, 8\)"):  # F = 7 from w2
         decode.skinny_ffn(x, ids, weights, w1, torch.randn(4, 8, 7), "swiglu")
-    with pytest.raises(TypeError, match="expert 0's w2 must be a float32 CPU tensor, got torch.float64"):
+    with pytest.raises(TypeError, match="w2_EDF must be a float32 CPU tensor, got torch.float64"):
         decode.skinny_ffn(x, ids, weights, w1, w2.double(), "swiglu")
-    with pytest.raises(ValueError, match="expert 0 has one bias but not the other"):
+    with pytest.raises(ValueError, match="give both b1_EH and b2_ED or neither"):
         decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", b1_EH=torch.zeros(4, 12))
+    # Every expert's slice is checked, not only expert 0's: the C code would read past the end.
+    with pytest.raises(ValueError, match=r"b1_EH must have shape \(4, 12\) for 'swiglu', got \(2, 12\)"):
+        decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", torch.zeros(2, 12), torch.zeros(4, 8))
+    with pytest.raises(ValueError, match=r"b2_ED must have shape \(4, 8\) for 'swiglu', got \(1, 8\)"):
+        decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", torch.zeros(4, 12), torch.zeros(1, 8))
+    with pytest.raises(ValueError, match=r"b2_ED must have shape \(4, 8\) for 'swiglu', got \(4, 7\)"):
+        decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", torch.zeros(4, 12), torch.zeros(4, 7))
     with pytest.raises(TypeError, match="kept_TK must be a bool CPU tensor, got torch.int64"):
         decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", kept_TK=torch.ones_like(ids))
     with pytest.raises(ValueError, match=r"kept_TK must have ids_TK's shape \(3, 2\), got \(3,\)"):

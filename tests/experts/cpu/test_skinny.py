@@ -11,11 +11,10 @@ import torch
 
 from moekit.experts import fused
 from moekit.experts.cpu import skinny
-from tests.conftest import randomized_moe
+from tests.conftest import needs, randomized_moe
 from tests.experts.cpu.conftest import count_calls
 
-needs_kernel = pytest.mark.skipif(not skinny.available(),
-                                  reason=f"no skinny kernel: {skinny.unavailable_reason()}")
+needs_kernel = needs(skinny.available(), reason=f"no skinny kernel: {skinny.unavailable_reason()}")
 
 
 def _reference(x_RK: torch.Tensor, w: torch.Tensor, counts: list[int],
@@ -93,6 +92,11 @@ def test_bad_inputs_are_named():
         skinny.skinny_grouped(x, w, [2, 2], transpose=False)
     with pytest.raises(ValueError, match="runs on CPU, got x on meta, w on cpu"):
         skinny.skinny_grouped(x.to("meta"), w, [2, 2])
+    # The registered operator checks as much: counts that overrun x or w never reach the C code.
+    with pytest.raises(ValueError, match=r"counts \[3, 4\] must be 2 non-negative numbers"):
+        torch.ops.moekit.skinny_grouped(x, w, [3, 4], True)
+    with pytest.raises(ValueError, match=r"counts \[1, 1, 2\] must be 2"):
+        torch.ops.moekit.skinny_grouped(x, w, [1, 1, 2], True)
 
 
 def test_unavailable_kernel_says_why(monkeypatch):
@@ -101,6 +105,24 @@ def test_unavailable_kernel_says_why(monkeypatch):
     monkeypatch.setattr(skinny, "_reason", "disabled by MOEKIT_CPU_KERNELS=0")
     with pytest.raises(RuntimeError, match="disabled by MOEKIT_CPU_KERNELS=0"):
         skinny.skinny_grouped(torch.randn(2, 8), torch.randn(1, 3, 8), [2])
+
+
+def test_any_load_failure_turns_the_kernel_off_and_says_why(monkeypatch):
+    """Not only build errors: whatever stops the library (an error locating the cache, say)
+    leaves the kernel reported off with that reason, never reported in use."""
+    monkeypatch.setattr(skinny, "_tried", False)
+    monkeypatch.setattr(skinny, "_library", None)
+    monkeypatch.setattr(skinny, "_reason", None)
+    monkeypatch.setenv("MOEKIT_CPU_KERNELS", "1")
+
+    def unexpected(source):
+        raise KeyError("getpwuid(): uid not found: 4242")
+
+    monkeypatch.setattr(skinny, "build_library", unexpected)
+    with pytest.warns(RuntimeWarning, match="uid not found: 4242.*fall back to torch.mm"):
+        assert not skinny.available()
+    assert not skinny.available() and "uid not found: 4242" in skinny.unavailable_reason()
+    assert not skinny.small_batch(1, torch.ones(2))
 
 
 @needs_kernel

@@ -15,9 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-pytest.importorskip("triton", reason="Triton is not installed (pip install 'moekit[triton]')")
+from tests.conftest import import_or_skip
+
+import_or_skip("triton", reason="Triton is not installed (pip install 'moekit[triton]')")
 
 ROOT = Path(__file__).resolve().parents[3]
 TILES = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, UPCAST=False, PRECISION="tf32")

@@ -10,16 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="Triton is not installed (pip install 'moekit[triton]')")
+from tests.conftest import assert_rel_close, import_or_skip, needs
+
+import_or_skip("triton", reason="Triton is not installed (pip install 'moekit[triton]')")
 
 from moekit.experts.triton import fused_moe, sort_by_expert, triton_experts, triton_runs_on  # noqa: E402
 from moekit.experts.triton import ops  # noqa: E402
-from tests.conftest import assert_rel_close  # noqa: E402
 from tests.reference import reference_experts  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(not triton_runs_on(DEVICE),
-                                reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+pytestmark = needs(triton_runs_on(DEVICE), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
