@@ -6,9 +6,11 @@ moekit's own ``MoEConfig``, so a count of a moekit layer is exact by
 construction. ``KNOWN_ARCHITECTURES`` holds published models as data,
 ``spec_from_lm_config`` describes a moekit ``LMConfig``, ``count_parameters``
 returns a ``ParamBreakdown`` and ``format_breakdown`` prints it.
+``spec_to_dict``/``spec_from_dict`` are a spec as JSON (a moekit spec file).
 
 Modules: ``specs`` (the spec classes), ``counting`` (the counts and FLOPs),
-``formatting`` (the table), ``published`` (the known architectures).
+``formatting`` (the table), ``published`` (the known architectures),
+``spec_json`` (the spec file schema).
 
 Conventions
   * Active parameters are those one token meets in a forward pass: everything
@@ -23,8 +25,9 @@ from moekit.params.counting import (CATEGORIES, ParamBreakdown, ParamCount, coun
                                     moe_layer_parameters)
 from moekit.params.formatting import format_breakdown
 from moekit.params.published import KNOWN_ARCHITECTURES
+from moekit.params.spec_json import spec_from_dict, spec_to_dict
 from moekit.params.specs import QK_NORMS, ArchSpec, AttentionSpec, MLASpec, spec_from_lm_config
 
-__all__ = ["CATEGORIES", "KNOWN_ARCHITECTURES", "QK_NORMS", "ArchSpec", "AttentionSpec", "MLASpec",
-           "ParamBreakdown", "ParamCount", "count_parameters", "format_breakdown",
-           "moe_layer_parameters", "spec_from_lm_config"]
+__all__ = ["CATEGORIES", "KNOWN_ARCHITECTURES", "QK_NORMS", "ArchSpec", "AttentionSpec",
+           "MLASpec", "ParamBreakdown", "ParamCount", "count_parameters", "format_breakdown",
+           "moe_layer_parameters", "spec_from_dict", "spec_to_dict", "spec_from_lm_config"]
