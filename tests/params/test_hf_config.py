@@ -3,6 +3,7 @@ ArchSpec of the same model as the reference for the active count."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -13,8 +14,8 @@ from torch import nn
 
 from moekit import MoEConfig
 from moekit.errors import UsageError
-from moekit.params import (ArchSpec, AttentionSpec, HFModelCount, MLASpec, MoELayerCount,
-                           count_hf_model, count_parameters, hf_config_from_dict)
+from moekit.params import (KNOWN_ARCHITECTURES, ArchSpec, AttentionSpec, HFModelCount, MLASpec,
+                           MoELayerCount, count_hf_model, count_parameters, hf_config_from_dict)
 from moekit.params.hf_config import split_experts
 
 transformers = pytest.importorskip("transformers")
@@ -211,3 +212,18 @@ def test_without_transformers_the_error_says_what_to_install(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'moekit\[hf\]'"):
         hf_config_from_dict({"model_type": "mixtral"})
 
+
+def test_switch_c_layout_at_small_width_equals_transformers():
+    """switch-c-2048's spec with only its widths and expert count shrunk: 15 + 15 blocks,
+    every FFN sparse, 32 position buckets, tied embedding, as transformers builds it."""
+    switch_c = KNOWN_ARCHITECTURES["switch-c-2048"]
+    spec = dataclasses.replace(
+        switch_c, dim=D, vocab_size=V,
+        attention=dataclasses.replace(switch_c.attention, num_heads=4, num_kv_heads=4, head_dim=8),
+        moe=dataclasses.replace(switch_c.moe, dim=D, expert_dim=24, num_experts=8))
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=V, d_model=D, d_ff=24, d_kv=8, num_heads=4, num_layers=15,
+        num_decoder_layers=15, num_sparse_encoder_layers=15, num_sparse_decoder_layers=15,
+        num_experts=8, relative_attention_num_buckets=32, feed_forward_proj="relu")
+    count, reference = count_hf_model(config), count_parameters(spec)
+    assert (count.total, count.active) == (reference.total, reference.active)
