@@ -9,8 +9,8 @@ Active parameters are the total less the E - k routed experts a token skips in
 every MoE layer, found by the model's structure: an experts container is a
 module named ``experts`` or whose class name ends in ``Experts`` (not one
 holding another), with its E experts stacked (its own parameters share the
-leading dim E) or as E equal submodules; the containers of one parent module
-form one MoE layer. k is that parent's (or its router's) ``top_k``, else the config's
+leading dim E), as E equal submodules, or concatenated in one submodule; the
+containers of one parent module form one MoE layer. k is that parent's (or its router's) ``top_k``, else the config's
 experts-per-token field, else the family's fixed k; where none is known, active
 is undefined (None).
 
@@ -140,6 +140,8 @@ def split_experts(container: nn.Module) -> tuple[int, int] | None:
     Stacked: its own parameters share the leading dim E and are the experts';
     a submodule inside it (a norm after the experts) is always active. Listed:
     no own parameters, E equal submodules (and any without parameters).
+    Flattened: one submodule holding the weights of the container's
+    ``num_experts`` experts concatenated (DBRX).
     """
     own = list(container.parameters(recurse=False))
     if own:
@@ -149,7 +151,13 @@ def split_experts(container: nn.Module) -> tuple[int, int] | None:
         experts = leading.pop()
         return experts, sum(p.numel() for p in own) // experts
     sizes = [size for size in map(_numel, container.children()) if size]
-    return (len(sizes), sizes[0]) if len(set(sizes)) == 1 else None
+    declared = getattr(container, "num_experts", None)
+    if len(set(sizes)) == 1 and declared in (None, len(sizes)):
+        return len(sizes), sizes[0]
+    if len(sizes) == 1 and isinstance(declared, int) and declared > 0 \
+            and sizes[0] % declared == 0:
+        return declared, sizes[0] // declared
+    return None
 
 
 def _top_k(block: nn.Module, config, num_experts: int) -> int | None:

@@ -159,6 +159,19 @@ def test_two_experts_containers_in_a_block_and_attention_experts():
     assert (mlp.num_experts, mlp.top_k, mlp.expert_params) == (4, 2, D * 2 * 24 + 24 * D)
 
 
+def test_experts_concatenated_in_one_submodule():
+    # DBRX: DbrxExperts(num_experts=4) holds one module whose w1, v1, w2 are [E * F, D]
+    config = transformers.DbrxConfig(
+        d_model=D, n_heads=4, n_layers=2, vocab_size=V,
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
+        ffn_config={"ffn_hidden_size": 24, "moe_num_experts": 4, "moe_top_k": 2})
+    count = count_hf_model(config)
+    assert count.total == numel(meta_model(config))
+    assert {(layer.num_experts, layer.expert_params, layer.top_k)
+            for layer in count.moe_layers} == {(4, 3 * D * 24, 2)}
+    assert count.active == count.total - 2 * (4 - 2) * 3 * D * 24
+
+
 def test_experts_that_cannot_be_told_apart():
     stacked = nn.Module()
     stacked.up = nn.Parameter(torch.empty(4, 3, 2))
