@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from moekit.errors import UsageError
+from moekit.params.hf_config import hf_config_from_dict
 from moekit.params.spec_json import spec_from_dict
 
 
@@ -32,8 +33,6 @@ def read_model_file(path: str | Path):
     if not isinstance(values, dict):
         raise UsageError(f"{file} must hold a JSON object, got a {type(values).__name__}")
     if "model_type" in values:
-        from moekit.params.hf_config import hf_config_from_dict
-
         return hf_config_from_dict(values, source=str(file))
     try:
         return spec_from_dict({"name": file.stem, **values})
