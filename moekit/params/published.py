@@ -19,6 +19,24 @@ KNOWN_ARCHITECTURES: dict[str, ArchSpec] = {spec.name: spec for spec in (
                            normalize_topk=False, router_noise="jitter", capacity_factor=1.25),
              num_dense_layers=6, ffn_dim=3072, ffn_gated=False, tie_embeddings=True,
              encoder_decoder=True),
+    # google/switch-c-2048 (Fedus et al. 2021, table 9): 15 + 15 blocks, every FFN a
+    # 2048-expert top-1 ReLU MoE. 1,571,308,972,448 parameters, exactly transformers'
+    # SwitchTransformersForConditionalGeneration of its config.
+    ArchSpec(name="switch-c-2048", vocab_size=32128, dim=2080, num_layers=15,
+             attention=AttentionSpec(num_heads=32, num_kv_heads=32, head_dim=64,
+                                     position_buckets=32),
+             moe=MoEConfig(dim=2080, expert_dim=6144, num_experts=2048, top_k=1,
+                           activation="relu", normalize_topk=False, router_noise="jitter",
+                           capacity_factor=1.25),
+             ffn_gated=False, tie_embeddings=True, encoder_decoder=True),
+    # GLaM 64B/64E (Du et al. 2022, table 4): 64 blocks, every other FFN an MoE of 64
+    # plain-GELU experts, top-2, the dense FFNs gated GELU; one 256K x 8192 vocabulary
+    # matrix. 1.16T total, 96.6B active (its relative position bias is not counted).
+    ArchSpec(name="glam-64b-64e", vocab_size=256000, dim=8192, num_layers=64,
+             attention=AttentionSpec(num_heads=128, num_kv_heads=128, head_dim=128),
+             moe=MoEConfig(dim=8192, expert_dim=32768, num_experts=64, top_k=2,
+                           activation="gelu"),
+             num_dense_layers=32, ffn_dim=32768, tie_embeddings=True),
     # mistralai/Mixtral-8x7B-v0.1: 46.7B total, 12.9B active.
     ArchSpec(name="mixtral-8x7b", vocab_size=32000, dim=4096, num_layers=32,
              attention=AttentionSpec(num_heads=32, num_kv_heads=8, head_dim=128),

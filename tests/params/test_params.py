@@ -25,11 +25,14 @@ PUBLISHED = [
     ("deepseek-v3", 671e9, 37e9, 0.02),
     ("qwen3-30b-a3b", 30.5e9, 3.3e9, 0.02),
     ("olmoe-1b-7b", 6.9e9, 1.3e9, 0.02),
+    ("glam-64b-64e", 1.16e12, 96.6e9, 0.005),
 ]
 
 # sum(p.numel() for p in model.parameters()) of the transformers 5.23 classes built on the
-# meta device from each model's config.json (DeepSeek-V3 without its MTP module).
+# meta device from each model's config.json (DeepSeek-V3 without its MTP module); Switch-C's
+# is also its published count (transformers 5.24).
 TRANSFORMERS_TOTALS = {
+    "switch-c-2048": 1_571_308_972_448,
     "switch-base-8": 619_339_008,
     "mixtral-8x7b": 46_702_792_704,
     "deepseek-v3": 671_026_404_352,
@@ -64,9 +67,16 @@ def test_switch_active_is_t5_base_plus_routers():
     assert breakdown.active == 222_903_552 + 12 * 8 * 768
 
 
+def test_glam_to_a_tenth_of_a_billion_active():
+    breakdown = count_parameters(KNOWN_ARCHITECTURES["glam-64b-64e"])
+    assert round(breakdown.total / 1e12, 2) == 1.16
+    assert round(breakdown.active / 1e9, 1) == 96.6
+
+
 def test_known_architecture_keys_are_their_names():
-    assert set(KNOWN_ARCHITECTURES) >= {"switch-base-8", "mixtral-8x7b", "deepseek-v3",
-                                        "qwen3-30b-a3b", "olmoe-1b-7b"}
+    assert set(KNOWN_ARCHITECTURES) >= {"switch-base-8", "switch-c-2048", "glam-64b-64e",
+                                        "mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b",
+                                        "olmoe-1b-7b"}
     for name, spec in KNOWN_ARCHITECTURES.items():
         assert spec.name == name
 
