@@ -109,8 +109,12 @@ def build_on_meta(config) -> nn.Module:
                            transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING),
                           (transformers.AutoModel, transformers.MODEL_MAPPING)):
         if type(config) in mapping:
-            with torch.device("meta"):
-                return auto.from_config(config)
+            try:
+                with torch.device("meta"):
+                    return auto.from_config(config)
+            except Exception as error:  # the config class accepted what its model cannot build
+                raise UsageError(f"transformers cannot build a {config.model_type!r} model from "
+                                 f"this config: {type(error).__name__}: {error}") from error
     raise UsageError(f"model_type {config.model_type!r} has no transformers model class to build "
                      "(causal LM, sequence-to-sequence LM, image-text-to-text or base model)")
 

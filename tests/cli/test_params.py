@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+
 import torch
 
 from moekit.cli import main
 from moekit.params import KNOWN_ARCHITECTURES, spec_to_dict
+from tests.conftest import import_or_skip
 
-transformers = pytest.importorskip("transformers")
+transformers = import_or_skip("transformers")
 
 SMALL = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 CONFIGS = {
@@ -98,3 +100,18 @@ def test_context_is_refused_for_a_transformers_config(tmp_path, capsys):
         main(["params", str(tmp_path / "config.json"), "--context", "100"])
     assert exit_info.value.code == 2
     assert "--context sets the attention FLOPs" in capsys.readouterr().err
+
+
+def test_a_config_transformers_cannot_build_is_one_line(tmp_path, monkeypatch):
+    """A config its class accepts but its model refuses: transformers' error in one line."""
+    import moekit.params.hf_config as hf_config
+    from moekit.errors import UsageError
+
+    def refuse(*_args, **_kwargs):
+        raise AttributeError("no attribute 'rope_theta'")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(transformers.MixtralConfig(num_hidden_layers=1).to_dict()))
+    with pytest.raises(UsageError, match="cannot build a 'mixtral' model.*rope_theta"):
+        hf_config.build_on_meta(hf_config.hf_config_from_dict(json.loads(path.read_text())))

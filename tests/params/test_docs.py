@@ -10,6 +10,7 @@ import pytest
 
 from moekit.cli import main
 from moekit.params import KNOWN_ARCHITECTURES, count_parameters
+from tests.conftest import import_or_skip
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "params.md").read_text()
 
@@ -37,7 +38,7 @@ def test_known_architectures_table():
 
 
 def test_config_json_example_prints_the_table_shown(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
+    transformers = import_or_skip("transformers")
     shown = re.search(r"\$ moekit params mixtral/config.json\n(.*?)```", DOC, flags=re.S)
     transformers.MixtralConfig().to_json_file(tmp_path / "config.json")  # Mixtral-8x7B's sizes
     assert main(["params", str(tmp_path / "config.json")]) == 0

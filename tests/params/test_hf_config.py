@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 import torch
 from torch import nn
 
@@ -17,8 +18,9 @@ from moekit.errors import UsageError
 from moekit.params import (KNOWN_ARCHITECTURES, ArchSpec, AttentionSpec, HFModelCount, MLASpec,
                            MoELayerCount, count_hf_model, count_parameters, hf_config_from_dict)
 from moekit.params.hf_config import split_experts
+from tests.conftest import import_or_skip
 
-transformers = pytest.importorskip("transformers")
+transformers = import_or_skip("transformers")
 
 D, V = 32, 100
 
