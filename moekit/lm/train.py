@@ -21,12 +21,15 @@ import torch.nn.functional as F
 
 from ..balancing import router_step
 from ..errors import UsageError
-from .checkpoint import (METRICS_FILE, CheckpointError, checkpoint_dirs, latest_checkpoint,
-                         load_checkpoint, read_run_config, save_checkpoint, write_run_config)
+from .checkpoint import (METRICS_FILE, STATE_FILE, CheckpointError, checkpoint_dirs, checkpoint_step,
+                         latest_checkpoint, load_checkpoint, read_run_config,
+                         remove_temporary_files, save_checkpoint, write_run_config)
 from .config import LMConfig, TrainConfig
 from .data import Corpus, evaluation_batches, sample_batch
 from .distributed import SingleProcess
 from .model import MoETransformer
+from .signals import StopRequests, TrainingStopped
+from .trainer_state import check_trainer_state, trainer_state
 
 
 @dataclass
@@ -135,12 +138,49 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
 
     ``stop_after`` ends this call after that optimizer step (with a checkpoint),
     as an interruption would; resuming then continues the same schedule.
+    SIGINT or SIGTERM (moekit.lm.signals) finishes the current optimizer step,
+    saves it and raises ``TrainingStopped``.
     ``parallel`` (moekit.lm.distributed) spreads the run over processes; only
     its main rank writes files and logs.
     """
-    run_dir = Path(run_dir)
-    device = torch.device(device)
-    parallel = parallel or SingleProcess()
+    with StopRequests() as stop:
+        return _train(model_cfg, train_cfg, corpus, Path(run_dir), resume=resume,
+                      device=torch.device(device), dtype=dtype, stop_after=stop_after,
+                      progress=progress, extra_config=extra_config, log=log,
+                      parallel=parallel or SingleProcess(), stop=stop)
+
+
+def _resume_state(run_dir: Path, model: MoETransformer, optimizer: torch.optim.Optimizer,
+                  train_cfg: TrainConfig, device: torch.device, parallel: SingleProcess,
+                  log: Callable[[str], None]) -> tuple[int, float, torch.Tensor, Path]:
+    """Load the newest checkpoint into model and optimizer and set the torch generators
+    -> (step, elapsed seconds, the data generator's state, the checkpoint)."""
+    if parallel.is_main:
+        for path in remove_temporary_files(run_dir):
+            log(f"removed {path}, left by an interrupted save")
+    parallel.barrier()
+    checkpoint = latest_checkpoint(run_dir)
+    try:
+        state = load_checkpoint(checkpoint, model,
+                                lambda weights: parallel.load_state_dict(model, weights))
+        check_trainer_state(state, checkpoint / STATE_FILE, checkpoint_step(checkpoint),
+                            train_cfg.grad_accum)
+    except CheckpointError as error:
+        older = [p.name for p in checkpoint_dirs(run_dir)[:-1]]
+        hint = f"; older checkpoints: {', '.join(older)} (move {checkpoint.name} away to use them)" \
+            if older else ""
+        raise CheckpointError(f"{error}{hint}") from error
+    parallel.load_optimizer_state_dict(model, optimizer, state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return int(state["step"]), float(state["elapsed_seconds"]), state["data_rng"], checkpoint
+
+
+def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: Path, *,
+           resume: bool, device: torch.device, dtype: torch.dtype, stop_after: int | None,
+           progress: bool, extra_config: dict[str, Any] | None, log: Callable[[str], None],
+           parallel: SingleProcess, stop: StopRequests) -> TrainResult:
     if model_cfg.max_seq_len < train_cfg.seq_len:
         raise ValueError(f"seq_len {train_cfg.seq_len} exceeds the model's max_seq_len "
                          f"{model_cfg.max_seq_len}")
@@ -161,19 +201,9 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
         if (saved_model, saved_train) != (model_cfg, train_cfg):
             raise CheckpointError(f"the configs given differ from {run_dir}/config.json; "
                                   "resume with the run's own configs")
-        checkpoint = latest_checkpoint(run_dir)
-        try:
-            state = load_checkpoint(checkpoint, model,
-                                    lambda weights: parallel.load_state_dict(model, weights))
-        except CheckpointError as error:
-            older = [p.name for p in checkpoint_dirs(run_dir)[:-1]]
-            hint = f"; older checkpoints: {', '.join(older)} (move {checkpoint.name} away to use them)" \
-                if older else ""
-            raise CheckpointError(f"{error}{hint}") from error
-        parallel.load_optimizer_state_dict(model, optimizer, state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        data_rng.set_state(state["data_rng"])
-        step, elapsed = int(state["step"]), float(state["elapsed_seconds"])
+        step, elapsed, data_state, checkpoint = _resume_state(run_dir, model, optimizer, train_cfg,
+                                                              device, parallel, log)
+        data_rng.set_state(data_state)
         parallel.barrier()  # every rank has read the run before the main one truncates its metrics
         if parallel.is_main:
             _truncate_metrics(metrics_path, step)
@@ -187,17 +217,18 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
             run_dir.mkdir(parents=True, exist_ok=True)
             write_run_config(run_dir, model_cfg, train_cfg, extra_config)
     model.train()
+    saved_step = step if resume else None
 
     def save() -> None:
         """A checkpoint of the one-process weights and optimizer state (every rank calls it)."""
+        nonlocal saved_step
         weights = parallel.full_state_dict(model)
         optimizer_state = parallel.full_optimizer_state_dict(model, optimizer)
         if parallel.is_main:
-            save_checkpoint(run_dir, step, weights, {
-                "step": step, "optimizer": optimizer_state, "torch_rng": torch.get_rng_state(),
-                "data_rng": data_rng.get_state(), "elapsed_seconds": elapsed,
-                "schedule": "warmup_cosine"})
+            save_checkpoint(run_dir, step, weights, trainer_state(
+                step, train_cfg.grad_accum, optimizer_state, data_rng, elapsed, device))
         parallel.barrier()
+        saved_step = step
 
     eval_data = evaluation_batches(corpus.val, train_cfg.eval_batches, train_cfg.batch_size,
                                    train_cfg.seq_len)
@@ -211,9 +242,19 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
     trained_tokens, training_seconds = 0, 0.0  # this call's, for the mean throughput
     bar = _progress_bar(train_cfg.steps, step, progress)
     metrics = open(metrics_path, "a") if parallel.is_main else contextlib.nullcontext()
+
+    def write_record(metrics_file, record: dict[str, Any]) -> None:
+        if parallel.is_main:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
     try:
         with metrics as metrics_file:
+            stopping = False
             while step < last_stop:
+                stopping = _stop_agreed(stop, parallel)
+                if stopping:
+                    break
                 lr = learning_rate(step, train_cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -243,9 +284,7 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                 trained_tokens += train_cfg.tokens_per_step
                 if step % train_cfg.log_every == 0 or step == last_stop:
                     record = window.record(step, lr, grad_norm, parallel)
-                    if parallel.is_main:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
+                    write_record(metrics_file, record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}",
                                     tok_s=f"{record['tokens_per_second']:.0f}",
                                     load=f"{max(record['load_max_over_mean'], default=1.0):.2f}",
@@ -253,21 +292,25 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                     window = _Window(num_moe, num_experts)
                 if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                     val_loss = evaluate(model, eval_data, device, parallel)
-                    if parallel.is_main:
-                        metrics_file.write(json.dumps({"kind": "eval", "step": step, "val_loss": val_loss,
-                                                       "val_perplexity": math.exp(val_loss)}) + "\n")
-                        metrics_file.flush()
-                        bar.write(f"step {step}: validation loss {val_loss:.4f} nats/byte")
+                    write_record(metrics_file, {"kind": "eval", "step": step, "val_loss": val_loss,
+                                                "val_perplexity": math.exp(val_loss)})
+                    bar.write(f"step {step}: validation loss {val_loss:.4f} nats/byte")
                 if step % train_cfg.save_every == 0 or step == last_stop:
                     save()
                 bar.update(1)
-    except KeyboardInterrupt:
+            if stopping or _stop_agreed(stop, parallel):  # also a signal during the last step
+                if window.micro_batches:  # the steps since the last log line
+                    write_record(metrics_file, window.record(step, lr, grad_norm, parallel))
+                if saved_step != step:
+                    save()
+                raise stop.stopped(f"saved step {step} in {run_dir}; continue with "
+                                   f"`moekit train --resume {run_dir}`")
+    except TrainingStopped as stopped:
         bar.close()
-        if parallel.world_size > 1:  # the other ranks may not be interrupted: no collective save
-            log(f"interrupted at step {step}; the newest checkpoint in {run_dir} is kept")
-            raise
-        save()
-        log(f"interrupted: saved step {step} in {run_dir}; continue with --resume {run_dir}")
+        if saved_step != step:  # a third signal: nothing of this step was saved
+            newest = checkpoint_dirs(run_dir)
+            stopped.args = (f"{stopped}; the newest checkpoint in {run_dir} is "
+                            f"{newest[-1].name if newest else 'none'}",)
         raise
     bar.close()
     if math.isnan(val_loss):
@@ -275,6 +318,13 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
     tokens_per_second = trained_tokens / training_seconds if training_seconds else 0.0
     return TrainResult(run_dir, step, val_loss, tokens_per_second, corpus.unigram_loss(),
                        step == train_cfg.steps)
+
+
+def _stop_agreed(stop: StopRequests, parallel: SingleProcess) -> bool:
+    """Whether any rank was asked to stop (every rank calls it once per step when W > 1)."""
+    if parallel.world_size == 1:
+        return stop.requested
+    return bool(parallel.sum(torch.tensor([float(stop.requested)], dtype=torch.float64))[0] > 0)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -103,3 +103,27 @@ def test_python_dash_m_runs_the_same_command():
     done = subprocess.run([sys.executable, "-m", "moekit", "params", "--list"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "tiny" in done.stdout
+
+
+def test_sigterm_saves_and_exits_143_with_one_line_then_resume_finishes(tmp_path, data_dir, capsys,
+                                                                      monkeypatch):
+    import os
+    import signal
+
+    from moekit.lm import checkpoint
+
+    original = checkpoint.torch.save
+
+    def save_and_get_a_sigterm(state, path):  # the scheduler's SIGTERM arrives during step 2's save
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(state, path)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_and_get_a_sigterm)
+    out = tmp_path / "run"
+    assert main(["train", "--data", data_dir, "--out", str(out), *SMALL]) == 143
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"moekit train: stopped: SIGTERM: saved step 2 in {out}; continue with "
+                       f"`moekit train --resume {out}`")
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert "resumed" in capsys.readouterr().out
