@@ -28,6 +28,7 @@ from .config import LMConfig, TrainConfig
 from .data import Corpus, evaluation_batches, sample_batch
 from .distributed import SingleProcess
 from .model import MoETransformer
+from .run_config import check_resume_config, dtype_name, run_dtype
 from .signals import StopRequests, TrainingStopped
 from .trainer_state import check_trainer_state, trainer_state
 
@@ -177,6 +178,19 @@ def _resume_state(run_dir: Path, model: MoETransformer, optimizer: torch.optim.O
     return int(state["step"]), float(state["elapsed_seconds"]), state["data_rng"], checkpoint
 
 
+def _extend(run_dir: Path, old_steps: int, model_cfg: LMConfig, train_cfg: TrainConfig,
+            extra: dict[str, Any], step: int, parallel: SingleProcess,
+            log: Callable[[str], None]) -> None:
+    """A resume with another ``steps``: the one change allowed; config.json records it."""
+    if train_cfg.steps < step:
+        raise CheckpointError(f"steps {train_cfg.steps} is below the step {step} that {run_dir} "
+                              "has reached; give more steps to extend it")
+    if parallel.is_main:
+        write_run_config(run_dir, model_cfg, train_cfg, extra)
+    log(f"steps {old_steps} -> {train_cfg.steps}: the schedule's cosine decay now ends at step "
+        f"{train_cfg.steps}")
+
+
 def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: Path, *,
            resume: bool, device: torch.device, dtype: torch.dtype, stop_after: int | None,
            progress: bool, extra_config: dict[str, Any] | None, log: Callable[[str], None],
@@ -197,13 +211,14 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
     parallel.prepare(model)
     optimizer = build_optimizer(model, train_cfg)
     if resume:
-        saved_model, saved_train, _ = read_run_config(run_dir)
-        if (saved_model, saved_train) != (model_cfg, train_cfg):
-            raise CheckpointError(f"the configs given differ from {run_dir}/config.json; "
-                                  "resume with the run's own configs")
+        saved_model, saved_train, saved_extra = read_run_config(run_dir)
+        check_resume_config(run_dir, (saved_model, saved_train, run_dtype(run_dir, saved_extra)),
+                            (model_cfg, train_cfg, dtype))
         step, elapsed, data_state, checkpoint = _resume_state(run_dir, model, optimizer, train_cfg,
                                                               device, parallel, log)
         data_rng.set_state(data_state)
+        if train_cfg.steps != saved_train.steps:
+            _extend(run_dir, saved_train.steps, model_cfg, train_cfg, saved_extra, step, parallel, log)
         parallel.barrier()  # every rank has read the run before the main one truncates its metrics
         if parallel.is_main:
             _truncate_metrics(metrics_path, step)
@@ -215,7 +230,8 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
         parallel.barrier()  # every rank has checked the folder before the main one fills it
         if parallel.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_run_config(run_dir, model_cfg, train_cfg, extra_config)
+            write_run_config(run_dir, model_cfg, train_cfg,
+                             {**(extra_config or {}), "dtype": dtype_name(dtype)})
     model.train()
     saved_step = step if resume else None
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from moekit.cli import main
 
@@ -42,10 +43,33 @@ def test_stop_and_resume_from_the_command_line(tmp_path, data_dir, capsys):
     assert "resumed" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 4
+
+
+def test_resume_is_bound_to_the_stored_config_except_steps(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    main(["train", "--data", data_dir, "--out", str(out), "--dtype", "bfloat16", "--stop-after", "2",
+          *SMALL])
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["data"] == data_dir
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--resume", str(out), "--steps", "10"])
+        main(["train", "--resume", str(out), "--dtype", "float32", "--lr", "0.5", "--preset", "dense",
+              "--num-experts", "16", "--data", str(tmp_path), "--seq-len", "16", "--steps", "6"])
     assert exit_info.value.code == 2
-    assert "drop --steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"moekit train: error: --resume continues {out} "
+                                                   "with its stored config; these flags differ from it: ")
+    for conflict in ("--dtype float32 (run: bfloat16)", "--lr 0.5 (run: 0.003)", "--preset dense (run: tiny)",
+                     f"--data {tmp_path} (run: {data_dir})"):
+        assert conflict in err, conflict
+    assert "--seq-len" not in err and "--num-experts" not in err  # equal to the run's: accepted
+    assert main(["train", "--resume", str(out), "--steps", "6", "--seq-len", "16", "--no-progress"]) == 0
+    assert "steps 4 -> 6" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["steps"] == 6 and config["dtype"] == "bfloat16"
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
 
 
 def test_generate_prints_the_prompt_and_new_text(tmp_path, data_dir, capsys):

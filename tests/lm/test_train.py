@@ -94,8 +94,11 @@ def test_run_folder_guards(tmp_path):
     train(model_cfg, train_cfg, corpus, tmp_path / "run", **quiet)
     with pytest.raises(ValueError, match="exists and is not empty"):
         train(model_cfg, train_cfg, corpus, tmp_path / "run", **quiet)
-    with pytest.raises(CheckpointError, match="configs given differ"):
-        train(model_cfg, tiny_train_config(steps=4), corpus, tmp_path / "run", resume=True, **quiet)
+    with pytest.raises(CheckpointError, match=r"configs given differ from .*config.json "
+                                              r"\(train.lr: run 0.01, given 0.5\).*only steps may change"):
+        train(model_cfg, tiny_train_config(steps=2, lr=0.5), corpus, tmp_path / "run", resume=True, **quiet)
+    with pytest.raises(CheckpointError, match=r"\(dtype: run 'float32', given 'bfloat16'\)"):
+        train(model_cfg, train_cfg, corpus, tmp_path / "run", resume=True, dtype=torch.bfloat16, **quiet)
     with pytest.raises(CheckpointError, match="no config.json"):
         train(model_cfg, train_cfg, corpus, tmp_path / "empty", resume=True, **quiet)
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
