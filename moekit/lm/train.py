@@ -27,6 +27,7 @@ from .checkpoint import (METRICS_FILE, STATE_FILE, CheckpointError, checkpoint_d
 from .config import LMConfig, TrainConfig
 from .data import Corpus, evaluation_batches, sample_batch
 from .distributed import SingleProcess
+from .divergence import TrainingDiverged, step_problem, weights_problem
 from .model import MoETransformer
 from .run_config import check_resume_config, dtype_name, run_dtype
 from .signals import StopRequests, TrainingStopped
@@ -238,6 +239,9 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
     def save() -> None:
         """A checkpoint of the one-process weights and optimizer state (every rank calls it)."""
         nonlocal saved_step
+        problem = weights_problem(model, parallel)
+        if problem:
+            raise _diverged(step, problem, run_dir)
         weights = parallel.full_state_dict(model)
         optimizer_state = parallel.full_optimizer_state_dict(model, optimizer)
         if parallel.is_main:
@@ -275,6 +279,7 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 started = time.perf_counter()
+                losses = []
                 for _ in range(train_cfg.grad_accum):
                     inputs, targets = sample_batch(corpus.train, train_cfg.batch_size,
                                                    train_cfg.seq_len, data_rng)
@@ -285,13 +290,22 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
                                                targets.to(device).flatten())
                     # aux_loss is already this rank's share of the global aux loss
                     ((loss / parallel.world_size + out.aux_loss) / train_cfg.grad_accum).backward()
-                    window.add(float(loss.detach()), float(out.aux_loss.detach()), inputs.numel(),
-                               out.moe_aux)
+                    losses.append(float(loss.detach()))
+                    window.add(losses[-1], float(out.aux_loss.detach()), inputs.numel(), out.moe_aux)
                 parallel.finish_gradients(model)
                 router_step(model)  # once per optimizer step, over every rank
                 grad_norm = parallel.clip_grad_norm(
                     model, train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf)
-                optimizer.step()
+                problem = step_problem(losses, grad_norm, parallel)
+                if problem:
+                    raise _diverged(step + 1, problem, run_dir)
+                try:
+                    optimizer.step()
+                except RuntimeError as error:  # AdamW's scalar lr / (1 - beta1^t) overflows float
+                    if "overflow" not in str(error):
+                        raise
+                    raise _diverged(step + 1, f"the optimizer step overflowed at lr {lr:g} ({error})",
+                                    run_dir) from error
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 step_seconds = time.perf_counter() - started
@@ -328,12 +342,23 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
             stopped.args = (f"{stopped}; the newest checkpoint in {run_dir} is "
                             f"{newest[-1].name if newest else 'none'}",)
         raise
+    except TrainingDiverged:
+        bar.close()
+        raise
     bar.close()
     if math.isnan(val_loss):
         val_loss = evaluate(model, eval_data, device, parallel)
     tokens_per_second = trained_tokens / training_seconds if training_seconds else 0.0
     return TrainResult(run_dir, step, val_loss, tokens_per_second, corpus.unigram_loss(),
                        step == train_cfg.steps)
+
+
+def _diverged(step: int, problem: str, run_dir: Path) -> TrainingDiverged:
+    newest = checkpoint_dirs(run_dir)
+    kept = (f"checkpoints/ and model.safetensors in {run_dir} are left as they were (newest "
+            f"checkpoint {newest[-1].name})" if newest else f"no checkpoint of {run_dir} was saved before it")
+    return TrainingDiverged(f"training diverged at step {step}: {problem}; nothing of this step "
+                            f"was saved and {kept}; lower --lr or check the data")
 
 
 def _stop_agreed(stop: StopRequests, parallel: SingleProcess) -> bool:

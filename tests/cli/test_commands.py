@@ -151,3 +151,11 @@ def test_sigterm_saves_and_exits_143_with_one_line_then_resume_finishes(tmp_path
     monkeypatch.undo()
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert "resumed" in capsys.readouterr().out
+
+
+def test_a_diverging_run_is_one_line_naming_the_step(tmp_path, data_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", data_dir, "--out", str(tmp_path / "run"), *SMALL, "--lr", "1e38"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moekit train: error: training diverged at step ") and err.count("\n") == 1
