@@ -30,6 +30,7 @@ from .distributed import SingleProcess
 from .divergence import TrainingDiverged, step_problem, weights_problem
 from .model import MoETransformer
 from .run_config import check_resume_config, dtype_name, run_dtype
+from .run_lock import LOCK_FILE, RunLock
 from .signals import StopRequests, TrainingStopped
 from .trainer_state import check_trainer_state, trainer_state
 
@@ -141,15 +142,19 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
     ``stop_after`` ends this call after that optimizer step (with a checkpoint),
     as an interruption would; resuming then continues the same schedule.
     SIGINT or SIGTERM (moekit.lm.signals) finishes the current optimizer step,
-    saves it and raises ``TrainingStopped``.
+    saves it and raises ``TrainingStopped``. The run folder is locked while it
+    trains (moekit.lm.run_lock): a second writer gets a UsageError naming this PID.
     ``parallel`` (moekit.lm.distributed) spreads the run over processes; only
     its main rank writes files and logs.
     """
-    with StopRequests() as stop:
+    parallel = parallel or SingleProcess()
+    # one writer per folder: the main rank holds its lock (moekit.lm.run_lock)
+    lock = RunLock(Path(run_dir), create=not resume) if parallel.is_main else contextlib.nullcontext()
+    with StopRequests() as stop, lock:
         return _train(model_cfg, train_cfg, corpus, Path(run_dir), resume=resume,
                       device=torch.device(device), dtype=dtype, stop_after=stop_after,
                       progress=progress, extra_config=extra_config, log=log,
-                      parallel=parallel or SingleProcess(), stop=stop)
+                      parallel=parallel, stop=stop)
 
 
 def _resume_state(run_dir: Path, model: MoETransformer, optimizer: torch.optim.Optimizer,
@@ -225,7 +230,7 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
             _truncate_metrics(metrics_path, step)
         log(f"resumed {run_dir} at step {step} from {checkpoint.name}")
     else:
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             raise UsageError(f"output folder {run_dir} exists and is not empty; "
                              "choose another --out or --resume it")
         parallel.barrier()  # every rank has checked the folder before the main one fills it
