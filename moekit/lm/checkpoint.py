@@ -2,8 +2,9 @@
 
 A run folder holds::
 
-    config.json                    the model and training configs (written once)
+    config.json                    the model and training configs (again when --steps extends the run)
     model.safetensors              the latest weights (replaced atomically)
+    manifest.json                  the SHA-256 of model.safetensors
     metrics.jsonl                  one JSON line per logged step or evaluation
     checkpoints/step-00000500/     model.safetensors, trainer_state.pt, manifest.json
 
@@ -121,11 +122,13 @@ def read_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig, dict[str, Any
 
 
 def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The trained model of a run folder (its model.safetensors), in eval mode."""
+    """The trained model of a run folder (its model.safetensors, verified against the
+    run's manifest.json), in eval mode."""
     from .model import MoETransformer  # the model is built only when a run is loaded
 
     model_cfg, _, _ = read_run_config(Path(run_dir))
     model = MoETransformer(model_cfg)
+    verify_run_weights(run_dir)
     load_weights(model, Path(run_dir) / MODEL_FILE)
     return model.to(device).eval()
 
@@ -161,9 +164,39 @@ def save_checkpoint(run_dir: Path, step: int, state_dict: dict[str, torch.Tensor
         raise
     for stale in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(stale)
-    atomic_write(Path(run_dir) / MODEL_FILE,
-                 lambda path: shutil.copyfile(final / MODEL_FILE, path))
+    _replace_run_weights(Path(run_dir), final, step)
     return final
+
+
+def _replace_run_weights(run_dir: Path, checkpoint: Path, step: int) -> None:
+    """Copy a checkpoint's weights to the run's model.safetensors. The run's manifest.json
+    is written first and names both the new and the current file's hash, so a crash
+    between the two replacements leaves a pair that still verifies."""
+    model = run_dir / MODEL_FILE
+    new = json.loads((checkpoint / MANIFEST_FILE).read_text())["sha256"][MODEL_FILE]
+    previous = _sha256(model) if model.is_file() else None
+    atomic_write_text(run_dir / MANIFEST_FILE, json.dumps(
+        {"step": step, "sha256": {MODEL_FILE: new}, "previous_sha256": previous}, indent=2) + "\n")
+    atomic_write(model, lambda path: shutil.copyfile(checkpoint / MODEL_FILE, path))
+
+
+def verify_run_weights(run_dir: str | Path) -> None:
+    """Raise CheckpointError unless the run's model.safetensors matches the SHA-256 in its
+    manifest.json (runs written before the run-level hash have none and are not checked)."""
+    run_dir = Path(run_dir)
+    path, manifest_path = run_dir / MODEL_FILE, run_dir / MANIFEST_FILE
+    if not manifest_path.exists() or not path.is_file():
+        return  # a missing model.safetensors is reported by whoever loads it
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        expected = {manifest["sha256"][MODEL_FILE], manifest.get("previous_sha256")}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{manifest_path} is unreadable ({error}); it holds the hash of "
+                              f"{MODEL_FILE}") from error
+    if _sha256(path) not in expected:
+        newest = checkpoint_dirs(run_dir)
+        fix = (f"; copy {newest[-1] / MODEL_FILE} over it" if newest else "")
+        raise CheckpointError(f"{path} is corrupt: it does not match the SHA-256 in {manifest_path}{fix}")
 
 
 def _write_checkpoint_folder(tmp: Path, step: int, state_dict: dict[str, torch.Tensor],

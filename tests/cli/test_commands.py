@@ -79,6 +79,17 @@ def test_generate_prints_the_prompt_and_new_text(tmp_path, data_dir, capsys):
     assert main(["generate", "--run", str(out), "--prompt", "def ", "--max-new-tokens", "20",
                  "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # a flipped bit in the weights
+    weights.write_bytes(bytes(data))
+    for extra in ([], ["--offload-experts"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", "--run", str(out), "--max-new-tokens", "5", *extra])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"moekit generate: error: {weights} is corrupt: it does not match the "
+                              f"SHA-256 in {out / 'manifest.json'}") and err.count("\n") == 1
 
 
 def test_compare_trains_both_and_prints_the_gap(tmp_path, data_dir, capsys):
