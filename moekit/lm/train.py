@@ -21,13 +21,14 @@ import torch.nn.functional as F
 
 from ..balancing import router_step
 from ..errors import UsageError
-from .checkpoint import (METRICS_FILE, STATE_FILE, CheckpointError, checkpoint_dirs, checkpoint_step,
-                         latest_checkpoint, load_checkpoint, read_run_config,
+from .checkpoint import (METRICS_FILE, STATE_FILE, CheckpointError, atomic_write_text, checkpoint_dirs,
+                         checkpoint_step, latest_checkpoint, load_checkpoint, read_run_config,
                          remove_temporary_files, save_checkpoint, write_run_config)
 from .config import LMConfig, TrainConfig
 from .data import Corpus, evaluation_batches, sample_batch
 from .distributed import SingleProcess
 from .divergence import TrainingDiverged, step_problem, weights_problem
+from .metrics_file import read_records
 from .model import MoETransformer
 from .run_config import check_resume_config, dtype_name, run_dtype
 from .run_lock import LOCK_FILE, RunLock
@@ -122,13 +123,15 @@ class _Window:
                 "dropped_fraction": dropped / micro_steps}
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past last_step (written after the checkpoint a run resumes from)."""
+def _truncate_metrics(path: Path, last_step: int, log: Callable[[str], None]) -> None:
+    """Drop metric lines past last_step (written after the checkpoint a run resumes from)
+    and a partial last line (what a crash leaves), saying so."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    records, partial = read_records(path)
+    if partial:
+        log(f"{partial}: cut off (an interrupted write)")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= last_step))
 
 
 def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: str | Path, *,
@@ -227,7 +230,7 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
             _extend(run_dir, saved_train.steps, model_cfg, train_cfg, saved_extra, step, parallel, log)
         parallel.barrier()  # every rank has read the run before the main one truncates its metrics
         if parallel.is_main:
-            _truncate_metrics(metrics_path, step)
+            _truncate_metrics(metrics_path, step, log)
         log(f"resumed {run_dir} at step {step} from {checkpoint.name}")
     else:
         if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
