@@ -253,8 +253,11 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
         weights = parallel.full_state_dict(model)
         optimizer_state = parallel.full_optimizer_state_dict(model, optimizer)
         if parallel.is_main:
-            save_checkpoint(run_dir, step, weights, trainer_state(
-                step, train_cfg.grad_accum, optimizer_state, data_rng, elapsed, device))
+            try:
+                save_checkpoint(run_dir, step, weights, trainer_state(
+                    step, train_cfg.grad_accum, optimizer_state, data_rng, elapsed, device))
+            except OSError as error:
+                raise _write_failed(f"the checkpoint of step {step}", error, run_dir) from error
         parallel.barrier()
         saved_step = step
 
@@ -273,8 +276,11 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
 
     def write_record(metrics_file, record: dict[str, Any]) -> None:
         if parallel.is_main:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            try:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            except OSError as error:
+                raise _write_failed(f"{metrics_path}", error, run_dir) from error
 
     try:
         with metrics as metrics_file:
@@ -359,6 +365,14 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
     tokens_per_second = trained_tokens / training_seconds if training_seconds else 0.0
     return TrainResult(run_dir, step, val_loss, tokens_per_second, corpus.unigram_loss(),
                        step == train_cfg.steps)
+
+
+def _write_failed(what: str, error: OSError, run_dir: Path) -> CheckpointError:
+    newest = checkpoint_dirs(run_dir)
+    where = f" ({error.filename})" if error.filename else ""
+    return CheckpointError(f"cannot write {what}: {error.strerror or error}{where}; the newest complete "
+                           f"checkpoint is {newest[-1].name if newest else 'none'}; free disk space "
+                           f"or make {run_dir} writable, then `moekit train --resume {run_dir}`")
 
 
 def _diverged(step: int, problem: str, run_dir: Path) -> TrainingDiverged:
