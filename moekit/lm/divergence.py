@@ -21,9 +21,8 @@ def step_problem(losses: list[float], grad_norm: float, parallel: SingleProcess)
     """What is not finite in an optimizer step (its micro-batch losses, the global gradient
     norm), agreed over every rank; None when all is finite."""
     bad_loss = next((loss for loss in losses if not math.isfinite(loss)), None)
-    if parallel.world_size > 1:  # every rank must stop at the same step
-        if parallel.sum(torch.tensor([float(bad_loss is not None)], dtype=torch.float64))[0] > 0:
-            bad_loss = math.nan if bad_loss is None else bad_loss
+    if _any_rank(bad_loss is not None, parallel) and bad_loss is None:
+        bad_loss = math.nan  # another rank's loss: every rank stops at the same step
     if bad_loss is not None:
         return f"the loss is {bad_loss} (gradient norm {grad_norm})"
     if not math.isfinite(grad_norm):
@@ -34,7 +33,13 @@ def step_problem(losses: list[float], grad_norm: float, parallel: SingleProcess)
 def weights_problem(model: torch.nn.Module, parallel: SingleProcess) -> str | None:
     """The first parameter that holds a non-finite value (on any rank), or None."""
     bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-    if parallel.world_size > 1:
-        if parallel.sum(torch.tensor([float(bad is not None)], dtype=torch.float64))[0] > 0:
-            bad = bad or "a parameter on another rank"
+    if _any_rank(bad is not None, parallel) and bad is None:
+        bad = "a parameter on another rank"
     return None if bad is None else f"{bad} holds non-finite values after the optimizer step"
+
+
+def _any_rank(flag: bool, parallel: SingleProcess) -> bool:
+    """Whether flag is set on any rank (a collective: every rank calls it)."""
+    if parallel.world_size == 1:
+        return flag
+    return bool(parallel.sum(torch.tensor([float(flag)], dtype=torch.float64))[0] > 0)

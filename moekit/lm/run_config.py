@@ -31,7 +31,7 @@ def run_dtype(run_dir: Path, extra: dict[str, Any]) -> str:
     if not path.is_file():
         return "float32"
     with safe_open(str(path), "pt") as weights:
-        dtypes = [weights.get_tensor(name).dtype for name in weights.keys()]
+        dtypes = [weights.get_tensor(name).dtype for name in weights.keys()]  # noqa: SIM118 - safe_open is not a dict
     floating = [d for d in dtypes if d.is_floating_point]
     return dtype_name(floating[0]) if floating else "float32"
 

@@ -338,7 +338,8 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
                     val_loss = evaluate(model, eval_data, device, parallel)
                     write_record(metrics_file, {"kind": "eval", "step": step, "val_loss": val_loss,
                                                 "val_perplexity": math.exp(val_loss)})
-                    bar.write(f"step {step}: validation loss {val_loss:.4f} nats/byte")
+                    if parallel.is_main:  # tqdm.write prints even with the bar disabled
+                        bar.write(f"step {step}: validation loss {val_loss:.4f} nats/byte")
                 if step % train_cfg.save_every == 0 or step == last_stop:
                     save()
                 bar.update(1)
@@ -353,8 +354,8 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
         bar.close()
         if saved_step != step:  # a third signal: nothing of this step was saved
             newest = checkpoint_dirs(run_dir)
-            stopped.args = (f"{stopped}; the newest checkpoint in {run_dir} is "
-                            f"{newest[-1].name if newest else 'none'}",)
+            stopped.args = ((f"{stopped}; the newest checkpoint in {run_dir} is "
+                             f"{newest[-1].name if newest else 'none'}"),)
         raise
     except TrainingDiverged:
         bar.close()
@@ -377,8 +378,11 @@ def _write_failed(what: str, error: OSError, run_dir: Path) -> CheckpointError:
 
 def _diverged(step: int, problem: str, run_dir: Path) -> TrainingDiverged:
     newest = checkpoint_dirs(run_dir)
-    kept = (f"checkpoints/ and model.safetensors in {run_dir} are left as they were (newest "
-            f"checkpoint {newest[-1].name})" if newest else f"no checkpoint of {run_dir} was saved before it")
+    if newest:
+        kept = (f"checkpoints/ and model.safetensors in {run_dir} are left as they were (newest "
+                f"checkpoint {newest[-1].name})")
+    else:
+        kept = f"no checkpoint of {run_dir} was saved before it"
     return TrainingDiverged(f"training diverged at step {step}: {problem}; nothing of this step "
                             f"was saved and {kept}; lower --lr or check the data")
 

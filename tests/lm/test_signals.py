@@ -100,10 +100,9 @@ def test_a_third_signal_aborts_the_save_and_removes_its_temporary_folder(tmp_pat
 
 
 def test_an_interrupted_swap_of_the_same_step_is_moved_back(tmp_path):
-    from .helpers import tiny_model_config as cfg
     from moekit.lm.model import MoETransformer
 
-    folder = ckpt.save_checkpoint(tmp_path, 3, MoETransformer(cfg()).state_dict(), {"step": 3})
+    folder = ckpt.save_checkpoint(tmp_path, 3, MoETransformer(tiny_model_config()).state_dict(), {"step": 3})
     os.replace(folder, folder.with_name(".step-00000003.old"))  # cut between the two renames
     ckpt.remove_temporary_files(tmp_path)
     assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["step-00000003"]

@@ -37,8 +37,8 @@ def _torn(state):
 
 
 TAMPERINGS = {
-    "torn optimizer": (_torn, "the optimizer has taken 3 steps but the checkpoint is of step 2; "
-                              "the state is torn"),
+    "torn optimizer": (_torn, ("the optimizer has taken 3 steps but the checkpoint is of step 2; "
+                               "the state is torn")),
     "missing keys": (lambda s: {k: v for k, v in s.items() if k not in ("data_rng", "optimizer")},
                      "lacks data_rng, optimizer; it is not a complete trainer state"),
     "short rng": (lambda s: {**s, "data_rng": s["data_rng"][:100]},
@@ -49,8 +49,8 @@ TAMPERINGS = {
                       r"data_batches 3 disagrees with step 2 x grad_accum 2 = 4"),
     "not a dict": (lambda s: [1, 2], "is not a trainer state: it holds a list"),
     "malicious pickle": (lambda s: {**s, "elapsed_seconds": _RunsCode()},
-                         "holds objects other than tensors and plain values, so it is not loaded "
-                         r"\(loading it could run code\)"),
+                         ("holds objects other than tensors and plain values, so it is not loaded "
+                          r"\(loading it could run code\)")),
 }
 
 
