@@ -5,6 +5,7 @@ The state is a dict of plain values and tensors (it loads with
 
     step              optimizer steps done (int >= 0)
     data_batches      training batches drawn from the data generator: step * grad_accum
+                      (absent from checkpoints written before it was recorded)
     data_rng          state of the data generator [N] uint8: the position in the data
     torch_rng         torch's CPU generator state [N] uint8 (cuda_rng too on a GPU)
     optimizer         AdamW's state dict; each parameter's "step" count is at most step,
@@ -25,7 +26,8 @@ import torch
 
 from .checkpoint import CheckpointError
 
-REQUIRED = ("step", "data_batches", "data_rng", "torch_rng", "optimizer", "elapsed_seconds")
+# data_batches is checked when present: checkpoints written before it was recorded lack it
+REQUIRED = ("step", "data_rng", "torch_rng", "optimizer", "elapsed_seconds")
 
 
 def trainer_state(step: int, grad_accum: int, optimizer_state: dict[str, Any],
@@ -59,7 +61,7 @@ def check_trainer_state(state: Any, path: Path, step: int, grad_accum: int) -> N
         raise CheckpointError(f"{path}: step must be an integer >= 0, got {saved!r}")
     if saved != step:
         raise CheckpointError(f"{path}: step {saved} disagrees with its checkpoint's step {step}")
-    if state["data_batches"] != step * grad_accum:
+    if state.get("data_batches", step * grad_accum) != step * grad_accum:
         raise CheckpointError(f"{path}: data_batches {state['data_batches']!r} disagrees with step "
                                 f"{step} x grad_accum {grad_accum} = {step * grad_accum}")
     for key in ("data_rng", "torch_rng"):
