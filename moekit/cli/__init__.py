@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from moekit.cli import bench, compare, generate, inspect, params, plan_placement, train
 from moekit.errors import UsageError
@@ -35,12 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Bad input (a ``UsageError``) prints one line and exits 2;
-    any other exception is a bug and propagates with its traceback."""
+    a stop on SIGINT or SIGTERM prints one line and exits 128 + the signal's
+    number (130, 143); any other exception is a bug and propagates with its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
     except UsageError as error:
         parser.exit(2, f"moekit {args.command}: error: {error}\n")
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as stopped:  # moekit.lm.signals.TrainingStopped says which signal
+        if str(stopped):
+            sys.stderr.write(f"moekit {args.command}: stopped: {stopped}\n")
+        return getattr(stopped, "exit_status", 130)

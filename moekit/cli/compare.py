@@ -26,7 +26,7 @@ def run(args: argparse.Namespace, log=print) -> int:
     from moekit.lm.plots import plot_validation_curves
     from moekit.lm.train import train
 
-    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype or "float32"]
     out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     configs = {args.moe_preset: configured(args, args.moe_preset)}
     dense_args = argparse.Namespace(**{**vars(args), **dict.fromkeys((*MOE_FLAGS, *LAYOUT_FLAGS))})

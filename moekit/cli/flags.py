@@ -46,8 +46,9 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data", help="a text file or a folder of text files "
                        "(default: the Python standard library's source)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    group.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                       help="parameter dtype (bfloat16 is slow on CPUs without AVX512-BF16)")
+    group.add_argument("--dtype", choices=list(DTYPES),
+                       help="parameter dtype (default float32; bfloat16 is slow on CPUs without "
+                            "AVX512-BF16); stored with the run")
     group.add_argument("--autocast", choices=AUTOCAST_DTYPES,
                        help="run the training forwards under torch.autocast in this dtype "
                             "(parameters stay in --dtype); stored with the run")

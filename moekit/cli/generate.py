@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, log=print) -> int:
-    from moekit.lm.checkpoint import load_run_model, read_run_config
+    from moekit.lm.checkpoint import load_run_model, read_run_config, verify_run_weights
     from moekit.lm.generate import generate_text
 
     cache = None
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace, log=print) -> int:
         from moekit.lm.offload import load_offloaded_model
 
         model_cfg, _, _ = read_run_config(Path(args.run))
+        verify_run_weights(args.run)
         resident = args.max_resident_experts or (model_cfg.moe.num_experts if model_cfg.moe else 1)
         model, cache = load_offloaded_model(args.run, resident, resolve_device(args.device),
                                             args.expert_store, args.cache_policy)

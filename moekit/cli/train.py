@@ -4,6 +4,7 @@ parallel under torchrun, and report the result."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import time
@@ -21,9 +22,11 @@ HELP = "train a small MoE language model"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from moekit.lm.presets import PRESETS
 
-    parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    parser.add_argument("--preset", choices=list(PRESETS), help="model and training recipe (default tiny)")
     parser.add_argument("--out", help="run folder (default runs/<preset>-<timestamp>)")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="continue the run in DIR from its last checkpoint, with its stored "
+                             "configs (a flag that differs is an error; --steps may extend the run)")
     parser.add_argument("--stop-after", type=int, metavar="STEP",
                         help="stop after this step (with a checkpoint); --resume continues")
     parser.add_argument("--expert-parallel", action="store_true",
@@ -69,24 +72,32 @@ def _start_expert_parallel(device: torch.device, placement_file: str | None):
 def _train(args: argparse.Namespace, device: torch.device, parallel, log) -> int:
     from moekit.lm.checkpoint import read_run_config
     from moekit.lm.data import load_corpus
+    from moekit.lm.run_config import run_dtype
     from moekit.lm.train import train
 
-    dtype = DTYPES[args.dtype]
     if args.resume:
-        given = [f"--{n.replace('_', '-')}" for n in given_flags(args, (*TRAIN_FLAGS, *MOE_FLAGS,
-                                                                         *LAYOUT_FLAGS, "out"))]
-        if given:
-            raise UsageError(f"--resume continues a run with its own configs; drop {', '.join(given)}")
         run_dir = Path(args.resume)
         model_cfg, train_cfg, extra = read_run_config(run_dir)
-        data = args.data if args.data is not None else extra.get("data")
+        dtype_name = run_dtype(run_dir, extra)
+        conflicts = _resume_conflicts(args, run_dir, model_cfg, train_cfg, {**extra, "dtype": dtype_name})
+        if conflicts:
+            raise UsageError(f"--resume continues {run_dir} with its stored config; these flags differ "
+                             f"from it: {', '.join(conflicts)}; drop them (only --steps may change, "
+                             "to extend the run)")
+        if args.steps is not None:
+            train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
+        data = extra.get("data")
     else:
-        model_cfg, train_cfg = configured(args, args.preset)
-        run_dir = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        preset = args.preset or "tiny"
+        model_cfg, train_cfg = configured(args, preset)
+        run_dir = Path(args.out or f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         if parallel is not None:  # one folder for every rank: the main rank's
             run_dir = Path(parallel.broadcast(str(run_dir)))
-        data = args.data
-        extra = {"preset": args.preset, "data": data}
+        # absolute, so that a resume from another folder reads the same data
+        data = None if args.data is None else str(Path(args.data).expanduser().absolute())
+        extra = {"preset": preset, "data": data}
+        dtype_name = args.dtype or "float32"
+    dtype = DTYPES[dtype_name]
     corpus = load_corpus(data, train_cfg.seq_len)
     log(f"data: {corpus.source}: {corpus.train.numel():,} training and {corpus.val.numel():,} "
         f"validation bytes from {corpus.num_files} file(s)")
@@ -100,6 +111,30 @@ def _train(args: argparse.Namespace, device: torch.device, parallel, log) -> int
             f"`moekit train --resume {run_dir}`")
     report_result(result, model_cfg, log)
     return 0
+
+
+def _resume_conflicts(args: argparse.Namespace, run_dir: Path, model_cfg, train_cfg,
+                      extra: dict) -> list[str]:
+    """``--flag VALUE (run: STORED)`` for every flag given with --resume that differs from the run."""
+    stored = {name: getattr(train_cfg, name) for name in TRAIN_FLAGS if name != "steps"}
+    stored |= {name: getattr(model_cfg, name) for name in LAYOUT_FLAGS}
+    stored |= {name: getattr(model_cfg.moe, name) if model_cfg.moe else "a dense model"
+               for name in MOE_FLAGS}
+    stored |= {"preset": extra.get("preset"), "dtype": extra["dtype"], "out": str(run_dir)}
+    conflicts = []
+    for name, value in given_flags(args, tuple(stored) + ("data",)).items():
+        if name == "data":
+            same = extra.get("data") is not None and \
+                Path(value).expanduser().resolve() == Path(extra["data"]).resolve()
+            stored_value = extra.get("data") or "the built-in corpus"
+        elif name == "out":
+            same = Path(value).resolve() == run_dir.resolve()
+            stored_value = str(run_dir)
+        else:
+            same, stored_value = value == stored[name], stored[name]
+        if not same:
+            conflicts.append(f"--{name.replace('_', '-')} {value} (run: {stored_value})")
+    return conflicts
 
 
 def report_result(result, model_cfg, log) -> None:

@@ -2,8 +2,9 @@
 
 A run folder holds::
 
-    config.json                    the model and training configs (written once)
+    config.json                    the model and training configs (again when --steps extends the run)
     model.safetensors              the latest weights (replaced atomically)
+    manifest.json                  the SHA-256 of model.safetensors
     metrics.jsonl                  one JSON line per logged step or evaluation
     checkpoints/step-00000500/     model.safetensors, trainer_state.pt, manifest.json
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -119,11 +122,13 @@ def read_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig, dict[str, Any
 
 
 def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The trained model of a run folder (its model.safetensors), in eval mode."""
+    """The trained model of a run folder (its model.safetensors, verified against the
+    run's manifest.json), in eval mode."""
     from .model import MoETransformer  # the model is built only when a run is loaded
 
     model_cfg, _, _ = read_run_config(Path(run_dir))
     model = MoETransformer(model_cfg)
+    verify_run_weights(run_dir)
     load_weights(model, Path(run_dir) / MODEL_FILE)
     return model.to(device).eval()
 
@@ -138,18 +143,64 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    return sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name))
 
 
 def save_checkpoint(run_dir: Path, step: int, state_dict: dict[str, torch.Tensor],
                     trainer_state: dict[str, Any], keep: int = KEEP_CHECKPOINTS) -> Path:
     """Write checkpoints/step-<step>/ atomically (the model's ``state_dict`` and the
     trainer state), update the run's model.safetensors,
-    and keep only the newest ``keep`` checkpoints. Returns the checkpoint folder."""
+    and keep only the newest ``keep`` checkpoints. Returns the checkpoint folder.
+    Whatever stops it (an error, an abort) removes its temporary folder."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
+    try:
+        _write_checkpoint_folder(tmp, step, state_dict, trainer_state)
+        _move_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for stale in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(stale)
+    _replace_run_weights(Path(run_dir), final, step)
+    return final
+
+
+def _replace_run_weights(run_dir: Path, checkpoint: Path, step: int) -> None:
+    """Copy a checkpoint's weights to the run's model.safetensors. The run's manifest.json
+    is written first and names both the new and the current file's hash, so a crash
+    between the two replacements leaves a pair that still verifies."""
+    model = run_dir / MODEL_FILE
+    new = json.loads((checkpoint / MANIFEST_FILE).read_text())["sha256"][MODEL_FILE]
+    previous = _sha256(model) if model.is_file() else None
+    atomic_write_text(run_dir / MANIFEST_FILE, json.dumps(
+        {"step": step, "sha256": {MODEL_FILE: new}, "previous_sha256": previous}, indent=2) + "\n")
+    atomic_write(model, lambda path: shutil.copyfile(checkpoint / MODEL_FILE, path))
+
+
+def verify_run_weights(run_dir: str | Path) -> None:
+    """Raise CheckpointError unless the run's model.safetensors matches the SHA-256 in its
+    manifest.json (runs written before the run-level hash have none and are not checked)."""
+    run_dir = Path(run_dir)
+    path, manifest_path = run_dir / MODEL_FILE, run_dir / MANIFEST_FILE
+    if not manifest_path.exists() or not path.is_file():
+        return  # a missing model.safetensors is reported by whoever loads it
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        expected = {manifest["sha256"][MODEL_FILE], manifest.get("previous_sha256")}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{manifest_path} is unreadable ({error}); it holds the hash of "
+                              f"{MODEL_FILE}") from error
+    if _sha256(path) not in expected:
+        newest = checkpoint_dirs(run_dir)
+        fix = (f"; copy {newest[-1] / MODEL_FILE} over it" if newest else "")
+        raise CheckpointError(f"{path} is corrupt: it does not match the SHA-256 in {manifest_path}{fix}")
+
+
+def _write_checkpoint_folder(tmp: Path, step: int, state_dict: dict[str, torch.Tensor],
+                             trainer_state: dict[str, Any]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(weights_of(state_dict), str(tmp / MODEL_FILE), metadata={"step": str(step)})
@@ -158,19 +209,43 @@ def save_checkpoint(run_dir: Path, step: int, state_dict: dict[str, torch.Tensor
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     for name in (MODEL_FILE, STATE_FILE, MANIFEST_FILE):
         _fsync(tmp / name)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
     if final.exists():  # the same step saved again (e.g. right after a resume): swap, then drop the old
-        old = root / f".step-{step:08d}.old"
+        old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    for stale in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(stale)
-    atomic_write(Path(run_dir) / MODEL_FILE,
-                 lambda path: shutil.copyfile(final / MODEL_FILE, path))
-    return final
+    _fsync(final.parent)
+
+
+def remove_temporary_files(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted save left in a run folder (checkpoints/.step-N.tmp
+    and .old folders, .model.safetensors.tmp) and return what was removed. An .old
+    folder whose step-N is missing (a swap cut short) is moved back instead."""
+    run_dir = Path(run_dir)
+    found = [run_dir / f".{MODEL_FILE}.tmp"]
+    if (run_dir / CHECKPOINTS).is_dir():
+        for old in (run_dir / CHECKPOINTS).glob(".step-*.old"):
+            final = old.with_name(old.name[1:-len(".old")])
+            if not final.exists():
+                os.replace(old, final)
+        found += [p for p in (run_dir / CHECKPOINTS).iterdir()
+                  if p.name.startswith(".step-") and p.name.endswith((".tmp", ".old"))]
+    removed = []
+    for path in sorted(found):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed
 
 
 def verify_checkpoint(checkpoint: Path) -> dict[str, Any]:
@@ -183,6 +258,9 @@ def verify_checkpoint(checkpoint: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise CheckpointError(f"checkpoint {checkpoint} is partial or corrupt: "
                               f"unreadable {MANIFEST_FILE} ({error})") from error
+    if manifest.get("step") != checkpoint_step(checkpoint):
+        raise CheckpointError(f"checkpoint {checkpoint} is corrupt: its {MANIFEST_FILE} is of step "
+                              f"{manifest.get('step')!r}")
     for name in (MODEL_FILE, STATE_FILE):
         path = checkpoint / name
         if not path.is_file():
@@ -200,7 +278,27 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module,
     return its trainer state."""
     verify_checkpoint(checkpoint)
     load_weights(model, checkpoint / MODEL_FILE, load_state_dict)
-    return torch.load(checkpoint / STATE_FILE, weights_only=True)
+    return load_trainer_state(checkpoint / STATE_FILE)
+
+
+def load_trainer_state(path: Path) -> Any:
+    """torch.load(path, weights_only=True); anything else in the file is refused with a
+    CheckpointError (never a hint to load it unsafely)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain values, so it is not loaded "
+            "(loading it could run code); resume from a checkpoint that moekit train wrote") from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        first_line = (str(error).splitlines() or [""])[0]
+        raise CheckpointError(f"{path} is not a readable trainer state "
+                              f"({type(error).__name__}: {first_line})") from error
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """N of a checkpoints/step-N folder."""
+    return int(checkpoint.name.removeprefix("step-"))
 
 
 def latest_checkpoint(run_dir: Path) -> Path:

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import METRICS_FILE
+from .metrics_file import read_records
 
 LOSS_PLOT = "loss.png"
 LOAD_PLOT = "expert_load.png"
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training records, evaluation records) of a run, in step order."""
-    path = Path(run_dir) / METRICS_FILE
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """(training records, evaluation records) of a run, in step order; a partial last
+    line (an interrupted write) is skipped."""
+    records, _ = read_records(Path(run_dir) / METRICS_FILE)
     return ([r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"])
 
 

@@ -21,12 +21,19 @@ import torch.nn.functional as F
 
 from ..balancing import router_step
 from ..errors import UsageError
-from .checkpoint import (METRICS_FILE, CheckpointError, checkpoint_dirs, latest_checkpoint,
-                         load_checkpoint, read_run_config, save_checkpoint, write_run_config)
+from .checkpoint import (METRICS_FILE, STATE_FILE, CheckpointError, atomic_write_text, checkpoint_dirs,
+                         checkpoint_step, latest_checkpoint, load_checkpoint, read_run_config,
+                         remove_temporary_files, save_checkpoint, write_run_config)
 from .config import LMConfig, TrainConfig
 from .data import Corpus, evaluation_batches, sample_batch
 from .distributed import SingleProcess
+from .divergence import TrainingDiverged, step_problem, weights_problem
+from .metrics_file import read_records
 from .model import MoETransformer
+from .run_config import check_resume_config, dtype_name, run_dtype
+from .run_lock import LOCK_FILE, RunLock
+from .signals import StopRequests, TrainingStopped
+from .trainer_state import check_trainer_state, trainer_state
 
 
 @dataclass
@@ -116,13 +123,15 @@ class _Window:
                 "dropped_fraction": dropped / micro_steps}
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past last_step (written after the checkpoint a run resumes from)."""
+def _truncate_metrics(path: Path, last_step: int, log: Callable[[str], None]) -> None:
+    """Drop metric lines past last_step (written after the checkpoint a run resumes from)
+    and a partial last line (what a crash leaves), saying so."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    records, partial = read_records(path)
+    if partial:
+        log(f"{partial}: cut off (an interrupted write)")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= last_step))
 
 
 def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: str | Path, *,
@@ -135,12 +144,66 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
 
     ``stop_after`` ends this call after that optimizer step (with a checkpoint),
     as an interruption would; resuming then continues the same schedule.
+    SIGINT or SIGTERM (moekit.lm.signals) finishes the current optimizer step,
+    saves it and raises ``TrainingStopped``. The run folder is locked while it
+    trains (moekit.lm.run_lock): a second writer gets a UsageError naming this PID.
     ``parallel`` (moekit.lm.distributed) spreads the run over processes; only
     its main rank writes files and logs.
     """
-    run_dir = Path(run_dir)
-    device = torch.device(device)
     parallel = parallel or SingleProcess()
+    # one writer per folder: the main rank holds its lock (moekit.lm.run_lock)
+    lock = RunLock(Path(run_dir), create=not resume) if parallel.is_main else contextlib.nullcontext()
+    with StopRequests() as stop, lock:
+        return _train(model_cfg, train_cfg, corpus, Path(run_dir), resume=resume,
+                      device=torch.device(device), dtype=dtype, stop_after=stop_after,
+                      progress=progress, extra_config=extra_config, log=log,
+                      parallel=parallel, stop=stop)
+
+
+def _resume_state(run_dir: Path, model: MoETransformer, optimizer: torch.optim.Optimizer,
+                  train_cfg: TrainConfig, device: torch.device, parallel: SingleProcess,
+                  log: Callable[[str], None]) -> tuple[int, float, torch.Tensor, Path]:
+    """Load the newest checkpoint into model and optimizer and set the torch generators
+    -> (step, elapsed seconds, the data generator's state, the checkpoint)."""
+    if parallel.is_main:
+        for path in remove_temporary_files(run_dir):
+            log(f"removed {path}, left by an interrupted save")
+    parallel.barrier()
+    checkpoint = latest_checkpoint(run_dir)
+    try:
+        state = load_checkpoint(checkpoint, model,
+                                lambda weights: parallel.load_state_dict(model, weights))
+        check_trainer_state(state, checkpoint / STATE_FILE, checkpoint_step(checkpoint),
+                            train_cfg.grad_accum)
+    except CheckpointError as error:
+        older = [p.name for p in checkpoint_dirs(run_dir)[:-1]]
+        hint = f"; older checkpoints: {', '.join(older)} (move {checkpoint.name} away to use them)" \
+            if older else ""
+        raise CheckpointError(f"{error}{hint}") from error
+    parallel.load_optimizer_state_dict(model, optimizer, state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return int(state["step"]), float(state["elapsed_seconds"]), state["data_rng"], checkpoint
+
+
+def _extend(run_dir: Path, old_steps: int, model_cfg: LMConfig, train_cfg: TrainConfig,
+            extra: dict[str, Any], step: int, parallel: SingleProcess,
+            log: Callable[[str], None]) -> None:
+    """A resume with another ``steps``: the one change allowed; config.json records it."""
+    if train_cfg.steps < step:
+        raise CheckpointError(f"steps {train_cfg.steps} is below the step {step} that {run_dir} "
+                              "has reached; give more steps to extend it")
+    if parallel.is_main:
+        write_run_config(run_dir, model_cfg, train_cfg, extra)
+    log(f"steps {old_steps} -> {train_cfg.steps}: the schedule's cosine decay now ends at step "
+        f"{train_cfg.steps}")
+
+
+def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: Path, *,
+           resume: bool, device: torch.device, dtype: torch.dtype, stop_after: int | None,
+           progress: bool, extra_config: dict[str, Any] | None, log: Callable[[str], None],
+           parallel: SingleProcess, stop: StopRequests) -> TrainResult:
     if model_cfg.max_seq_len < train_cfg.seq_len:
         raise ValueError(f"seq_len {train_cfg.seq_len} exceeds the model's max_seq_len "
                          f"{model_cfg.max_seq_len}")
@@ -157,47 +220,46 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
     parallel.prepare(model)
     optimizer = build_optimizer(model, train_cfg)
     if resume:
-        saved_model, saved_train, _ = read_run_config(run_dir)
-        if (saved_model, saved_train) != (model_cfg, train_cfg):
-            raise CheckpointError(f"the configs given differ from {run_dir}/config.json; "
-                                  "resume with the run's own configs")
-        checkpoint = latest_checkpoint(run_dir)
-        try:
-            state = load_checkpoint(checkpoint, model,
-                                    lambda weights: parallel.load_state_dict(model, weights))
-        except CheckpointError as error:
-            older = [p.name for p in checkpoint_dirs(run_dir)[:-1]]
-            hint = f"; older checkpoints: {', '.join(older)} (move {checkpoint.name} away to use them)" \
-                if older else ""
-            raise CheckpointError(f"{error}{hint}") from error
-        parallel.load_optimizer_state_dict(model, optimizer, state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        data_rng.set_state(state["data_rng"])
-        step, elapsed = int(state["step"]), float(state["elapsed_seconds"])
+        saved_model, saved_train, saved_extra = read_run_config(run_dir)
+        check_resume_config(run_dir, (saved_model, saved_train, run_dtype(run_dir, saved_extra)),
+                            (model_cfg, train_cfg, dtype))
+        step, elapsed, data_state, checkpoint = _resume_state(run_dir, model, optimizer, train_cfg,
+                                                              device, parallel, log)
+        data_rng.set_state(data_state)
+        if train_cfg.steps != saved_train.steps:
+            _extend(run_dir, saved_train.steps, model_cfg, train_cfg, saved_extra, step, parallel, log)
         parallel.barrier()  # every rank has read the run before the main one truncates its metrics
         if parallel.is_main:
-            _truncate_metrics(metrics_path, step)
+            _truncate_metrics(metrics_path, step, log)
         log(f"resumed {run_dir} at step {step} from {checkpoint.name}")
     else:
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             raise UsageError(f"output folder {run_dir} exists and is not empty; "
                              "choose another --out or --resume it")
         parallel.barrier()  # every rank has checked the folder before the main one fills it
         if parallel.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_run_config(run_dir, model_cfg, train_cfg, extra_config)
+            write_run_config(run_dir, model_cfg, train_cfg,
+                             {**(extra_config or {}), "dtype": dtype_name(dtype)})
     model.train()
+    saved_step = step if resume else None
 
     def save() -> None:
         """A checkpoint of the one-process weights and optimizer state (every rank calls it)."""
+        nonlocal saved_step
+        problem = weights_problem(model, parallel)
+        if problem:
+            raise _diverged(step, problem, run_dir)
         weights = parallel.full_state_dict(model)
         optimizer_state = parallel.full_optimizer_state_dict(model, optimizer)
         if parallel.is_main:
-            save_checkpoint(run_dir, step, weights, {
-                "step": step, "optimizer": optimizer_state, "torch_rng": torch.get_rng_state(),
-                "data_rng": data_rng.get_state(), "elapsed_seconds": elapsed,
-                "schedule": "warmup_cosine"})
+            try:
+                save_checkpoint(run_dir, step, weights, trainer_state(
+                    step, train_cfg.grad_accum, optimizer_state, data_rng, elapsed, device))
+            except OSError as error:
+                raise _write_failed(f"the checkpoint of step {step}", error, run_dir) from error
         parallel.barrier()
+        saved_step = step
 
     eval_data = evaluation_batches(corpus.val, train_cfg.eval_batches, train_cfg.batch_size,
                                    train_cfg.seq_len)
@@ -211,13 +273,27 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
     trained_tokens, training_seconds = 0, 0.0  # this call's, for the mean throughput
     bar = _progress_bar(train_cfg.steps, step, progress)
     metrics = open(metrics_path, "a") if parallel.is_main else contextlib.nullcontext()
+
+    def write_record(metrics_file, record: dict[str, Any]) -> None:
+        if parallel.is_main:
+            try:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            except OSError as error:
+                raise _write_failed(f"{metrics_path}", error, run_dir) from error
+
     try:
         with metrics as metrics_file:
+            stopping = False
             while step < last_stop:
+                stopping = _stop_agreed(stop, parallel)
+                if stopping:
+                    break
                 lr = learning_rate(step, train_cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 started = time.perf_counter()
+                losses = []
                 for _ in range(train_cfg.grad_accum):
                     inputs, targets = sample_batch(corpus.train, train_cfg.batch_size,
                                                    train_cfg.seq_len, data_rng)
@@ -228,13 +304,22 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                                                targets.to(device).flatten())
                     # aux_loss is already this rank's share of the global aux loss
                     ((loss / parallel.world_size + out.aux_loss) / train_cfg.grad_accum).backward()
-                    window.add(float(loss.detach()), float(out.aux_loss.detach()), inputs.numel(),
-                               out.moe_aux)
+                    losses.append(float(loss.detach()))
+                    window.add(losses[-1], float(out.aux_loss.detach()), inputs.numel(), out.moe_aux)
                 parallel.finish_gradients(model)
                 router_step(model)  # once per optimizer step, over every rank
                 grad_norm = parallel.clip_grad_norm(
                     model, train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf)
-                optimizer.step()
+                problem = step_problem(losses, grad_norm, parallel)
+                if problem:
+                    raise _diverged(step + 1, problem, run_dir)
+                try:
+                    optimizer.step()
+                except RuntimeError as error:  # AdamW's scalar lr / (1 - beta1^t) overflows float
+                    if "overflow" not in str(error):
+                        raise
+                    raise _diverged(step + 1, f"the optimizer step overflowed at lr {lr:g} ({error})",
+                                    run_dir) from error
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 step_seconds = time.perf_counter() - started
@@ -243,9 +328,7 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                 trained_tokens += train_cfg.tokens_per_step
                 if step % train_cfg.log_every == 0 or step == last_stop:
                     record = window.record(step, lr, grad_norm, parallel)
-                    if parallel.is_main:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
+                    write_record(metrics_file, record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}",
                                     tok_s=f"{record['tokens_per_second']:.0f}",
                                     load=f"{max(record['load_max_over_mean'], default=1.0):.2f}",
@@ -253,21 +336,29 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
                     window = _Window(num_moe, num_experts)
                 if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                     val_loss = evaluate(model, eval_data, device, parallel)
-                    if parallel.is_main:
-                        metrics_file.write(json.dumps({"kind": "eval", "step": step, "val_loss": val_loss,
-                                                       "val_perplexity": math.exp(val_loss)}) + "\n")
-                        metrics_file.flush()
+                    write_record(metrics_file, {"kind": "eval", "step": step, "val_loss": val_loss,
+                                                "val_perplexity": math.exp(val_loss)})
+                    if parallel.is_main:  # tqdm.write prints even with the bar disabled
                         bar.write(f"step {step}: validation loss {val_loss:.4f} nats/byte")
                 if step % train_cfg.save_every == 0 or step == last_stop:
                     save()
                 bar.update(1)
-    except KeyboardInterrupt:
+            if stopping or _stop_agreed(stop, parallel):  # also a signal during the last step
+                if window.micro_batches:  # the steps since the last log line
+                    write_record(metrics_file, window.record(step, lr, grad_norm, parallel))
+                if saved_step != step:
+                    save()
+                raise stop.stopped(f"saved step {step} in {run_dir}; continue with "
+                                   f"`moekit train --resume {run_dir}`")
+    except TrainingStopped as stopped:
         bar.close()
-        if parallel.world_size > 1:  # the other ranks may not be interrupted: no collective save
-            log(f"interrupted at step {step}; the newest checkpoint in {run_dir} is kept")
-            raise
-        save()
-        log(f"interrupted: saved step {step} in {run_dir}; continue with --resume {run_dir}")
+        if saved_step != step:  # a third signal: nothing of this step was saved
+            newest = checkpoint_dirs(run_dir)
+            stopped.args = ((f"{stopped}; the newest checkpoint in {run_dir} is "
+                             f"{newest[-1].name if newest else 'none'}"),)
+        raise
+    except TrainingDiverged:
+        bar.close()
         raise
     bar.close()
     if math.isnan(val_loss):
@@ -275,6 +366,32 @@ def train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir: 
     tokens_per_second = trained_tokens / training_seconds if training_seconds else 0.0
     return TrainResult(run_dir, step, val_loss, tokens_per_second, corpus.unigram_loss(),
                        step == train_cfg.steps)
+
+
+def _write_failed(what: str, error: OSError, run_dir: Path) -> CheckpointError:
+    newest = checkpoint_dirs(run_dir)
+    where = f" ({error.filename})" if error.filename else ""
+    return CheckpointError(f"cannot write {what}: {error.strerror or error}{where}; the newest complete "
+                           f"checkpoint is {newest[-1].name if newest else 'none'}; free disk space "
+                           f"or make {run_dir} writable, then `moekit train --resume {run_dir}`")
+
+
+def _diverged(step: int, problem: str, run_dir: Path) -> TrainingDiverged:
+    newest = checkpoint_dirs(run_dir)
+    if newest:
+        kept = (f"checkpoints/ and model.safetensors in {run_dir} are left as they were (newest "
+                f"checkpoint {newest[-1].name})")
+    else:
+        kept = f"no checkpoint of {run_dir} was saved before it"
+    return TrainingDiverged(f"training diverged at step {step}: {problem}; nothing of this step "
+                            f"was saved and {kept}; lower --lr or check the data")
+
+
+def _stop_agreed(stop: StopRequests, parallel: SingleProcess) -> bool:
+    """Whether any rank was asked to stop (every rank calls it once per step when W > 1)."""
+    if parallel.world_size == 1:
+        return stop.requested
+    return bool(parallel.sum(torch.tensor([float(stop.requested)], dtype=torch.float64))[0] > 0)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from moekit.cli import main
 
@@ -42,10 +43,33 @@ def test_stop_and_resume_from_the_command_line(tmp_path, data_dir, capsys):
     assert "resumed" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 4
+
+
+def test_resume_is_bound_to_the_stored_config_except_steps(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    main(["train", "--data", data_dir, "--out", str(out), "--dtype", "bfloat16", "--stop-after", "2",
+          *SMALL])
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["data"] == data_dir
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--resume", str(out), "--steps", "10"])
+        main(["train", "--resume", str(out), "--dtype", "float32", "--lr", "0.5", "--preset", "dense",
+              "--num-experts", "16", "--data", str(tmp_path), "--seq-len", "16", "--steps", "6"])
     assert exit_info.value.code == 2
-    assert "drop --steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"moekit train: error: --resume continues {out} "
+                                                   "with its stored config; these flags differ from it: ")
+    for conflict in ("--dtype float32 (run: bfloat16)", "--lr 0.5 (run: 0.003)", "--preset dense (run: tiny)",
+                     f"--data {tmp_path} (run: {data_dir})"):
+        assert conflict in err, conflict
+    assert "--seq-len" not in err and "--num-experts" not in err  # equal to the run's: accepted
+    assert main(["train", "--resume", str(out), "--steps", "6", "--seq-len", "16", "--no-progress"]) == 0
+    assert "steps 4 -> 6" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["steps"] == 6 and config["dtype"] == "bfloat16"
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
 
 
 def test_generate_prints_the_prompt_and_new_text(tmp_path, data_dir, capsys):
@@ -55,6 +79,17 @@ def test_generate_prints_the_prompt_and_new_text(tmp_path, data_dir, capsys):
     assert main(["generate", "--run", str(out), "--prompt", "def ", "--max-new-tokens", "20",
                  "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # a flipped bit in the weights
+    weights.write_bytes(bytes(data))
+    for extra in ([], ["--offload-experts"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", "--run", str(out), "--max-new-tokens", "5", *extra])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"moekit generate: error: {weights} is corrupt: it does not match the "
+                              f"SHA-256 in {out / 'manifest.json'}") and err.count("\n") == 1
 
 
 def test_compare_trains_both_and_prints_the_gap(tmp_path, data_dir, capsys):
@@ -103,3 +138,35 @@ def test_python_dash_m_runs_the_same_command():
     done = subprocess.run([sys.executable, "-m", "moekit", "params", "--list"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "tiny" in done.stdout
+
+
+def test_sigterm_saves_and_exits_143_with_one_line_then_resume_finishes(tmp_path, data_dir, capsys,
+                                                                      monkeypatch):
+    import os
+    import signal
+
+    from moekit.lm import checkpoint
+
+    original = checkpoint.torch.save
+
+    def save_and_get_a_sigterm(state, path):  # the scheduler's SIGTERM arrives during step 2's save
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(state, path)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_and_get_a_sigterm)
+    out = tmp_path / "run"
+    assert main(["train", "--data", data_dir, "--out", str(out), *SMALL]) == 143
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"moekit train: stopped: SIGTERM: saved step 2 in {out}; continue with "
+                       f"`moekit train --resume {out}`")
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert "resumed" in capsys.readouterr().out
+
+
+def test_a_diverging_run_is_one_line_naming_the_step(tmp_path, data_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", data_dir, "--out", str(tmp_path / "run"), *SMALL, "--lr", "1e38"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moekit train: error: training diverged at step ") and err.count("\n") == 1

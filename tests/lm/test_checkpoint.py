@@ -98,3 +98,34 @@ def test_run_config_round_trip_and_errors(tmp_path):
     (tmp_path / ckpt.CONFIG_FILE).write_text("{not json")
     with pytest.raises(ckpt.CheckpointError, match="not a valid run config"):
         ckpt.read_run_config(tmp_path)
+
+
+def test_the_run_weights_are_hashed_and_a_flipped_byte_is_refused(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 1, _model(0).state_dict(), {"step": 1})
+    ckpt.save_checkpoint(tmp_path, 2, _model(1).state_dict(), {"step": 2})
+    ckpt.verify_run_weights(tmp_path)
+    path = tmp_path / ckpt.MODEL_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=rf"{path} is corrupt: it does not match the SHA-256 in "
+                                                   rf"{tmp_path / 'manifest.json'}; copy "
+                                                   rf"{tmp_path / 'checkpoints/step-00000002/model.safetensors'}"):
+        ckpt.verify_run_weights(tmp_path)
+
+
+def test_a_crash_between_the_run_manifest_and_the_weights_still_verifies(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 1, _model(0).state_dict(), {"step": 1})
+    before = (tmp_path / ckpt.MODEL_FILE).read_bytes()
+    original = ckpt.atomic_write
+
+    def crash_on_the_weights(path, write):
+        if path.name == ckpt.MODEL_FILE:
+            raise OSError("killed")
+        return original(path, write)
+
+    monkeypatch.setattr(ckpt, "atomic_write", crash_on_the_weights)
+    with pytest.raises(OSError, match="killed"):
+        ckpt.save_checkpoint(tmp_path, 2, _model(1).state_dict(), {"step": 2})
+    assert (tmp_path / ckpt.MODEL_FILE).read_bytes() == before
+    ckpt.verify_run_weights(tmp_path)

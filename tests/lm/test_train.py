@@ -94,8 +94,11 @@ def test_run_folder_guards(tmp_path):
     train(model_cfg, train_cfg, corpus, tmp_path / "run", **quiet)
     with pytest.raises(ValueError, match="exists and is not empty"):
         train(model_cfg, train_cfg, corpus, tmp_path / "run", **quiet)
-    with pytest.raises(CheckpointError, match="configs given differ"):
-        train(model_cfg, tiny_train_config(steps=4), corpus, tmp_path / "run", resume=True, **quiet)
+    with pytest.raises(CheckpointError, match=r"configs given differ from .*config.json "
+                                              r"\(train.lr: run 0.01, given 0.5\).*only steps may change"):
+        train(model_cfg, tiny_train_config(steps=2, lr=0.5), corpus, tmp_path / "run", resume=True, **quiet)
+    with pytest.raises(CheckpointError, match=r"\(dtype: run 'float32', given 'bfloat16'\)"):
+        train(model_cfg, train_cfg, corpus, tmp_path / "run", resume=True, dtype=torch.bfloat16, **quiet)
     with pytest.raises(CheckpointError, match="no config.json"):
         train(model_cfg, train_cfg, corpus, tmp_path / "empty", resume=True, **quiet)
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
@@ -140,3 +143,41 @@ def test_autocast_training_learns_is_stored_and_resumes_exactly(tmp_path, monkey
     assert resumed.val_loss == straight.val_loss
     with pytest.raises(ValueError, match="autocast must be one of 'none', 'bfloat16', 'float16'"):
         tiny_train_config(autocast="fp8")
+
+
+@pytest.mark.parametrize("failing", ["save_file", "torch_save", "metrics"])
+def test_a_write_failure_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
+                                                                                   failing):
+    import errno
+
+    from moekit.lm import checkpoint as ckpt
+    from moekit.lm import train as train_module
+
+    run = tmp_path / "run"
+    denied = PermissionError(errno.EACCES, "Permission denied", str(run / "checkpoints"))
+    calls = []
+
+    def fail_the_second(original):
+        def wrapper(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise denied
+            return original(*args, **kwargs)
+        return wrapper
+
+    if failing == "save_file":
+        monkeypatch.setattr(ckpt, "save_file", fail_the_second(ckpt.save_file))
+    elif failing == "torch_save":
+        monkeypatch.setattr(ckpt.torch, "save", fail_the_second(ckpt.torch.save))
+    else:
+        from types import SimpleNamespace
+
+        monkeypatch.setattr(train_module, "json", SimpleNamespace(dumps=fail_the_second(json.dumps)))
+    what = "metrics.jsonl" if failing == "metrics" else "the checkpoint of step 4"
+    with pytest.raises(CheckpointError, match=rf"cannot write .*{what}: Permission denied \(.*checkpoints\); "
+                                              r"the newest complete checkpoint is step-00000002; free disk "
+                                              r"space or make .* writable, then `moekit train --resume"):
+        train(tiny_model_config(), tiny_train_config(steps=6, save_every=2, log_every=2), synthetic_corpus(),
+              run, progress=False, log=lambda _: None)
+    assert [p.name for p in checkpoint_dirs(run)] == ["step-00000002"]
+    assert not list((run / "checkpoints").glob(".step-*"))
