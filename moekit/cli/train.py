@@ -13,6 +13,7 @@ import torch
 
 from moekit.cli.flags import (DTYPES, LAYOUT_FLAGS, MOE_FLAGS, TRAIN_FLAGS, add_training_flags,
                               configured, given_flags, resolve_device)
+from moekit.cli.output_folder import writable_folder
 from moekit.errors import UsageError, usage_errors
 
 HELP = "train a small MoE language model"
@@ -85,6 +86,7 @@ def _train(args: argparse.Namespace, device: torch.device, parallel, log) -> int
         run_dir = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         if parallel is not None:  # one folder for every rank: the main rank's
             run_dir = Path(parallel.broadcast(str(run_dir)))
+        run_dir = writable_folder(run_dir)
         data = args.data
         extra = {"preset": args.preset, "data": data}
     corpus = load_corpus(data, train_cfg.seq_len)
