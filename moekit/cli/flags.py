@@ -70,6 +70,12 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     moe.add_argument("--first-dense-layers", type=int, help="keep the first N blocks dense")
 
 
+def require_at_least(flag: str, value: int | None, minimum: int, hint: str) -> None:
+    """UsageError when a flag that was given is below minimum; hint says what to give instead."""
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag} must be >= {minimum}, got {value}; {hint}")
+
+
 def resolve_device(name: str) -> torch.device:
     """--device: "auto" is cuda when available, else cpu."""
     if name == "auto":

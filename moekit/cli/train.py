@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from moekit.cli.flags import (DTYPES, LAYOUT_FLAGS, MOE_FLAGS, TRAIN_FLAGS, add_training_flags,
-                              configured, given_flags, resolve_device)
+                              configured, given_flags, require_at_least, resolve_device)
 from moekit.cli.output_folder import writable_folder
 from moekit.errors import UsageError, usage_errors
 
@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, log=print) -> int:
+    require_at_least("--stop-after", args.stop_after, 1, "give the step to stop after, or leave it out")
     device = resolve_device(args.device)
     if not args.expert_parallel:
         if args.placement:
