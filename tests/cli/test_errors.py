@@ -52,6 +52,10 @@ def test_a_bug_shows_its_traceback_and_bad_input_shows_one_line(tmp_path):
     (["generate", "--run", "/no/such/run", "--prompt", "a\udcff"],
      "prompt is not UTF-8 text (byte 0xff at character 1); give the prompt as UTF-8 text"),
     (["train", "--device", "nonsense"], "--device nonsense:"),
+    (["train", "--device", "tpu9"], "--device tpu9: Invalid device string: 'tpu9'; give cpu, cuda or cuda:N"),
+    (["train", "--device", "meta"], "--device meta holds shapes but no data"),
+    (["generate", "--run", "/no/such/run", "--device", "vulkan"],
+     "--device vulkan: torch cannot make tensors there on this machine"),
     (["plan-placement", "--loads", "/no/such/inspect.json", "--devices", "2"],
      "/no/such/inspect.json is not an inspect.json"),
 ])
