@@ -58,6 +58,8 @@ def test_a_bug_shows_its_traceback_and_bad_input_shows_one_line(tmp_path):
      "--device vulkan: torch cannot make tensors there on this machine"),
     (["plan-placement", "--loads", "/no/such/inspect.json", "--devices", "2"],
      "/no/such/inspect.json is not an inspect.json"),
+    (["plan-placement", "--loads", "/no/such/inspect.json", "--devices", "2"],
+     "give the inspect.json that `moekit inspect RUN` writes"),
 ])
 def test_more_bad_input_exits_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
