@@ -135,6 +135,11 @@ class MoE(nn.Module):
         if x.dtype != weight_dtype:
             raise TypeError(f"x has dtype {x.dtype} but the layer's weights are {weight_dtype}; "
                             f"cast one to the other (e.g. moe.to({x.dtype}))")
+        if x.is_meta:  # after the device check: a meta x with real weights is a plain mismatch
+            raise ValueError("x is on the meta device, which holds shapes but no values, and the "
+                             "routing needs the values (they decide each expert's share of the "
+                             "tokens); the meta device is for building without allocating: "
+                             "moe.to_empty(device='cpu') (or cuda) and load the weights to run it")
         if padding_mask is not None:
             if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
                 raise TypeError("padding_mask must be a bool tensor (True = real token), got "

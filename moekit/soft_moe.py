@@ -47,6 +47,11 @@ class SoftMoE(nn.Module):
         if x.dim() not in (2, 3) or x.shape[-1] != c.dim:
             raise ValueError(f"x must have shape [batch, tokens, dim={c.dim}] or [tokens, dim={c.dim}], "
                              f"got {tuple(x.shape)}")
+        if x.is_meta:
+            raise ValueError("x is on the meta device, which holds shapes but no values, and the "
+                             "expert backends read the rows per expert as numbers; the meta device "
+                             "is for building without allocating: moe.to_empty(device='cpu') (or "
+                             "cuda) and load the weights to run it")
         if padding_mask is not None and (padding_mask.dtype != torch.bool
                                          or padding_mask.shape != x.shape[:-1]):
             raise ValueError(f"padding_mask must be a bool tensor of shape {tuple(x.shape[:-1])}, got "
