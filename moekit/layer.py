@@ -16,6 +16,7 @@ from moekit.config import MoEConfig
 from moekit.dispatch import build_dispatcher
 from moekit.experts import Experts, SharedExperts
 from moekit.func_transforms import refuse_vmap
+from moekit.memory import check_layer_fits
 from moekit.routers import build_router
 from moekit.dispatch.local import GlobalLoad
 from moekit.routers.bias import recomputing
@@ -43,6 +44,7 @@ class MoE(nn.Module):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        check_layer_fits(config)
         self.config = config
         self.router = build_router(config)
         self.dispatcher = build_dispatcher(config)

@@ -19,6 +19,7 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.contract import rows_plan
 from moekit.experts import Experts
+from moekit.memory import check_layer_fits
 from moekit.routing import router_dtype
 
 
@@ -35,6 +36,7 @@ class SoftMoE(nn.Module):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        check_layer_fits(config)
         self.config = config
         num_slots = config.num_experts * config.slots_per_expert
         self.slot_embeds = nn.Parameter(torch.randn(config.dim, num_slots) / config.dim ** 0.5)
