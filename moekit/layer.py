@@ -16,6 +16,7 @@ from moekit.config import MoEConfig
 from moekit.dispatch import build_dispatcher
 from moekit.experts import Experts, SharedExperts
 from moekit.func_transforms import refuse_vmap
+from moekit.memory import check_layer_fits
 from moekit.routers import build_router
 from moekit.dispatch.local import GlobalLoad
 from moekit.routers.bias import recomputing
@@ -43,6 +44,7 @@ class MoE(nn.Module):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        check_layer_fits(config)
         self.config = config
         self.router = build_router(config)
         self.dispatcher = build_dispatcher(config)
@@ -135,6 +137,11 @@ class MoE(nn.Module):
         if x.dtype != weight_dtype:
             raise TypeError(f"x has dtype {x.dtype} but the layer's weights are {weight_dtype}; "
                             f"cast one to the other (e.g. moe.to({x.dtype}))")
+        if x.is_meta:  # after the device check: a meta x with real weights is a plain mismatch
+            raise ValueError("x is on the meta device, which holds shapes but no values, and the "
+                             "routing needs the values (they decide each expert's share of the "
+                             "tokens); the meta device is for building without allocating: "
+                             "moe.to_empty(device='cpu') (or cuda) and load the weights to run it")
         if padding_mask is not None:
             if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
                 raise TypeError("padding_mask must be a bool tensor (True = real token), got "

@@ -19,6 +19,7 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.contract import rows_plan
 from moekit.experts import Experts
+from moekit.memory import check_layer_fits
 from moekit.routing import router_dtype
 
 
@@ -35,6 +36,7 @@ class SoftMoE(nn.Module):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        check_layer_fits(config)
         self.config = config
         num_slots = config.num_experts * config.slots_per_expert
         self.slot_embeds = nn.Parameter(torch.randn(config.dim, num_slots) / config.dim ** 0.5)
@@ -47,6 +49,11 @@ class SoftMoE(nn.Module):
         if x.dim() not in (2, 3) or x.shape[-1] != c.dim:
             raise ValueError(f"x must have shape [batch, tokens, dim={c.dim}] or [tokens, dim={c.dim}], "
                              f"got {tuple(x.shape)}")
+        if x.is_meta:
+            raise ValueError("x is on the meta device, which holds shapes but no values, and the "
+                             "expert backends read the rows per expert as numbers; the meta device "
+                             "is for building without allocating: moe.to_empty(device='cpu') (or "
+                             "cuda) and load the weights to run it")
         if padding_mask is not None and (padding_mask.dtype != torch.bool
                                          or padding_mask.shape != x.shape[:-1]):
             raise ValueError(f"padding_mask must be a bool tensor of shape {tuple(x.shape[:-1])}, got "

@@ -338,6 +338,20 @@ def test_noise_only_in_training():
         assert not torch.equal(a.router_logits, c.router_logits), noise
 
 
+@pytest.mark.parametrize("fields", [{}, {"router": "expert_choice"}, {"capacity_factor": 1.0},
+                                    {"num_shared_experts": 1}, {"balance_scope": "global"}])
+def test_a_layer_moved_to_meta_says_what_meta_is_for(fields):
+    """Before: .to("meta") then a call died deep inside (tolist or item of a meta tensor)."""
+    config = moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4, top_k=2, **fields)
+    moe = moekit.MoE(config).to("meta")
+    with pytest.raises(ValueError, match=r"x is on the meta device, which holds shapes but no "
+                                         r"values.*moe.to_empty\(device='cpu'\)"):
+        moe(torch.zeros(3, 8, device="meta"))
+    moe.to_empty(device="cpu")  # what the message says to do, then it runs
+    moe.load_state_dict(moekit.MoE(config).state_dict())
+    assert moe(torch.randn(3, 8))[0].shape == (3, 8)
+
+
 @pytest.mark.parametrize("bad_x,error,match", [
     ("list", TypeError, "torch.Tensor"),
     (torch.zeros(3, 8, dtype=torch.int64), TypeError, "floating tensor"),

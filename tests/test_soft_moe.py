@@ -76,3 +76,13 @@ def test_errors_and_empty_input():
     assert all(p.grad is not None for p in moe.parameters())
     with pytest.raises(TypeError, match="config must be a MoEConfig"):
         moekit.SoftMoE(None)
+
+
+def test_a_layer_moved_to_meta_says_what_meta_is_for():
+    config = moekit.MoEConfig(dim=8, expert_dim=8, num_experts=2, top_k=1)
+    moe = moekit.SoftMoE(config).to("meta")
+    with pytest.raises(ValueError, match=r"x is on the meta device.*moe.to_empty\(device='cpu'\)"):
+        moe(torch.zeros(2, 3, 8, device="meta"))
+    moe.to_empty(device="cpu")
+    moe.load_state_dict(moekit.SoftMoE(config).state_dict())
+    assert moe(torch.randn(2, 3, 8)).shape == (2, 3, 8)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from moekit.cli.flags import (DTYPES, LAYOUT_FLAGS, MOE_FLAGS, add_training_flags, configured,
                               resolve_device)
+from moekit.cli.output_folder import writable_folder
 
 HELP = "train tiny (MoE) and dense on the same budget"
 
@@ -27,10 +28,10 @@ def run(args: argparse.Namespace, log=print) -> int:
     from moekit.lm.train import train
 
     device, dtype = resolve_device(args.device), DTYPES[args.dtype or "float32"]
-    out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     configs = {args.moe_preset: configured(args, args.moe_preset)}
     dense_args = argparse.Namespace(**{**vars(args), **dict.fromkeys((*MOE_FLAGS, *LAYOUT_FLAGS))})
     configs["dense"] = configured(dense_args, "dense")
+    out = writable_folder(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     corpus = load_corpus(args.data, max(t.seq_len for _, t in configs.values()))
     results = {}
     for name, (model_cfg, train_cfg) in configs.items():

@@ -71,6 +71,12 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     moe.add_argument("--first-dense-layers", type=int, help="keep the first N blocks dense")
 
 
+def require_at_least(flag: str, value: int | None, minimum: int, hint: str) -> None:
+    """UsageError when a flag that was given is below minimum; hint says what to give instead."""
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag} must be >= {minimum}, got {value}; {hint}")
+
+
 def resolve_device(name: str) -> torch.device:
     """--device: "auto" is cuda when available, else cpu."""
     if name == "auto":
@@ -78,9 +84,23 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as error:  # torch's word for a device string it cannot parse
-        raise UsageError(f"--device {name}: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        raise UsageError(f"--device {name}: {error}; give cpu, cuda or cuda:N") from error
+    if device.type == "meta":
+        raise UsageError(f"--device {name} holds shapes but no data, so nothing can be trained or "
+                         "sampled there; give cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine; give cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        try:  # a device type torch knows by name but was not built for, or has no kernels on
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError, NotImplementedError, ImportError) as error:
+            reason = str(error).split(". ")[0].splitlines()[0] if str(error) else type(error).__name__
+            raise UsageError(f"--device {name}: torch cannot make tensors there on this machine "
+                             f"({reason}); give cpu or cuda") from error
     return device
 
 

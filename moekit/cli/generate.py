@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moekit.cli.flags import resolve_device
+from moekit.cli.flags import require_at_least, resolve_device
 from moekit.errors import UsageError
 
 HELP = "sample text from a trained run"
@@ -33,15 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, log=print) -> int:
     from moekit.lm.checkpoint import load_run_model, read_run_config, verify_run_weights
-    from moekit.lm.generate import generate_text
+    from moekit.lm.generate import check_generation, generate_text
 
+    check_generation(args.prompt, args.max_new_tokens, args.temperature, args.top_k)
+    require_at_least("--max-resident-experts", args.max_resident_experts, 1,
+                     "leave it out for one layer's worth of experts")
     cache = None
     if args.offload_experts:
         from moekit.lm.offload import load_offloaded_model
 
         model_cfg, _, _ = read_run_config(Path(args.run))
         verify_run_weights(args.run)
-        resident = args.max_resident_experts or (model_cfg.moe.num_experts if model_cfg.moe else 1)
+        resident = args.max_resident_experts if args.max_resident_experts is not None else \
+            (model_cfg.moe.num_experts if model_cfg.moe else 1)
         model, cache = load_offloaded_model(args.run, resident, resolve_device(args.device),
                                             args.expert_store, args.cache_policy)
     elif args.max_resident_experts is not None:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from moekit.cli.flags import resolve_device
+from moekit.cli.output_folder import writable_folder
 from moekit.errors import UsageError
 
 HELP = "routing diagnostics of a trained run on its validation data (docs/diagnostics.md)"
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace, log=print) -> int:
     for name in ("batches", "batch_size", "seq_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    out = writable_folder(args.out if args.out else run_dir / "inspect")
     corpus = load_corpus(args.data if args.data is not None else extra.get("data"), seq_len)
     batches = [inputs.to(device) for inputs, _ in
                evaluation_batches(corpus.val, args.batches, args.batch_size, seq_len)]
@@ -55,8 +57,6 @@ def run(args: argparse.Namespace, log=print) -> int:
     report = build_report(layers, against, run=str(run_dir), data=corpus.source,
                           compared_with=None if against_path is None else str(against_path))
     render_report(report)
-    out = Path(args.out) if args.out else run_dir / "inspect"
-    out.mkdir(parents=True, exist_ok=True)
     (out / "inspect.json").write_text(json.dumps(report, indent=1) + "\n")
     plots = plot_report(report, out)
     if not plots:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moekit.cli.flags import require_at_least
 from moekit.errors import UsageError
 
 HELP = "total vs active parameters and FLOPs per token"
@@ -38,12 +39,12 @@ def run(args: argparse.Namespace, log=print) -> int:
         log("known architectures: " + ", ".join(KNOWN_ARCHITECTURES))
         log("or the path of a moekit JSON spec or a transformers config.json")
         return 0
-    if args.context is not None and args.context < 0:
-        raise UsageError(f"--context must be >= 0, got {args.context}")
-    context = args.context or 4096
+    require_at_least("--context", args.context, 1,
+                     "a query attends to itself at least; leave it out for the default")
+    context = args.context if args.context is not None else 4096
     if args.name in PRESETS:
         spec = spec_from_lm_config(PRESETS[args.name].model, name=args.name)
-        context = args.context or PRESETS[args.name].model.max_seq_len
+        context = args.context if args.context is not None else PRESETS[args.name].model.max_seq_len
     elif args.name in KNOWN_ARCHITECTURES:
         spec = KNOWN_ARCHITECTURES[args.name]
     elif is_path(args.name):

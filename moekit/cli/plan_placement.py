@@ -8,6 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
+from moekit.cli.output_folder import writable_folder
 from moekit.errors import UsageError, usage_errors
 
 HELP = "place experts over devices for expert parallelism from measured loads (docs/placement.md)"
@@ -39,6 +40,17 @@ def measured_loads(args: argparse.Namespace) -> tuple[dict[str, list[int]], str]
     return loads, f"{Path(args.run) / METRICS_FILE} (last {records} records)"
 
 
+def placement_file(args: argparse.Namespace) -> Path:
+    """--out, else RUN/placement.json, else ./placement.json: a file path in a folder
+    that takes new files (UsageError otherwise)."""
+    out = Path(args.out) if args.out else (Path(args.run) if args.run and not args.loads
+                                           else Path(".")) / "placement.json"
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file path such as {out / 'placement.json'}")
+    writable_folder(out.parent, f"--out {out}: folder")
+    return out
+
+
 def run(args: argparse.Namespace, log=print) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -46,6 +58,7 @@ def run(args: argparse.Namespace, log=print) -> int:
     from moekit.placement import check_plan_inputs, contiguous_placement, max_over_mean, plan_placement
 
     loads, source = measured_loads(args)
+    out = placement_file(args)
     layers = {}
     table = Table(title=f"Expert placement over {args.devices} devices, {args.replicas} extra copies "
                         "(predicted device load max/mean)")
@@ -68,9 +81,10 @@ def run(args: argparse.Namespace, log=print) -> int:
         table.add_row(name, str(len(expert_loads)), "-" if before is None else f"{before:.3f}",
                       f"{after:.3f}", copies)
     Console().print(table)
-    out = Path(args.out) if args.out else (Path(args.run) if args.run and not args.loads
-                                           else Path(".")) / "placement.json"
-    out.write_text(json.dumps({"num_devices": args.devices, "num_replicas": args.replicas,
-                               "loads_from": source, "layers": layers}, indent=1) + "\n")
+    try:
+        out.write_text(json.dumps({"num_devices": args.devices, "num_replicas": args.replicas,
+                                   "loads_from": source, "layers": layers}, indent=1) + "\n")
+    except OSError as error:  # a file there that cannot be replaced, say
+        raise UsageError(f"--out {out}: cannot write it ({error.strerror}); give another file path") from error
     log(f"loads from {source}; placement written to {out}")
     return 0

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from moekit.cli.flags import (DTYPES, LAYOUT_FLAGS, MOE_FLAGS, TRAIN_FLAGS, add_training_flags,
-                              configured, given_flags, resolve_device)
+                              configured, given_flags, require_at_least, resolve_device)
+from moekit.cli.output_folder import writable_folder
 from moekit.errors import UsageError, usage_errors
 
 HELP = "train a small MoE language model"
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, log=print) -> int:
+    require_at_least("--stop-after", args.stop_after, 1, "give the step to stop after, or leave it out")
     device = resolve_device(args.device)
     if not args.expert_parallel:
         if args.placement:
@@ -93,6 +95,7 @@ def _train(args: argparse.Namespace, device: torch.device, parallel, log) -> int
         run_dir = Path(args.out or f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         if parallel is not None:  # one folder for every rank: the main rank's
             run_dir = Path(parallel.broadcast(str(run_dir)))
+        run_dir = writable_folder(run_dir)
         # absolute, so that a resume from another folder reads the same data
         data = None if args.data is None else str(Path(args.data).expanduser().absolute())
         extra = {"preset": preset, "data": data}

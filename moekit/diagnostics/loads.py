@@ -21,9 +21,19 @@ def loads_from_inspect_report(path: str | Path) -> dict[str, list[int]]:
     try:
         report = json.loads(Path(path).read_text())
         return {name: layer["tokens_per_expert"] for name, layer in report["layers"].items()}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-        raise UsageError(f"{path} is not an inspect.json written by moekit inspect "
-                         f"({type(error).__name__}: {error})") from error
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        if isinstance(error, OSError):
+            reason = error.strerror or str(error)
+        elif isinstance(error, json.JSONDecodeError):
+            reason = f"not JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        elif isinstance(error, ValueError):  # UnicodeDecodeError: not text at all
+            reason = f"not text: {error}"
+        elif isinstance(error, KeyError):
+            reason = f"no {error.args[0]!r} key"
+        else:
+            reason = f"not shaped like one: {error}"
+        raise UsageError(f"{path} is not an inspect.json written by moekit inspect ({reason}); "
+                         "give the inspect.json that `moekit inspect RUN` writes") from error
 
 
 def loads_from_run(run_dir: str | Path, records: int = 10) -> tuple[dict[str, list[int]], int]:

@@ -2,8 +2,8 @@
 
 Tokens are bytes (vocabulary 256), so no tokenizer is needed. A corpus is split
 by file: a file goes to validation when the CRC32 of its path relative to the
-corpus root, modulo 100, is below ``val_percent``, so the split does not depend
-on which other files exist. A corpus of a single file is split by bytes
+corpus root (the name's bytes as on disk, UTF-8 or not), modulo 100, is below
+``val_percent``, so the split does not depend on which other files exist. A corpus of a single file is split by bytes
 instead (the last ``val_percent`` percent is validation).
 """
 
@@ -47,7 +47,8 @@ def default_corpus_root() -> Path:
 
 
 def _is_validation(relative: str, val_percent: int) -> bool:
-    return zlib.crc32(relative.encode()) % 100 < val_percent
+    # os.fsencode: the name's bytes as on disk, so a name that is not UTF-8 is hashed too
+    return zlib.crc32(os.fsencode(relative)) % 100 < val_percent
 
 
 def _list_files(root: Path, suffix: str = "", skip: tuple[str, ...] = ()) -> list[Path]:

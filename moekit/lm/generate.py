@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -11,12 +12,36 @@ from ..errors import UsageError
 from .model import MoETransformer
 
 
+def check_temperature(temperature: float) -> None:
+    """UsageError unless temperature is a finite number >= 0."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"temperature must be a finite number >= 0 (0 picks the likeliest byte), "
+                         f"got {temperature}")
+
+
+def check_generation(prompt: str, max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+    """What ``generate_text`` checks before it runs the model: a non-empty UTF-8 prompt,
+    max_new_tokens >= 0, a finite temperature >= 0, top_k None or >= 1 (UsageError otherwise)."""
+    bad = next((i for i, char in enumerate(prompt) if "\ud800" <= char <= "\udfff"), None)
+    if bad is not None:  # how Python keeps bytes that were not UTF-8 (a command-line argument)
+        byte = ord(prompt[bad]) - 0xDC00  # the surrogateescape of one undecodable byte
+        what = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else repr(prompt[bad])
+        raise UsageError(f"prompt is not UTF-8 text ({what} at character {bad}); give the prompt "
+                         "as UTF-8 text")
+    if not prompt:
+        raise UsageError("prompt must not be empty")
+    if max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_temperature(temperature)
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"top_k must be >= 1, got {top_k}")
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
                 generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> next ids [B] int64: greedy at temperature 0, else sampled
     from softmax(logits / temperature) restricted to the top_k largest logits."""
-    if temperature < 0:
-        raise UsageError(f"temperature must be >= 0, got {temperature}")
+    check_temperature(temperature)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -70,9 +95,8 @@ def generate_text(model: MoETransformer, prompt: str, max_new_tokens: int,
                   on_text: Callable[[str], None] | None = None) -> str:
     """Continue a text prompt with byte-level sampling; ``on_text`` receives the
     decoded text as it arrives (incomplete UTF-8 sequences wait for their last byte)."""
+    check_generation(prompt, max_new_tokens, temperature, top_k)
     data = prompt.encode("utf-8")
-    if not data:
-        raise UsageError("prompt must not be empty")
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces = []

@@ -16,6 +16,7 @@ from torch import nn
 from ..aux import MoEAux
 from ..experts.activations import apply_activation
 from ..layer import MoE
+from ..memory import check_parameters_fit
 from .config import LMConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor] | None]
@@ -109,6 +110,18 @@ class Block(nn.Module):
         return x + ffn_out, aux, present
 
 
+def _check_fits(cfg: LMConfig) -> None:
+    """The model's parameters against the memory free where they will be made (moekit/memory.py)."""
+    from ..params import count_parameters, spec_from_lm_config
+
+    moe = "" if cfg.moe is None else \
+        f", num_experts={cfg.moe.num_experts}, expert_dim={cfg.moe.expert_dim}"
+    check_parameters_fit(f"LMConfig(dim={cfg.dim}, num_layers={cfg.num_layers}, "
+                         f"ffn_dim={cfg.ffn_dim}{moe})",
+                         count_parameters(spec_from_lm_config(cfg), context_length=0).total,
+                         "use smaller sizes (--num-experts, --expert-dim, or a smaller preset)")
+
+
 class MoETransformer(nn.Module):
     """Decoder-only language model. ``forward(tokens [B, S] int64)`` -> ``LMOutput``.
 
@@ -122,6 +135,7 @@ class MoETransformer(nn.Module):
         super().__init__()
         if not isinstance(cfg, LMConfig):
             raise TypeError(f"cfg must be an LMConfig, got {type(cfg).__name__}")
+        _check_fits(cfg)
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         moe_layers = set(cfg.moe_layers)

@@ -41,14 +41,30 @@ def test_a_bug_shows_its_traceback_and_bad_input_shows_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["params", "tiny", "--context", "-1"], "--context must be >= 0, got -1"),
+    (["params", "tiny", "--context", "-1"], "--context must be >= 1, got -1"),
+    (["params", "tiny", "--context", "0"], "--context must be >= 1, got 0; a query attends to itself"),
+    (["train", "--stop-after", "0"], "--stop-after must be >= 1, got 0; give the step to stop after"),
+    (["train", "--stop-after", "-1"], "--stop-after must be >= 1, got -1"),
+    (["generate", "--run", "/no/such/run", "--offload-experts", "--max-resident-experts", "0"],
+     "--max-resident-experts must be >= 1, got 0; leave it out for one layer's worth"),
+    (["generate", "--run", "/no/such/run", "--temperature", "nan"],
+     "temperature must be a finite number >= 0 (0 picks the likeliest byte), got nan"),
+    (["generate", "--run", "/no/such/run", "--prompt", "a\udcff"],
+     "prompt is not UTF-8 text (byte 0xff at character 1); give the prompt as UTF-8 text"),
     (["train", "--device", "nonsense"], "--device nonsense:"),
+    (["train", "--device", "tpu9"], "--device tpu9: Invalid device string: 'tpu9'; give cpu, cuda or cuda:N"),
+    (["train", "--device", "meta"], "--device meta holds shapes but no data"),
+    (["generate", "--run", "/no/such/run", "--device", "vulkan"],
+     "--device vulkan: torch cannot make tensors there on this machine"),
     (["plan-placement", "--loads", "/no/such/inspect.json", "--devices", "2"],
      "/no/such/inspect.json is not an inspect.json"),
+    (["plan-placement", "--loads", "/no/such/inspect.json", "--devices", "2"],
+     "give the inspect.json that `moekit inspect RUN` writes"),
 ])
 def test_more_bad_input_exits_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert message in err and len(err.strip().splitlines()) == 1
+    assert out == ""  # nothing printed before the error (generate's prompt, say)

@@ -34,3 +34,23 @@ def test_a_run_without_records_and_a_file_that_is_no_report_are_usage_errors(tmp
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(UsageError, match="junk.json is not an inspect.json"):
         loads_from_inspect_report(tmp_path / "junk.json")
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "No such file or directory"),
+    (b"{not json", "not JSON: Expecting property name enclosed in double quotes at line 1 column 2"),
+    (b'{"a": 1}', "no 'layers' key"),
+    (b'{"layers": {"m": {}}}', "no 'tokens_per_expert' key"),
+    (b"[1, 2]", "not shaped like one"),
+    (b"\xff\xfe", "not text"),
+])
+def test_every_kind_of_bad_loads_file_is_one_clear_line(tmp_path, content, reason):
+    path = tmp_path / "loads.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UsageError) as info:
+        loads_from_inspect_report(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} is not an inspect.json written by moekit inspect (")
+    assert reason in message and message.endswith("give the inspect.json that `moekit inspect RUN` writes")
+    assert "\n" not in message

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -34,6 +36,19 @@ def test_folder_split_is_by_file_and_independent_of_other_files(tmp_path):
     (folder / "zz_extra.txt").write_text("more text " * 50)
     bigger = load_corpus(folder, seq_len=16)
     assert bytes(bigger.val.tolist()).startswith(expected_val)  # old files keep their side
+
+
+def test_a_file_name_that_is_not_utf8_is_read_like_the_others(tmp_path):
+    """Before: one such name refused the whole folder with a codec error."""
+    folder = write_text_files(tmp_path / "data", count=40, size=60)
+    before = load_corpus(folder, seq_len=16)
+    name = os.fsdecode(b"zz_caf\xe9.txt")  # Latin-1, not UTF-8
+    (folder / name).write_text("text in a latin-1 named file " * 5)
+    corpus = load_corpus(folder, seq_len=16)
+    assert corpus.num_files == 41
+    assert corpus.train.numel() + corpus.val.numel() == \
+        before.train.numel() + before.val.numel() + (folder / name).stat().st_size
+    assert bytes(corpus.val.tolist()).startswith(bytes(before.val.tolist()))  # the others keep their side
 
 
 def test_hidden_files_and_pycache_are_skipped(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moekit.errors import UsageError
 from moekit.lm.generate import generate_text, generate_tokens, sample_next
 from moekit.lm.model import MoETransformer
 
@@ -54,3 +55,19 @@ def test_generate_text_streams_what_it_returns():
     assert text == generate_text(model, "def ", 30, temperature=1.0, top_k=None, seed=1)
     with pytest.raises(ValueError, match="prompt"):
         generate_text(model, "", 5)
+
+
+@pytest.mark.parametrize("prompt, max_new_tokens, temperature, top_k, message", [
+    ("a\udcffb", 5, 1.0, None, r"prompt is not UTF-8 text \(byte 0xff at character 1\); give the prompt as UTF-8"),
+    ("def ", 5, float("nan"), None, r"temperature must be a finite number >= 0 .*got nan"),
+    ("def ", 5, float("inf"), None, r"temperature must be a finite number >= 0 .*got inf"),
+    ("def ", -1, 1.0, None, r"max_new_tokens must be >= 0, got -1"),
+    ("def ", 5, 1.0, 0, r"top_k must be >= 1, got 0"),
+])
+def test_generate_text_checks_its_arguments_before_running_the_model(prompt, max_new_tokens,
+                                                                     temperature, top_k, message):
+    class Untouchable:  # any use of the model would raise AttributeError, not the check
+        pass
+
+    with pytest.raises(UsageError, match=message):
+        generate_text(Untouchable(), prompt, max_new_tokens, temperature, top_k)

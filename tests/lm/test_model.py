@@ -127,3 +127,9 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randint(0, 256, (1, 25)))
     with pytest.raises(TypeError, match="LMConfig"):
         MoETransformer({"dim": 32})
+
+
+def test_a_model_moved_to_meta_says_what_meta_is_for():
+    model = MoETransformer(small_config()).to("meta")
+    with pytest.raises(ValueError, match=r"x is on the meta device.*to_empty"):
+        model(torch.zeros(2, 8, dtype=torch.long, device="meta"))
