@@ -15,10 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+if __name__ != "__main__":  # tests.conftest turns the interpreter on, which cannot compile
+    from tests.conftest import import_or_skip
 
-from tests.conftest import import_or_skip
-
-import_or_skip("triton", reason="Triton is not installed (pip install 'moekit[triton]')")
+    import_or_skip("triton", reason="Triton is not installed (pip install 'moekit[triton]')")
 
 ROOT = Path(__file__).resolve().parents[3]
 TILES = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, UPCAST=False, PRECISION="tf32")
