@@ -8,8 +8,8 @@ children, whatever its class is called:
   interface: ``has_gate`` and ``down_proj``), E sibling modules of one class
   (an ``nn.ModuleList``/``ModuleDict`` of expert MLPs, or a module holding
   ``expert_0`` ... ``expert_{E-1}``), or a custom module holding Parameters
-  stacked over the experts on it or its direct children (leading dim E, or
-  E x rows flattened into 2-D as in DBRX).
+  stacked over the experts on it or its direct children, reading D-wide
+  inputs (leading dim E, or E x rows flattened into 2-D as in DBRX).
 
 A module holding a transformers experts module is a block even without a
 router of that shape. A block's own submodules are not searched. Plain
@@ -45,9 +45,8 @@ def is_moe_block(module: nn.Module) -> bool:
     if any(is_interface_experts(c) for c in children):
         return True
     for router in children:
-        num_experts = router_outputs(router)
-        if num_experts is not None and any(
-                _holds_experts(c, num_experts) for c in children if c is not router):
+        shape = router_shape(router)
+        if shape is not None and any(_holds_experts(c, *shape) for c in children if c is not router):
             return True
     return False
 
@@ -63,29 +62,37 @@ def interface_experts(block: nn.Module) -> list[nn.Module]:
     return [c for c in block.children() if is_interface_experts(c)]
 
 
-def router_outputs(module: nn.Module) -> int | None:
-    """E if ``module`` holds exactly one weight matrix, of shape [E, D] with
+def router_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(E, D) if ``module`` holds exactly one weight matrix, of shape [E, D] with
     E >= 2 (an embedding table is not a router)."""
     if isinstance(module, nn.Embedding):
         return None
     matrices = [p for p in module.parameters() if p.dim() >= 2]
     if len(matrices) != 1 or matrices[0].dim() != 2 or matrices[0].shape[0] < 2:
         return None
-    return matrices[0].shape[0]
+    return tuple(matrices[0].shape)
 
 
-def _holds_experts(module: nn.Module, num_experts: int) -> bool:
+def _holds_experts(module: nn.Module, num_experts: int, dim: int) -> bool:
     """E sibling modules of one class with parameters, or Parameters stacked over
-    E experts on the module or its direct children: [E, ...] (3-D and more) or
-    [E * rows, D] (2-D). Plain torch.nn layers hold no experts."""
+    E experts on the module or its direct children, reading D-wide inputs:
+    [E, ..., D, ...] (3-D and more) or [E * rows, D] (2-D, rows >= 2). Plain
+    torch.nn layers hold no experts."""
     if _is_torch_layer(module):
         return False
     same_class = Counter(type(c) for c in module.children() if any(True for _ in c.parameters()))
     if any(count == num_experts for count in same_class.values()):
         return True
     owners = [module, *(c for c in module.children() if not _is_torch_layer(c))]
-    return any(p.shape[0] == num_experts if p.dim() >= 3 else p.dim() == 2 and p.shape[0] % num_experts == 0
+    return any(_stacked(p.shape, num_experts, dim)
                for owner in owners for p in owner.parameters(recurse=False))
+
+
+def _stacked(shape: tuple[int, ...], num_experts: int, dim: int) -> bool:
+    if len(shape) >= 3:
+        return shape[0] == num_experts and dim in shape[1:]
+    return len(shape) == 2 and shape[0] % num_experts == 0 and shape[0] > num_experts \
+        and shape[1] == dim
 
 
 _COLLECTIONS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)

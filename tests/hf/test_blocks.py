@@ -53,6 +53,9 @@ def test_dense_layers_and_mismatched_counts_are_not_blocks():
         vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2))
     assert list(moe_blocks(dense)) == []
+    gpt2 = transformers.AutoModel.from_config(transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4))  # Conv1D [32, 96] next to Conv1D [32, 32]
+    assert list(moe_blocks(gpt2)) == []
 
 
 def test_blocks_are_found_whatever_their_class_is_called():
