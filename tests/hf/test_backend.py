@@ -186,3 +186,13 @@ def test_lfm2_moe_silu_experts_without_hidden_act_match_eager():
         expected = model(ids).last_hidden_state
         model.set_experts_implementation("moekit")
         torch.testing.assert_close(model(ids).last_hidden_state, expected, atol=1e-5, rtol=0)
+
+
+def test_registering_twice_checks_once_and_a_dict_choice_is_checked_too():
+    post_init = transformers.PreTrainedModel.post_init
+    moekit.hf.register()
+    assert transformers.PreTrainedModel.post_init is post_init  # not wrapped again
+    model = other_model("gpt_oss")
+    with pytest.raises(ValueError, match=r"GptOssExperts: is_transposed=True"):
+        model.set_experts_implementation({"": "moekit"})
+    assert model.get_experts_implementation()[""] != "moekit"
