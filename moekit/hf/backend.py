@@ -7,10 +7,15 @@ model's own router decides; moekit plans the dispatch of its choices
 (``plan_dispatch``) and runs a moekit ``Experts`` view of the model's own
 weights (shared, never copied) on that plan, with the backend "auto" picks
 (fused on CPU; Triton, else grouped_mm, on CUDA).
+
+A model is checked when moekit is chosen (``backend_refusals``), not at its
+first forward: every MoE block must run its experts through transformers'
+experts interface, with a layout moekit computes.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -19,9 +24,11 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.dispatch import plan_dispatch
 from moekit.experts import Experts
+from moekit.hf.blocks import interface_experts, moe_blocks
 from moekit.hf.convert import experts_activation
 
 BACKEND_NAME = "moekit"
+_REGISTERED: set[str] = set()  # the names register() gave moekit's forward
 
 
 def require_transformers():
@@ -40,11 +47,76 @@ def require_transformers():
 def register(name: str = BACKEND_NAME) -> None:
     """Register moekit in transformers' experts registry under ``name``, so that
     ``from_pretrained(..., experts_implementation="moekit")`` (or from_config,
-    or ``model.set_experts_implementation("moekit")``) uses it. Idempotent."""
-    require_transformers()
+    or ``model.set_experts_implementation("moekit")``) uses it. Idempotent.
+
+    From then on, choosing ``name`` for a model whose MoE blocks moekit cannot
+    run raises a ValueError (``backend_refusals``) at that moment: in
+    from_config/from_pretrained once the modules are built (transformers'
+    ``post_init``), in set_experts_implementation before anything changes.
+    """
+    transformers = require_transformers()
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(name, moekit_experts_forward)
+    _REGISTERED.add(name)
+    _check_when_chosen(transformers.PreTrainedModel)
+
+
+def backend_refusals(model: nn.Module) -> dict[str, str]:
+    """{MoE block name: why experts_implementation="moekit" cannot run it} over
+    the model's MoE blocks (found by structure, see moekit.hf.blocks); empty
+    if moekit runs every one."""
+    refusals = {}
+    for name, block in moe_blocks(model):
+        experts = interface_experts(block)
+        if not experts:
+            refusals[name] = (f"{type(block).__name__}: its experts do not go through transformers' "
+                              "experts interface, so no experts_implementation applies to them "
+                              "(they always run eager)")
+        for module in experts:
+            try:
+                experts_activation(module)
+            except ValueError as error:
+                refusals[name] = str(error)
+    return refusals
+
+
+def require_backend_support(model: nn.Module) -> None:
+    """ValueError naming every MoE block of ``model`` moekit's backend cannot run."""
+    refusals = backend_refusals(model)
+    if refusals:
+        raise ValueError(f"experts_implementation='moekit' cannot run {type(model).__name__}: "
+                         + "; ".join(f"{name}: {why}" for name, why in refusals.items())
+                         + ". Use 'eager' or another implementation for it")
+
+
+def _chooses_moekit(implementation) -> bool:
+    values = implementation.values() if isinstance(implementation, dict) else [implementation]
+    return any(v in _REGISTERED for v in values)
+
+
+def _check_when_chosen(model_class: type) -> None:
+    """Wrap transformers' PreTrainedModel.post_init and set_experts_implementation
+    (once) so that choosing moekit for a model it cannot run raises there."""
+    if getattr(model_class, "_moekit_checks", False):
+        return
+    post_init, set_experts_implementation = model_class.post_init, model_class.set_experts_implementation
+
+    @functools.wraps(post_init)
+    def checked_post_init(self, *args, **kwargs):
+        post_init(self, *args, **kwargs)
+        if _chooses_moekit(self.config._experts_implementation):
+            require_backend_support(self)
+
+    @functools.wraps(set_experts_implementation)
+    def checked_set_experts_implementation(self, experts_implementation, *args, **kwargs):
+        if _chooses_moekit(experts_implementation):
+            require_backend_support(self)
+        return set_experts_implementation(self, experts_implementation, *args, **kwargs)
+
+    model_class.post_init = checked_post_init
+    model_class.set_experts_implementation = checked_set_experts_implementation
+    model_class._moekit_checks = True
 
 
 # Experts module -> (config, its parameters, view): building a view costs about

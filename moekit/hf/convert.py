@@ -52,14 +52,54 @@ def experts_activation(experts: nn.Module) -> str:
     if apply_gate is not None and apply_gate.__qualname__ != "_default_apply_gate":
         raise ValueError(f"{name} has its own gating function (_apply_gate); moekit supports "
                          "act(gate) * up only")
-    hidden_act = getattr(getattr(experts, "config", None), "hidden_act", None)
     gated = getattr(experts, "has_gate", True)
     activations = GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS
-    if hidden_act not in activations:
+    act = activation_name(experts)
+    if act not in activations:
         kind = "gated" if gated else "plain"
-        raise ValueError(f"{name}: hidden_act {hidden_act!r} has no moekit equivalent for {kind} "
+        raise ValueError(f"{name}: {describe_activation(experts)} has no moekit equivalent for {kind} "
                          f"experts; supported: {', '.join(activations)}")
-    return activations[hidden_act]
+    return activations[act]
+
+
+# torch activations by what they compute: class name (module) or function name.
+_ACTIVATION_CLASSES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUActivation": "gelu",
+                       "ReLU": "relu"}
+_ACTIVATION_FUNCTIONS = {"silu": "silu", "gelu": "gelu", "relu": "relu"}
+
+
+def activation_name(experts: nn.Module) -> str | None:
+    """What the experts' ``act_fn`` computes ("silu", "gelu" (erf), "relu"), or
+    None if it is something else; without an ``act_fn``, ``config.hidden_act``."""
+    act = getattr(experts, "act_fn", None)
+    if act is None:
+        return getattr(getattr(experts, "config", None), "hidden_act", None)
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else None
+    if isinstance(act, nn.Module):
+        return _ACTIVATION_CLASSES.get(type(act).__name__)
+    if getattr(act, "__module__", None) == "torch.nn.functional":
+        return _ACTIVATION_FUNCTIONS.get(act.__name__)
+    return None
+
+
+def describe_activation(experts: nn.Module) -> str:
+    """The experts' activation and the config attribute(s) that chose it, for
+    messages: "act_fn GELUTanh (config.hidden_activation='gelu_pytorch_tanh')"."""
+    config = getattr(experts, "config", None)
+    act = getattr(experts, "act_fn", None)
+    if act is None:
+        return f"hidden_act {getattr(config, 'hidden_act', None)!r}"
+    if not isinstance(act, nn.Module):
+        return f"act_fn {getattr(act, '__name__', repr(act))}"
+    try:
+        from transformers.activations import ACT2CLS
+    except ImportError:
+        ACT2CLS = {}
+    classes = {key: value[0] if isinstance(value, tuple) else value for key, value in ACT2CLS.items()}
+    sources = [f"config.{key}={value!r}" for key, value in sorted((vars(config) if config is not None else {}).items())
+               if isinstance(value, str) and classes.get(value) is type(act)]
+    return f"act_fn {type(act).__name__}" + (f" ({', '.join(sources)})" if sources else "")
 
 
 def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:

@@ -18,14 +18,13 @@ import torch
 from torch import nn
 
 from moekit.aux import MoEAux
+from moekit.hf.blocks import moe_blocks
 from moekit.hf.convert import from_hf, to_hf
 from moekit.hf.families import family_of
 from moekit.layer import MoE
 from moekit.routing import Routing
 
 ON_UNSUPPORTED = ("error", "warn")
-# Class-name endings of MoE blocks across transformers, to name the unsupported ones.
-_MOE_BLOCK_SUFFIXES = ("SparseMoeBlock", "SparseMoEBlock", "MoeBlock", "MoEBlock", "MoE", "Moe")
 
 
 class MoEBlock(nn.Module):
@@ -138,7 +137,7 @@ def _convert_blocks(model: nn.Module, overrides: dict
     """({name: (moekit MoE sharing the block's weights, family, block)},
     {name: why not}) over the model's MoE blocks; the model is not changed."""
     converted, unsupported = {}, {}
-    for name, block in _moe_blocks(model):
+    for name, block in moe_blocks(model, skip=(MoEBlock,)):  # MoEBlocks: patched already
         family = family_of(block)
         if family is None:
             unsupported[name] = f"{type(block).__name__} is not a supported MoE block"
@@ -148,25 +147,6 @@ def _convert_blocks(model: nn.Module, overrides: dict
         except ValueError as error:
             unsupported[name] = str(error)
     return converted, unsupported
-
-
-def _moe_blocks(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of every MoE block, in module order: a supported block, one
-    holding a transformers experts module, or one named like an MoE block; a
-    block's own submodules are not searched, nor MoEBlocks."""
-    for name, child in module.named_children():
-        full = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, MoEBlock):  # patched already
-            continue
-        if family_of(child) is not None or _looks_like_moe_block(child):
-            yield full, child
-        else:
-            yield from _moe_blocks(child, full)
-
-
-def _looks_like_moe_block(module: nn.Module) -> bool:
-    holds_experts = any(hasattr(c, "has_gate") and hasattr(c, "down_proj") for c in module.children())
-    return holds_experts or type(module).__name__.endswith(_MOE_BLOCK_SUFFIXES)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.hf.tiny import FAMILIES, gradients, tiny_model, token_ids, transformers
+from tests.hf.tiny import (FAMILIES, OTHER_CONFIGS, gradients, other_model, tiny_model, token_ids,
+                           transformers)
 
 import moekit.hf  # noqa: E402  (after the importorskip in tests.hf.tiny)
 
@@ -84,8 +85,8 @@ def test_an_experts_layout_moekit_does_not_compute_is_named():
     with pytest.raises(ValueError, match=r"MixtralExperts: is_transposed=True is not supported"):
         model(token_ids())
     experts.is_transposed = False
-    experts.config.hidden_act = "tanh"
-    with pytest.raises(ValueError, match=r"hidden_act 'tanh' has no moekit equivalent"):
+    experts.act_fn = torch.nn.Tanh()
+    with pytest.raises(ValueError, match=r"MixtralExperts: act_fn Tanh has no moekit equivalent"):
         model(token_ids())
 
 
@@ -133,3 +134,65 @@ def test_experts_with_biases_or_without_a_gate_match_transformers_batched_mm(has
     (actual_grad,) = torch.autograd.grad(actual.square().sum(), x)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(actual_grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+NOT_THROUGH_THE_INTERFACE = {
+    "switch_transformers": "SwitchTransformersSparseMLP", "nllb_moe": "NllbMoeSparseMLP",
+    "dbrx": "DbrxFFN", "llama4_text": "Llama4TextMoe", "jetmoe": "JetMoeMoE",
+    "longcat_flash": "LongcatFlashMoE"}
+
+
+@pytest.mark.parametrize("family", list(NOT_THROUGH_THE_INTERFACE))
+def test_choosing_moekit_for_experts_outside_the_interface_raises_at_from_config(family):
+    with pytest.raises(ValueError, match=rf"{NOT_THROUGH_THE_INTERFACE[family]}: its experts do not "
+                                         r"go through transformers' experts interface"):
+        other_model(family, experts_implementation="moekit")
+
+
+def test_set_experts_implementation_refuses_before_changing_anything():
+    model = other_model("switch_transformers")
+    before = model.get_experts_implementation()
+    with pytest.raises(ValueError, match=r"cannot run SwitchTransformersModel: "
+                                         r"encoder.block.1.layer.1.mlp: SwitchTransformersSparseMLP"):
+        model.set_experts_implementation("moekit")
+    assert model.get_experts_implementation() == before
+
+
+def test_a_refused_layout_raises_at_from_config_and_from_pretrained(tmp_path):
+    message = r"layers.0.mlp: GptOssExperts: is_transposed=True is not supported"
+    with pytest.raises(ValueError, match=message):
+        other_model("gpt_oss", experts_implementation="moekit")
+    other_model("gpt_oss").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        transformers.AutoModel.from_pretrained(tmp_path, experts_implementation="moekit")
+
+
+@pytest.mark.parametrize(("family", "source"), [
+    ("gemma4_text", r"act_fn GELUTanh \(config.hidden_activation='gelu_pytorch_tanh'\)"),
+    ("nemotron_h", r"act_fn ReLUSquaredActivation \(config.mlp_hidden_act='relu2'\)")])
+def test_a_refused_activation_is_named_with_the_config_attribute_that_chose_it(family, source):
+    with pytest.raises(ValueError, match=source + r" has no moekit equivalent"):
+        other_model(family, experts_implementation="moekit")
+
+
+def test_lfm2_moe_silu_experts_without_hidden_act_match_eager():
+    """LFM2-MoE's config has no hidden_act; its experts use F.silu (act_fn)."""
+    assert not hasattr(OTHER_CONFIGS["lfm2_moe"](), "hidden_act")
+    model, ids = other_model("lfm2_moe"), token_ids()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+        expected = model(ids).last_hidden_state
+        model.set_experts_implementation("moekit")
+        torch.testing.assert_close(model(ids).last_hidden_state, expected, atol=1e-5, rtol=0)
+
+
+def test_registering_twice_checks_once_and_a_dict_choice_is_checked_too():
+    post_init = transformers.PreTrainedModel.post_init
+    moekit.hf.register()
+    assert transformers.PreTrainedModel.post_init is post_init  # not wrapped again
+    model = other_model("gpt_oss")
+    with pytest.raises(ValueError, match=r"GptOssExperts: is_transposed=True"):
+        model.set_experts_implementation({"": "moekit"})
+    assert model.get_experts_implementation()[""] != "moekit"

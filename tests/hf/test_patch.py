@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.hf.tiny import FAMILIES, gradients, moe_blocks, tiny_model, token_ids
+from tests.hf.tiny import FAMILIES, gradients, moe_blocks, other_model, tiny_model, token_ids
 
 import moekit
 from moekit.hf import MoEBlock, family_of, patch, record_aux, unpatch
@@ -110,32 +110,63 @@ def test_the_patched_layers_are_moekit_layers():
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=0)
 
 
-class FooSparseMoeBlock(nn.Module):
+class Routed(nn.Module):
+    """An MoE block of no known family, by structure only: a router and a
+    ModuleList of expert MLPs (its name says nothing)."""
+
+    def __init__(self, dim: int = 32, num_experts: int = 3):
+        super().__init__()
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, 8), nn.ReLU(), nn.Linear(8, dim))
+                                     for _ in range(num_experts))
+
     def forward(self, x):
         return x
 
 
 def test_unsupported_blocks_are_named_before_anything_changes():
     model = tiny_model("mixtral", router_jitter_noise=0.1)
-    model.model.layers[1].extra = FooSparseMoeBlock()
+    model.model.layers[1].extra = Routed()
     blocks = dict(moe_blocks(model))
     with pytest.raises(ValueError, match=r"model.layers.0.mlp: MixtralSparseMoeBlock: "
                                          r"router_jitter_noise=0.1 .*model.layers.1.extra: "
-                                         r"FooSparseMoeBlock is not a supported MoE block"):
+                                         r"Routed is not a supported MoE block"):
         patch(model)
     assert dict(moe_blocks(model)) == blocks
 
 
 def test_unsupported_blocks_can_be_left_in_place_with_a_warning():
     model = tiny_model("mixtral")
-    model.model.layers[1].extra = FooSparseMoeBlock()
-    with pytest.warns(UserWarning, match=r"left model.layers.1.extra in place: FooSparseMoeBlock"):
+    model.model.layers[1].extra = Routed()
+    with pytest.warns(UserWarning, match=r"left model.layers.1.extra in place: Routed"):
         report = patch(model, on_unsupported="warn")
     assert list(report.replaced) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert list(report.unsupported) == ["model.layers.1.extra"]
     assert "replaced 2 MoE block(s)" in str(report) and "left 1 unsupported" in str(report)
     with pytest.raises(ValueError, match=r"on_unsupported must be one of"):
         patch(model, on_unsupported="ignore")
+
+
+UNCONVERTED_BLOCKS = {
+    "switch_transformers": ("encoder.block.1.layer.1.mlp", "SwitchTransformersSparseMLP"),
+    "nllb_moe": ("encoder.layers.1.ffn", "NllbMoeSparseMLP"),
+    "dbrx": ("blocks.0.ffn", "DbrxFFN"),
+    "llama4_text": ("layers.0.feed_forward", "Llama4TextMoe"),
+    "jetmoe": ("layers.0.mlp", "JetMoeMoE"),
+    "longcat_flash": ("layers.0.mlp", "LongcatFlashMoE"),
+    "gpt_oss": ("layers.0.mlp", "GptOssMLP")}
+
+
+@pytest.mark.parametrize("family", list(UNCONVERTED_BLOCKS))
+def test_blocks_of_other_families_are_found_by_structure_and_never_skipped(family):
+    name, block_class = UNCONVERTED_BLOCKS[family]
+    model = other_model(family)
+    with pytest.raises(ValueError, match=rf"{name}: {block_class} is not a supported MoE block"):
+        patch(model)
+    with pytest.warns(UserWarning, match=rf"left {name} in place"):
+        report = patch(model, on_unsupported="warn")
+    assert report.replaced == {} and name in report.unsupported
+    assert type(model.get_submodule(name)).__name__ == block_class
 
 
 def test_expert_parallelism_applies_to_a_patched_model(tmp_path):

@@ -1,4 +1,5 @@
-"""Tiny random-weight transformers MoE models, one per supported family (no downloads).
+"""Tiny random-weight transformers MoE models, one per supported family (no downloads),
+and tiny configs of MoE families moekit does not convert (``OTHER_CONFIGS``).
 
 Weights are redrawn at a scale where routing and every expert matter (the
 models' own init, std 0.02, makes the logits nearly constant), and sigmoid
@@ -46,6 +47,63 @@ CONFIGS = {
     "exaone_moe": lambda **kw: transformers.ExaoneMoeConfig(**_DEEPSEEK | kw),
 }
 FAMILIES = list(CONFIGS)
+
+
+def _dbrx(**kw):
+    config = transformers.DbrxConfig(**dict(
+        vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
+        attn_config=dict(kv_n_heads=2),
+        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2)) | kw)
+    config.attn_config.rope_theta = 10000.0  # transformers 5.24's DBRX attention reads it
+    return config
+
+
+_NO_HEAD_DIM = {k: v for k, v in _COMMON.items() if k != "head_dim"}
+# MoE families with no moekit conversion: {model type: config factory}, for AutoModel.
+OTHER_CONFIGS = {
+    "switch_transformers": lambda **kw: transformers.SwitchTransformersConfig(**dict(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=16, num_layers=2, num_decoder_layers=2,
+        num_heads=4, num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+        expert_capacity=8) | kw),
+    "nllb_moe": lambda **kw: transformers.NllbMoeConfig(**dict(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=16,
+        decoder_ffn_dim=16, encoder_attention_heads=4, decoder_attention_heads=4, num_experts=4,
+        encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=8) | kw),
+    "dbrx": _dbrx,
+    "llama4_text": lambda **kw: transformers.Llama4TextConfig(
+        **_COMMON | dict(intermediate_size=16, intermediate_size_mlp=24, num_local_experts=4) | kw),
+    "jetmoe": lambda **kw: transformers.JetMoeConfig(**dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2,
+        kv_channels=8, intermediate_size=16, num_local_experts=4) | kw),
+    "longcat_flash": lambda **kw: transformers.LongcatFlashConfig(**dict(
+        vocab_size=VOCAB, hidden_size=32, num_layers=1, num_attention_heads=4,
+        ffn_hidden_size=24, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, head_dim=8, v_head_dim=8, moe_topk=2, n_routed_experts=4,
+        zero_expert_num=2, expert_ffn_hidden_size=16) | kw),
+    "gpt_oss": lambda **kw: transformers.GptOssConfig(
+        **_COMMON | dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2) | kw),
+    "lfm2_moe": lambda **kw: transformers.Lfm2MoeConfig(
+        **_NO_HEAD_DIM | dict(intermediate_size=16, moe_intermediate_size=16, num_experts=4,
+                              num_experts_per_tok=2, num_dense_layers=0,
+                              layer_types=["conv", "full_attention"]) | kw),
+    "gemma4_text": lambda **kw: transformers.Gemma4TextConfig(
+        **_COMMON | dict(intermediate_size=16, enable_moe_block=True, num_experts=4,
+                         top_k_experts=2, moe_intermediate_size=16, hidden_size_per_layer_input=8,
+                         vocab_size_per_layer_input=VOCAB, layer_types=["full_attention"] * 2) | kw),
+    "nemotron_h": lambda **kw: transformers.NemotronHConfig(
+        **{k: v for k, v in _COMMON.items() if k != "num_hidden_layers"}
+        | dict(layers_block_type=["moe", "attention"], intermediate_size=16, n_routed_experts=4,
+               moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
+               num_experts_per_tok=2, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
+               n_groups=1) | kw),
+}
+
+
+def other_model(family: str, seed: int = 0, **kwargs):
+    """A tiny base model (AutoModel) of an OTHER_CONFIGS family, fp32, eval mode;
+    kwargs go to from_config (experts_implementation, ...)."""
+    torch.manual_seed(seed)
+    return transformers.AutoModel.from_config(OTHER_CONFIGS[family](), **kwargs).eval()
 
 
 def tiny_model(family: str, seed: int = 0, experts_implementation: str = "eager", **config):
