@@ -35,11 +35,14 @@ def _decimal_ratio(value: float) -> tuple[int, int]:
 
 def capacity_keep_mask(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
                        capacity: int, drop_policy: str = "position",
-                       assignment_mask_TK: torch.Tensor | None = None) -> torch.Tensor:
+                       assignment_mask_TK: torch.Tensor | None = None,
+                       sequence_T: torch.Tensor | None = None,
+                       num_sequences: int = 1) -> torch.Tensor:
     """Which assignments survive capacity: bool [T, K], True = kept.
 
     Slots outside assignment_mask_TK (if given) are not assignments: they take
-    no capacity and are never kept.
+    no capacity and are never kept. With sequence_T ([T] int64, each token's
+    sequence in [0, num_sequences)), each sequence has its own capacity per expert.
     Each expert keeps its first ``capacity`` assignments in priority order:
     - "position": all first choices before any second choice, then earlier
       tokens first (GShard, Switch);
@@ -49,6 +52,9 @@ def capacity_keep_mask(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_exper
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
     num_tokens, top_k = ids_TK.shape
+    if sequence_T is not None:  # expert e of sequence s queues as expert s * E + e
+        ids_TK = ids_TK + sequence_T.unsqueeze(1) * num_experts
+        num_experts *= num_sequences
     # Flatten choice-major: assignment j * T + t, which is the position order.
     ids_A = ids_TK.t().reshape(-1)
     if assignment_mask_TK is not None:  # non-assignments queue for a sentinel expert E

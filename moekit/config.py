@@ -17,6 +17,7 @@ from moekit.validation import require_bool, require_choice, require_float, requi
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_NOISES = ("none", "jitter", "gaussian")
 DROP_POLICIES = ("position", "score")
+CAPACITY_SCOPES = ("batch", "sequence")
 HASH_WEIGHTS = ("uniform", "router")
 BALANCE_SCOPES = ("batch", "sequence", "global")
 CPU_KERNELS = ("auto", "off")
@@ -72,6 +73,11 @@ class MoEConfig:
             assignments, and the rest are dropped by drop_policy ("position":
             first choices before second choices, then earlier tokens first;
             "score": highest combine weight first).
+        expert_capacity: a fixed C instead of the capacity_factor formula
+            (Switch Transformers' expert_capacity); None (default) uses the formula.
+        capacity_scope: "batch" (default): C over all of x's tokens; "sequence":
+            each sequence (second-to-last dim of x) has its own C per expert, as
+            Switch Transformers routes in transformers (needs expert_capacity).
     Experts
         activation: "swiglu" (default), "geglu", "gelu", "relu" or "silu".
         bias: learned biases in the expert projections (off, as in most LLMs).
@@ -121,6 +127,8 @@ class MoEConfig:
     capacity_factor: float | None = None
     min_capacity: int = 0
     drop_policy: str = "position"
+    expert_capacity: int | None = None
+    capacity_scope: str = "batch"
     activation: str = "swiglu"
     bias: bool = False
     num_shared_experts: int = 0
@@ -159,6 +167,7 @@ class MoEConfig:
                            open_minimum=True)
         require_int("min_capacity", self.min_capacity, 0)
         require_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        self._check_capacity()
         from moekit.experts.activations import ACTIVATIONS  # the experts import this module
         require_choice("activation", self.activation, tuple(ACTIVATIONS))
         require_bool("bias", self.bias)
@@ -203,6 +212,23 @@ class MoEConfig:
             raise ValueError(f"router='dense' sends every token to every expert: set top_k to "
                              f"num_experts ({self.num_experts}), got top_k={self.top_k}")
 
+    def _check_capacity(self) -> None:
+        """A fixed expert_capacity and its capacity_scope, with the router that drops."""
+        if self.expert_capacity is not None:
+            require_int("expert_capacity", self.expert_capacity, 1)
+            if self.capacity_factor is not None:
+                raise ValueError("set capacity_factor or expert_capacity, not both: got "
+                                 f"capacity_factor={self.capacity_factor}, "
+                                 f"expert_capacity={self.expert_capacity}")
+            if self.router == "expert_choice":
+                raise ValueError("expert_capacity needs a token-choice router (expert choice "
+                                 "takes its capacity from capacity_factor), got "
+                                 "router='expert_choice'")
+        require_choice("capacity_scope", self.capacity_scope, CAPACITY_SCOPES)
+        if self.capacity_scope == "sequence" and self.expert_capacity is None:
+            raise ValueError("capacity_scope='sequence' needs expert_capacity (a per-sequence "
+                             "capacity_factor is not implemented), got expert_capacity=None")
+
     @property
     def is_gated(self) -> bool:
         """True when the activation multiplies a gate by an up projection."""
@@ -215,7 +241,7 @@ class MoEConfig:
 
     @property
     def dropless(self) -> bool:
-        return self.capacity_factor is None
+        return self.capacity_factor is None and self.expert_capacity is None
 
     @property
     def shared_hidden_dim(self) -> int:

@@ -37,7 +37,8 @@ class MoE(nn.Module):
     produce zeros and take no part in losses, counts or metrics; the MoEAux
     per-token fields then cover only the real tokens, in flattened order.
     token_ids feed router="hash" (other routers ignore them). A sequence, for
-    balance_scope="sequence", is the second-to-last dim of x (all of x if 2-D).
+    balance_scope="sequence" and capacity_scope="sequence", is the second-to-last
+    dim of x (all of x if 2-D).
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -74,12 +75,15 @@ class MoE(nn.Module):
             sequence_T = None if sequence_T is None else sequence_T.index_select(0, real_T)
         with autocast_off(x):  # routing math stays float32
             routing = self.router(x_TD, token_ids_T)
-        y_TD, plan = self.dispatcher.run_experts(x_TD, routing, self.experts)
+        y_TD, plan = self.dispatcher.run_experts(x_TD, routing, self.experts, sequence_T,
+                                                 num_sequences)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         if padding_mask is not None:
             y_TD = y_TD.new_zeros(x.numel() // self.config.dim, self.config.dim) \
                 .index_copy(0, real_T, y_TD)
+        if self.config.balance_scope != "sequence":  # computed for capacity only
+            sequence_T, num_sequences = None, 1
         compute_losses = self.training and torch.is_grad_enabled()
         global_load = None
         if self.training:
@@ -113,8 +117,8 @@ class MoE(nn.Module):
 
     def _sequence_index(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         """[T] sequence index of every token, and the number of sequences, when
-        balance_scope="sequence" (else None, 1)."""
-        if self.config.balance_scope != "sequence":
+        balance_scope or capacity_scope is "sequence" (else None, 1)."""
+        if "sequence" not in (self.config.balance_scope, self.config.capacity_scope):
             return None, 1
         num_tokens = x.numel() // self.config.dim
         seq_len = x.shape[-2] if x.dim() >= 3 else num_tokens

@@ -118,23 +118,29 @@ def expert_choice_ids(cfg, scores_per_token: list[torch.Tensor]) -> list[list[in
     return chosen
 
 
-def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]]) -> list[list[bool]]:
-    """The capacity rule, by hand: walk assignments in priority order, count per expert."""
+def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
+                     seq_len: int | None = None) -> list[list[bool]]:
+    """The capacity rule, by hand: walk assignments in priority order, count per
+    expert (per sequence of seq_len tokens with capacity_scope="sequence")."""
     T, k = len(ids), cfg.top_k
-    if cfg.capacity_factor is None:
+    if cfg.dropless:
         return [[True] * k for _ in range(T)]
     from fractions import Fraction
-    capacity = math.ceil(Fraction(repr(cfg.capacity_factor)) * T * k / cfg.num_experts)
-    capacity = min(T, max(cfg.min_capacity, capacity))
+    if cfg.expert_capacity is not None:
+        capacity = cfg.expert_capacity
+    else:
+        capacity = math.ceil(Fraction(repr(cfg.capacity_factor)) * T * k / cfg.num_experts)
+        capacity = min(T, max(cfg.min_capacity, capacity))
+    group_len = (seq_len or T or 1) if cfg.capacity_scope == "sequence" else (T or 1)
     slots = [(t, j) for j in range(k) for t in range(T)]  # position order
     if cfg.drop_policy == "score":
         slots.sort(key=lambda s: -weights[s[0]][s[1]])  # stable: ties keep position order
-    used = [0] * cfg.num_experts
+    used = {}
     keep = [[False] * k for _ in range(T)]
     for t, j in slots:
-        e = ids[t][j]
-        if used[e] < capacity:
-            used[e] += 1
+        queue = (t // group_len, ids[t][j])
+        if used.get(queue, 0) < capacity:
+            used[queue] = used.get(queue, 0) + 1
             keep[t][j] = True
     return keep
 
@@ -158,7 +164,7 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
         token_ids = [select_topk(cfg, s[1], expert_bias) for s in scored]
     weights = [token_weights(cfg, s[0], s[1], e) for s, e in zip(scored, token_ids)]
     keep = [[True] * len(e) for e in token_ids] if cfg.router == "expert_choice" else \
-        keep_assignments(cfg, token_ids, [w.detach().tolist() for w in weights])
+        keep_assignments(cfg, token_ids, [w.detach().tolist() for w in weights], seq_len)
     counts = [0] * cfg.num_experts
     rows = []
     for t in range(T):

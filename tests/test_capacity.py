@@ -69,3 +69,34 @@ def test_keep_mask_matches_hand_loop_on_random_routings(seed):
 def test_unknown_policy_is_rejected():
     with pytest.raises(ValueError, match="drop_policy must be one of .* got 'lottery'"):
         capacity_keep_mask(torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1), 2, 1, "lottery")
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_per_sequence_keep_mask_matches_hand_loop(seed):
+    rnd = random.Random(seed)
+    B, S, E = rnd.randint(1, 4), rnd.randint(0, 9), rnd.randint(1, 6)
+    k = rnd.randint(1, E)
+    policy = rnd.choice(["position", "score"])
+    cfg = MoEConfig(dim=4, expert_dim=4, num_experts=E, top_k=k, drop_policy=policy,
+                    expert_capacity=rnd.randint(1, 3), capacity_scope="sequence")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(B * S)]) \
+        if B * S else torch.zeros(0, k, dtype=torch.int64)
+    weights = torch.rand(B * S, k, generator=gen).round(decimals=1)
+    sequence_T = torch.arange(B * S) // max(S, 1)
+    keep = capacity_keep_mask(ids, weights, E, cfg.expert_capacity, policy, None, sequence_T, B)
+    assert keep.tolist() == keep_assignments(cfg, ids.tolist(), weights.tolist(), S)
+
+
+def test_per_sequence_position_order_is_switch_transformers_cumsum():
+    """Switch Transformers (transformers' SwitchTransformersTop1Router): a token keeps its
+    expert while its rank among that expert's tokens of its sequence is <= capacity."""
+    gen = torch.Generator().manual_seed(0)
+    B, S, E, capacity = 3, 11, 4, 2
+    ids_BS = torch.randint(0, E, (B, S), generator=gen)
+    one_hot_BSE = torch.nn.functional.one_hot(ids_BS, E)
+    switch_keep = ((torch.cumsum(one_hot_BSE, dim=-2) <= capacity) * one_hot_BSE).sum(-1) > 0
+    keep = capacity_keep_mask(ids_BS.reshape(-1, 1), torch.ones(B * S, 1), E, capacity,
+                              "position", None, torch.arange(B * S) // S, B)
+    assert not switch_keep.all()
+    assert keep.view(B, S).tolist() == switch_keep.tolist()

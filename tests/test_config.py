@@ -31,6 +31,15 @@ BASE = dict(dim=8, expert_dim=16, num_experts=4, top_k=2)
     (dict(capacity_factor=float("nan")), ValueError, r"capacity_factor .* got nan"),
     (dict(capacity_factor=1e12), ValueError, r"capacity_factor .*<= 1000.0, got 1000000000000.0"),
     (dict(min_capacity=-1), ValueError, r"min_capacity must be >= 0, got -1"),
+    (dict(expert_capacity=0), ValueError, r"expert_capacity must be >= 1, got 0"),
+    (dict(expert_capacity=2.0), TypeError, r"expert_capacity must be an int, got 2.0"),
+    (dict(expert_capacity=2, capacity_factor=1.0), ValueError,
+     r"set capacity_factor or expert_capacity, not both"),
+    (dict(expert_capacity=2, router="expert_choice"), ValueError,
+     r"expert_capacity needs a token-choice router"),
+    (dict(capacity_scope="group"), ValueError, r"capacity_scope must be one of 'batch', "
+                                               r"'sequence'; got 'group'"),
+    (dict(capacity_scope="sequence"), ValueError, r"capacity_scope='sequence' needs expert_capacity"),
     (dict(drop_policy="random"), ValueError, r"drop_policy must be one of 'position', 'score'; "
                                              r"got 'random'"),
     (dict(activation="tanh"), ValueError, r"activation must be one of .*got 'tanh'"),

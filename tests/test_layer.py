@@ -95,6 +95,7 @@ CASES = [
     dict(num_experts=8, top_k=2, capacity_factor=1.0),
     dict(num_experts=8, top_k=2, capacity_factor=0.5, drop_policy="score"),
     dict(num_experts=4, top_k=1, capacity_factor=1.25, min_capacity=2),
+    dict(num_experts=4, top_k=2, expert_capacity=2),
     dict(num_experts=8, top_k=2, experts_backend="loop"),
     dict(num_experts=8, top_k=2, experts_backend="grouped_mm", capacity_factor=1.0),
     dict(num_experts=6, top_k=2, experts_backend="loop", bias=True, num_shared_experts=1),
@@ -399,6 +400,24 @@ def test_sequence_scope_balance_loss_matches_reference(batch):
     moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=2, balance_scope="sequence",
                          balance_loss_weight=0.5)
     check_against_reference(moe, 12, batch=batch)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("drop_policy", ["position", "score"])
+def test_sequence_capacity_matches_reference(batch, drop_policy):
+    moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=2, expert_capacity=2,
+                         capacity_scope="sequence", drop_policy=drop_policy)
+    aux = check_against_reference(moe, 18, batch=batch)
+    assert aux.dropped_fraction > 0
+
+
+def test_sequence_capacity_equals_each_sequence_alone():
+    moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=1, expert_capacity=2,
+                         capacity_scope="sequence").eval()
+    x = torch.randn(3, 7, 8)
+    y = moe(x)[0]
+    for s in range(3):
+        torch.testing.assert_close(y[s], moe(x[s:s + 1])[0][0], rtol=0, atol=0)
 
 
 def test_sequence_scope_with_padding_uses_real_tokens_per_sequence():

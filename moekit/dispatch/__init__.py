@@ -11,12 +11,13 @@ from moekit.dispatch.permute import combine_rows, dispatch_rows, permute_tokens,
 
 
 def build_dispatcher(config: MoEConfig) -> LocalDispatcher:
-    """Dropless when capacity_factor is None, capacity-limited otherwise.
+    """Dropless when config.dropless, capacity-limited otherwise.
     Expert choice builds its capacity into the routing, so it never drops here."""
-    if config.capacity_factor is None or config.router == "expert_choice":
+    if config.dropless or config.router == "expert_choice":
         return LocalDispatcher(config.num_experts)
     return CapacityDispatcher(config.num_experts, config.capacity_factor,
-                              config.min_capacity, config.drop_policy)
+                              config.min_capacity, config.drop_policy, config.expert_capacity,
+                              config.capacity_scope == "sequence")
 
 
 __all__ = ["CapacityDispatcher", "DispatchPlan", "LocalDispatcher", "build_dispatcher",

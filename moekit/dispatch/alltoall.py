@@ -75,11 +75,14 @@ class AllToAllDispatcher:
         all_reduced_load): one all_reduce, the layer's only one per forward."""
         return all_reduced_load(routing, self.num_experts, self.group, sequence_T, num_sequences)
 
-    def plan(self, routing: Routing) -> DispatchPlan:
+    def plan(self, routing: Routing, sequence_T: torch.Tensor | None = None,
+             num_sequences: int = 1) -> DispatchPlan:
         """The local dispatch plan, rows and counts_E in slot order; with capacity, of
-        the assignments that survive capacity over every rank's tokens."""
-        kept_TK = self._global_keep_mask(routing) if isinstance(self.local, CapacityDispatcher) \
-            else self.local.keep_mask(routing)
+        the assignments that survive capacity over every rank's tokens (per-sequence
+        capacity is local: a sequence lives on one rank)."""
+        global_capacity = isinstance(self.local, CapacityDispatcher) and not self.local.per_sequence
+        kept_TK = self._global_keep_mask(routing) if global_capacity \
+            else self.local.keep_mask(routing, sequence_T, num_sequences)
         ids_TK = routing.expert_indices
         if self.slot_of_expert is not None:
             ids_TK = self.slot_of_expert.to(ids_TK.device)[ids_TK]
@@ -101,10 +104,11 @@ class AllToAllDispatcher:
                                   self.num_experts, capacity, self.local.drop_policy, all_mask)
         return kept[start:start + ids_TK.shape[0]]
 
-    def run_experts(self, x_TD: torch.Tensor, routing: Routing,
-                    experts: ExpertsContract) -> tuple[torch.Tensor, DispatchPlan]:
+    def run_experts(self, x_TD: torch.Tensor, routing: Routing, experts: ExpertsContract,
+                    sequence_T: torch.Tensor | None = None, num_sequences: int = 1
+                    ) -> tuple[torch.Tensor, DispatchPlan]:
         """combine(remote experts(dispatch(x_TD))) -> (y_TD [T, D], plan)."""
-        plan = self.plan(routing)
+        plan = self.plan(routing, sequence_T, num_sequences)
         rows_RD = dispatch_rows(x_TD, plan)
         W, E_l = self.world_size, self.num_local_experts
         counts_WE = plan.counts_E.view(W, E_l)

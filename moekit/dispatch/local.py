@@ -50,26 +50,33 @@ class LocalDispatcher:
         return all_reduced_load(routing, self.num_experts, self.balance_group, sequence_T,
                                 num_sequences)
 
-    def keep_mask(self, routing: Routing) -> torch.Tensor | None:
+    def keep_mask(self, routing: Routing, sequence_T: torch.Tensor | None = None,
+                  num_sequences: int = 1) -> torch.Tensor | None:
         """bool [T, K] of slots to dispatch, or None for all: here the routing's
-        own assignment_mask (dropless)."""
+        own assignment_mask (dropless). sequence_T [T]: each token's sequence among
+        num_sequences, for per-sequence capacity (ignored here)."""
         return routing.assignment_mask
 
-    def run_experts(self, x_TD: torch.Tensor, routing: Routing,
-                    experts: ExpertsContract) -> tuple[torch.Tensor, DispatchPlan]:
+    def run_experts(self, x_TD: torch.Tensor, routing: Routing, experts: ExpertsContract,
+                    sequence_T: torch.Tensor | None = None, num_sequences: int = 1
+                    ) -> tuple[torch.Tensor, DispatchPlan]:
         """experts(x_TD, plan) -> (y_TD [T, D], plan)."""
-        plan = self.plan(routing)
+        plan = self.plan(routing, sequence_T, num_sequences)
         return experts(x_TD, plan), plan
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing,
+                 sequence_T: torch.Tensor | None = None, num_sequences: int = 1
+                 ) -> tuple[torch.Tensor, DispatchPlan]:
         """Rows [R, D] grouped by expert, and the plan to combine them."""
-        plan = self.plan(routing)
+        plan = self.plan(routing, sequence_T, num_sequences)
         return dispatch_rows(x_TD, plan), plan
 
-    def plan(self, routing: Routing) -> DispatchPlan:
+    def plan(self, routing: Routing, sequence_T: torch.Tensor | None = None,
+             num_sequences: int = 1) -> DispatchPlan:
         """The dispatch plan of the assignments keep_mask keeps (see plan_dispatch)."""
         return plan_dispatch(routing.expert_indices, routing.expert_weights, self.num_experts,
-                             self.keep_mask(routing), routing.assignment_mask)
+                             self.keep_mask(routing, sequence_T, num_sequences),
+                             routing.assignment_mask)
 
     def combine(self, out_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """y_TD [T, D] in out_RD's dtype (see moekit.dispatch.permute.combine_rows)."""
