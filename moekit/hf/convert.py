@@ -25,7 +25,7 @@ PLAIN_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "r
 _ROUTING_FIELDS = frozenset({
     "dim", "expert_dim", "num_experts", "top_k", "router", "score_func", "normalize_topk",
     "route_scale", "num_groups", "topk_groups", "activation", "bias", "num_shared_experts",
-    "shared_expert_dim", "shared_expert_gate"})
+    "shared_expert_dim", "shared_expert_gate", "router_bias"})
 
 
 def require_family(block: nn.Module) -> Family:
@@ -74,6 +74,12 @@ def activation_name(experts: nn.Module) -> str | None:
     act = getattr(experts, "act_fn", None)
     if act is None:
         return getattr(getattr(experts, "config", None), "hidden_act", None)
+    return computed_activation(act)
+
+
+def computed_activation(act) -> str | None:
+    """What an activation module or torch function computes ("silu", "gelu" (erf),
+    "relu"), or None if it is something else."""
     if isinstance(act, nn.GELU):
         return "gelu" if act.approximate == "none" else None
     if isinstance(act, nn.Module):
@@ -109,6 +115,8 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
     capacity, ...); overriding a field the block determines is a ValueError.
     """
     family = require_family(block)
+    if family.router == "switch":
+        return _with_overrides(switch_fields(block), overrides)
     gate, experts = block.gate, block.experts
     jitter = getattr(block, "jitter_noise", 0.0)
     if jitter:
@@ -125,6 +133,37 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
         shared = getattr(block, family.shared_experts)
         fields.update(num_shared_experts=1, shared_expert_dim=shared.gate_proj.out_features,
                       shared_expert_gate=family.shared_expert_gate)
+    return _with_overrides(fields, overrides)
+
+
+def switch_fields(block: nn.Module) -> dict:
+    """The MoEConfig fields of a SwitchTransformersSparseMLP: top-1 softmax weighted by
+    the selected probability, its expert_capacity per sequence (earlier tokens first),
+    jitter on the router input in training; a ValueError for what moekit cannot run."""
+    name, router = type(block).__name__, block.router
+    experts = [block.experts[key] for key in block.experts]
+    if router.dtype != torch.float32:
+        raise ValueError(f"{name}: router_dtype={router.dtype} is not supported (moekit's "
+                         "router computes in float32, Switch's default)")
+    dropout = experts[0].dropout.p
+    if dropout:
+        raise ValueError(f"{name}: dropout_rate={dropout} drops activations inside the experts, "
+                         "which moekit's experts do not; set config.dropout_rate=0")
+    act = computed_activation(experts[0].act)
+    if act not in PLAIN_ACTIVATIONS:
+        raise ValueError(f"{name}: act {type(experts[0].act).__name__} (config.dense_act_fn) has "
+                         f"no moekit equivalent; supported: {', '.join(PLAIN_ACTIVATIONS)}")
+    expert_dim, dim = experts[0].wi.weight.shape
+    fields = dict(dim=dim, expert_dim=expert_dim, num_experts=len(experts), top_k=1,
+                  normalize_topk=False, activation=PLAIN_ACTIVATIONS[act],
+                  router_bias=router.classifier.bias is not None,
+                  expert_capacity=int(router.expert_capacity), capacity_scope="sequence")
+    if router.jitter_noise:
+        fields.update(router_noise="jitter", jitter_eps=float(router.jitter_noise))
+    return fields
+
+
+def _with_overrides(fields: dict, overrides: dict) -> MoEConfig:
     determined = sorted(set(fields) & set(overrides))
     if determined:
         raise ValueError(f"cannot override {', '.join(determined)}: the block determines them")
@@ -135,14 +174,15 @@ def from_hf(block: nn.Module, *, copy: bool = True, **overrides) -> MoE:
     """A moekit MoE equivalent to a transformers MoE block (see FAMILIES).
 
     copy=True clones every tensor; copy=False shares the block's parameters
-    and buffers (the block must not be used afterwards, as ``patch`` does).
+    and buffers (the block must not be used afterwards, as ``patch`` does),
+    except per-expert tensors stacked into one (Switch), which are copies.
     overrides: MoEConfig fields the block does not determine.
     The result is in the block's training mode.
     """
     config = config_from_hf(block, **overrides)
     with torch.device("meta"):  # every tensor is replaced below: allocate nothing
         moe = MoE(config)
-    names = require_family(block).parameter_names()
+    names = require_family(block).parameter_names(block)
     transfer(block, moe, {hf: ours for ours, hf in names.items()}, copy)
     return moe.train(block.training)
 
@@ -159,13 +199,15 @@ def to_hf(moe: MoE, block: nn.Module, *, copy: bool = True) -> nn.Module:
                          f"{type(block).__name__} computes: "
                          + ", ".join(f"{n}={getattr(moe.config, n)!r} vs {getattr(expected, n)!r}"
                                      for n in differing))
-    transfer(moe, block, require_family(block).parameter_names(), copy)
+    transfer(moe, block, require_family(block).parameter_names(block), copy)
     return block
 
 
-def transfer(source: nn.Module, target: nn.Module, names: dict[str, str], copy: bool = True) -> int:
+def transfer(source: nn.Module, target: nn.Module, names: dict, copy: bool = True) -> int:
     """Move every tensor of source's state dict to target's, renamed by
-    ``names`` {source key: target key}; return how many were moved.
+    ``names`` {source key: target key}; return how many were moved. A tuple of
+    keys on one side is one tensor per expert, stacked on dim 0 on the other
+    (stacking always copies; unstacked tensors are views unless copy).
 
     Strict: a source key not in names, a name not in source, a target key
     not written or a shape mismatch is a ValueError naming the keys, raised
@@ -173,15 +215,30 @@ def transfer(source: nn.Module, target: nn.Module, names: dict[str, str], copy: 
     """
     source_state = source.state_dict(keep_vars=True)
     target_state = target.state_dict(keep_vars=True)
-    _require_same_keys(f"source {type(source).__name__}", set(source_state), set(names))
-    _require_same_keys(f"target {type(target).__name__}", set(target_state), set(names.values()))
-    mismatched = [f"{s} {tuple(source_state[s].shape)} -> {t} {tuple(target_state[t].shape)}"
-                  for s, t in names.items() if source_state[s].shape != target_state[t].shape]
+    _require_same_keys(f"source {type(source).__name__}", set(source_state), _keys(names))
+    _require_same_keys(f"target {type(target).__name__}", set(target_state), _keys(names.values()))
+    shapes = {s: (_shape(source_state, s), _shape(target_state, t)) for s, t in names.items()}
+    mismatched = [f"{s} {a} -> {t} {b}" for (s, t), (a, b) in zip(names.items(), shapes.values())
+                  if a != b]
     if mismatched:
         raise ValueError("shape mismatch: " + "; ".join(mismatched))
     for s, t in names.items():
-        _assign(target, t, source_state[s], copy)
+        value = torch.stack([source_state[k] for k in s]) if isinstance(s, tuple) else source_state[s]
+        for i, key in enumerate(t) if isinstance(t, tuple) else [(None, t)]:
+            _assign(target, key, value if i is None else value[i], copy)
     return len(names)
+
+
+def _keys(keys) -> set[str]:
+    return {k for key in keys for k in (key if isinstance(key, tuple) else (key,))}
+
+
+def _shape(state: dict, key) -> tuple[int, ...]:
+    """The shape of state[key], or of the stacked tensors of a tuple of keys."""
+    if not isinstance(key, tuple):
+        return tuple(state[key].shape)
+    shapes = {tuple(state[k].shape) for k in key}
+    return (len(key), *shapes.pop()) if len(shapes) == 1 else ("unequal", *sorted(shapes))
 
 
 def _require_same_keys(what: str, present: set[str], expected: set[str]) -> None:

@@ -15,13 +15,17 @@ Router semantics by family:
   selection only, group-limited top-k (``num_group``/``topk_group``),
   renormalised per ``norm_topk_prob``, times ``routed_scaling_factor`` -
   DeepSeek-V3, GLM-4-MoE, dots.llm1.
+- "switch": Switch Transformers' block (``router.classifier`` [E, D] with an
+  optional bias, experts ``expert_0`` ... of ``wi`` [F, D], ``wo`` [D, F]):
+  softmax top-1 weighted by the selected probability, at most the config's
+  ``expert_capacity`` tokens per expert and sequence, earlier tokens first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-ROUTER_KINDS = ("softmax", "sigmoid_grouped")
+ROUTER_KINDS = ("softmax", "sigmoid_grouped", "switch")
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,12 @@ class Family:
         if self.shared_expert_gate and self.shared_experts is None:
             raise ValueError(f"{self.name}: shared_expert_gate needs shared_experts")
 
-    def parameter_names(self) -> dict[str, str]:
-        """{moekit MoE state-dict key: block state-dict key}, one entry per tensor."""
+    def parameter_names(self, block=None) -> dict[str, str | tuple[str, ...]]:
+        """{moekit MoE state-dict key: block state-dict key}, one entry per tensor; a
+        tuple of keys is one per expert, stacked on dim 0 in moekit (router="switch",
+        which reads the expert count and the router's bias from ``block``)."""
+        if self.router == "switch":
+            return _switch_parameter_names(block)
         names = {"router.weight": "gate.weight",
                  "experts.gate_up_proj": "experts.gate_up_proj",
                  "experts.down_proj": "experts.down_proj"}
@@ -61,6 +69,16 @@ class Family:
         if self.shared_expert_gate:
             names["shared_experts.shared_expert_gate.weight"] = "shared_expert_gate.weight"
         return names
+
+
+def _switch_parameter_names(block) -> dict[str, str | tuple[str, ...]]:
+    experts = [f"experts.{name}" for name in block.experts]
+    names = {"router.weight": "router.classifier.weight",
+             "experts.up_proj": tuple(f"{e}.wi.weight" for e in experts),
+             "experts.down_proj": tuple(f"{e}.wo.weight" for e in experts)}
+    if block.router.classifier.bias is not None:
+        names["router.bias"] = "router.classifier.bias"
+    return names
 
 
 _QWEN2_MOE = dict(shared_experts="shared_expert", shared_expert_gate=True)
@@ -79,6 +97,7 @@ FAMILIES: dict[str, Family] = {
     "Glm4MoeMoE": Family("glm4_moe", **_DEEPSEEK_V3),
     "Dots1MoE": Family("dots1", **_DEEPSEEK_V3),
     "ExaoneMoeSparseMoEBlock": Family("exaone_moe", **_DEEPSEEK_V3),
+    "SwitchTransformersSparseMLP": Family("switch_transformers", router="switch"),
 }
 
 

@@ -34,15 +34,22 @@ class MoEBlock(nn.Module):
     ``block_class`` and ``block_config`` (the replaced block's class and
     transformers config, no tensors) let ``unpatch`` rebuild it."""
 
-    def __init__(self, moe: MoE, family: str, block_class: type[nn.Module], block_config) -> None:
+    def __init__(self, moe: MoE, family: str, block_class: type[nn.Module], block_config,
+                 sequence_logits: bool = False) -> None:
         super().__init__()
         self.moe = moe
         self.family = family
         self.block_class = block_class
         self.block_config = block_config
+        # sequence_logits: the router logits pass through this module shaped [..., E] like
+        # the input, for transformers to record (Switch Transformers' routers return them so)
+        self.router_logits = RouterLogits() if sequence_logits else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.moe(hidden_states)[0]
+        y, aux = self.moe(hidden_states)
+        if self.router_logits is not None:
+            self.router_logits(aux.router_logits.view(*hidden_states.shape[:-1], -1))
+        return y
 
     def to_hf(self) -> nn.Module:
         """A new transformers block of the replaced class holding this layer's
@@ -58,6 +65,14 @@ class MoEBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"family={self.family!r}"
+
+
+class RouterLogits(nn.Module):
+    """The identity on router logits: a module for transformers' output_router_logits
+    hook to record them from, in the shape the replaced block's router gave them."""
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
 
 
 class PatchReport(NamedTuple):
@@ -95,9 +110,13 @@ def patch(model: nn.Module, *, on_unsupported: str = "error", **overrides) -> Pa
         warnings.warn(f"moekit.hf.patch left {name} in place: {reason}", stacklevel=2)
     replaced = {}
     for name, (moe, family, block) in converted.items():
-        patched = MoEBlock(moe, family, type(block), block.experts.config)
+        switch = family_of(block).router == "switch"
+        patched = MoEBlock(moe, family, type(block), _block_config(block, model), switch)
         _replace(model, name, patched)
-        _expose_router_logits(moe.router)
+        if switch:
+            _expose_router_logits(patched.router_logits, 0)
+        else:
+            _expose_router_logits(moe.router, Routing._fields.index("router_logits"))
         replaced[name] = family
     return PatchReport(replaced, unsupported)
 
@@ -114,22 +133,29 @@ def unpatch(model: nn.Module) -> list[str]:
     return list(blocks)
 
 
+def _block_config(block: nn.Module, model: nn.Module):
+    """The transformers config a block was built from: its experts' (which keep it),
+    else the model's (Switch Transformers' blocks keep none; its encoder and decoder
+    configs agree on every field the block reads)."""
+    return getattr(block.experts, "config", None) or model.config
+
+
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attribute = name.rpartition(".")
     model.get_submodule(parent_name).register_module(attribute, module)
 
 
-def _expose_router_logits(router: nn.Module) -> None:
+def _expose_router_logits(router: nn.Module, index: int) -> None:
     """Let transformers' ``output_router_logits`` (and the aux loss it computes
     from them) record this router's logits, as it records its own routers':
-    the same hook transformers installs, on the Routing's router_logits."""
+    the same hook transformers installs, on the output at ``index``."""
     try:
         from transformers.utils.output_capturing import install_output_capuring_hook
     except ImportError:
         warnings.warn("this transformers version cannot record the moekit routers' logits: "
                       "output_router_logits will miss them; use moekit.hf.record_aux", stacklevel=3)
         return
-    install_output_capuring_hook(router, "router_logits", Routing._fields.index("router_logits"))
+    install_output_capuring_hook(router, "router_logits", index)
 
 
 def _convert_blocks(model: nn.Module, overrides: dict

@@ -146,4 +146,5 @@ def test_unsupported_blocks_and_options_are_named():
 
 
 def test_every_family_in_the_table_is_tested_here():
-    assert sorted(f.name for f in SUPPORTED.values()) == sorted(FAMILIES)
+    """Switch Transformers (a seq2seq model) is tested in tests/hf/test_switch.py."""
+    assert sorted(f.name for f in SUPPORTED.values() if f.router != "switch") == sorted(FAMILIES)
