@@ -34,8 +34,11 @@ def _model(seed: int = 0, **config):
 def _inputs(seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 64, (3, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    ids[0, -3:], mask[0, -3:] = 0, 0  # padding is routed (and takes capacity) as in transformers
     decoder_ids = torch.randint(3, 64, (3, 7), generator=gen)
-    return dict(input_ids=ids, decoder_input_ids=decoder_ids, labels=decoder_ids)
+    return dict(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+                labels=decoder_ids)
 
 
 def _eager_expert_ids(model, inputs: dict) -> tuple[list[torch.Tensor], int]:
