@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from moekit.cli.flags import (DTYPES, LAYOUT_FLAGS, MOE_FLAGS, add_training_flags, configured,
                               resolve_device)

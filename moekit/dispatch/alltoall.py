@@ -34,7 +34,7 @@ from moekit.contract import DispatchPlan, ExpertsContract, rows_plan
 from moekit.dispatch.local import GlobalLoad, LocalDispatcher, all_reduced_load, plan_dispatch
 from moekit.dispatch.permute import combine_rows, dispatch_rows
 from moekit.placement import contiguous_placement, validate_placement
-from moekit.routing import Routing, expert_counts
+from moekit.routing import Routing
 
 
 def expert_placement(num_experts: int, world_size: int, placement=None) -> list[list[int]]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 from moekit.cli import main
 from moekit.params import KNOWN_ARCHITECTURES, count_parameters
 from tests.conftest import import_or_skip
