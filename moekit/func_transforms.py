@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import torch
 
+try:  # torch's own record of the transform stack (no public accessor yet)
+    from torch._C._functorch import peek_interpreter_stack
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+except ImportError:  # pragma: no cover - a torch without torch.func
+    peek_interpreter_stack = None
+
 
 def active_func_transforms() -> frozenset[str]:
     """Names of the active torch.func transforms ("grad", "jvp", "vmap", "functionalize");
     empty outside them and while torch.compile traces (it has its own functionalization)."""
-    if torch.compiler.is_compiling():
-        return frozenset()
-    try:  # torch's own record of the transform stack (no public accessor yet)
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    except ImportError:  # pragma: no cover - a torch without torch.func
+    # no transform (the common case) is one cheap call
+    if torch.compiler.is_compiling() or peek_interpreter_stack is None \
+            or peek_interpreter_stack() is None:
         return frozenset()
     return frozenset(i.key().name.lower() for i in retrieve_all_functorch_interpreters())
 
