@@ -21,6 +21,9 @@ CAPACITY_SCOPES = ("batch", "sequence")
 HASH_WEIGHTS = ("uniform", "router")
 BALANCE_SCOPES = ("batch", "sequence", "global")
 CPU_KERNELS = ("auto", "off")
+# Routers whose choice for one token depends on the other tokens of the batch.
+BATCH_ROUTERS = ("expert_choice", "balanced")
+BATCH_INVARIANT_BACKENDS = ("auto", "fused", "loop", "grouped_mm")
 
 # A capacity factor this large is a typo, not a wish: capacity is clamped to the
 # token count anyway, so anything above num_experts can never change the result.
@@ -105,6 +108,12 @@ class MoEConfig:
         z_loss_weight: beta in beta * mean_t logsumexp(logits_t)^2 (ST-MoE).
     Checks
         check_finite: raise if the input holds NaN or Inf (costs a sync).
+        batch_invariant: a token's output is bitwise the same whatever other tokens share
+            its batch and however the batch is split (float32/float64 on CPU; token-choice
+            routers, dropless; backends fused, loop and grouped_mm). Off by default: it pads
+            small products and composes the activations from exp/erf, which costs time
+            (docs/routing.md) and changes results at rounding level. See
+            moekit/batch_invariance.py.
     """
 
     dim: int
@@ -141,6 +150,7 @@ class MoEConfig:
     balance_scope: str = "batch"
     z_loss_weight: float = 0.0
     check_finite: bool = False
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dim", "expert_dim", "num_experts", "top_k"):
@@ -185,6 +195,7 @@ class MoEConfig:
         require_choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
         require_float("z_loss_weight", self.z_loss_weight, 0.0)
         require_bool("check_finite", self.check_finite)
+        self._check_batch_invariant()
 
     def _check_router_name(self) -> None:
         # imported here: moekit.routers imports this module
@@ -228,6 +239,22 @@ class MoEConfig:
         if self.capacity_scope == "sequence" and self.expert_capacity is None:
             raise ValueError("capacity_scope='sequence' needs expert_capacity (a per-sequence "
                              "capacity_factor is not implemented), got expert_capacity=None")
+
+    def _check_batch_invariant(self) -> None:
+        """batch_invariant needs routing that looks at one token at a time, and no drops."""
+        require_bool("batch_invariant", self.batch_invariant)
+        if not self.batch_invariant:
+            return
+        if self.router in BATCH_ROUTERS:
+            raise ValueError(f"batch_invariant=True needs a token-choice router: router="
+                             f"{self.router!r} picks tokens by comparing them across the batch")
+        if not self.dropless:
+            raise ValueError("batch_invariant=True needs dropless routing: with a capacity, which "
+                             "tokens drop depends on the batch; got capacity_factor="
+                             f"{self.capacity_factor}, expert_capacity={self.expert_capacity}")
+        if self.experts_backend not in BATCH_INVARIANT_BACKENDS:
+            raise ValueError(f"batch_invariant=True runs on experts_backend in "
+                             f"{BATCH_INVARIANT_BACKENDS}, got {self.experts_backend!r}")
 
     @property
     def is_gated(self) -> bool:

@@ -141,6 +141,9 @@ class MoE(nn.Module):
         if x.dtype != weight_dtype:
             raise TypeError(f"x has dtype {x.dtype} but the layer's weights are {weight_dtype}; "
                             f"cast one to the other (e.g. moe.to({x.dtype}))")
+        if self.config.batch_invariant and x.device.type != "cpu":
+            raise ValueError(f"batch_invariant=True is verified on CPU only (moekit/batch_invariance.py), "
+                             f"got x on {x.device}")
         if x.is_meta:  # after the device check: a meta x with real weights is a plain mismatch
             raise ValueError("x is on the meta device, which holds shapes but no values, and the "
                              "routing needs the values (they decide each expert's share of the "

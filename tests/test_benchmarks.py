@@ -105,3 +105,8 @@ def test_skinny_kernel_runs_at_a_tiny_shape():
         assert "| 3 | " in report and report.count("GB/s") >= 12
     else:
         assert "nothing was measured" in report
+
+
+def test_batch_invariance_benchmark_runs():
+    report = report_of("batch_invariance", "--shapes", "S3", "--repeats", "1")
+    assert report.count("| S3 ") == 3 and "| fused | float32 |" in report

@@ -99,6 +99,11 @@ CASES = [
     dict(num_experts=8, top_k=2, experts_backend="loop"),
     dict(num_experts=8, top_k=2, experts_backend="grouped_mm", capacity_factor=1.0),
     dict(num_experts=6, top_k=2, experts_backend="loop", bias=True, num_shared_experts=1),
+    dict(num_experts=8, top_k=2, batch_invariant=True),
+    dict(num_experts=8, top_k=3, batch_invariant=True, score_func="sigmoid", bias=True,
+         num_shared_experts=1, shared_expert_gate=True, activation="geglu", router_bias=True),
+    dict(num_experts=6, top_k=2, batch_invariant=True, activation="gelu", experts_backend="loop"),
+    dict(num_experts=8, top_k=2, batch_invariant=True, experts_backend="grouped_mm"),
 ]
 
 

@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 import torch
 
+from moekit.batch_invariance import invariant_activation, invariant_mm
 from moekit.experts.activations import activate_no_grad, activation_backward
 from moekit.experts.cpu import skinny
 from moekit.routing import autocast_off
@@ -48,8 +49,12 @@ from moekit.routing import autocast_off
 WEIGHT_FIRST_ROWS = 256
 
 
-def _rows_times_weight_t(x: torch.Tensor, w: torch.Tensor, cpu_kernels: str) -> torch.Tensor:
-    """x [n, K] @ w[N, K]^T -> [n, N], in the faster form for n."""
+def _rows_times_weight_t(x: torch.Tensor, w: torch.Tensor, cpu_kernels: str,
+                         batch_invariant: bool = False) -> torch.Tensor:
+    """x [n, K] @ w[N, K]^T -> [n, N], in the faster form for n (in the same form for
+    every n with batch_invariant)."""
+    if batch_invariant:
+        return invariant_mm(x, w)
     if skinny.small_batch(x.shape[0], x, w, cpu_kernels=cpu_kernels):
         return skinny.skinny_grouped(x, w.unsqueeze(0), [x.shape[0]])
     if x.shape[0] <= WEIGHT_FIRST_ROWS:
@@ -68,12 +73,13 @@ ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Ten
 def experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R: torch.Tensor | None,
                     counts: list[int], expert_weights: Callable[[int], ExpertWeights],
                     activation: str, saved_h: list | None = None,
-                    cpu_kernels: str = "auto") -> torch.Tensor:
+                    cpu_kernels: str = "auto", batch_invariant: bool = False) -> torch.Tensor:
     """The forward of the fused op, not differentiable by itself: y_TD [T, D] in x's
     dtype. expert_weights(e) is called once for each expert with rows, in expert
     order (so weights may be fetched on demand); saved_h, if given, receives each
     expert's pre-activation h (None for an expert without rows); cpu_kernels "off" keeps
-    the products off the native kernel (MoEConfig.cpu_kernels)."""
+    the products off the native kernel (MoEConfig.cpu_kernels); batch_invariant: each token's
+    result independent of the other rows (moekit.batch_invariance)."""
     num_tokens, dim = x_TD.shape
     acc = _accumulate_dtype(x_TD.dtype)
     y_TD = torch.zeros(num_tokens, dim, dtype=acc, device=x_TD.device)
@@ -85,14 +91,15 @@ def experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R: torch.
             continue
         w1_HD, w2_DF, b1_H, b2_D = expert_weights(e)
         tokens = token_R[start:start + n]
-        h = _rows_times_weight_t(x_TD.index_select(0, tokens), w1_HD, cpu_kernels).contiguous()
+        h = _rows_times_weight_t(x_TD.index_select(0, tokens), w1_HD, cpu_kernels,
+                                 batch_invariant).contiguous()
         if b1_H is not None:
             h += b1_H
-        a = activate_no_grad(h, activation)
+        a = invariant_activation(h, activation) if batch_invariant else activate_no_grad(h, activation)
         w = None if weights_R is None else weights_R[start:start + n, None].to(a.dtype)
         if w is not None:
             a.mul_(w)
-        out = _rows_times_weight_t(a, w2_DF, cpu_kernels)
+        out = _rows_times_weight_t(a, w2_DF, cpu_kernels, batch_invariant)
         if b2_D is not None:
             out += b2_D if w is None else w * b2_D
         y_TD.index_add_(0, tokens, out.to(acc))
@@ -128,18 +135,19 @@ def skinny_experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R:
 class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R, counts, activation,
-                cpu_kernels):
+                cpu_kernels, batch_invariant):
         def expert_weights(e: int) -> ExpertWeights:
             return (w1_EHD[e], w2_EDF[e], None if b1_EH is None else b1_EH[e],
                     None if b2_ED is None else b2_ED[e])
 
         saved_h = []
-        if skinny.small_batch(max(counts, default=0), x_TD, w1_EHD, cpu_kernels=cpu_kernels):
+        if not batch_invariant and skinny.small_batch(max(counts, default=0), x_TD, w1_EHD,
+                                                      cpu_kernels=cpu_kernels):
             y_TD = skinny_experts_forward(x_TD, token_R, weights_R, counts, w1_EHD, w2_EDF, b1_EH,
                                           b2_ED, activation, saved_h)
         else:
             y_TD = experts_forward(x_TD, token_R, weights_R, counts, expert_weights, activation,
-                                   saved_h, cpu_kernels)
+                                   saved_h, cpu_kernels, batch_invariant)
         ctx.save_for_backward(x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R)
         ctx.saved_h, ctx.counts, ctx.activation = saved_h, counts, activation
         ctx.cpu_kernels = cpu_kernels
@@ -218,20 +226,23 @@ class _FusedExperts(torch.autograd.Function):
             grad_x.index_add_(0, token_R, skinny.skinny_grouped(torch.cat(grad_h_parts), w1_EHD,
                                                                 ctx.counts, transpose=False))
         grad_x = None if grad_x is None else grad_x.to(x_TD.dtype)
-        return grad_x, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2, None, None, None, None
+        return grad_x, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2, None, None, None, None, None
 
 
 @torch.compiler.disable  # data-dependent Python loop: run eagerly inside compiled graphs
 def fused_experts(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R: torch.Tensor | None,
                   counts_E: list[int], w1_EHD: torch.Tensor, w2_EDF: torch.Tensor,
                   activation: str, b1_EH: torch.Tensor | None = None,
-                  b2_ED: torch.Tensor | None = None, cpu_kernels: str = "auto") -> torch.Tensor:
+                  b2_ED: torch.Tensor | None = None, cpu_kernels: str = "auto",
+                  batch_invariant: bool = False) -> torch.Tensor:
     """y_TD [T, D]: sum over rows r of weights_R[r] * FFN_{e(r)}(x_TD[token_R[r]]).
 
     token_R: [R] int64 token of each row, rows grouped by expert (counts_E rows
     each, as Python ints summing to R); weights_R: [R] combine weights or None
-    for 1; cpu_kernels: MoEConfig.cpu_kernels ("off": no native kernel). Differentiable in
+    for 1; cpu_kernels: MoEConfig.cpu_kernels ("off": no native kernel); batch_invariant:
+    MoEConfig.batch_invariant (the forward only; the gradients are those of the same function).
+    Differentiable in
     x_TD, weights_R, the weights and biases.
     """
     return _FusedExperts.apply(x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R,
-                               list(counts_E), activation, cpu_kernels)
+                               list(counts_E), activation, cpu_kernels, batch_invariant)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from moekit.batch_invariance import invariant_activation, padded_groups
 from moekit.contract import DispatchPlan
 from moekit.dispatch.permute import combine_rows, dispatch_rows
 from moekit.experts.activations import apply_activation
@@ -27,9 +28,14 @@ GroupedMatmul = Callable[[torch.Tensor, torch.Tensor, "list[int] | torch.Tensor"
 def rows_ffn(experts, x_TD: torch.Tensor, plan: DispatchPlan, matmul: GroupedMatmul,
              counts_on_device: bool = False) -> torch.Tensor:
     """y_TD [T, D]: the FFN of stacked ``experts`` (moekit.experts.Experts) on the plan's rows.
-    counts_on_device: hand matmul the plan's counts tensor as is (no check, no host copy)."""
+    counts_on_device: hand matmul the plan's counts tensor as is (no check, no host copy);
+    with config.batch_invariant the products run on padded groups (moekit.batch_invariance)."""
     rows_RD = dispatch_rows(x_TD, plan)
     counts_E = plan.counts_E
+    activate = apply_activation
+    if experts.config.batch_invariant:
+        matmul, counts_on_device = padded_groups(matmul), False
+        activate = invariant_activation
     counts = counts_E if counts_on_device else experts.checked_counts(counts_E, rows_RD.shape[0])
     h = matmul(rows_RD, experts.first_proj, counts)
     expert_of_row = None
@@ -38,7 +44,7 @@ def rows_ffn(experts, x_TD: torch.Tensor, plan: DispatchPlan, matmul: GroupedMat
             torch.arange(experts.num_local_experts, device=rows_RD.device), counts_E,
             output_size=rows_RD.shape[0])
         h = h + experts.first_proj_bias[expert_of_row]
-    out = matmul(apply_activation(h, experts.config.activation), experts.down_proj, counts)
+    out = matmul(activate(h, experts.config.activation), experts.down_proj, counts)
     if expert_of_row is not None:
         out = out + experts.down_proj_bias[expert_of_row]
     return combine_rows(out, plan)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit.batch_invariance import invariant_activation, invariant_mm, invariant_sigmoid
 from moekit.config import MoEConfig
 from moekit.experts.activations import apply_activation, gated_activation
 
@@ -23,12 +24,15 @@ class SharedExperts(nn.Module):
         super().__init__()
         D, H = config.dim, config.shared_hidden_dim
         self.activation = config.activation
+        self.batch_invariant = config.batch_invariant
         self.gate_proj = nn.Linear(D, H, bias=config.bias) if config.is_gated else None
         self.up_proj = nn.Linear(D, H, bias=config.bias)
         self.down_proj = nn.Linear(H, D, bias=config.bias)
         self.shared_expert_gate = nn.Linear(D, 1, bias=False) if config.shared_expert_gate else None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return self._batch_invariant_forward(x_TD)
         up = self.up_proj(x_TD)
         if self.gate_proj is None:
             h = apply_activation(up, self.activation)
@@ -37,4 +41,17 @@ class SharedExperts(nn.Module):
         out = self.down_proj(h)
         if self.shared_expert_gate is not None:
             out = torch.sigmoid(self.shared_expert_gate(x_TD)) * out
+        return out
+
+    def _batch_invariant_forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """forward with each token's result independent of the others' (moekit.batch_invariance)."""
+        def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            return invariant_mm(x, layer.weight, layer.bias)
+
+        h = linear(self.up_proj, x_TD)
+        if self.gate_proj is not None:
+            h = torch.cat([linear(self.gate_proj, x_TD), h], dim=-1)
+        out = linear(self.down_proj, invariant_activation(h, self.activation))
+        if self.shared_expert_gate is not None:
+            out = invariant_sigmoid(linear(self.shared_expert_gate, x_TD)) * out
         return out

@@ -173,7 +173,8 @@ class OffloadedExperts(nn.Module):
         if torch.is_grad_enabled() and x_TD.requires_grad:
             raise RuntimeError("offloaded experts are for inference: run under torch.no_grad()")
         fetch = functools.partial(self.cache.get, self.layer)
-        if applies_to(x_TD, plan, cpu_kernels=self.config.cpu_kernels):
+        invariant = self.config.batch_invariant
+        if not invariant and applies_to(x_TD, plan, cpu_kernels=self.config.cpu_kernels):
             decoded = skinny_ffn_fetched(x_TD, plan.ids_TK, plan.weights_TK, fetch,
                                          self.config.num_experts, self.config.expert_dim,
                                          self.config.activation, kept_TK=plan.kept_TK)
@@ -181,7 +182,8 @@ class OffloadedExperts(nn.Module):
                 plan.adopt_sort(decoded.order_R, decoded.counts_E)
                 return decoded.y_TD
         return experts_forward(x_TD, plan.token_R, plan.weights_R, plan.counts_E.tolist(), fetch,
-                               self.config.activation, cpu_kernels=self.config.cpu_kernels)
+                               self.config.activation, cpu_kernels=self.config.cpu_kernels,
+                               batch_invariant=invariant)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer!r}, num_experts={self.config.num_experts}, offloaded"

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.batch_invariance import invariant_mm
 from moekit.config import MoEConfig
 from moekit.routing import Routing, router_dtype
 
@@ -51,7 +52,10 @@ class LinearRouter(nn.Module):
             eps = config.jitter_eps
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         bias = None if self.bias is None else self.bias.to(dtype)
-        logits_TE = F.linear(x_TD, self.weight.to(dtype), bias)
+        if config.batch_invariant:
+            logits_TE = invariant_mm(x_TD, self.weight.to(dtype), bias)
+        else:
+            logits_TE = F.linear(x_TD, self.weight.to(dtype), bias)
         if self.training and self.noise_weight is not None:
             noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight.to(dtype)))
             logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE

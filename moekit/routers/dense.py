@@ -19,7 +19,7 @@ class DenseRouter(LinearRouter):
         """x_TD: [T, D] -> Routing with K = E, expert j in slot j."""
         c = self.config
         logits_TE = self.compute_logits(x_TD)
-        scores_TE, probs_TE = router_scores(logits_TE, c.score_func)
+        scores_TE, probs_TE = router_scores(logits_TE, c.score_func, c.batch_invariant)
         ids_TE = torch.arange(c.num_experts, device=x_TD.device).expand(x_TD.shape[0], -1)
         weights_TE = selected_weights(scores_TE, ids_TE, c.normalize_topk, c.route_scale)
         return Routing(ids_TE, weights_TE, probs_TE, logits_TE)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import torch
 
+from moekit.batch_invariance import invariant_sigmoid
 from moekit.config import SCORE_FUNCS
 
 
-def router_scores(logits_TE: torch.Tensor, score_func: str) -> tuple[torch.Tensor, torch.Tensor]:
+def router_scores(logits_TE: torch.Tensor, score_func: str, batch_invariant: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores_TE, probs_TE): scores rank the experts; probs is a per-token
-    distribution (softmax, or the sigmoid scores renormalised to sum to 1)."""
+    distribution (softmax, or the sigmoid scores renormalised to sum to 1).
+    batch_invariant: a row's sigmoid independent of the others' (moekit.batch_invariance)."""
     if score_func == "softmax":
         scores_TE = logits_TE.softmax(dim=-1)
         return scores_TE, scores_TE
     if score_func == "sigmoid":
-        scores_TE = logits_TE.sigmoid()
+        scores_TE = invariant_sigmoid(logits_TE) if batch_invariant else logits_TE.sigmoid()
         return scores_TE, scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
 

@@ -49,7 +49,8 @@ class TopKRouter(LinearRouter):
         """x_TD: [T, D] -> Routing with K = top_k. token_ids_T is not used."""
         c = self.config
         return route_topk(self.compute_logits(x_TD), c.top_k, c.score_func, c.normalize_topk,
-                          c.route_scale, self.expert_bias, c.num_groups, c.topk_groups)
+                          c.route_scale, self.expert_bias, c.num_groups, c.topk_groups,
+                          c.batch_invariant)
 
     def record_routing(self, routing: Routing) -> None:
         """With bias_update_rate > 0: add this forward's routed counts to ``routed_load``. No
@@ -67,15 +68,15 @@ class TopKRouter(LinearRouter):
 def route_topk(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax",
                normalize_topk: bool = True, route_scale: float = 1.0,
                selection_bias_E: torch.Tensor | None = None, num_groups: int = 1,
-               topk_groups: int = 1) -> Routing:
+               topk_groups: int = 1, batch_invariant: bool = False) -> Routing:
     """Top-k selection and combine weights from router logits [T, E].
 
     Selection ranks scores + selection_bias_E (if given) inside the allowed
     groups; weights come from the unbiased scores. torch.topk always returns k
     distinct experts, even for NaN rows, so ids stay valid. Differentiable in
-    the logits through the weights and probabilities.
+    the logits through the weights and probabilities. batch_invariant: see router_scores.
     """
-    scores_TE, probs_TE = router_scores(logits_TE, score_func)
+    scores_TE, probs_TE = router_scores(logits_TE, score_func, batch_invariant)
     select_TE = scores_TE.detach()
     if selection_bias_E is not None:
         select_TE = select_TE + selection_bias_E.to(select_TE.dtype)

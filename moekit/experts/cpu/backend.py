@@ -32,6 +32,8 @@ class FusedBackend:
 
     def describe(self, experts, x_TD: torch.Tensor, plan: DispatchPlan) -> str:
         """Which of the two paths this plan takes, and why not the native one."""
+        if experts.config.batch_invariant:
+            return "fused: the autograd op with batch-invariant products (batch_invariant=True)"
         weights = (experts.first_proj, experts.down_proj, experts.first_proj_bias,
                    experts.down_proj_bias)
         reason = decode.declined_because(x_TD, plan, *(t for t in weights if t is not None),
@@ -43,8 +45,9 @@ class FusedBackend:
     def __call__(self, experts, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         w1, w2, b1, b2 = experts.first_proj, experts.down_proj, experts.first_proj_bias, \
             experts.down_proj_bias
-        activation, cpu_kernels = experts.config.activation, experts.config.cpu_kernels
-        if decode.applies_to(x_TD, plan, *(t for t in (w1, w2, b1, b2) if t is not None),
+        config = experts.config
+        activation, cpu_kernels = config.activation, config.cpu_kernels
+        if not config.batch_invariant and decode.applies_to(x_TD, plan, *(t for t in (w1, w2, b1, b2) if t is not None),
                              cpu_kernels=cpu_kernels):
             decoded = decode.skinny_ffn(x_TD, plan.ids_TK, plan.weights_TK, w1, w2, activation,
                                         b1, b2, kept_TK=plan.kept_TK)
@@ -53,4 +56,4 @@ class FusedBackend:
                 return decoded.y_TD
         counts = experts.checked_counts(plan.counts_E, plan.order_R.shape[0])
         return fused_experts(x_TD, plan.token_R, plan.weights_R, counts, w1, w2, activation, b1, b2,
-                             cpu_kernels)
+                             cpu_kernels, config.batch_invariant)
