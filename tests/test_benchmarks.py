@@ -105,3 +105,16 @@ def test_skinny_kernel_runs_at_a_tiny_shape():
         assert "| 3 | " in report and report.count("GB/s") >= 12
     else:
         assert "nothing was measured" in report
+
+
+def test_expert_scaling_runs_and_continues(tmp_path):
+    from tests.lm.helpers import write_text_files
+
+    data = write_text_files(tmp_path / "data", count=40, size=600)
+    args = ("--out", str(tmp_path / "scaling"), "--layouts", "1x512", "4x128", "--steps", "2",
+            "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--timing-repeats", "1",
+            "--data", str(data))
+    report = report_of("expert_scaling", *args)
+    assert "| 1x512 (top-1) |" in report and "| 4x128 (top-4) |" in report
+    assert (tmp_path / "scaling" / "4x128-seed0" / "result.json").is_file()
+    assert report_of("expert_scaling", *args).splitlines()[-2:] == report.splitlines()[-2:]

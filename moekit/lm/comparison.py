@@ -134,7 +134,7 @@ def run_comparison(folder: Path, corpus: Corpus, *, device: torch.device | str =
     models = {"moe": plan.moe, "dense": plan.dense}
 
     def run(name: str, model: LMConfig, train_cfg: TrainConfig, split: Corpus) -> RunResult:
-        return _finished_run(folder / name, name, model, train_cfg, split, device=device,
+        return finished_run(folder / name, name, model, train_cfg, split, device=device,
                              dtype=dtype, progress=progress, log=log,
                              extra={"compare": str(folder), "data": plan.data})
 
@@ -190,7 +190,7 @@ def _chosen_rates(folder: Path, plan: ComparisonPlan, models: dict[str, LMConfig
     return chosen
 
 
-def _finished_run(run_dir: Path, name: str, model: LMConfig, train_cfg: TrainConfig, corpus: Corpus,
+def finished_run(run_dir: Path, name: str, model: LMConfig, train_cfg: TrainConfig, corpus: Corpus,
                   *, device, dtype, progress: bool, log, extra: dict) -> RunResult:
     """The run's result: read when done, else trained (resumed from its newest checkpoint)."""
     done = run_dir / RESULT_FILE
@@ -224,7 +224,7 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
     return None
 
 
-def _spread(values: list[float]) -> dict[str, float]:
+def spread(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values)}
@@ -247,14 +247,14 @@ def summarize(results: dict[str, list[RunResult]], seconds: dict[str, float],
         "steps": {side: results[side][0].steps for side in SIDES},
         "lr": {side: results[side][0].lr for side in SIDES},
         "seconds_per_step": seconds,
-        "loss": {side: {**_spread(values), "per_seed": values} for side, values in losses.items()},
+        "loss": {side: {**spread(values), "per_seed": values} for side, values in losses.items()},
         "moe_minus_dense": {
-            basis: _spread([m - d for m, d in zip(losses["moe"], losses[side])])
+            basis: spread([m - d for m, d in zip(losses["moe"], losses[side])])
             for basis, side in (("equal_steps", "dense_steps"), ("equal_time", "dense_time"))},
         "speedup_to_dense_quality": {
             "reached": f"{len(speedup_steps)} of {len(plan.seeds)} seeds",
-            "steps": _spread(speedup_steps) if speedup_steps else None,
-            "seconds": _spread(speedup_seconds) if speedup_seconds else None},
+            "steps": spread(speedup_steps) if speedup_steps else None,
+            "seconds": spread(speedup_seconds) if speedup_seconds else None},
     }
 
 
