@@ -12,6 +12,7 @@ from pathlib import Path
 
 from moekit.experts.cpu import skinny
 from tests.conftest import needs
+from tests.lm.helpers import write_text_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,3 +111,14 @@ def test_skinny_kernel_runs_at_a_tiny_shape():
 def test_batch_invariance_benchmark_runs():
     report = report_of("batch_invariance", "--shapes", "S3", "--repeats", "1")
     assert report.count("| S3 ") == 3 and "| fused | float32 |" in report
+
+
+def test_expert_scaling_runs_and_continues(tmp_path):
+    data = write_text_files(tmp_path / "data", count=40, size=600)
+    args = ("--out", str(tmp_path / "scaling"), "--layouts", "1x512", "4x128", "--steps", "2",
+            "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--timing-repeats", "1",
+            "--data", str(data))
+    report = report_of("expert_scaling", *args)
+    assert "| 1x512 (top-1) |" in report and "| 4x128 (top-4) |" in report
+    assert (tmp_path / "scaling" / "4x128-seed0" / "result.json").is_file()
+    assert report_of("expert_scaling", *args).splitlines()[-2:] == report.splitlines()[-2:]

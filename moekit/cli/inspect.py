@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, log=print) -> int:
-    from moekit.diagnostics import build_report, collect_routing_stats, plot_report, render_report
+    from moekit.diagnostics import (TEXT_CLASSES, build_report, collect_routing_stats, plot_report,
+                                    render_report, text_classes)
     from moekit.lm.checkpoint import (checkpoint_dirs, load_run_model, load_weights, read_run_config,
                                       weights_file)
     from moekit.lm.data import evaluation_batches, load_corpus
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace, log=print) -> int:
     batches = [inputs.to(device) for inputs, _ in
                evaluation_batches(corpus.val, args.batches, args.batch_size, seq_len)]
     model = load_run_model(run_dir, device)
-    layers = collect_routing_stats(model, batches, model_cfg.vocab_size, keep_top1=True)
+    layers = collect_routing_stats(model, batches, model_cfg.vocab_size, keep_top1=True,
+                                   classes_of=text_classes, num_classes=len(TEXT_CLASSES))
     earlier = checkpoint_dirs(run_dir)[-2:-1]
     against_path = weights_file(Path(args.against)) if args.against else \
         (weights_file(earlier[0]) if earlier else None)
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace, log=print) -> int:
         load_weights(model, against_path)
         against = collect_routing_stats(model, batches, keep_top1=True)
     report = build_report(layers, against, run=str(run_dir), data=corpus.source,
-                          compared_with=None if against_path is None else str(against_path))
+                          compared_with=None if against_path is None else str(against_path),
+                          class_names=list(TEXT_CLASSES))
     render_report(report)
     (out / "inspect.json").write_text(json.dumps(report, indent=1) + "\n")
     plots = plot_report(report, out)

@@ -6,12 +6,14 @@ from pathlib import Path
 
 LOAD_HEATMAP = "routing_load.png"
 COACTIVATION_PLOT = "routing_coactivation.png"
+SPECIALISATION_PLOT = "routing_specialisation.png"
 
 
 def plot_report(report: dict, out_dir: str | Path) -> list[Path]:
-    """Write routing_load.png (share of the processed assignments, layer x expert)
-    and routing_coactivation.png (per layer, the fraction of tokens choosing both
-    experts i and j) into out_dir. Returns the files; [] without matplotlib."""
+    """Write routing_load.png (share of the processed assignments, layer x expert),
+    routing_coactivation.png (per layer, the fraction of tokens choosing both
+    experts i and j) and, when the report has class lifts (and ``class_names``),
+    routing_specialisation.png into out_dir. Returns the files; [] without matplotlib."""
     from moekit.lm.plots import _pyplot
 
     plt = _pyplot()
@@ -39,4 +41,28 @@ def plot_report(report: dict, out_dir: str | Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(out_dir / COACTIVATION_PLOT, dpi=120)
     plt.close(fig)
-    return [out_dir / LOAD_HEATMAP, out_dir / COACTIVATION_PLOT]
+    written = [out_dir / LOAD_HEATMAP, out_dir / COACTIVATION_PLOT]
+    if "class_names" in report and all("class_lift" in s for s in layers):
+        written.append(_plot_specialisation(plt, names, layers, report["class_names"], out_dir))
+    return written
+
+
+def _plot_specialisation(plt, names: list[str], layers: list[dict], classes: list[str],
+                         out_dir: Path) -> Path:
+    """Per layer, expert x class: log2 of the lift (red: the expert takes more of the class
+    than its share, blue: less)."""
+    import math
+
+    fig, axes = plt.subplots(1, len(names), figsize=(0.55 * len(classes) * len(names) + 2.5,
+                                                     0.3 * len(layers[0]["class_lift"]) + 2.5),
+                             squeeze=False)
+    for ax, name, s in zip(axes[0], names, layers):
+        log_lift = [[math.log2(v) if v > 0 else -3.0 for v in row] for row in s["class_lift"]]
+        image = ax.imshow(log_lift, aspect="auto", cmap="RdBu_r", vmin=-3, vmax=3)
+        ax.set(title=name, xticks=range(len(classes)), ylabel="expert")
+        ax.set_xticklabels(classes, rotation=60, ha="right")
+    fig.colorbar(image, ax=list(axes[0]), label="log2 lift (share of the class vs overall)")
+    fig.suptitle("what each expert takes: byte classes in context")
+    fig.savefig(out_dir / SPECIALISATION_PLOT, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out_dir / SPECIALISATION_PLOT

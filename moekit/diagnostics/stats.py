@@ -51,6 +51,8 @@ class LayerStats:
                         that chose i).
     token_counts:       [E, V] int64 assignments per expert and token id, when
                         vocab_size is given (E * V * 8 bytes) and token ids are known.
+    class_counts:       [E, C] int64 assignments per expert and token class (e.g.
+                        moekit.diagnostics.text_classes), when num_classes is given.
     top1:               per batch, [T] int64 top-1 expert of each token (the
                         assignment with the largest combine weight; -1 for a token
                         with none), only with keep_top1 (for routing_stability).
@@ -59,30 +61,37 @@ class LayerStats:
     num_experts: int
     vocab_size: int | None = None
     keep_top1: bool = False
+    num_classes: int | None = None
     tokens: int = field(init=False, default=0)
     entropy_sum: float = field(init=False, default=0.0)  # of the per-token router entropies (nats)
     tokens_per_expert: torch.Tensor = field(init=False)
     routed_per_expert: torch.Tensor = field(init=False)
     coactivation: torch.Tensor = field(init=False)
     token_counts: torch.Tensor | None = field(init=False)
+    class_counts: torch.Tensor | None = field(init=False)
     top1: list[torch.Tensor] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-        if self.vocab_size is not None and self.vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1 or None, got {self.vocab_size}")
+        for name in ("vocab_size", "num_classes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         E = self.num_experts
         self.tokens_per_expert = torch.zeros(E, dtype=torch.int64)
         self.routed_per_expert = torch.zeros(E, dtype=torch.int64)
         self.coactivation = torch.zeros(E, E, dtype=torch.int64)
         self.token_counts = None if self.vocab_size is None else \
             torch.zeros(E, self.vocab_size, dtype=torch.int64)
+        self.class_counts = None if self.num_classes is None else \
+            torch.zeros(E, self.num_classes, dtype=torch.int64)
 
     @torch.no_grad()
-    def update(self, aux: MoEAux, token_ids_T: torch.Tensor | None = None) -> None:
+    def update(self, aux: MoEAux, token_ids_T: torch.Tensor | None = None,
+               class_ids_T: torch.Tensor | None = None) -> None:
         """Add one forward's MoEAux (over its T routed tokens); token_ids_T [T]
-        the token id of each routed token, for the specialisation table."""
+        the token id of each routed token, for the specialisation table, and
+        class_ids_T [T] its class, for class_counts."""
         ids_TK = aux.expert_indices.detach()
         T, E = ids_TK.shape[0], self.num_experts
         if aux.router_probs.shape[-1] != E:
@@ -99,32 +108,23 @@ class LayerStats:
         self.entropy_sum += router_entropy_sum(aux.router_probs)
         self.tokens += T
         if self.token_counts is not None and token_ids_T is not None:
-            self._count_tokens(ids_TK, chosen_TK, token_ids_T)
+            self.token_counts += _per_expert_counts(ids_TK, chosen_TK, token_ids_T, self.token_counts,
+                                                    "token ids", "vocab_size")
+        if self.class_counts is not None and class_ids_T is not None:
+            self.class_counts += _per_expert_counts(ids_TK, chosen_TK, class_ids_T, self.class_counts,
+                                                    "class ids", "num_classes")
         if self.keep_top1:
             weights_TK = aux.expert_weights.detach().float().masked_fill(~chosen_TK, -math.inf)
             best_T = weights_TK.argmax(1, keepdim=True) if T else ids_TK[:, :1]
             top1_T = ids_TK.gather(1, best_T).squeeze(1)
             self.top1.append(top1_T.masked_fill(~chosen_TK.any(1), -1).cpu())
 
-    def _count_tokens(self, ids_TK: torch.Tensor, chosen_TK: torch.Tensor,
-                      token_ids_T: torch.Tensor) -> None:
-        token_ids_T = token_ids_T.reshape(-1).to(ids_TK.device)
-        if token_ids_T.shape[0] != ids_TK.shape[0]:
-            raise ValueError(f"token_ids has {token_ids_T.shape[0]} tokens, the layer routed "
-                             f"{ids_TK.shape[0]}")
-        V = self.vocab_size
-        if token_ids_T.numel() and (int(token_ids_T.min()) < 0 or int(token_ids_T.max()) >= V):
-            raise ValueError(f"token ids must lie in [0, vocab_size={V}), got "
-                             f"[{int(token_ids_T.min())}, {int(token_ids_T.max())}]")
-        flat_A = (ids_TK * V + token_ids_T[:, None])[chosen_TK]
-        self.token_counts += torch.bincount(flat_A, minlength=self.num_experts * V) \
-            .view(self.num_experts, V).cpu()
-
     def summary(self, top_tokens: int = 3) -> dict:
         """Plain numbers: tokens, tokens_per_expert, load_max_over_mean, load_cv,
         router_entropy (mean per token, nats; at most log E), dropped_fraction,
         coactivation (fraction of the tokens choosing both i and j) and, when
-        token ids were counted, specialisation (see ``specialisation``)."""
+        token ids were counted, specialisation (see ``specialisation``); when classes
+        were, class_lift (see ``class_lift``)."""
         max_over_mean, cv = load_imbalance(self.tokens_per_expert)
         routed = int(self.routed_per_expert.sum())
         kept = int(self.tokens_per_expert.sum())
@@ -140,7 +140,34 @@ class LayerStats:
         }
         if self.token_counts is not None and self.token_counts.sum() > 0:
             result["specialisation"] = specialisation(self.token_counts, top_tokens)
+        if self.class_counts is not None and self.class_counts.sum() > 0:
+            result["class_lift"] = class_lift(self.class_counts)
         return result
+
+
+def _per_expert_counts(ids_TK: torch.Tensor, chosen_TK: torch.Tensor, values_T: torch.Tensor,
+                       like_EN: torch.Tensor, what: str, size_name: str) -> torch.Tensor:
+    """[E, N] on the CPU: the chosen assignments of each expert, by the value in [0, N) of
+    their token (its id or class)."""
+    E, N = like_EN.shape
+    values_T = values_T.reshape(-1).to(ids_TK.device)
+    if values_T.shape[0] != ids_TK.shape[0]:
+        raise ValueError(f"{what} has {values_T.shape[0]} tokens, the layer routed {ids_TK.shape[0]}")
+    if values_T.numel() and (int(values_T.min()) < 0 or int(values_T.max()) >= N):
+        raise ValueError(f"{what} must lie in [0, {size_name}={N}), got "
+                         f"[{int(values_T.min())}, {int(values_T.max())}]")
+    flat_A = (ids_TK * N + values_T[:, None])[chosen_TK]
+    return torch.bincount(flat_A, minlength=E * N).view(E, N).cpu()
+
+
+def class_lift(class_counts_EC: torch.Tensor) -> list[list[float]]:
+    """[E][C] lift: each expert's share of its assignments in class c over class c's share of
+    all assignments (1: no preference; 0 for an expert or class with no assignment)."""
+    counts = class_counts_EC.double()
+    overall_C = counts.sum(0) / counts.sum().clamp_min(1)
+    share_EC = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    lift = torch.where(overall_C > 0, share_EC / overall_C.clamp_min(1e-30), 0.0)
+    return [[round(v, 4) for v in row] for row in lift.tolist()]
 
 
 def specialisation(token_counts_EV: torch.Tensor, top_tokens: int = 3) -> list[dict]:

@@ -9,6 +9,8 @@ instead (the last ``val_percent`` percent is validation).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import sysconfig
 import zlib
@@ -25,12 +27,37 @@ _BINARY_SNIFF_BYTES = 8192
 
 @dataclass
 class Corpus:
-    """train, val: 1-D uint8 tensors of bytes; ``source`` says where they came from."""
+    """train, val: 1-D uint8 tensors of bytes; ``source`` says where they came from;
+    val_file_sizes: the bytes of each validation file, in order (one entry for a corpus
+    of one file, whose validation is its last bytes)."""
 
     train: torch.Tensor
     val: torch.Tensor
     source: str
     num_files: int
+    val_file_sizes: tuple[int, ...] = ()
+
+    def held_out_halves(self, seq_len: int) -> tuple["Corpus", "Corpus"]:
+        """(tune, test): the same training bytes, the validation bytes cut in two at the file
+        boundary nearest their middle (at the middle byte for one validation file), so that
+        choices made on ``tune`` (a learning rate, a recipe) are scored on ``test``, which
+        they never saw. Each half must hold one sequence of seq_len + 1 bytes."""
+        total = self.val.numel()
+        ends = list(itertools.accumulate(self.val_file_sizes))
+        if len(ends) > 1:  # i files in the first half: the boundary nearest the middle
+            i = min(range(1, len(ends)), key=lambda i: abs(ends[i - 1] - total / 2))
+            cut, sizes = ends[i - 1], (self.val_file_sizes[:i], self.val_file_sizes[i:])
+        else:
+            cut = total // 2
+            sizes = ((cut,), (total - cut,))
+        halves = (self.val[:cut], self.val[cut:])
+        for name, half in zip(("tuning", "test"), halves):
+            if half.numel() < seq_len + 1:
+                raise UsageError(f"the {name} half of the validation split of {self.source} has "
+                                 f"{half.numel()} bytes, fewer than one sequence of seq_len + 1 = "
+                                 f"{seq_len + 1}; use more data or a smaller --seq-len")
+        return tuple(dataclasses.replace(self, val=half, val_file_sizes=tuple(n))
+                     for half, n in zip(halves, sizes))
 
     def unigram_loss(self) -> float:
         """Cross-entropy in nats/byte of the validation bytes under the training
@@ -111,6 +138,7 @@ def load_corpus(path: str | Path | None = None, seq_len: int = 256,
         data = contents[0][1]
         cut = len(data) - len(data) * val_percent // 100
         train, val = _as_tensor([data[:cut]]), _as_tensor([data[cut:]])
+        val_sizes = (len(data) - cut,)
     else:
         parent = root if root.is_dir() else root.parent
         flags = [_is_validation(p.relative_to(parent).as_posix(), val_percent) for p, _ in contents]
@@ -118,12 +146,13 @@ def load_corpus(path: str | Path | None = None, seq_len: int = 256,
             flags = [False] * (len(contents) - 1) + [True]
         train = _as_tensor([d for (_, d), v in zip(contents, flags) if not v])
         val = _as_tensor([d for (_, d), v in zip(contents, flags) if v])
+        val_sizes = tuple(len(d) for (_, d), v in zip(contents, flags) if v)
     for name, split in (("training", train), ("validation", val)):
         if split.numel() < seq_len + 1:
             raise UsageError(f"the {name} split of {source} has {split.numel()} bytes, fewer than "
                              f"one sequence of seq_len + 1 = {seq_len + 1}; use more data or a "
                              "smaller --seq-len")
-    return Corpus(train, val, source, len(contents))
+    return Corpus(train, val, source, len(contents), val_sizes)
 
 
 def sample_batch(data: torch.Tensor, batch_size: int, seq_len: int,

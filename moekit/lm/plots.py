@@ -70,17 +70,26 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return written
 
 
-def plot_validation_curves(runs: dict[str, Path], path: Path) -> Path | None:
-    """One figure with the validation curve of each named run; None without matplotlib."""
+def plot_comparison(curves: dict[str, list[list[tuple[int, float]]]], seconds_per_step: dict[str, float],
+                    path: Path) -> Path | None:
+    """Validation loss against steps and against seconds (steps times each run's seconds per
+    step): per named side, the mean over its runs' curves [(step, loss)] with the min-max band
+    where they share evaluation steps; None without matplotlib."""
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, run_dir in runs.items():
-        _, evals = read_metrics(run_dir)
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label=name)
-    ax.set(xlabel="step", ylabel="validation loss (nats/byte)")
-    ax.legend()
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for name, runs in curves.items():
+        steps = sorted(set.intersection(*(set(s for s, _ in run) for run in runs)))
+        per_step = [[dict(run)[s] for run in runs] for s in steps]
+        mean = [sum(values) / len(values) for values in per_step]
+        for ax, scale in ((by_step, 1.0), (by_time, seconds_per_step[name])):
+            x = [s * scale for s in steps]
+            ax.plot(x, mean, "o-", markersize=3, label=f"{name} ({len(runs)} runs)")
+            ax.fill_between(x, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.2)
+    by_step.set(xlabel="step", ylabel="validation loss (nats/byte)")
+    by_time.set(xlabel="seconds (steps x median seconds per step)")
+    by_step.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -92,13 +92,23 @@ def test_generate_prints_the_prompt_and_new_text(tmp_path, data_dir, capsys):
                               f"SHA-256 in {out / 'manifest.json'}") and err.count("\n") == 1
 
 
-def test_compare_trains_both_and_prints_the_gap(tmp_path, data_dir, capsys):
+def test_compare_prints_equal_steps_and_equal_time_over_seeds(tmp_path, data_dir, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--data", data_dir, "--out", str(out), *SMALL]) == 0
+    assert main(["compare", "--data", data_dir, "--out", str(out), "--seeds", "2",
+                 "--timing-repeats", "1", *SMALL]) == 0  # the sweep: tests/lm/test_comparison.py
     printed = capsys.readouterr().out
-    assert "| tiny |" in printed and "| dense |" in printed and "tiny - dense =" in printed
-    assert (out / "tiny" / "model.safetensors").is_file() and (out / "dense" / "model.safetensors").is_file()
-    assert (out / "compare.png").is_file()
+    for line in ("| tiny (MoE) | 4 |", "| dense, equal steps | 4 |", "| dense, equal time |",
+                 "tiny - dense at equal steps:", "tiny - dense at equal time:"):
+        assert line in printed
+    for name in ("compare.json", "timing.json", "summary.json", "compare.png",
+                 "runs/moe-seed1/model.safetensors", "runs/dense_time-seed0/result.json"):
+        assert (out / name).is_file(), name
+    assert main(["compare", "--resume", str(out), "--no-progress"]) == 0  # all done: the table again
+    assert "| tiny (MoE) | 4 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--resume", str(out), "--seeds", "3"])
+    assert exit_info.value.code == 2
+    assert "drop --seeds" in capsys.readouterr().err
 
 
 def test_params_lists_and_counts(capsys):

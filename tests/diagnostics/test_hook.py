@@ -101,3 +101,24 @@ def test_collect_restores_training_mode_and_a_model_without_moe_is_refused():
     assert model.training
     with pytest.raises(ValueError, match="no moekit MoE layer"):
         RoutingStatsHook(nn.Linear(2, 2))
+
+
+def test_class_counts_equal_a_hand_count_over_each_token_class():
+    model = TwoLayers()
+    batches = [torch.randint(0, 16, (2, 5)) for _ in range(3)]
+    layers = collect_routing_stats(model, batches, vocab_size=16, classes_of=lambda t: t % 3,
+                                   num_classes=3)
+    stats = layers["first"]
+    expected = torch.zeros(4, 3, dtype=torch.int64)
+    with torch.no_grad():
+        for tokens in batches:
+            _, aux = model.first(model.embed(tokens))
+            for token, experts in zip(tokens.reshape(-1).tolist(), aux.expert_indices.tolist()):
+                for e in experts:
+                    expected[e, token % 3] += 1
+    assert torch.equal(stats.class_counts, expected)
+    # the class counts are the token counts summed over each class's tokens
+    by_class = torch.zeros(4, 3, dtype=torch.int64).index_add_(1, torch.arange(16) % 3, stats.token_counts)
+    assert torch.equal(by_class, stats.class_counts)
+    with pytest.raises(ValueError, match="together"):
+        collect_routing_stats(model, batches, classes_of=lambda t: t % 3)

@@ -58,10 +58,13 @@ def test_inspect_command_writes_report_plots_and_compares_checkpoints(tmp_path, 
     assert "Routing per MoE layer" in printed and "inspect.json" in printed
     report = json.loads((run / "inspect" / "inspect.json").read_text())
     assert report["compared_with"].endswith("step-00000002/model.safetensors")
+    assert report["class_names"][:3] == ["letter", "digit", "keyword"]
     for layer in report["layers"].values():
         assert layer["tokens"] == 2 * 2 * 16 and len(layer["tokens_per_expert"]) == 4
         assert 0.0 <= layer["top1_changed"] <= 1.0 and len(layer["specialisation"]) == 4
-    assert (run / "inspect" / "routing_load.png").is_file()
+        assert len(layer["class_lift"]) == 4 and len(layer["class_lift"][0]) == len(report["class_names"])
+    for plot in ("routing_load.png", "routing_specialisation.png"):
+        assert (run / "inspect" / plot).is_file()
     with pytest.raises(SystemExit):
         main(["inspect", str(run), "--batches", "0"])
     assert "--batches must be >= 1" in capsys.readouterr().err

@@ -154,3 +154,10 @@ def test_bad_arguments_are_named():
         LayerStats(4, vocab_size=4).update(aux, torch.full((5,), 7))
     with pytest.raises(ValueError, match="routed 5"):
         LayerStats(4, vocab_size=8).update(aux, torch.zeros(3, dtype=torch.int64))
+
+
+def test_class_lift_by_hand():
+    from moekit.diagnostics import class_lift
+
+    counts = torch.tensor([[6, 2], [2, 6], [0, 0]])  # classes are half the assignments each
+    assert class_lift(counts) == [[1.5, 0.5], [0.5, 1.5], [0.0, 0.0]]

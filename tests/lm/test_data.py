@@ -95,3 +95,32 @@ def test_batches_are_shifted_windows_and_seeded():
     batches = evaluation_batches(data, 3, 2, 10)
     assert len(batches) == 3 and int(batches[-1][1].max()) == 199
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, evaluation_batches(data, 3, 2, 10)))
+
+
+def test_held_out_halves_cut_the_validation_files_at_the_boundary_nearest_the_middle(tmp_path):
+    folder = write_text_files(tmp_path / "data", count=200, size=60)
+    corpus = load_corpus(folder, seq_len=16)
+    tune, test = corpus.held_out_halves(seq_len=16)
+    sizes = corpus.val_file_sizes
+    assert len(sizes) > 2 and sum(sizes) == corpus.val.numel()
+    assert torch.equal(torch.cat([tune.val, test.val]), corpus.val)
+    assert tune.val_file_sizes + test.val_file_sizes == sizes
+    ends = [sum(sizes[:i]) for i in range(1, len(sizes))]
+    assert tune.val.numel() == min(ends, key=lambda end: abs(end - corpus.val.numel() / 2))
+    assert torch.equal(tune.train, corpus.train) and torch.equal(test.train, corpus.train)
+
+
+def test_held_out_halves_of_one_file_cut_at_the_middle_byte(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("abcdefghij" * 500)
+    corpus = load_corpus(path, seq_len=16)
+    tune, test = corpus.held_out_halves(seq_len=16)
+    assert tune.val.numel() == corpus.val.numel() // 2
+    assert tune.val.numel() + test.val.numel() == corpus.val.numel()
+
+
+def test_held_out_halves_refuse_a_half_shorter_than_a_sequence(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("abcdefghij" * 500)  # 250 validation bytes: halves of 125
+    with pytest.raises(ValueError, match="tuning half of the validation split .* has 125 bytes"):
+        load_corpus(path, seq_len=16).held_out_halves(seq_len=200)
