@@ -178,3 +178,12 @@ def test_null_slots_are_router_parameters_and_counted():
     moe = moekit.MoE(cfg)
     assert moe.router.weight.shape == (7, 8) and moe.router.bias.shape == (7,)
     assert moe_layer_parameters(cfg)["routers"].total == sum(p.numel() for p in moe.router.parameters())
+
+
+@pytest.mark.parametrize("replay", [False, True], ids=["routed", "replayed"])
+def test_bf16_copy_experts_match_the_reference_and_keep_the_dtype(replay):
+    moe = randomized_moe(dtype=torch.bfloat16, dim=32, expert_dim=16, num_experts=4, top_k=2,
+                         num_null_experts=2, null_expert_kind="copy")
+    ids = torch.rand(33, 6).argsort(1)[:, :2] if replay else None
+    check_against_reference(moe, 33, dtype=torch.bfloat16, tol=2e-2, grad_tol=5e-2,
+                            expert_indices=ids)
