@@ -33,6 +33,8 @@ CASES = {
     "sequence-balance": dict(num_experts=4, top_k=2, num_null_experts=2, balance_scope="sequence",
                              balance_null_experts=False),
     "loop-backend": dict(num_experts=4, top_k=2, num_null_experts=2, experts_backend="loop"),
+    "global-balance-real": dict(num_experts=4, top_k=3, num_null_experts=3, balance_scope="global",
+                                balance_null_experts=False),
 }
 
 
