@@ -24,6 +24,7 @@ CPU_KERNELS = ("auto", "off")
 # Routers whose choice for one token depends on the other tokens of the batch.
 BATCH_ROUTERS = ("expert_choice", "balanced")
 BATCH_INVARIANT_BACKENDS = ("auto", "fused", "loop", "grouped_mm")
+NULL_EXPERT_KINDS = ("zero", "copy")
 
 # A capacity factor this large is a typo, not a wish: capacity is clamped to the
 # token count anyway, so anything above num_experts can never change the result.
@@ -70,6 +71,15 @@ class MoEConfig:
         num_groups / topk_groups: group-limited routing (DeepSeek-V3): experts
             form num_groups groups; a token picks topk_groups groups by the sum
             of each group's top-2 scores, then its top_k experts inside them.
+        num_null_experts: N zero-computation experts (MoE++), router="topk" only:
+            the router scores E + N slots, slots E..E+N-1 are null experts that
+            take part in the top-k but run no FFN, so a token that picks one uses
+            fewer real experts. null_expert_kind: "zero" (default) adds nothing;
+            "copy" adds the token's input times its combine weight.
+        balance_null_experts: True (default) takes the balance loss over all
+            E + N slots, as MoE++ does; False over the E real experts only
+            (which rewards sending probability to the null slots: see
+            docs/routing.md).
     Capacity
         capacity_factor: None (default) is dropless; otherwise each expert takes
             at most C = max(min_capacity, ceil(capacity_factor * T * k / E))
@@ -133,6 +143,9 @@ class MoEConfig:
     expert_bias: bool = False
     num_groups: int = 1
     topk_groups: int = 1
+    num_null_experts: int = 0
+    null_expert_kind: str = "zero"
+    balance_null_experts: bool = True
     capacity_factor: float | None = None
     min_capacity: int = 0
     drop_policy: str = "position"
@@ -171,6 +184,9 @@ class MoEConfig:
         require_bool("expert_bias", self.expert_bias)
         require_int("num_groups", self.num_groups, 1)
         require_int("topk_groups", self.topk_groups, 1)
+        require_int("num_null_experts", self.num_null_experts, 0)
+        require_choice("null_expert_kind", self.null_expert_kind, NULL_EXPERT_KINDS)
+        require_bool("balance_null_experts", self.balance_null_experts)
         self._check_router_combination()
         if self.capacity_factor is not None:
             require_float("capacity_factor", self.capacity_factor, 0.0, MAX_CAPACITY_FACTOR,
@@ -219,6 +235,10 @@ class MoEConfig:
         if self.router != "topk" and (self.num_groups > 1 or self.has_expert_bias):
             raise ValueError(f"num_groups, bias_update_rate and expert_bias need router='topk', "
                              f"got router={self.router!r}")
+        if self.num_null_experts and (self.router != "topk" or self.num_groups > 1):
+            raise ValueError(f"num_null_experts needs router='topk' without groups, got "
+                             f"num_null_experts={self.num_null_experts} with router="
+                             f"{self.router!r}, num_groups={self.num_groups}")
         if self.router == "dense" and self.top_k != self.num_experts:
             raise ValueError(f"router='dense' sends every token to every expert: set top_k to "
                              f"num_experts ({self.num_experts}), got top_k={self.top_k}")
@@ -265,6 +285,11 @@ class MoEConfig:
     def has_expert_bias(self) -> bool:
         """True when the top-k router holds the selection bias buffer expert_bias."""
         return self.expert_bias or self.bias_update_rate > 0
+
+    @property
+    def num_router_slots(self) -> int:
+        """Slots the router scores: the E experts, then the num_null_experts null experts."""
+        return self.num_experts + self.num_null_experts
 
     @property
     def dropless(self) -> bool:

@@ -13,10 +13,13 @@ from torch import nn
 
 from moekit.aux import MoEAux, moe_aux
 from moekit.config import MoEConfig
+from moekit.contract import DispatchPlan
 from moekit.dispatch import build_dispatcher
 from moekit.experts import Experts, SharedExperts
 from moekit.func_transforms import refuse_vmap
 from moekit.memory import check_layer_fits
+from moekit.null_experts import copy_expert_output, real_expert_routing
+from moekit.replay import check_expert_indices
 from moekit.routers import build_router
 from moekit.dispatch.local import GlobalLoad
 from moekit.routers.bias import recomputing
@@ -29,8 +32,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class MoE(nn.Module):
     """Mixture-of-Experts feed-forward layer.
 
-    forward(x [..., D], padding_mask [...] bool or None, token_ids [...] int or None)
-    -> (y [..., D], MoEAux).
+    forward(x [..., D], padding_mask [...] bool or None, token_ids [...] int or None,
+    expert_indices [T, K] int64 or None) -> (y [..., D], MoEAux).
     y has x's shape and dtype; under torch.autocast the experts compute in the autocast
     dtype, as nn.Linear does, and y has that dtype (the router and the losses stay float32).
     Padded positions (mask False) are not routed,
@@ -39,6 +42,11 @@ class MoE(nn.Module):
     token_ids feed router="hash" (other routers ignore them). A sequence, for
     balance_scope="sequence" and capacity_scope="sequence", is the second-to-last
     dim of x (all of x if 2-D).
+    expert_indices replays a routing (router="topk" only; see moekit/replay.py): each
+    routed token goes to exactly those experts (an earlier aux.expert_indices), with
+    combine weights, losses and metrics from the live router; capacity, if any, then
+    drops replayed assignments as it drops routed ones.
+    With num_null_experts, assignments to null slots run no expert (moekit/null_experts.py).
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -55,14 +63,15 @@ class MoE(nn.Module):
         # over the ranks; moekit.router_step(model) starts them again (empty at every step, so
         # not saved)
         if config.balance_scope == "global":
-            self.register_buffer("step_load", torch.zeros(config.num_experts, dtype=torch.int64),
-                                 persistent=False)
+            self.register_buffer("step_load", torch.zeros(config.num_router_slots,
+                                                          dtype=torch.int64), persistent=False)
         else:
             self.step_load = None
         self.micro_batches_in_step = 0
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+                token_ids: torch.Tensor | None = None, expert_indices: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, MoEAux]:
         self._check_input(x, padding_mask, token_ids)
         refuse_vmap()
         x_TD = x.reshape(-1, self.config.dim)
@@ -74,9 +83,8 @@ class MoE(nn.Module):
             token_ids_T = None if token_ids_T is None else token_ids_T.index_select(0, real_T)
             sequence_T = None if sequence_T is None else sequence_T.index_select(0, real_T)
         with autocast_off(x):  # routing math stays float32
-            routing = self.router(x_TD, token_ids_T)
-        y_TD, plan = self.dispatcher.run_experts(x_TD, routing, self.experts, sequence_T,
-                                                 num_sequences)
+            routing = self._route(x_TD, token_ids_T, expert_indices)
+        y_TD, plan = self._run_experts(x_TD, routing, sequence_T, num_sequences)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         if padding_mask is not None:
@@ -97,12 +105,36 @@ class MoE(nn.Module):
                           global_load)
         return y_TD.view(x.shape), aux
 
+    def _route(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None,
+               expert_indices: torch.Tensor | None) -> Routing:
+        """The router's Routing of x_TD [T, D], or its replay of expert_indices [T, K]."""
+        if expert_indices is None:
+            return self.router(x_TD, token_ids_T)
+        c = self.config
+        ids_TK = check_expert_indices(expert_indices, x_TD.shape[0], c.top_k, c.num_router_slots,
+                                      x_TD.device)
+        return self.router.replay(x_TD, ids_TK)
+
+    def _run_experts(self, x_TD: torch.Tensor, routing: Routing, sequence_T: torch.Tensor | None,
+                     num_sequences: int) -> tuple[torch.Tensor, DispatchPlan]:
+        """(y_TD [T, D], plan): the dispatcher and the experts on the real experts'
+        assignments, plus the copy experts' share with null experts of kind "copy"."""
+        c = self.config
+        if not c.num_null_experts:
+            return self.dispatcher.run_experts(x_TD, routing, self.experts, sequence_T,
+                                               num_sequences)
+        y_TD, plan = self.dispatcher.run_experts(x_TD, real_expert_routing(routing, c.num_experts),
+                                                 self.experts, sequence_T, num_sequences)
+        if c.null_expert_kind == "copy":
+            y_TD = y_TD + copy_expert_output(x_TD, routing, c.num_experts).to(y_TD.dtype)
+        return y_TD, plan
+
     def _step_load_so_far(self, routing: Routing, load: GlobalLoad | None) -> GlobalLoad:
         """balance_scope="global": add this micro-batch's counts (over the ranks) to
         step_load, unless activation checkpointing is recomputing it, and have the loss take
         f from the step's micro-batches so far (P stays this micro-batch's)."""
         if load is None:
-            counts_E = expert_counts(routing.expert_indices, self.config.num_experts,
+            counts_E = expert_counts(routing.expert_indices, self.config.num_router_slots,
                                      routing.assignment_mask)
             load = GlobalLoad(counts_E, routing.num_tokens, 0)
         if not recomputing():
@@ -172,6 +204,7 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"dim={c.dim}, expert_dim={c.expert_dim}, num_experts={c.num_experts}, "
+        nulls = f", num_null_experts={c.num_null_experts}" if c.num_null_experts else ""
+        return (f"dim={c.dim}, expert_dim={c.expert_dim}, num_experts={c.num_experts}{nulls}, "
                 f"top_k={c.top_k}, router={c.router!r}, "
                 f"capacity_factor={c.capacity_factor}, activation={c.activation!r}")

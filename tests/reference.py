@@ -78,7 +78,7 @@ def select_topk(cfg, scores: torch.Tensor, expert_bias=None) -> list[int]:
     select = [float(v) for v in scores.detach()]
     if expert_bias is not None:
         select = [v + float(b) for v, b in zip(select, expert_bias)]
-    allowed = range(cfg.num_experts)
+    allowed = range(len(select))  # the experts, then any null experts
     if cfg.num_groups > 1:
         size = cfg.num_experts // cfg.num_groups
         group_score = [sum(sorted(select[g * size:(g + 1) * size], reverse=True)[:2])
@@ -121,7 +121,8 @@ def expert_choice_ids(cfg, scores_per_token: list[torch.Tensor]) -> list[list[in
 def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
                      seq_len: int | None = None) -> list[list[bool]]:
     """The capacity rule, by hand: walk assignments in priority order, count per
-    expert (per sequence of seq_len tokens with capacity_scope="sequence")."""
+    expert (per sequence of seq_len tokens with capacity_scope="sequence"). Null
+    experts (ids >= num_experts) take no capacity and are always kept."""
     T, k = len(ids), cfg.top_k
     if cfg.dropless:
         return [[True] * k for _ in range(T)]
@@ -138,6 +139,9 @@ def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
     used = {}
     keep = [[False] * k for _ in range(T)]
     for t, j in slots:
+        if ids[t][j] >= cfg.num_experts:
+            keep[t][j] = True
+            continue
         queue = (t // group_len, ids[t][j])
         if used.get(queue, 0) < capacity:
             used[queue] = used.get(queue, 0) + 1
@@ -146,15 +150,18 @@ def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
 
 
 def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, ids=None,
-                  expert_bias=None, seq_len: int | None = None):
+                  expert_bias=None, seq_len: int | None = None, replay: bool = False):
     """The layer by hand, float64. ids: each token's experts when they cannot be
-    recomputed here (hash, balanced in training). Returns a dict with y [T, D],
-    ids, keep, balance, z, counts."""
+    recomputed here (hash, balanced in training), or, with replay, the experts a
+    replayed forward was given. Null experts (ids num_experts.. num_experts + N - 1)
+    add 0, or the input for null_expert_kind="copy", times their weight. Returns a dict
+    with y [T, D], ids, keep, balance, z, counts (real experts), null_counts."""
     T = x_TD.shape[0]
     scored = [token_scores(cfg, p, x_TD[t]) for t in range(T)] if "router.weight" in p else \
         [(torch.zeros(cfg.num_experts, dtype=torch.float64),) * 2
          + (torch.full((cfg.num_experts,), 1.0 / cfg.num_experts, dtype=torch.float64),)] * T
-    if ids is not None and (cfg.router == "hash" or (cfg.router == "balanced" and training)):
+    if ids is not None and (replay or cfg.router == "hash"
+                            or (cfg.router == "balanced" and training)):
         token_ids = [list(map(int, row)) for row in ids]
     elif cfg.router == "expert_choice":
         token_ids = expert_choice_ids(cfg, [s[1] for s in scored])
@@ -165,12 +172,17 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
     weights = [token_weights(cfg, s[0], s[1], e) for s, e in zip(scored, token_ids)]
     keep = [[True] * len(e) for e in token_ids] if cfg.router == "expert_choice" else \
         keep_assignments(cfg, token_ids, [w.detach().tolist() for w in weights], seq_len)
-    counts = [0] * cfg.num_experts
+    E, N = cfg.num_experts, getattr(cfg, "num_null_experts", 0)
+    counts, null_counts = [0] * E, [0] * N
     rows = []
     for t in range(T):
         y = torch.zeros(cfg.dim, dtype=torch.float64)
         for j, e in enumerate(token_ids[t]):
-            if keep[t][j]:
+            if e >= E:
+                null_counts[e - E] += 1
+                if cfg.null_expert_kind == "copy":
+                    y = y + weights[t][j] * x_TD[t]
+            elif keep[t][j]:
                 counts[e] += 1
                 y = y + weights[t][j] * _expert_ffn(cfg, p, e, x_TD[t])
         if cfg.num_shared_experts:
@@ -178,23 +190,25 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
         rows.append(y)
     y_TD = torch.stack(rows) if rows else x_TD.new_zeros(0, cfg.dim)
     zero = x_TD.sum() * 0
-    result = dict(y=y_TD, ids=token_ids, keep=keep, counts=counts, balance=zero, z=zero)
+    result = dict(y=y_TD, ids=token_ids, keep=keep, counts=counts, null_counts=null_counts,
+                  balance=zero, z=zero)
     if T == 0:
         return result
     seq_len = seq_len or T
     sequences = [range(s, min(s + seq_len, T)) for s in range(0, T, seq_len)]
     if cfg.balance_scope == "batch":
         sequences = [range(T)]
+    balanced = E + N if getattr(cfg, "balance_null_experts", True) else E  # slots in the loss
     balance = 0
     for seq in sequences:
-        assigned = [0] * cfg.num_experts
+        assigned = [0] * (E + N)
         for t in seq:
             for e in token_ids[t]:
                 assigned[e] += 1
-        total = sum(assigned)
-        balance = balance + sum(cfg.num_experts * assigned[e] / total
+        total = max(sum(assigned[:balanced]), 1)
+        balance = balance + sum(balanced * assigned[e] / total
                                 * sum(scored[t][2][e] for t in seq) / len(seq)
-                                for e in range(cfg.num_experts))
+                                for e in range(balanced))
     result["balance"] = balance / len(sequences)
     result["z"] = sum(torch.logsumexp(s[0], 0) ** 2 for s in scored) / T
     return result

@@ -17,7 +17,8 @@ ROUTER_GRAD_TOL = 1e-3
 
 def check_against_reference(moe: moekit.MoE, num_tokens: int, dtype=torch.float32,
                             tol: float = 1e-5, grad_tol: float = 1e-5, seed: int = 0,
-                            token_ids=None, batch: int | None = None):
+                            token_ids=None, batch: int | None = None,
+                            expert_indices: torch.Tensor | None = None):
     """Forward and every gradient of one training step against the reference. The routed
     experts' gradients are checked expert by expert (each slice [e] within grad_tol), so that an
     error in one expert cannot hide in the norm of all; the router's, which in float32 lose
@@ -25,8 +26,9 @@ def check_against_reference(moe: moekit.MoE, num_tokens: int, dtype=torch.float3
     over the whole tensor, 8e-4 for one expert's row), as one tensor within
     max(grad_tol, ROUTER_GRAD_TOL).
 
-    batch: split the tokens into that many sequences (x of shape [B, S, D]). The layer runs
-    on its own device; the reference on the CPU."""
+    batch: split the tokens into that many sequences (x of shape [B, S, D]). expert_indices
+    [T, K]: replay that routing (the reference routes by hand to the same experts). The layer
+    runs on its own device; the reference on the CPU."""
     cfg = moe.config
     device = moe.experts.device
     gen = torch.Generator().manual_seed(seed)
@@ -37,7 +39,8 @@ def check_against_reference(moe: moekit.MoE, num_tokens: int, dtype=torch.float3
     moe.train()
     shape = (batch, num_tokens // batch, cfg.dim) if batch else x.shape
     ids_shape = shape[:-1]
-    y, aux = moe(x.view(shape), token_ids=None if token_ids is None else token_ids.view(ids_shape))
+    y, aux = moe(x.view(shape), token_ids=None if token_ids is None else token_ids.view(ids_shape),
+                 expert_indices=expert_indices)
     y = y.reshape(num_tokens, cfg.dim)
     assert y.dtype == dtype and y.shape == x.shape
     ((y.float() * upstream.float()).sum() + aux.loss).backward()
@@ -45,7 +48,7 @@ def check_against_reference(moe: moekit.MoE, num_tokens: int, dtype=torch.float3
     p = float64_params(moe)
     x64 = x.detach().cpu().double().requires_grad_()
     ref = reference_moe(cfg, p, x64, ids=aux.expert_indices.tolist(), expert_bias=expert_bias,
-                        seq_len=shape[1] if batch else None)
+                        seq_len=shape[1] if batch else None, replay=expert_indices is not None)
     loss_ref = cfg.balance_loss_weight * ref["balance"] + cfg.z_loss_weight * ref["z"]
     ((ref["y"] * upstream.cpu().double()).sum() + loss_ref).backward()
 
@@ -56,6 +59,8 @@ def check_against_reference(moe: moekit.MoE, num_tokens: int, dtype=torch.float3
                   for row, mask in zip(aux.expert_indices.tolist(), aux.assignment_mask.tolist())]
         assert chosen == ref["ids"]
     assert aux.tokens_per_expert.tolist() == ref["counts"]
+    if cfg.num_null_experts:
+        assert aux.null_tokens_per_expert.tolist() == ref["null_counts"]
     assert_rel_close(y, ref["y"], tol, "output")
     if num_tokens:
         assert_rel_close(aux.balance_loss, ref["balance"].detach(), tol, "balance loss")

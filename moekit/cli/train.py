@@ -141,16 +141,21 @@ def _resume_conflicts(args: argparse.Namespace, run_dir: Path, model_cfg, train_
 
 
 def report_result(result, model_cfg, log) -> None:
-    """The validation loss, the final expert loads, the plots and the run folder's files."""
+    """The validation loss, the mean throughput, the final expert loads (and share of null
+    experts), the plots and the run folder's files."""
     from moekit.lm.plots import plot_run, read_metrics
 
     bits = result.val_loss / math.log(2)
     log(f"validation loss {result.val_loss:.4f} nats/byte ({bits:.3f} bits/byte), "
         f"perplexity {math.exp(result.val_loss):.2f}; unigram baseline {result.unigram_loss:.4f} nats/byte")
+    log(f"mean training throughput of this call: {result.tokens_per_second:.0f} tokens/s")
     train_records, _ = read_metrics(result.run_dir)
     if model_cfg.moe is not None and train_records:
         loads = ", ".join(f"{v:.2f}" for v in train_records[-1]["load_max_over_mean"])
         log(f"load max/mean per MoE layer at the end: {loads}")
+        if "null_fraction" in train_records[-1]:
+            log(f"null experts took {train_records[-1]['null_fraction']:.3f} of the assignments "
+                "in the last log window (the share of routed-expert FLOPs saved)")
     plots = plot_run(result.run_dir)
     if not plots:
         log("plots skipped: matplotlib is not installed (pip install 'moekit[plot]')")

@@ -37,7 +37,7 @@ class RoutingStatsHook:
         self._handles = []
         for name, module in model.named_modules():
             if isinstance(module, MoE):
-                self.layers[name] = LayerStats(module.config.num_experts, vocab_size, keep_top1,
+                self.layers[name] = LayerStats(module.config.num_router_slots, vocab_size, keep_top1,
                                                num_classes)
                 self._handles.append(module.register_forward_hook(
                     partial(self._observe, name), with_kwargs=True))

@@ -43,7 +43,9 @@ def byte_class_table() -> torch.Tensor:
 
 @dataclass
 class LayerStats:
-    """Counts and sums over every token an MoE layer routed.
+    """Counts and sums over every token an MoE layer routed. With null experts, E counts
+    the router's slots (num_router_slots: the experts, then the null experts, whose
+    assignments are never dropped).
 
     tokens_per_expert:  [E] int64 assignments each expert processed (after capacity).
     routed_per_expert:  [E] int64 assignments the router made (before capacity).
@@ -104,7 +106,9 @@ class LayerStats:
         # Float64 products are exact for counts below 2**53, and run on any device.
         self.coactivation += (chose_TE.t() @ chose_TE).round().long().cpu()
         self.routed_per_expert += chose_TE.sum(0).round().long().cpu()
-        self.tokens_per_expert += aux.tokens_per_expert.detach().long().cpu()
+        kept_E = aux.tokens_per_expert if aux.null_tokens_per_expert is None else \
+            torch.cat((aux.tokens_per_expert, aux.null_tokens_per_expert))  # null: never dropped
+        self.tokens_per_expert += kept_E.detach().long().cpu()
         self.entropy_sum += router_entropy_sum(aux.router_probs)
         self.tokens += T
         if self.token_counts is not None and token_ids_T is not None:

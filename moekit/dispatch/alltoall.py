@@ -73,7 +73,7 @@ class AllToAllDispatcher:
                     num_sequences: int = 0) -> GlobalLoad:
         """Routed counts, tokens and sequences summed over the expert-parallel group (see
         all_reduced_load): one all_reduce, the layer's only one per forward."""
-        return all_reduced_load(routing, self.num_experts, self.group, sequence_T, num_sequences)
+        return all_reduced_load(routing, routing.num_experts, self.group, sequence_T, num_sequences)
 
     def plan(self, routing: Routing, sequence_T: torch.Tensor | None = None,
              num_sequences: int = 1) -> DispatchPlan:

@@ -22,7 +22,8 @@ from moekit.routing import Routing, expert_counts
 class GlobalLoad(NamedTuple):
     """Routing totals over every rank sharing the experts (expert parallel).
 
-    counts_E: [E] int64 routed assignments per expert (before capacity).
+    counts_E: [E] int64 routed assignments per router slot (before capacity; E + N with
+              null experts).
     tokens: routed tokens. sequences: non-empty sequences (balance_scope="sequence").
     """
 
@@ -47,7 +48,7 @@ class LocalDispatcher:
         ones serve)."""
         if self.balance_group is None:
             return None
-        return all_reduced_load(routing, self.num_experts, self.balance_group, sequence_T,
+        return all_reduced_load(routing, routing.num_experts, self.balance_group, sequence_T,
                                 num_sequences)
 
     def keep_mask(self, routing: Routing, sequence_T: torch.Tensor | None = None,

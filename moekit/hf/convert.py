@@ -25,7 +25,8 @@ PLAIN_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "r
 _ROUTING_FIELDS = frozenset({
     "dim", "expert_dim", "num_experts", "top_k", "router", "score_func", "normalize_topk",
     "route_scale", "num_groups", "topk_groups", "activation", "bias", "num_shared_experts",
-    "shared_expert_dim", "shared_expert_gate", "router_bias"})
+    "shared_expert_dim", "shared_expert_gate", "router_bias", "num_null_experts",
+    "null_expert_kind"})
 
 
 def require_family(block: nn.Module) -> Family:

@@ -98,13 +98,15 @@ class Block(nn.Module):
         self.ffn = MoE(cfg.moe) if use_moe else DenseFFN(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tokens: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None
+                past: tuple[torch.Tensor, torch.Tensor] | None,
+                expert_indices: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, MoEAux | None, tuple[torch.Tensor, torch.Tensor]]:
+        """expert_indices [B*S, K]: the MoE layer's routing to replay (None: route)."""
         attn_out, present = self.attn(self.attn_norm(x), cos, sin, past)
         x = x + attn_out
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
-            ffn_out, aux = self.ffn(h, token_ids=tokens)
+            ffn_out, aux = self.ffn(h, token_ids=tokens, expert_indices=expert_indices)
         else:
             ffn_out, aux = self.ffn(h), None
         return x + ffn_out, aux, present
@@ -167,9 +169,13 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> LMOutput:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                routing_replay: list[torch.Tensor] | None = None) -> LMOutput:
         """tokens [B, S] integer ids; with ``cache`` (a list of num_layers entries,
-        updated in place) the tokens continue the cached sequence."""
+        updated in place) the tokens continue the cached sequence. ``routing_replay``:
+        one expert_indices [B*S, K] per MoE block in block order (as
+        ``[a.expert_indices for a in out.moe_aux]``), each block routing exactly so
+        (MoE's expert_indices)."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be a [batch, seq] integer tensor, got shape "
                              f"{tuple(tokens.shape)} dtype {tokens.dtype}")
@@ -179,11 +185,13 @@ class MoETransformer(nn.Module):
             raise ValueError(f"sequence length {end} exceeds max_seq_len {self.config.max_seq_len}")
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} entries, the model {len(self.blocks)} layers")
+        replay = self._replay_per_block(routing_replay)
         cos, sin = self.rope_cos[past_len:end], self.rope_sin[past_len:end]
         x = self.embed(tokens)
         moe_aux: list[MoEAux] = []
         for i, block in enumerate(self.blocks):
-            x, aux, present = block(x, cos, sin, tokens, None if cache is None else cache[i])
+            x, aux, present = block(x, cos, sin, tokens, None if cache is None else cache[i],
+                                    replay[i])
             if cache is not None:
                 cache[i] = present
             if aux is not None:
@@ -192,6 +200,23 @@ class MoETransformer(nn.Module):
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         aux_loss = sum((a.loss for a in moe_aux), x.new_zeros((), dtype=torch.float32))
         return LMOutput(logits, aux_loss, moe_aux)
+
+    def _replay_per_block(self, routing_replay: list[torch.Tensor] | None
+                          ) -> list[torch.Tensor | None]:
+        """routing_replay (one entry per MoE block) spread over all blocks (None for dense)."""
+        if routing_replay is None:
+            return [None] * len(self.blocks)
+        if not isinstance(routing_replay, (list, tuple)):
+            raise TypeError(f"routing_replay must be a list of expert_indices tensors, one per MoE "
+                            f"block, got {type(routing_replay).__name__}")
+        moe_blocks = self.config.moe_layers
+        if len(routing_replay) != len(moe_blocks):
+            raise ValueError(f"routing_replay has {len(routing_replay)} entries, the model "
+                             f"{len(moe_blocks)} MoE blocks")
+        replay: list[torch.Tensor | None] = [None] * len(self.blocks)
+        for block, ids in zip(moe_blocks, routing_replay):
+            replay[block] = ids
+        return replay
 
     def new_cache(self) -> KVCache:
         return [None] * len(self.blocks)

@@ -88,11 +88,13 @@ def evaluate(model: MoETransformer, batches: list[tuple[torch.Tensor, torch.Tens
 class _Window:
     """Statistics of the steps since the last log line."""
 
-    def __init__(self, num_moe_layers: int, num_experts: int) -> None:
+    def __init__(self, num_moe_layers: int, num_experts: int, has_null_experts: bool = False) -> None:
         self.loss = self.aux_loss = self.dropped = 0.0
         self.micro_batches = self.tokens = 0
         self.started = time.perf_counter()
         self.counts = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64)
+        # assignments to null experts and all assignments (num_null_experts > 0 only)
+        self.null_assignments = torch.zeros(2, dtype=torch.int64) if has_null_experts else None
 
     def add(self, loss: float, aux_loss: float, tokens: int, moe_aux: list) -> None:
         self.loss += loss
@@ -102,11 +104,15 @@ class _Window:
         for layer, aux in enumerate(moe_aux):
             self.counts[layer] += aux.tokens_per_expert.cpu()
             self.dropped += float(aux.dropped_fraction) / max(len(moe_aux), 1)
+            if self.null_assignments is not None:
+                self.null_assignments += torch.tensor([int(aux.null_tokens_per_expert.sum()),
+                                                       aux.expert_indices.numel()])
 
     def record(self, step: int, lr: float, grad_norm: float,
                parallel: SingleProcess = SingleProcess()) -> dict[str, Any]:
         """The window's metrics over every rank: mean loss and dropped fraction,
-        summed aux-loss shares, tokens and expert counts."""
+        summed aux-loss shares, tokens and expert counts; with null experts the
+        fraction of assignments that went to them (null_fraction)."""
         seconds = time.perf_counter() - self.started
         micro_steps = self.micro_batches
         sums = parallel.sum(torch.tensor([self.loss, self.dropped, self.aux_loss, self.tokens],
@@ -116,11 +122,15 @@ class _Window:
         counts = parallel.sum(self.counts)
         load = (counts.double().amax(1) / counts.double().mean(1).clamp_min(1e-9)).tolist() \
             if counts.numel() else []
-        return {"kind": "train", "step": step, "loss": loss / micro_steps,
-                "aux_loss": aux_loss / micro_steps, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_second": tokens / max(seconds, 1e-9),
-                "tokens_per_expert": counts.tolist(), "load_max_over_mean": load,
-                "dropped_fraction": dropped / micro_steps}
+        record = {"kind": "train", "step": step, "loss": loss / micro_steps,
+                  "aux_loss": aux_loss / micro_steps, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_second": tokens / max(seconds, 1e-9),
+                  "tokens_per_expert": counts.tolist(), "load_max_over_mean": load,
+                  "dropped_fraction": dropped / micro_steps}
+        if self.null_assignments is not None:
+            null, assigned = parallel.sum(self.null_assignments).tolist()
+            record["null_fraction"] = null / max(assigned, 1)
+        return record
 
 
 def _truncate_metrics(path: Path, last_step: int, log: Callable[[str], None]) -> None:
@@ -266,7 +276,8 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
     num_moe = len(model.moe_layers)
     num_experts = model_cfg.moe.num_experts if model_cfg.moe is not None else 0
     last_stop = train_cfg.steps if stop_after is None else min(stop_after, train_cfg.steps)
-    window = _Window(num_moe, num_experts)
+    has_nulls = model_cfg.moe is not None and model_cfg.moe.num_null_experts > 0
+    window = _Window(num_moe, num_experts, has_nulls)
     autocast = torch.autocast(device.type, dtype=getattr(torch, train_cfg.autocast, None),
                               enabled=train_cfg.autocast != "none")
     val_loss = math.nan
@@ -333,7 +344,7 @@ def _train(model_cfg: LMConfig, train_cfg: TrainConfig, corpus: Corpus, run_dir:
                                     tok_s=f"{record['tokens_per_second']:.0f}",
                                     load=f"{max(record['load_max_over_mean'], default=1.0):.2f}",
                                     refresh=False)
-                    window = _Window(num_moe, num_experts)
+                    window = _Window(num_moe, num_experts, has_nulls)
                 if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                     val_loss = evaluate(model, eval_data, device, parallel)
                     write_record(metrics_file, {"kind": "eval", "step": step, "val_loss": val_loss,

@@ -69,6 +69,9 @@ def moe_layer_parameters(moe: MoEConfig) -> dict[str, ParamCount]:
     with the D -> 1 ``shared_expert_gate``. Router: weight E x D, bias E with
     ``router_bias``, noise weight E x D with router_noise="gaussian" (used in
     training only, counted active); none for router="hash" with uniform weights.
+    With num_null_experts N the router has E + N rows, and top_k experts per token is
+    an upper bound on the active ones (a token that picks a null expert uses fewer;
+    MoEAux.metrics' real_experts_per_token measures how many).
     """
     E, D, F = moe.num_experts, moe.dim, moe.expert_dim
     first = 2 * F if moe.is_gated else F
@@ -80,7 +83,8 @@ def moe_layer_parameters(moe: MoEConfig) -> dict[str, ParamCount]:
         shared = matrices * D * H + ((matrices - 1) * H + D) * moe.bias + D * moe.shared_expert_gate
     router = 0
     if not (moe.router == "hash" and moe.hash_weights == "uniform"):
-        router = E * D + E * moe.router_bias + E * D * (moe.router_noise == "gaussian")
+        slots = moe.num_router_slots
+        router = slots * D + slots * moe.router_bias + slots * D * (moe.router_noise == "gaussian")
     return {"routed_experts": ParamCount(E * per_expert, moe.top_k * per_expert),
             "shared_experts": ParamCount(shared, shared),
             "routers": ParamCount(router, router)}

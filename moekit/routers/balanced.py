@@ -183,6 +183,9 @@ def balanced_assignment(scores_TE: torch.Tensor, top_k: int,
 
 
 class BalancedRouter(LinearRouter):
+    cannot_replay = ("solves one assignment for the whole batch in training, so a token has no "
+                     "choice of its own to replay")
+
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         """x_TD: [T, D] -> Routing with K = top_k (balanced in training, top-k in eval)."""
         c = self.config

@@ -2,9 +2,9 @@
 
 Parameters: ``weight`` [E, D]; ``bias`` [E] if router_bias; ``noise_weight``
 [E, D] for router_noise="gaussian" (initialised to zero, as in Shazeer et al.
-2017, so the starting noise std is softplus(0) = log 2). The math runs in
-float32 (float64 for float64 inputs) whatever the input dtype; the weights are
-cast to that dtype on the fly. Noise and jitter apply in training mode only.
+2017, so the starting noise std is softplus(0) = log 2); E + num_null_experts
+rows with null experts. The math runs in float32 (float64 for float64 inputs)
+whatever the input dtype; the weights are cast to that dtype on the fly. Noise and jitter apply in training mode only.
 """
 
 from __future__ import annotations
@@ -23,16 +23,21 @@ from moekit.routing import Routing, router_dtype
 class LinearRouter(nn.Module):
     """Base of the learned routers: ``compute_logits(x_TD) -> logits_TE``.
 
-    Subclasses implement ``forward(x_TD, token_ids_T=None) -> Routing``.
+    Subclasses implement ``forward(x_TD, token_ids_T=None) -> Routing``, and
+    ``replay(x_TD, ids_TK) -> Routing`` where a token's experts are its own choice;
+    the others say in ``cannot_replay`` why they refuse.
     """
+
+    cannot_replay = "does not implement routing replay"
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.config = config
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.dim))
-        self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
+        slots = config.num_router_slots
+        self.weight = nn.Parameter(torch.empty(slots, config.dim))
+        self.bias = nn.Parameter(torch.zeros(slots)) if config.router_bias else None
         self.noise_weight = (
-            nn.Parameter(torch.zeros(config.num_experts, config.dim))
+            nn.Parameter(torch.zeros(slots, config.dim))
             if config.router_noise == "gaussian" else None)
         self.reset_parameters()
 
@@ -63,6 +68,12 @@ class LinearRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         raise NotImplementedError
+
+    def replay(self, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> Routing:
+        """Routing of x_TD [T, D] to the given experts ids_TK [T, K] (already validated by
+        moekit.replay.check_expert_indices), combine weights from the live logits."""
+        raise ValueError(f"routing replay (expert_indices=...) needs a token-choice router "
+                         f"(router='topk'); router={self.config.router!r} {self.cannot_replay}")
 
     def record_routing(self, routing: Routing) -> None:
         """Record what a training forward routed, for balancing state that moves once per

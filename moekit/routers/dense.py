@@ -15,6 +15,8 @@ from moekit.routing import Routing
 
 
 class DenseRouter(LinearRouter):
+    cannot_replay = "sends every token to every expert, so there is no choice to replay"
+
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         """x_TD: [T, D] -> Routing with K = E, expert j in slot j."""
         c = self.config

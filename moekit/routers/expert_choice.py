@@ -29,6 +29,9 @@ class ExpertChoiceRouter(LinearRouter):
     scores [T, E] -> (every rank's scores [T_all, E], this rank's first row), so the
     experts choose among all ranks' tokens as one process would."""
 
+    cannot_replay = ("lets each expert pick its tokens, so a token has no k choices of its own "
+                     "to replay")
+
     gather_batch: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
 
     def capacity(self, num_tokens: int) -> int:

@@ -46,6 +46,9 @@ def hash_experts(token_ids_T: torch.Tensor, num_experts: int, top_k: int, seed: 
 class HashRouter(LinearRouter):
     """Holds a learned ``weight`` only with hash_weights="router"."""
 
+    cannot_replay = ("fixes each token's experts by its token id, so there is nothing to "
+                     "replay")
+
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
         if config.hash_weights == "uniform":

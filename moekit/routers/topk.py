@@ -6,7 +6,9 @@ Covers the classic gates behind one module:
 - softmax then top-k without renormalising (Switch Transformer with k=1, Qwen2-MoE);
 - sigmoid scores (DeepSeek-V3), renormalised over the selected k or not;
 - noisy top-k gating and jitter (see routers/base.py);
-- auxiliary-loss-free balancing bias and group-limited selection (DeepSeek-V3).
+- auxiliary-loss-free balancing bias and group-limited selection (DeepSeek-V3);
+- null experts (MoE++): E + N slots scored and selected alike (moekit/null_experts.py).
+Routing replay keeps given experts and takes their weights by the same rule (replay_topk).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class TopKRouter(LinearRouter):
     """Routes each of T tokens to its k best-scoring experts.
 
     With bias_update_rate > 0 or expert_bias it holds the buffer ``expert_bias``
-    [E] (float32, saved in the state dict), added to the scores for selection
+    [E + num_null_experts] (float32, saved in the state dict), added to the scores for selection
     only. With bias_update_rate > 0 it never moves inside a forward: training
     forwards add their routed counts to ``routed_load``, and
     moekit.router_step(model) moves the bias once per optimizer step.
@@ -34,14 +36,14 @@ class TopKRouter(LinearRouter):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
         if config.has_expert_bias:
-            self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+            self.register_buffer("expert_bias", torch.zeros(config.num_router_slots))
         else:
             self.expert_bias = None
         # Counts routed since the last bias update (int64, so a cast of the model leaves them
         # exact); not saved: it is empty at every optimizer step, where checkpoints are taken.
         if config.bias_update_rate > 0:
-            self.register_buffer("routed_load", torch.zeros(config.num_experts, dtype=torch.int64),
-                                 persistent=False)
+            self.register_buffer("routed_load", torch.zeros(config.num_router_slots,
+                                                            dtype=torch.int64), persistent=False)
         else:
             self.routed_load = None
 
@@ -52,11 +54,18 @@ class TopKRouter(LinearRouter):
                           c.route_scale, self.expert_bias, c.num_groups, c.topk_groups,
                           c.batch_invariant)
 
+    def replay(self, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> Routing:
+        """x_TD [T, D], ids_TK [T, K] valid expert ids -> Routing to exactly those experts,
+        weighted as forward would weight them (see replay_topk)."""
+        c = self.config
+        return replay_topk(self.compute_logits(x_TD), ids_TK, c.score_func, c.normalize_topk,
+                           c.route_scale)
+
     def record_routing(self, routing: Routing) -> None:
         """With bias_update_rate > 0: add this forward's routed counts to ``routed_load``. No
         collective here; a recomputation (activation checkpointing) records nothing."""
         if self.routed_load is not None and not recomputing():
-            self.routed_load += expert_counts(routing.expert_indices, self.config.num_experts)
+            self.routed_load += expert_counts(routing.expert_indices, self.config.num_router_slots)
 
     def apply_bias_update(self, load_E: torch.Tensor) -> None:
         """bias += rate * sign(mean(load) - load) for load_E [E], the counts over every rank
@@ -82,5 +91,16 @@ def route_topk(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax",
         select_TE = select_TE + selection_bias_E.to(select_TE.dtype)
     select_TE = group_limited_scores(select_TE, num_groups, topk_groups)
     ids_TK = select_TE.topk(top_k, dim=-1).indices
+    weights_TK = selected_weights(scores_TE, ids_TK, normalize_topk, route_scale)
+    return Routing(ids_TK, weights_TK, probs_TE, logits_TE)
+
+
+def replay_topk(logits_TE: torch.Tensor, ids_TK: torch.Tensor, score_func: str = "softmax",
+                normalize_topk: bool = True, route_scale: float = 1.0) -> Routing:
+    """The Routing of route_topk with the selection replaced by ids_TK [T, K] (distinct
+    experts per token): the same scores and combine-weight rule on the live logits [T, E],
+    so replaying route_topk's own ids gives its Routing bitwise. A selection bias and group
+    limits only select, so they play no part. Differentiable in the logits."""
+    scores_TE, probs_TE = router_scores(logits_TE, score_func)
     weights_TK = selected_weights(scores_TE, ids_TK, normalize_topk, route_scale)
     return Routing(ids_TK, weights_TK, probs_TE, logits_TE)

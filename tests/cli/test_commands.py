@@ -35,6 +35,18 @@ def test_train_writes_the_run_and_reports(tmp_path, data_dir, capsys):
         assert (out / name).is_file(), name
 
 
+def test_train_with_null_experts_logs_their_share(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", data_dir, "--out", str(out), "--num-null-experts", "2",
+                 *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "null experts took" in printed and "tokens/s" in printed
+    assert json.loads((out / "config.json").read_text())["model"]["moe"]["num_null_experts"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shares = [r["null_fraction"] for r in records if r["kind"] == "train"]
+    assert shares and all(0 <= share <= 1 for share in shares)
+
+
 def test_stop_and_resume_from_the_command_line(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     main(["train", "--data", data_dir, "--out", str(out), "--stop-after", "2", *SMALL])
@@ -132,6 +144,7 @@ def test_bench_is_a_subcommand_with_the_benchmark_flags(capsys):
     (["train", "--data", "/no/such/path"], "does not exist"),
     (["train", "--preset", "dense", "--num-experts", "4"], "is dense"),
     (["train", "--top-k", "17"], "top_k"),
+    (["train", "--num-null-experts", "-1"], "num_null_experts"),
     (["train", "--steps", "0"], "steps must be >= 1"),
     (["generate", "--run", "/no/such/run"], "not a run folder"),
     (["params", "gpt-5"], "unknown preset or architecture"),

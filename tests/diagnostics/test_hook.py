@@ -73,6 +73,15 @@ def test_padding_mask_keeps_padded_tokens_out():
     assert torch.equal(stats.token_counts.sum(0), 2 * torch.bincount(ids[mask], minlength=9))
 
 
+def test_null_experts_are_counted_as_slots_after_the_experts():
+    moe = randomized_moe(seed=0, dim=8, expert_dim=4, num_experts=4, top_k=2, num_null_experts=2)
+    with RoutingStatsHook(moe) as hook:
+        _, aux = moe(torch.randn(10, 8))
+    counts = hook.layers[""].tokens_per_expert
+    assert counts.tolist() == aux.tokens_per_expert.tolist() + aux.null_tokens_per_expert.tolist()
+    assert int(counts.sum()) == 20
+
+
 def test_hook_in_training_keeps_no_tensor_alive_and_fixed_size_state():
     moe = randomized_moe(seed=0, dim=8, expert_dim=4, num_experts=4, top_k=2)
     hook = RoutingStatsHook(moe, vocab_size=10)

@@ -17,6 +17,7 @@ CASES = [
     dict(num_experts=4, top_k=4),
     dict(num_experts=1, top_k=1),
     dict(num_experts=6, top_k=2, router="expert_choice", capacity_factor=1.0),  # masked slots
+    dict(num_experts=4, top_k=2, num_null_experts=2, capacity_factor=0.5),  # null slots 4, 5
 ]
 
 
@@ -28,7 +29,8 @@ def reference(auxes, token_ids, num_experts, vocab_size):
     tokens_table = [[0] * vocab_size for _ in range(E)]
     entropy, tokens, top1 = 0.0, 0, []
     for aux, ids in zip(auxes, token_ids):
-        for e, n in enumerate(aux.tokens_per_expert.tolist()):
+        nulls = [] if aux.null_tokens_per_expert is None else aux.null_tokens_per_expert.tolist()
+        for e, n in enumerate(aux.tokens_per_expert.tolist() + nulls):
             kept[e] += n
         for t in range(aux.expert_indices.shape[0]):
             slots = [j for j in range(aux.expert_indices.shape[1])
@@ -51,7 +53,7 @@ def reference(auxes, token_ids, num_experts, vocab_size):
 def test_layer_stats_match_a_per_token_loop(fields):
     moe = randomized_moe(seed=3, dim=8, expert_dim=4, **fields)
     vocab = 11
-    stats = LayerStats(moe.config.num_experts, vocab_size=vocab, keep_top1=True)
+    stats = LayerStats(moe.config.num_router_slots, vocab_size=vocab, keep_top1=True)
     auxes, token_ids = [], []
     for tokens in (13, 7, 0):
         x = torch.randn(tokens, 8)
@@ -60,7 +62,7 @@ def test_layer_stats_match_a_per_token_loop(fields):
         stats.update(aux, ids)
         auxes.append(aux)
         token_ids.append(ids)
-    expected = reference(auxes, token_ids, moe.config.num_experts, vocab)
+    expected = reference(auxes, token_ids, moe.config.num_router_slots, vocab)
     assert stats.tokens == 20
     assert stats.routed_per_expert.tolist() == expected["routed"]
     assert stats.tokens_per_expert.tolist() == expected["kept"]

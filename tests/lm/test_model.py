@@ -133,3 +133,49 @@ def test_a_model_moved_to_meta_says_what_meta_is_for():
     model = MoETransformer(small_config()).to("meta")
     with pytest.raises(ValueError, match=r"x is on the meta device.*to_empty"):
         model(torch.zeros(2, 8, dtype=torch.long, device="meta"))
+
+
+def _logits_and_grads(model: MoETransformer, tokens: torch.Tensor, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(tokens, **kwargs)
+    (out.logits.logsumexp(-1).mean() + out.aux_loss).backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_routing_replay_of_its_own_routing_gives_bitwise_logits_and_gradients():
+    """One record per MoE block (blocks 1 and 3 of 4 with moe_every=2); block 1's record
+    changed to other experts changes block 1's routing, and only block 3's stays."""
+    model = MoETransformer(small_config(num_layers=4, moe_every=2))
+    tokens = torch.randint(0, 256, (2, 9))
+    out, grads = _logits_and_grads(model, tokens)
+    replay = [a.expert_indices for a in out.moe_aux]
+    assert len(replay) == 2
+    again, grads_again = _logits_and_grads(model, tokens, routing_replay=replay)
+    assert torch.equal(again.logits, out.logits) and torch.equal(again.aux_loss, out.aux_loss)
+    assert all(torch.equal(grads_again[n], g) for n, g in grads.items())
+    other = (replay[0] + 1) % 4  # still distinct per token
+    changed = model(tokens, routing_replay=[other, replay[1]])
+    assert torch.equal(changed.moe_aux[0].expert_indices, other)
+    assert not torch.equal(changed.logits, out.logits)
+
+
+def test_routing_replay_needs_one_record_per_moe_block():
+    model = MoETransformer(small_config(num_layers=2))
+    tokens = torch.randint(0, 256, (1, 5))
+    ids = model(tokens).moe_aux[0].expert_indices
+    with pytest.raises(ValueError, match="1 entries, the model 2 MoE blocks"):
+        model(tokens, routing_replay=[ids])
+    with pytest.raises(TypeError, match="list of expert_indices"):
+        model(tokens, routing_replay=ids)
+    with pytest.raises(ValueError, match=r"\[T, K\] = \[5, 2\]"):
+        model(tokens, routing_replay=[ids[:4], ids])
+
+
+def test_null_experts_in_the_model_route_and_learn():
+    cfg = small_config(moe=moekit.MoEConfig(dim=32, expert_dim=16, num_experts=4, top_k=2,
+                                            num_null_experts=2))
+    model = MoETransformer(cfg)
+    out, grads = _logits_and_grads(model, torch.randint(0, 256, (2, 16)))
+    assert all(a.null_tokens_per_expert.shape == (2,) for a in out.moe_aux)
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    assert model.blocks[0].ffn.router.weight.shape == (6, 32)
