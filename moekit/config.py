@@ -84,6 +84,11 @@ class MoEConfig:
         num_shared_experts / shared_expert_dim / shared_expert_gate: experts
             that see every token, as in DeepSeek and Qwen2-MoE; their hidden
             width is num_shared_experts * shared_expert_dim (default expert_dim).
+        output_bias: a learned bias [D] added once to every routed token's output,
+            after the experts' weighted sum (and the shared experts), as JetMoE's
+            MoE MLP does; off by default. It lives in the layer (``MoE.output_bias``),
+            not in the experts, so every experts backend and expert parallelism
+            have it; padded positions stay zero. moekit.SoftMoE refuses it.
         experts_backend: "auto" picks "fused" on CPU (gather, FFN and weighted
             scatter in one op, per expert); on CUDA grouped_mm where it is
             exact, else a per-expert loop ("triton", the fused Triton kernels
@@ -134,6 +139,7 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_expert_dim: int | None = None
     shared_expert_gate: bool = False
+    output_bias: bool = False
     experts_backend: str = "auto"
     cpu_kernels: str = "auto"
     slots_per_expert: int = 1
@@ -177,6 +183,7 @@ class MoEConfig:
         require_bool("shared_expert_gate", self.shared_expert_gate)
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1, got 0")
+        require_bool("output_bias", self.output_bias)
         from moekit.experts.backends import backend_names  # the registry imports this module
         require_choice("experts_backend", self.experts_backend, backend_names())
         require_choice("cpu_kernels", self.cpu_kernels, CPU_KERNELS)

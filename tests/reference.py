@@ -175,6 +175,8 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
                 y = y + weights[t][j] * _expert_ffn(cfg, p, e, x_TD[t])
         if cfg.num_shared_experts:
             y = y + _shared_ffn(cfg, p, x_TD[t])
+        if cfg.output_bias:
+            y = y + p["output_bias"]
         rows.append(y)
     y_TD = torch.stack(rows) if rows else x_TD.new_zeros(0, cfg.dim)
     zero = x_TD.sum() * 0
