@@ -46,6 +46,7 @@ BASE = dict(dim=8, expert_dim=16, num_experts=4, top_k=2)
     (dict(num_shared_experts=-1), ValueError, r"num_shared_experts must be >= 0, got -1"),
     (dict(shared_expert_dim=0), ValueError, r"shared_expert_dim must be >= 1, got 0"),
     (dict(shared_expert_gate=True), ValueError, r"shared_expert_gate=True needs num_shared_experts"),
+    (dict(output_bias=1), TypeError, r"output_bias must be a bool, got 1"),
     (dict(experts_backend="cuda"), ValueError, r"experts_backend must be one of .*got 'cuda'"),
     (dict(cpu_kernels="on"), ValueError, r"cpu_kernels must be one of 'auto', 'off'; got 'on'"),
     (dict(balance_loss_weight=-0.1), ValueError, r"balance_loss_weight must be a finite number "
