@@ -165,10 +165,8 @@ def test_jitter_scales_the_experts_input_in_place_so_it_is_refused():
 
 
 @pytest.mark.parametrize("ffn_config, message", [
-    (dict(moe_normalize_expert_weights=2.0), r"moe_normalize_expert_weights=2.0 divides the top-k "
-                                             r"weights by their 2.0-norm"),
-    (dict(ffn_act_fn={"name": "gelu_new"}), r"activation_fn NewGELUActivation "
-                                           r"\(config.ffn_config.ffn_act_fn\) has no moekit"),
+    (dict(moe_normalize_expert_weights=2.0), r"=2.0 divides the top-k weights by their 2.0-norm"),
+    (dict(ffn_act_fn={"name": "gelu_new"}), r"NewGELUActivation \(config.ffn_config.ffn_act_fn\) has"),
 ])
 def test_what_moekit_cannot_run_is_refused_by_name(ffn_config, message):
     block = _model(**ffn_config).get_submodule(BLOCKS[0])
