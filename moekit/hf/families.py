@@ -70,7 +70,8 @@ class Family:
         """{moekit MoE state-dict key: block state-dict key}, one entry per tensor; a
         tuple of keys is one per expert, stacked on dim 0 in moekit (router="switch",
         which reads the expert count and the router's bias from ``block``); a
-        Flattened is block tensors flattened over the experts (router="dbrx")."""
+        Flattened is block tensors flattened over the experts (router="dbrx", which
+        reads the expert count from ``block``)."""
         if self.router == "switch":
             return _switch_parameter_names(block)
         if self.router == "dbrx":

@@ -67,6 +67,7 @@ def test_patched_model_matches_eager_logits_aux_loss_every_gradient_and_expert_i
     report = patch(patched)
     assert report.replaced == dict.fromkeys(BLOCKS, "jetmoe") and not report.unsupported
     assert list(report.kept) == ATTENTION_EXPERTS
+    assert "kept 2 block(s) that are not feed-forward MoE blocks" in str(report)
     assert all(type(patched.get_submodule(name)).__name__ == "JetMoeMoA" for name in ATTENTION_EXPERTS)
     ids = _ids()
     expected_ids = _eager_expert_ids(eager, ids)
