@@ -51,6 +51,10 @@ class MoEConfig:
         normalize_topk: renormalise the k selected scores to sum to 1 (for
             softmax this is softmax over the top-k logits); False keeps the raw
             selected scores (Switch Transformer, Qwen2-MoE).
+        normalize_topk_p: with normalize_topk, the k selected scores are divided by
+            their p-norm; 1 (default) is their sum (the scores are non-negative).
+            Another p (> 0, finite) is DBRX's moe_normalize_expert_weights; router="topk"
+            only.
         route_scale: constant multiplier on the combine weights.
         router_noise: "none", "jitter" (multiplicative uniform noise of width
             jitter_eps on the router input, Switch) or "gaussian" (noisy top-k,
@@ -119,6 +123,7 @@ class MoEConfig:
     router: str = "topk"
     score_func: str = "softmax"
     normalize_topk: bool = True
+    normalize_topk_p: float = 1.0
     route_scale: float = 1.0
     router_noise: str = "none"
     jitter_eps: float = 0.01
@@ -157,6 +162,7 @@ class MoEConfig:
         self._check_router_name()
         require_choice("score_func", self.score_func, SCORE_FUNCS)
         require_bool("normalize_topk", self.normalize_topk)
+        require_float("normalize_topk_p", self.normalize_topk_p, 0.0, open_minimum=True)
         require_float("route_scale", self.route_scale, 0.0, open_minimum=True)
         require_choice("router_noise", self.router_noise, ROUTER_NOISES)
         require_float("jitter_eps", self.jitter_eps, 0.0, 1.0)
@@ -215,6 +221,10 @@ class MoEConfig:
         if self.router != "topk" and (self.num_groups > 1 or self.has_expert_bias):
             raise ValueError(f"num_groups, bias_update_rate and expert_bias need router='topk', "
                              f"got router={self.router!r}")
+        if self.normalize_topk_p != 1 and (not self.normalize_topk or self.router != "topk"):
+            raise ValueError(f"normalize_topk_p={self.normalize_topk_p} needs normalize_topk=True "
+                             f"and router='topk', got normalize_topk={self.normalize_topk}, "
+                             f"router={self.router!r}")
         if self.router == "dense" and self.top_k != self.num_experts:
             raise ValueError(f"router='dense' sends every token to every expert: set top_k to "
                              f"num_experts ({self.num_experts}), got top_k={self.top_k}")

@@ -96,6 +96,9 @@ def token_weights(cfg, logits, scores, ids) -> torch.Tensor:
         return torch.softmax(logits[ids], 0) * cfg.route_scale
     if cfg.router == "expert_choice":
         return scores[ids] * cfg.route_scale
+    if cfg.normalize_topk and cfg.normalize_topk_p != 1:  # divided by their p-norm (DBRX)
+        p = cfg.normalize_topk_p
+        return scores[ids] / (scores[ids] ** p).sum() ** (1 / p) * cfg.route_scale
     if cfg.normalize_topk and cfg.score_func == "softmax":
         return torch.softmax(logits[ids], 0) * cfg.route_scale  # softmax over the top-k logits
     if cfg.normalize_topk:

@@ -100,6 +100,8 @@ CASES = [
     dict(num_experts=8, top_k=2, experts_backend="loop"),
     dict(num_experts=8, top_k=2, experts_backend="grouped_mm", capacity_factor=1.0),
     dict(num_experts=6, top_k=2, experts_backend="loop", bias=True, num_shared_experts=1),
+    dict(num_experts=8, top_k=2, normalize_topk_p=2.0),  # DBRX's moe_normalize_expert_weights
+    dict(num_experts=8, top_k=3, score_func="sigmoid", normalize_topk_p=0.5, route_scale=2.0),
     dict(num_experts=8, top_k=2, output_bias=True),  # JetMoE: one bias [D] after the combine
     dict(num_experts=8, top_k=2, output_bias=True, experts_backend="loop", num_shared_experts=1),
     dict(num_experts=8, top_k=2, output_bias=True, experts_backend="grouped_mm"),

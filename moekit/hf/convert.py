@@ -24,6 +24,7 @@ PLAIN_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "r
 # losses or capacity: weights trained with a capacity limit load into the block).
 _ROUTING_FIELDS = frozenset({
     "dim", "expert_dim", "num_experts", "top_k", "router", "score_func", "normalize_topk",
+    "normalize_topk_p",
     "route_scale", "num_groups", "topk_groups", "activation", "bias", "num_shared_experts",
     "shared_expert_dim", "shared_expert_gate", "router_bias", "output_bias"})
 
@@ -165,8 +166,9 @@ def switch_fields(block: nn.Module) -> dict:
 
 
 def dbrx_fields(block: nn.Module) -> dict:
-    """The MoEConfig fields of a DbrxFFN: softmax over E, top-k, renormalised to sum 1
-    (moe_normalize_expert_weights=1) or not (None); a ValueError for what moekit cannot run."""
+    """The MoEConfig fields of a DbrxFFN: softmax over E, top-k, divided by their p-norm
+    (p = moe_normalize_expert_weights; 1 renormalises to sum 1) or not (None); a ValueError
+    for what moekit cannot run."""
     name, experts = type(block).__name__, block.experts
     jitter = block.router.moe_jitter_eps
     if jitter:  # None or 0: no jitter (0 multiplies by exactly 1)
@@ -174,10 +176,9 @@ def dbrx_fields(block: nn.Module) -> dict:
                          "router scales its input in place); moekit jitters the router input "
                          "only. Set config.ffn_config.moe_jitter_eps=None")
     norm = block.moe_normalize_expert_weights
-    if norm is not None and norm != 1:
-        raise ValueError(f"{name}: moe_normalize_expert_weights={norm} divides the top-k weights by "
-                         f"their {norm}-norm; moekit renormalises by their sum (the 1-norm) only. "
-                         "Set config.ffn_config.moe_normalize_expert_weights to 1 or None")
+    if norm is not None and not 0 < norm < float("inf"):
+        raise ValueError(f"{name}: moe_normalize_expert_weights={norm} is not a p-norm moekit "
+                         "computes (a finite p > 0, or None)")
     act = computed_activation(experts.mlp.activation_fn)
     if act not in GATED_ACTIVATIONS:
         raise ValueError(f"{name}: activation_fn {type(experts.mlp.activation_fn).__name__} "
@@ -185,7 +186,8 @@ def dbrx_fields(block: nn.Module) -> dict:
                          f"supported: {', '.join(GATED_ACTIVATIONS)}")
     return dict(dim=experts.hidden_size, expert_dim=experts.ffn_hidden_size,
                 num_experts=experts.num_experts, top_k=block.top_k,
-                normalize_topk=norm is not None, activation=GATED_ACTIVATIONS[act])
+                normalize_topk=norm is not None, normalize_topk_p=float(norm or 1),
+                activation=GATED_ACTIVATIONS[act])
 
 
 def jetmoe_fields(block: nn.Module) -> dict:

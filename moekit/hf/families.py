@@ -22,7 +22,8 @@ Router semantics by family:
 - "dbrx": DBRX's ``DbrxFFN`` (``router.layer`` [E, D]; experts ``experts.mlp.w1``
   (gate), ``v1`` (up) and ``w2`` (down, transposed), each [E * F, D] with the
   experts flattened into rows): softmax over E, top-k, the k weights divided by
-  their sum (``moe_normalize_expert_weights=1``, the p=1 norm) or kept (None).
+  their p-norm (p = ``moe_normalize_expert_weights``, 1 by default: their sum) or
+  kept (None).
   moekit holds them as gate_up_proj [E, 2F, D] and down_proj [E, D, F]: converting
   either way copies them (:class:`Flattened`).
 - "jetmoe": JetMoE's MoE MLP ``JetMoeMoE`` (``router.layer`` [E, D];

@@ -49,7 +49,8 @@ class TopKRouter(LinearRouter):
         """x_TD: [T, D] -> Routing with K = top_k. token_ids_T is not used."""
         c = self.config
         return route_topk(self.compute_logits(x_TD), c.top_k, c.score_func, c.normalize_topk,
-                          c.route_scale, self.expert_bias, c.num_groups, c.topk_groups)
+                          c.route_scale, self.expert_bias, c.num_groups, c.topk_groups,
+                          c.normalize_topk_p)
 
     def record_routing(self, routing: Routing) -> None:
         """With bias_update_rate > 0: add this forward's routed counts to ``routed_load``. No
@@ -67,11 +68,12 @@ class TopKRouter(LinearRouter):
 def route_topk(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax",
                normalize_topk: bool = True, route_scale: float = 1.0,
                selection_bias_E: torch.Tensor | None = None, num_groups: int = 1,
-               topk_groups: int = 1) -> Routing:
+               topk_groups: int = 1, normalize_p: float = 1.0) -> Routing:
     """Top-k selection and combine weights from router logits [T, E].
 
     Selection ranks scores + selection_bias_E (if given) inside the allowed
-    groups; weights come from the unbiased scores. torch.topk always returns k
+    groups; weights come from the unbiased scores (divided by their normalize_p-norm
+    with normalize_topk, see selected_weights). torch.topk always returns k
     distinct experts, even for NaN rows, so ids stay valid. Differentiable in
     the logits through the weights and probabilities.
     """
@@ -81,5 +83,5 @@ def route_topk(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax",
         select_TE = select_TE + selection_bias_E.to(select_TE.dtype)
     select_TE = group_limited_scores(select_TE, num_groups, topk_groups)
     ids_TK = select_TE.topk(top_k, dim=-1).indices
-    weights_TK = selected_weights(scores_TE, ids_TK, normalize_topk, route_scale)
+    weights_TK = selected_weights(scores_TE, ids_TK, normalize_topk, route_scale, normalize_p)
     return Routing(ids_TK, weights_TK, probs_TE, logits_TE)

@@ -1,7 +1,7 @@
 """DBRX's MoE FFN (DbrxFFN) through patch and from_hf/to_hf, against eager: softmax top-k
-renormalised (moe_normalize_expert_weights=1) or not (None), experts flattened into rows
-[E * F, D] (copied into moekit's layout and back), train and eval mode, bf16, and what is
-refused (jitter, which scales the experts' input too; a p-norm other than 1)."""
+divided by the weights' p-norm (moe_normalize_expert_weights: 1, 2) or not (None), experts
+flattened into rows [E * F, D] (copied into moekit's layout and back), train and eval mode,
+bf16, and what is refused (jitter, which scales the experts' input too)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _eager_expert_ids(model, ids: torch.Tensor) -> list[torch.Tensor]:
     return chosen
 
 
-@pytest.mark.parametrize("normalize", [1.0, None])
+@pytest.mark.parametrize("normalize", [1.0, 2.0, None])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_patched_model_matches_eager_logits_aux_loss_every_gradient_and_expert_ids(mode, normalize):
     eager = _model(moe_normalize_expert_weights=normalize)
@@ -165,7 +165,8 @@ def test_jitter_scales_the_experts_input_in_place_so_it_is_refused():
 
 
 @pytest.mark.parametrize("ffn_config, message", [
-    (dict(moe_normalize_expert_weights=2.0), r"=2.0 divides the top-k weights by their 2.0-norm"),
+    (dict(moe_normalize_expert_weights=0.0), r"=0.0 is not a p-norm moekit computes"),
+    (dict(moe_normalize_expert_weights=float("inf")), r"=inf is not a p-norm moekit computes"),
     (dict(ffn_act_fn={"name": "gelu_new"}), r"NewGELUActivation \(config.ffn_config.ffn_act_fn\) has"),
 ])
 def test_what_moekit_cannot_run_is_refused_by_name(ffn_config, message):
