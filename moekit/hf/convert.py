@@ -24,9 +24,8 @@ PLAIN_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "r
 # losses or capacity: weights trained with a capacity limit load into the block).
 _ROUTING_FIELDS = frozenset({
     "dim", "expert_dim", "num_experts", "top_k", "router", "score_func", "normalize_topk",
-    "normalize_topk_p",
-    "route_scale", "num_groups", "topk_groups", "activation", "bias", "num_shared_experts",
-    "shared_expert_dim", "shared_expert_gate", "router_bias", "output_bias"})
+    "normalize_topk_p", "route_scale", "num_groups", "topk_groups", "activation", "bias",
+    "num_shared_experts", "shared_expert_dim", "shared_expert_gate", "router_bias", "output_bias"})
 
 
 def require_family(block: nn.Module) -> Family:

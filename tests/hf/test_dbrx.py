@@ -12,9 +12,8 @@ import torch
 
 from tests.hf.tiny import OTHER_CONFIGS, moekit_layout_gradients, transformers
 
-from moekit.hf import family_of, from_hf, patch, record_aux, to_hf, unpatch
+from moekit.hf import Flattened, family_of, from_hf, patch, record_aux, to_hf, unpatch
 from moekit.hf.convert import config_from_hf
-from moekit.hf.families import Flattened
 
 BLOCKS = ["transformer.blocks.0.ffn", "transformer.blocks.1.ffn"]
 
