@@ -12,7 +12,8 @@ import torch
 
 from tests.hf.tiny import OTHER_CONFIGS, moekit_layout_gradients, transformers
 
-from moekit.hf import Flattened, family_of, from_hf, patch, record_aux, to_hf, unpatch
+from moekit.hf import (Flattened, family_of, from_hf, patch, record_aux, to_hf, transfer,
+                       unpatch)
 from moekit.hf.convert import config_from_hf
 
 BLOCKS = ["transformer.blocks.0.ffn", "transformer.blocks.1.ffn"]
@@ -179,3 +180,22 @@ def test_to_hf_refuses_a_layer_that_routes_differently():
     moe = from_hf(_model().get_submodule(BLOCKS[0]))
     with pytest.raises(ValueError, match=r"normalize_topk=True vs False"):
         to_hf(moe, block)
+
+
+def test_flattened_joins_splits_and_names_a_misfit():
+    gate_up = Flattened(("w1", "v1"), 3)
+    down = Flattened(("w2",), 3, transposed=True)
+    state = {k: torch.randn(3 * 4, 5) for k in ("w1", "v1", "w2")}
+    joined, joined_down = gate_up.join(state), down.join(state)
+    assert joined.shape == gate_up.shape(state) == (3, 8, 5)
+    assert joined_down.shape == down.shape(state) == (3, 5, 4) and joined_down.is_contiguous()
+    assert torch.equal(joined[1, 4:], state["v1"][4:8]) and torch.equal(joined_down[2], state["w2"][8:].T)
+    back = gate_up.split(joined) | down.split(joined_down)
+    assert all(torch.equal(back[k], state[k]) and back[k].is_contiguous() for k in state)
+    assert gate_up.shape({"w1": torch.zeros(10, 5), "v1": torch.zeros(10, 5)})[0] == \
+        "not [E * F, D] with E ="
+    moe, block = from_hf(_model().get_submodule(BLOCKS[0])), _model().get_submodule(BLOCKS[0])
+    block.experts.mlp.w1 = torch.nn.Parameter(torch.zeros(4 * 16 + 1, 32))
+    with pytest.raises(ValueError, match=r"shape mismatch: experts.gate_up_proj \(4, 32, 32\) -> "
+                                         r"Flattened.*\('not \[E \* F, D\] with E ='"):
+        transfer(moe, block, family_of(block).parameter_names(block))
