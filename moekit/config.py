@@ -55,6 +55,10 @@ class MoEConfig:
         normalize_topk: renormalise the k selected scores to sum to 1 (for
             softmax this is softmax over the top-k logits); False keeps the raw
             selected scores (Switch Transformer, Qwen2-MoE).
+        normalize_topk_p: with normalize_topk, the k selected scores are divided by
+            their p-norm; 1 (default) is their sum (the scores are non-negative).
+            Another p (> 0, finite) is DBRX's moe_normalize_expert_weights; router="topk"
+            only.
         route_scale: constant multiplier on the combine weights.
         router_noise: "none", "jitter" (multiplicative uniform noise of width
             jitter_eps on the router input, Switch) or "gaussian" (noisy top-k,
@@ -97,6 +101,11 @@ class MoEConfig:
         num_shared_experts / shared_expert_dim / shared_expert_gate: experts
             that see every token, as in DeepSeek and Qwen2-MoE; their hidden
             width is num_shared_experts * shared_expert_dim (default expert_dim).
+        output_bias: a learned bias [D] added once to every routed token's output,
+            after the experts' weighted sum (and the shared experts), as JetMoE's
+            MoE MLP does; off by default. It lives in the layer (``MoE.output_bias``),
+            not in the experts, so every experts backend and expert parallelism
+            have it; padded positions stay zero. moekit.SoftMoE refuses it.
         experts_backend: "auto" picks "fused" on CPU (gather, FFN and weighted
             scatter in one op, per expert); on CUDA grouped_mm where it is
             exact, else a per-expert loop ("triton", the fused Triton kernels
@@ -133,6 +142,7 @@ class MoEConfig:
     router: str = "topk"
     score_func: str = "softmax"
     normalize_topk: bool = True
+    normalize_topk_p: float = 1.0
     route_scale: float = 1.0
     router_noise: str = "none"
     jitter_eps: float = 0.01
@@ -156,6 +166,7 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_expert_dim: int | None = None
     shared_expert_gate: bool = False
+    output_bias: bool = False
     experts_backend: str = "auto"
     cpu_kernels: str = "auto"
     slots_per_expert: int = 1
@@ -174,6 +185,7 @@ class MoEConfig:
         self._check_router_name()
         require_choice("score_func", self.score_func, SCORE_FUNCS)
         require_bool("normalize_topk", self.normalize_topk)
+        require_float("normalize_topk_p", self.normalize_topk_p, 0.0, open_minimum=True)
         require_float("route_scale", self.route_scale, 0.0, open_minimum=True)
         require_choice("router_noise", self.router_noise, ROUTER_NOISES)
         require_float("jitter_eps", self.jitter_eps, 0.0, 1.0)
@@ -203,6 +215,7 @@ class MoEConfig:
         require_bool("shared_expert_gate", self.shared_expert_gate)
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1, got 0")
+        require_bool("output_bias", self.output_bias)
         from moekit.experts.backends import backend_names  # the registry imports this module
         require_choice("experts_backend", self.experts_backend, backend_names())
         require_choice("cpu_kernels", self.cpu_kernels, CPU_KERNELS)
@@ -239,6 +252,10 @@ class MoEConfig:
             raise ValueError(f"num_null_experts needs router='topk' without groups, got "
                              f"num_null_experts={self.num_null_experts} with router="
                              f"{self.router!r}, num_groups={self.num_groups}")
+        if self.normalize_topk_p != 1 and (not self.normalize_topk or self.router != "topk"):
+            raise ValueError(f"normalize_topk_p={self.normalize_topk_p} needs normalize_topk=True "
+                             f"and router='topk', got normalize_topk={self.normalize_topk}, "
+                             f"router={self.router!r}")
         if self.router == "dense" and self.top_k != self.num_experts:
             raise ValueError(f"router='dense' sends every token to every expert: set top_k to "
                              f"num_experts ({self.num_experts}), got top_k={self.top_k}")

@@ -59,6 +59,8 @@ class MoE(nn.Module):
         self.dispatcher = build_dispatcher(config)
         self.experts = Experts(config)
         self.shared_experts = SharedExperts(config) if config.num_shared_experts else None
+        # output_bias: [D] added once after the combine (JetMoE); zero at init, as there
+        self.output_bias = nn.Parameter(torch.zeros(config.dim)) if config.output_bias else None
         # balance_scope="global": counts [E] int64 of the optimizer step's micro-batches so far,
         # over the ranks; moekit.router_step(model) starts them again (empty at every step, so
         # not saved)
@@ -87,6 +89,8 @@ class MoE(nn.Module):
         y_TD, plan = self._run_experts(x_TD, routing, sequence_T, num_sequences)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
+        if self.output_bias is not None:
+            y_TD = y_TD + self.output_bias.to(y_TD.dtype)  # autocast: y's dtype, as nn.Linear's bias
         if padding_mask is not None:
             y_TD = y_TD.new_zeros(x.numel() // self.config.dim, self.config.dim) \
                 .index_copy(0, real_T, y_TD)

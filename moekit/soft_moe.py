@@ -36,6 +36,9 @@ class SoftMoE(nn.Module):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        if config.output_bias:
+            raise ValueError("output_bias=True is a moekit.MoE option; SoftMoE has no output "
+                             "bias: set output_bias=False")
         check_layer_fits(config)
         self.config = config
         num_slots = config.num_experts * config.slots_per_expert

@@ -96,6 +96,9 @@ def token_weights(cfg, logits, scores, ids) -> torch.Tensor:
         return torch.softmax(logits[ids], 0) * cfg.route_scale
     if cfg.router == "expert_choice":
         return scores[ids] * cfg.route_scale
+    if cfg.normalize_topk and cfg.normalize_topk_p != 1:  # divided by their p-norm (DBRX)
+        p = cfg.normalize_topk_p
+        return scores[ids] / (scores[ids] ** p).sum() ** (1 / p) * cfg.route_scale
     if cfg.normalize_topk and cfg.score_func == "softmax":
         return torch.softmax(logits[ids], 0) * cfg.route_scale  # softmax over the top-k logits
     if cfg.normalize_topk:
@@ -187,6 +190,8 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
                 y = y + weights[t][j] * _expert_ffn(cfg, p, e, x_TD[t])
         if cfg.num_shared_experts:
             y = y + _shared_ffn(cfg, p, x_TD[t])
+        if cfg.output_bias:
+            y = y + p["output_bias"]
         rows.append(y)
     y_TD = torch.stack(rows) if rows else x_TD.new_zeros(0, cfg.dim)
     zero = x_TD.sum() * 0

@@ -21,6 +21,12 @@ BASE = dict(dim=8, expert_dim=16, num_experts=4, top_k=2)
     (dict(router="magic"), ValueError, r"router must be one of 'topk'.*got 'magic'"),
     (dict(score_func="tanh"), ValueError, r"score_func must be one of .*got 'tanh'"),
     (dict(normalize_topk=1), TypeError, r"normalize_topk must be a bool, got 1"),
+    (dict(normalize_topk_p=0.0), ValueError, r"normalize_topk_p must be a finite number > 0.0, "
+                                             r"got 0.0"),
+    (dict(normalize_topk_p=2.0, normalize_topk=False), ValueError,
+     r"normalize_topk_p=2.0 needs normalize_topk=True and router='topk', got normalize_topk=False"),
+    (dict(normalize_topk_p=2.0, router="balanced"), ValueError,
+     r"normalize_topk_p=2.0 needs .*router='balanced'"),
     (dict(route_scale=0.0), ValueError, r"route_scale must be a finite number > 0.0, got 0.0"),
     (dict(route_scale="2"), TypeError, r"route_scale must be a number, got '2'"),
     (dict(router_noise="loud"), ValueError, r"router_noise must be one of .*got 'loud'"),
@@ -46,6 +52,7 @@ BASE = dict(dim=8, expert_dim=16, num_experts=4, top_k=2)
     (dict(num_shared_experts=-1), ValueError, r"num_shared_experts must be >= 0, got -1"),
     (dict(shared_expert_dim=0), ValueError, r"shared_expert_dim must be >= 1, got 0"),
     (dict(shared_expert_gate=True), ValueError, r"shared_expert_gate=True needs num_shared_experts"),
+    (dict(output_bias=1), TypeError, r"output_bias must be a bool, got 1"),
     (dict(experts_backend="cuda"), ValueError, r"experts_backend must be one of .*got 'cuda'"),
     (dict(cpu_kernels="on"), ValueError, r"cpu_kernels must be one of 'auto', 'off'; got 'on'"),
     (dict(balance_loss_weight=-0.1), ValueError, r"balance_loss_weight must be a finite number "

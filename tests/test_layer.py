@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import moekit
-from tests.conftest import assert_rel_close, assert_rel_close_per_expert, randomized_moe
+from tests.conftest import (assert_rel_close, assert_rel_close_per_expert, import_or_skip,
+                            randomized_moe)
 from tests.reference import float64_params, reference_moe
 
 
@@ -109,6 +110,12 @@ CASES = [
          num_shared_experts=1, shared_expert_gate=True, activation="geglu", router_bias=True),
     dict(num_experts=6, top_k=2, batch_invariant=True, activation="gelu", experts_backend="loop"),
     dict(num_experts=8, top_k=2, batch_invariant=True, experts_backend="grouped_mm"),
+    dict(num_experts=8, top_k=2, normalize_topk_p=2.0),  # DBRX's moe_normalize_expert_weights
+    dict(num_experts=8, top_k=3, score_func="sigmoid", normalize_topk_p=0.5, route_scale=2.0),
+    dict(num_experts=8, top_k=2, output_bias=True),  # JetMoE: one bias [D] after the combine
+    dict(num_experts=8, top_k=2, output_bias=True, experts_backend="loop", num_shared_experts=1),
+    dict(num_experts=8, top_k=2, output_bias=True, experts_backend="grouped_mm"),
+    dict(num_experts=8, top_k=2, output_bias=True, capacity_factor=0.5, activation="gelu"),
 ]
 
 
@@ -164,9 +171,32 @@ def test_matches_reference_bf16(case, backend):
     check_against_reference(moe, 33, dtype=torch.bfloat16, tol=2e-2, grad_tol=5e-2)
 
 
+def test_output_bias_with_the_triton_backend_matches_reference():
+    """output_bias lives in the layer: the Triton experts (CPU interpreter here) get it too."""
+    import_or_skip("triton", reason="Triton is not installed (pip install 'moekit[triton]')")
+    moe = randomized_moe(dim=16, expert_dim=8, num_experts=4, top_k=2, output_bias=True,
+                         experts_backend="triton")
+    check_against_reference(moe, 7)
+
+
+def test_output_bias_reaches_real_tokens_only_and_follows_autocast():
+    moe = randomized_moe(dim=8, expert_dim=4, num_experts=4, top_k=2, output_bias=True)
+    x = torch.randn(2, 5, 8)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    y, _ = moe(x, padding_mask=mask)
+    assert torch.equal(y[1, 3:], torch.zeros(2, 8))
+    p = float64_params(moe)
+    ref = reference_moe(moe.config, p, x[mask].double(), training=False)
+    torch.testing.assert_close(y[mask].double(), ref["y"].detach(), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_bf16, _ = moe(x)
+    assert y_bf16.dtype == torch.bfloat16
+
+
 def test_float64_gradcheck():
     moe = randomized_moe(dtype=torch.float64, dim=5, expert_dim=3, num_experts=4, top_k=2,
-                         bias=True, num_shared_experts=1, z_loss_weight=0.1)
+                         bias=True, num_shared_experts=1, z_loss_weight=0.1, output_bias=True)
     names = [n for n, _ in moe.named_parameters()]
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
 

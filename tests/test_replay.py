@@ -31,6 +31,9 @@ REPLAYABLE = {
     "sequence-balance": dict(num_experts=6, top_k=2, balance_scope="sequence"),
     "global-balance": dict(num_experts=6, top_k=2, balance_scope="global"),
     "null-copy": dict(num_experts=4, top_k=2, num_null_experts=2, null_expert_kind="copy"),
+    "p-norm-output-bias": dict(num_experts=6, top_k=2, normalize_topk_p=2.0, output_bias=True),
+    "batch-invariant-sigmoid": dict(num_experts=6, top_k=2, score_func="sigmoid",
+                                    batch_invariant=True),
 }
 
 

@@ -76,6 +76,9 @@ def test_errors_and_empty_input():
     assert all(p.grad is not None for p in moe.parameters())
     with pytest.raises(TypeError, match="config must be a MoEConfig"):
         moekit.SoftMoE(None)
+    with pytest.raises(ValueError, match=r"output_bias=True is a moekit.MoE option"):
+        moekit.SoftMoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=2, top_k=1,
+                                        output_bias=True))
 
 
 def test_a_layer_moved_to_meta_says_what_meta_is_for():

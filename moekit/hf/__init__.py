@@ -11,15 +11,17 @@
   ``unpatch(model)`` puts transformers blocks back (to save in its format).
 
 Only ``register`` imports transformers; conversion and patching work on the
-modules themselves. Supported blocks: ``FAMILIES``. See docs/hf.md.
+modules themselves. Supported blocks: ``FAMILIES``; blocks ``patch`` leaves alone by
+design (JetMoE's attention experts): ``NOT_FEED_FORWARD``. See docs/hf.md.
 """
 
 from moekit.hf.backend import backend_refusals, moekit_experts_forward, register
 from moekit.hf.blocks import moe_blocks
 from moekit.hf.convert import config_from_hf, from_hf, to_hf, transfer
-from moekit.hf.families import FAMILIES, Family, family_of
+from moekit.hf.families import FAMILIES, NOT_FEED_FORWARD, Family, Flattened, family_of
 from moekit.hf.patch import MoEBlock, PatchReport, patch, record_aux, unpatch
 
-__all__ = ["FAMILIES", "Family", "MoEBlock", "PatchReport", "backend_refusals", "config_from_hf",
-           "family_of", "from_hf", "moe_blocks", "moekit_experts_forward", "patch", "record_aux",
-           "register", "to_hf", "transfer", "unpatch"]
+__all__ = ["FAMILIES", "NOT_FEED_FORWARD", "Family", "Flattened", "MoEBlock", "PatchReport",
+           "backend_refusals", "config_from_hf", "family_of", "from_hf", "moe_blocks",
+           "moekit_experts_forward", "patch", "record_aux", "register", "to_hf", "transfer",
+           "unpatch"]

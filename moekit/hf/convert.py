@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.hf.families import FAMILIES, Family, family_of
+from moekit.hf.families import FAMILIES, Family, Flattened, family_of
 from moekit.layer import MoE
 
 # transformers' hidden_act -> moekit activation, for gated (gate_up_proj) and plain experts.
@@ -24,9 +24,9 @@ PLAIN_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "r
 # losses or capacity: weights trained with a capacity limit load into the block).
 _ROUTING_FIELDS = frozenset({
     "dim", "expert_dim", "num_experts", "top_k", "router", "score_func", "normalize_topk",
-    "route_scale", "num_groups", "topk_groups", "activation", "bias", "num_shared_experts",
-    "shared_expert_dim", "shared_expert_gate", "router_bias", "num_null_experts",
-    "null_expert_kind"})
+    "normalize_topk_p", "route_scale", "num_groups", "topk_groups", "activation", "bias",
+    "num_shared_experts", "shared_expert_dim", "shared_expert_gate", "router_bias", "output_bias",
+    "num_null_experts", "null_expert_kind"})
 
 
 def require_family(block: nn.Module) -> Family:
@@ -116,8 +116,9 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
     capacity, ...); overriding a field the block determines is a ValueError.
     """
     family = require_family(block)
-    if family.router == "switch":
-        return _with_overrides(switch_fields(block), overrides)
+    own_layout = {"switch": switch_fields, "dbrx": dbrx_fields, "jetmoe": jetmoe_fields}
+    if family.router in own_layout:
+        return _with_overrides(own_layout[family.router](block), overrides)
     gate, experts = block.gate, block.experts
     jitter = getattr(block, "jitter_noise", 0.0)
     if jitter:
@@ -164,6 +165,45 @@ def switch_fields(block: nn.Module) -> dict:
     return fields
 
 
+def dbrx_fields(block: nn.Module) -> dict:
+    """The MoEConfig fields of a DbrxFFN: softmax over E, top-k, divided by their p-norm
+    (p = moe_normalize_expert_weights; 1 renormalises to sum 1) or not (None); a ValueError
+    for what moekit cannot run."""
+    name, experts = type(block).__name__, block.experts
+    jitter = block.router.moe_jitter_eps
+    if jitter:  # None or 0: no jitter (0 multiplies by exactly 1)
+        raise ValueError(f"{name}: moe_jitter_eps={jitter} jitters the experts' input too (the "
+                         "router scales its input in place); moekit jitters the router input "
+                         "only. Set config.ffn_config.moe_jitter_eps=None")
+    norm = block.moe_normalize_expert_weights
+    if norm is not None and not 0 < norm < float("inf"):
+        raise ValueError(f"{name}: moe_normalize_expert_weights={norm} is not a p-norm moekit "
+                         "computes (a finite p > 0, or None)")
+    act = computed_activation(experts.mlp.activation_fn)
+    if act not in GATED_ACTIVATIONS:
+        raise ValueError(f"{name}: activation_fn {type(experts.mlp.activation_fn).__name__} "
+                         f"(config.ffn_config.ffn_act_fn) has no moekit equivalent for gated experts; "
+                         f"supported: {', '.join(GATED_ACTIVATIONS)}")
+    return dict(dim=experts.hidden_size, expert_dim=experts.ffn_hidden_size,
+                num_experts=experts.num_experts, top_k=block.top_k,
+                normalize_topk=norm is not None, normalize_topk_p=float(norm or 1),
+                activation=GATED_ACTIVATIONS[act])
+
+
+def jetmoe_fields(block: nn.Module) -> dict:
+    """The MoEConfig fields of a JetMoeMoE: softmax over the top-k logits (moekit's
+    renormalised top-k), act(gate) * up experts, one output bias after the combine."""
+    name = type(block).__name__
+    act = computed_activation(block.activation)
+    if act not in GATED_ACTIVATIONS:
+        raise ValueError(f"{name}: activation {type(block.activation).__name__} "
+                         f"(config.activation_function) has no moekit equivalent for gated experts; "
+                         f"supported: {', '.join(GATED_ACTIVATIONS)}")
+    num_experts, dim, expert_dim = block.output_linear.weight.shape
+    return dict(dim=dim, expert_dim=expert_dim, num_experts=num_experts, top_k=block.router.top_k,
+                normalize_topk=True, activation=GATED_ACTIVATIONS[act], output_bias=True)
+
+
 def _with_overrides(fields: dict, overrides: dict) -> MoEConfig:
     determined = sorted(set(fields) & set(overrides))
     if determined:
@@ -176,7 +216,8 @@ def from_hf(block: nn.Module, *, copy: bool = True, **overrides) -> MoE:
 
     copy=True clones every tensor; copy=False shares the block's parameters
     and buffers (the block must not be used afterwards, as ``patch`` does),
-    except per-expert tensors stacked into one (Switch), which are copies.
+    except per-expert tensors stacked into one (Switch) and experts flattened
+    into rows (DBRX's w1, v1, w2), which are copies in moekit's layout.
     overrides: MoEConfig fields the block does not determine.
     The result is in the block's training mode.
     """
@@ -208,7 +249,9 @@ def transfer(source: nn.Module, target: nn.Module, names: dict, copy: bool = Tru
     """Move every tensor of source's state dict to target's, renamed by
     ``names`` {source key: target key}; return how many were moved. A tuple of
     keys on one side is one tensor per expert, stacked on dim 0 on the other
-    (stacking always copies; unstacked tensors are views unless copy).
+    (stacking always copies; unstacked tensors are views unless copy); a
+    Flattened on one side is tensors flattened over the experts, joined into one
+    (or split from it) on the other, as copies.
 
     Strict: a source key not in names, a name not in source, a target key
     not written or a shape mismatch is a ValueError naming the keys, raised
@@ -224,18 +267,38 @@ def transfer(source: nn.Module, target: nn.Module, names: dict, copy: bool = Tru
     if mismatched:
         raise ValueError("shape mismatch: " + "; ".join(mismatched))
     for s, t in names.items():
-        value = torch.stack([source_state[k] for k in s]) if isinstance(s, tuple) else source_state[s]
-        for i, key in enumerate(t) if isinstance(t, tuple) else [(None, t)]:
-            _assign(target, key, value if i is None else value[i], copy)
+        for key, value in _parts(t, mapped_tensor(source_state, s)):
+            _assign(target, key, value, copy)
     return len(names)
 
 
+def mapped_tensor(state: dict, key) -> torch.Tensor:
+    """The tensor a key of ``Family.parameter_names`` stands for in ``state`` (a state dict,
+    or any {name: tensor}, gradients say): state[key], the stacked tensors of a tuple of
+    keys, or a Flattened's joined tensor."""
+    if isinstance(key, tuple):
+        return torch.stack([state[k] for k in key])
+    return key.join(state) if isinstance(key, Flattened) else state[key]
+
+
+def _parts(key, value: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """[(target key, tensor)]: value, unstacked over a tuple of keys or split by a Flattened."""
+    if isinstance(key, tuple):
+        return list(zip(key, value))
+    return list(key.split(value).items()) if isinstance(key, Flattened) else [(key, value)]
+
+
 def _keys(keys) -> set[str]:
-    return {k for key in keys for k in (key if isinstance(key, tuple) else (key,))}
+    return {k for key in keys
+            for k in (key if isinstance(key, tuple) else key.keys if isinstance(key, Flattened)
+                      else (key,))}
 
 
 def _shape(state: dict, key) -> tuple[int, ...]:
-    """The shape of state[key], or of the stacked tensors of a tuple of keys."""
+    """The shape of state[key], of the stacked tensors of a tuple of keys, or of a
+    Flattened's joined tensor."""
+    if isinstance(key, Flattened):
+        return key.shape(state)
     if not isinstance(key, tuple):
         return tuple(state[key].shape)
     shapes = {tuple(state[k].shape) for k in key}

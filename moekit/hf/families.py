@@ -19,13 +19,28 @@ Router semantics by family:
   optional bias, experts ``expert_0`` ... of ``wi`` [F, D], ``wo`` [D, F]):
   softmax top-1 weighted by the selected probability, at most the config's
   ``expert_capacity`` tokens per expert and sequence, earlier tokens first.
+- "dbrx": DBRX's ``DbrxFFN`` (``router.layer`` [E, D]; experts ``experts.mlp.w1``
+  (gate), ``v1`` (up) and ``w2`` (down, transposed), each [E * F, D] with the
+  experts flattened into rows): softmax over E, top-k, the k weights divided by
+  their p-norm (p = ``moe_normalize_expert_weights``, 1 by default: their sum) or
+  kept (None).
+  moekit holds them as gate_up_proj [E, 2F, D] and down_proj [E, D, F]: converting
+  either way copies them (:class:`Flattened`).
+- "jetmoe": JetMoE's MoE MLP ``JetMoeMoE`` (``router.layer`` [E, D];
+  ``input_linear.weight`` [E, 2F, D], gate rows first, and ``output_linear.weight``
+  [E, D, F], moekit's layout, shared; ``bias`` [D] added once after the combine,
+  moekit's ``output_bias``): top-k over the logits, softmax over those k.
+  JetMoE's attention is a mixture of experts too (``JetMoeMoA``): not a
+  feed-forward block, it stays transformers' (``NOT_FEED_FORWARD``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-ROUTER_KINDS = ("softmax", "sigmoid_grouped", "switch")
+import torch
+
+ROUTER_KINDS = ("softmax", "sigmoid_grouped", "switch", "dbrx", "jetmoe")
 
 
 @dataclass(frozen=True)
@@ -55,9 +70,15 @@ class Family:
     def parameter_names(self, block=None) -> dict[str, str | tuple[str, ...]]:
         """{moekit MoE state-dict key: block state-dict key}, one entry per tensor; a
         tuple of keys is one per expert, stacked on dim 0 in moekit (router="switch",
-        which reads the expert count and the router's bias from ``block``)."""
+        which reads the expert count and the router's bias from ``block``); a
+        Flattened is block tensors flattened over the experts (router="dbrx", which
+        reads the expert count from ``block``)."""
         if self.router == "switch":
             return _switch_parameter_names(block)
+        if self.router == "dbrx":
+            return _dbrx_parameter_names(block)
+        if self.router == "jetmoe":
+            return dict(_JETMOE_PARAMETER_NAMES)
         names = {"router.weight": "gate.weight",
                  "experts.gate_up_proj": "experts.gate_up_proj",
                  "experts.down_proj": "experts.down_proj"}
@@ -81,6 +102,54 @@ def _switch_parameter_names(block) -> dict[str, str | tuple[str, ...]]:
     return names
 
 
+@dataclass(frozen=True)
+class Flattened:
+    """Block tensors [E * F, D], the experts flattened into rows (DBRX's w1, v1, w2),
+    that moekit holds as one tensor: [E, len(keys) * F, D], each expert's rows of the
+    ``keys`` in order (w1 then v1: gate_up_proj), or transposed, [E, D, F] (w2:
+    down_proj). ``join`` and ``split`` convert between the two layouts, so the
+    tensors are copies (except split of a lone untransposed key: a view)."""
+
+    keys: tuple[str, ...]
+    num_experts: int
+    transposed: bool = False
+
+    def join(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The moekit tensor, from the block's tensors in ``state``."""
+        parts = [state[k].reshape(self.num_experts, -1, state[k].shape[-1]) for k in self.keys]
+        value = torch.cat(parts, dim=1)
+        return value.transpose(1, 2).contiguous() if self.transposed else value
+
+    def split(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{block key: tensor [E * F, D]} from the moekit tensor ``value``."""
+        if self.transposed:
+            value = value.transpose(1, 2)
+        parts = value.chunk(len(self.keys), dim=1)
+        return {k: part.reshape(-1, part.shape[-1]).contiguous()
+                for k, part in zip(self.keys, parts, strict=True)}
+
+    def shape(self, state: dict[str, torch.Tensor]) -> tuple:
+        """The shape ``join`` gives, or a tuple saying why the block's tensors do not fit."""
+        shapes = sorted({tuple(state[k].shape) for k in self.keys})
+        if len(shapes) != 1 or len(shapes[0]) != 2 or shapes[0][0] % self.num_experts:
+            return ("not [E * F, D] with E =", self.num_experts, *shapes)
+        rows, dim = shapes[0]
+        width = len(self.keys) * rows // self.num_experts
+        return (self.num_experts, dim, width) if self.transposed else (self.num_experts, width, dim)
+
+
+def _dbrx_parameter_names(block) -> dict[str, str | Flattened]:
+    num_experts = block.experts.num_experts
+    return {"router.weight": "router.layer.weight",
+            "experts.gate_up_proj": Flattened(("experts.mlp.w1", "experts.mlp.v1"), num_experts),
+            "experts.down_proj": Flattened(("experts.mlp.w2",), num_experts, transposed=True)}
+
+
+_JETMOE_PARAMETER_NAMES = {"router.weight": "router.layer.weight",
+                           "experts.gate_up_proj": "input_linear.weight",
+                           "experts.down_proj": "output_linear.weight",
+                           "output_bias": "bias"}
+
 _QWEN2_MOE = dict(shared_experts="shared_expert", shared_expert_gate=True)
 _DEEPSEEK_V3 = dict(router="sigmoid_grouped", shared_experts="shared_experts")
 
@@ -98,6 +167,15 @@ FAMILIES: dict[str, Family] = {
     "Dots1MoE": Family("dots1", **_DEEPSEEK_V3),
     "ExaoneMoeSparseMoEBlock": Family("exaone_moe", **_DEEPSEEK_V3),
     "SwitchTransformersSparseMLP": Family("switch_transformers", router="switch"),
+    "DbrxFFN": Family("dbrx", router="dbrx"),
+    "JetMoeMoE": Family("jetmoe", router="jetmoe"),
+}
+
+# Blocks found by structure (moekit.hf.blocks) that are not feed-forward MoE blocks:
+# {class name: why}. ``patch`` leaves them in place and lists them in its report.
+NOT_FEED_FORWARD: dict[str, str] = {
+    "JetMoeMoA": "JetMoE's mixture of attention heads (query and output projections per expert), "
+                 "not a feed-forward block; it stays transformers'",
 }
 
 

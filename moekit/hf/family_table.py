@@ -84,8 +84,10 @@ EXTRA: dict[str, dict] = {
     "dots3_note_text": dict(num_key_value_heads=4),
     "hy_v4_vl_text": dict(mrope_section=[2, 1, 1]),
 }
-# Per family: a field its modeling code reads that its config class lacks (transformers 5.24).
-FIXES = {"dbrx": lambda config: setattr(config.attn_config, "rope_theta", 10000.0)}
+# Per family: a field its modeling code reads that its config class lacks (transformers 5.24),
+# or a default its modeling code fails on (DBRX's clip_qkv=None: torch.clamp needs a bound).
+FIXES = {"dbrx": lambda config: (setattr(config.attn_config, "rope_theta", 10000.0),
+                                 setattr(config.attn_config, "clip_qkv", 8.0))}
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ def family_status(model_type: str, compare: bool = True) -> FamilyStatus | None:
         return None
     names = tuple(sorted({type(b).__name__ for b in blocks.values()}))
     refused = backend_refusals(model)
-    converted, unsupported = _convert_blocks(model, {})
+    converted, unsupported, _kept = _convert_blocks(model, {})
     unsupported = {name: "no moekit family for this block" if family_of(blocks[name]) is None else why
                    for name, why in unsupported.items()}
     backend = _refused(refused) or (_compare_backend(model) if compare else "accepted")

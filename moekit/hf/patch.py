@@ -20,7 +20,7 @@ from torch import nn
 from moekit.aux import MoEAux
 from moekit.hf.blocks import moe_blocks
 from moekit.hf.convert import from_hf, to_hf
-from moekit.hf.families import family_of
+from moekit.hf.families import NOT_FEED_FORWARD, family_of
 from moekit.layer import MoE
 from moekit.routing import Routing
 
@@ -76,11 +76,14 @@ class RouterLogits(nn.Module):
 
 
 class PatchReport(NamedTuple):
-    """What ``patch`` did: replaced {module name: family}, and unsupported
-    {module name: reason} (left in place, only with on_unsupported="warn")."""
+    """What ``patch`` did: replaced {module name: family}, unsupported
+    {module name: reason} (left in place, only with on_unsupported="warn"), and
+    kept {module name: why}: blocks found by structure that are not feed-forward
+    MoE blocks (JetMoE's mixture of attention heads), left in place by design."""
 
     replaced: dict[str, str]
     unsupported: dict[str, str]
+    kept: dict[str, str]
 
     def __str__(self) -> str:
         lines = [f"replaced {len(self.replaced)} MoE block(s)"]
@@ -88,6 +91,9 @@ class PatchReport(NamedTuple):
         if self.unsupported:
             lines.append(f"left {len(self.unsupported)} unsupported block(s)")
             lines += [f"  {name}: {reason}" for name, reason in self.unsupported.items()]
+        if self.kept:
+            lines.append(f"kept {len(self.kept)} block(s) that are not feed-forward MoE blocks")
+            lines += [f"  {name}: {reason}" for name, reason in self.kept.items()]
         return "\n".join(lines)
 
 
@@ -97,12 +103,14 @@ def patch(model: nn.Module, *, on_unsupported: str = "error", **overrides) -> Pa
 
     An MoE block moekit cannot represent is named in a ValueError, raised
     before anything is replaced (on_unsupported="error"), or in a warning,
-    leaving it in place ("warn"). overrides: MoEConfig fields the blocks do
+    leaving it in place ("warn"). Blocks that are not feed-forward MoE blocks
+    (``NOT_FEED_FORWARD``: JetMoE's attention experts) stay, listed in the
+    report's ``kept``. overrides: MoEConfig fields the blocks do
     not determine (losses, experts_backend, ...), applied to every layer.
     """
     if on_unsupported not in ON_UNSUPPORTED:
         raise ValueError(f"on_unsupported must be one of {ON_UNSUPPORTED}, got {on_unsupported!r}")
-    converted, unsupported = _convert_blocks(model, overrides)
+    converted, unsupported, kept = _convert_blocks(model, overrides)
     if unsupported and on_unsupported == "error":
         raise ValueError("unsupported MoE block(s): "
                          + "; ".join(f"{name}: {reason}" for name, reason in unsupported.items()))
@@ -118,7 +126,7 @@ def patch(model: nn.Module, *, on_unsupported: str = "error", **overrides) -> Pa
         else:
             _expose_router_logits(moe.router, Routing._fields.index("router_logits"))
         replaced[name] = family
-    return PatchReport(replaced, unsupported)
+    return PatchReport(replaced, unsupported, kept)
 
 
 def unpatch(model: nn.Module) -> list[str]:
@@ -135,9 +143,9 @@ def unpatch(model: nn.Module) -> list[str]:
 
 def _block_config(block: nn.Module, model: nn.Module):
     """The transformers config a block was built from: its experts' (which keep it),
-    else the model's (Switch Transformers' blocks keep none; its encoder and decoder
-    configs agree on every field the block reads)."""
-    return getattr(block.experts, "config", None) or model.config
+    else the model's (Switch Transformers', DBRX's and JetMoE's blocks keep none;
+    Switch's encoder and decoder configs agree on every field the block reads)."""
+    return getattr(getattr(block, "experts", None), "config", None) or model.config
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -158,12 +166,16 @@ def _expose_router_logits(router: nn.Module, index: int) -> None:
     install_output_capuring_hook(router, "router_logits", index)
 
 
-def _convert_blocks(model: nn.Module, overrides: dict
-                    ) -> tuple[dict[str, tuple[MoE, str, nn.Module]], dict[str, str]]:
+def _convert_blocks(model: nn.Module, overrides: dict) -> tuple[
+        dict[str, tuple[MoE, str, nn.Module]], dict[str, str], dict[str, str]]:
     """({name: (moekit MoE sharing the block's weights, family, block)},
-    {name: why not}) over the model's MoE blocks; the model is not changed."""
-    converted, unsupported = {}, {}
+    {name: why not}, {name: why kept (not feed-forward)}) over the model's MoE
+    blocks; the model is not changed."""
+    converted, unsupported, kept = {}, {}, {}
     for name, block in moe_blocks(model, skip=(MoEBlock,)):  # MoEBlocks: patched already
+        if type(block).__name__ in NOT_FEED_FORWARD:
+            kept[name] = NOT_FEED_FORWARD[type(block).__name__]
+            continue
         family = family_of(block)
         if family is None:
             unsupported[name] = f"{type(block).__name__} is not a supported MoE block"
@@ -172,7 +184,7 @@ def _convert_blocks(model: nn.Module, overrides: dict
             converted[name] = (from_hf(block, copy=False, **overrides), family.name, block)
         except ValueError as error:
             unsupported[name] = str(error)
-    return converted, unsupported
+    return converted, unsupported, kept
 
 
 @contextlib.contextmanager

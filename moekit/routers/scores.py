@@ -23,10 +23,13 @@ def router_scores(logits_TE: torch.Tensor, score_func: str, batch_invariant: boo
 
 
 def selected_weights(scores_TE: torch.Tensor, ids_TK: torch.Tensor, normalize: bool,
-                     route_scale: float) -> torch.Tensor:
-    """Combine weights [T, K]: the scores of the selected experts, renormalised
-    to sum to 1 per token if ``normalize``, times route_scale. Differentiable."""
+                     route_scale: float, normalize_p: float = 1.0) -> torch.Tensor:
+    """Combine weights [T, K]: the scores of the selected experts, divided per token by
+    their normalize_p-norm if ``normalize`` (p=1: their sum, so they sum to 1; the scores
+    are non-negative), times route_scale. Differentiable."""
     weights_TK = scores_TE.gather(1, ids_TK)
     if normalize:
-        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        norm_T1 = weights_TK.sum(dim=-1, keepdim=True) if normalize_p == 1 \
+            else weights_TK.norm(p=normalize_p, dim=-1, keepdim=True)
+        weights_TK = weights_TK / norm_T1.clamp_min(1e-20)
     return weights_TK * route_scale if route_scale != 1.0 else weights_TK

@@ -52,14 +52,14 @@ class TopKRouter(LinearRouter):
         c = self.config
         return route_topk(self.compute_logits(x_TD), c.top_k, c.score_func, c.normalize_topk,
                           c.route_scale, self.expert_bias, c.num_groups, c.topk_groups,
-                          c.batch_invariant)
+                          c.normalize_topk_p, c.batch_invariant)
 
     def replay(self, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> Routing:
         """x_TD [T, D], ids_TK [T, K] valid expert ids -> Routing to exactly those experts,
         weighted as forward would weight them (see replay_topk)."""
         c = self.config
         return replay_topk(self.compute_logits(x_TD), ids_TK, c.score_func, c.normalize_topk,
-                           c.route_scale)
+                           c.route_scale, c.normalize_topk_p, c.batch_invariant)
 
     def record_routing(self, routing: Routing) -> None:
         """With bias_update_rate > 0: add this forward's routed counts to ``routed_load``. No
@@ -77,11 +77,13 @@ class TopKRouter(LinearRouter):
 def route_topk(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax",
                normalize_topk: bool = True, route_scale: float = 1.0,
                selection_bias_E: torch.Tensor | None = None, num_groups: int = 1,
-               topk_groups: int = 1, batch_invariant: bool = False) -> Routing:
+               topk_groups: int = 1, normalize_p: float = 1.0,
+               batch_invariant: bool = False) -> Routing:
     """Top-k selection and combine weights from router logits [T, E].
 
     Selection ranks scores + selection_bias_E (if given) inside the allowed
-    groups; weights come from the unbiased scores. torch.topk always returns k
+    groups; weights come from the unbiased scores (divided by their normalize_p-norm
+    with normalize_topk, see selected_weights). torch.topk always returns k
     distinct experts, even for NaN rows, so ids stay valid. Differentiable in
     the logits through the weights and probabilities. batch_invariant: see router_scores.
     """
@@ -91,16 +93,17 @@ def route_topk(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax",
         select_TE = select_TE + selection_bias_E.to(select_TE.dtype)
     select_TE = group_limited_scores(select_TE, num_groups, topk_groups)
     ids_TK = select_TE.topk(top_k, dim=-1).indices
-    weights_TK = selected_weights(scores_TE, ids_TK, normalize_topk, route_scale)
+    weights_TK = selected_weights(scores_TE, ids_TK, normalize_topk, route_scale, normalize_p)
     return Routing(ids_TK, weights_TK, probs_TE, logits_TE)
 
 
 def replay_topk(logits_TE: torch.Tensor, ids_TK: torch.Tensor, score_func: str = "softmax",
-                normalize_topk: bool = True, route_scale: float = 1.0) -> Routing:
+                normalize_topk: bool = True, route_scale: float = 1.0, normalize_p: float = 1.0,
+                batch_invariant: bool = False) -> Routing:
     """The Routing of route_topk with the selection replaced by ids_TK [T, K] (distinct
     experts per token): the same scores and combine-weight rule on the live logits [T, E],
     so replaying route_topk's own ids gives its Routing bitwise. A selection bias and group
     limits only select, so they play no part. Differentiable in the logits."""
-    scores_TE, probs_TE = router_scores(logits_TE, score_func)
-    weights_TK = selected_weights(scores_TE, ids_TK, normalize_topk, route_scale)
+    scores_TE, probs_TE = router_scores(logits_TE, score_func, batch_invariant)
+    weights_TK = selected_weights(scores_TE, ids_TK, normalize_topk, route_scale, normalize_p)
     return Routing(ids_TK, weights_TK, probs_TE, logits_TE)

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from tests.hf.tiny import OTHER_CONFIGS, transformers
+from tests.hf.tiny import OTHER_CONFIGS, moekit_layout_gradients, transformers
 
 from moekit.hf import family_of, from_hf, patch, record_aux, to_hf, unpatch
 from moekit.hf.convert import config_from_hf
@@ -62,27 +62,6 @@ def _eager_expert_ids(model, inputs: dict) -> tuple[list[torch.Tensor], int]:
     return chosen, dropped
 
 
-def _grad(parameter: torch.Tensor) -> torch.Tensor:
-    """Its gradient; zeros where none flowed (an eager expert that got no token)."""
-    return torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
-
-
-def _grads(model) -> dict[str, torch.Tensor]:
-    """Every gradient, the sparse layers' in moekit's layout (experts stacked)."""
-    grads = {n: _grad(p) for n, p in model.named_parameters()
-             if not any(n.startswith(s + ".") for s in SPARSE)}
-    for name in SPARSE:
-        block = model.get_submodule(name)
-        if hasattr(block, "moe"):
-            grads.update({f"{name}.{n}": _grad(p) for n, p in block.moe.named_parameters()})
-            continue
-        for ours, theirs in family_of(block).parameter_names(block).items():
-            parameters = dict(block.named_parameters())
-            grads[f"{name}.{ours}"] = torch.stack([_grad(parameters[k]) for k in theirs]) \
-                if isinstance(theirs, tuple) else _grad(parameters[theirs])
-    return grads
-
-
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_patched_model_matches_eager_logits_losses_every_gradient_and_expert_ids(mode):
     eager = _model()
@@ -107,7 +86,8 @@ def test_patched_model_matches_eager_logits_losses_every_gradient_and_expert_ids
     for aux, expected in zip(auxes, expected_ids):
         assert torch.equal(aux.expert_indices.reshape(-1), expected)
     assert sum(a.expert_indices.numel() - int(a.tokens_per_expert.sum()) for a in auxes) == dropped
-    want_grads, got_grads = _grads(eager), _grads(patched)
+    want_grads = moekit_layout_gradients(eager, SPARSE)
+    got_grads = moekit_layout_gradients(patched, SPARSE)
     assert want_grads.keys() == got_grads.keys()
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)

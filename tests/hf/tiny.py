@@ -1,5 +1,7 @@
 """Tiny random-weight transformers MoE models, one per supported family (no downloads),
-and tiny configs of MoE families moekit does not convert (``OTHER_CONFIGS``).
+and tiny configs of the other MoE families (``OTHER_CONFIGS``): those moekit does not
+convert, and those with their own block layout, tested in their own files
+(test_switch.py, test_dbrx.py, test_jetmoe.py).
 
 Weights are redrawn at a scale where routing and every expert matter (the
 models' own init, std 0.02, makes the logits nearly constant), and sigmoid
@@ -52,14 +54,15 @@ FAMILIES = list(CONFIGS)
 def _dbrx(**kw):
     config = transformers.DbrxConfig(**dict(
         vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
-        attn_config=dict(kv_n_heads=2),
+        attn_config=dict(kv_n_heads=2, clip_qkv=8.0),  # 5.24's attention fails with None
         ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2)) | kw)
     config.attn_config.rope_theta = 10000.0  # transformers 5.24's DBRX attention reads it
     return config
 
 
 _NO_HEAD_DIM = {k: v for k, v in _COMMON.items() if k != "head_dim"}
-# MoE families with no moekit conversion: {model type: config factory}, for AutoModel.
+# MoE families with no moekit conversion or their own block layout: {model type: config
+# factory}, for AutoModel.
 OTHER_CONFIGS = {
     "switch_transformers": lambda **kw: transformers.SwitchTransformersConfig(**dict(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=16, num_layers=2, num_decoder_layers=2,
@@ -138,3 +141,28 @@ def moe_blocks(model) -> dict[str, torch.nn.Module]:
     """{name: block} of the model's supported transformers MoE blocks."""
     from moekit.hf import family_of
     return {name: m for name, m in model.named_modules() if family_of(m) is not None}
+
+
+def gradient_or_zeros(parameter: torch.Tensor) -> torch.Tensor:
+    """Its gradient; zeros where none flowed (an eager expert that got no token)."""
+    return torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
+
+
+def moekit_layout_gradients(model, blocks: list[str]) -> dict[str, torch.Tensor]:
+    """Every gradient of ``model``, the MoE blocks' (module names ``blocks``) in moekit's
+    layout under "<block>.<moekit name>": a patched block's from its moekit layer, a
+    transformers block's through its family's parameter_names (stacked or joined)."""
+    from moekit.hf import family_of
+    from moekit.hf.convert import mapped_tensor
+
+    grads = {n: gradient_or_zeros(p) for n, p in model.named_parameters()
+             if not any(n.startswith(b + ".") for b in blocks)}
+    for name in blocks:
+        block = model.get_submodule(name)
+        if hasattr(block, "moe"):
+            grads.update({f"{name}.{n}": gradient_or_zeros(p) for n, p in block.moe.named_parameters()})
+            continue
+        block_grads = {n: gradient_or_zeros(p) for n, p in block.named_parameters()}
+        for ours, theirs in family_of(block).parameter_names(block).items():
+            grads[f"{name}.{ours}"] = mapped_tensor(block_grads, theirs)
+    return grads

@@ -28,6 +28,8 @@ CASES = {
                                   drop_policy="score", score_func="sigmoid", num_shared_experts=1),
     "expert-choice": dict(dim=8, expert_dim=12, num_experts=4, top_k=2, router="expert_choice",
                           capacity_factor=1.0),
+    "output-bias-pnorm": dict(dim=8, expert_dim=12, num_experts=4, top_k=2, output_bias=True,
+                              normalize_topk_p=2.0),  # JetMoE's bias, DBRX's p-norm
 }
 
 

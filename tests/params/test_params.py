@@ -106,7 +106,7 @@ def random_moe_config(rng: random.Random, dim: int) -> MoEConfig:
         activation=rng.choice(["swiglu", "geglu", "gelu", "relu", "silu"]),
         bias=rng.random() < 0.5, num_shared_experts=num_shared,
         shared_expert_dim=rng.choice([None, rng.randint(1, 9)]),
-        shared_expert_gate=num_shared > 0 and rng.random() < 0.5,
+        shared_expert_gate=num_shared > 0 and rng.random() < 0.5, output_bias=rng.random() < 0.3,
         bias_update_rate=0.01 if router == "topk" and rng.random() < 0.5 else 0.0)
 
 
@@ -121,11 +121,12 @@ def test_moe_layer_parameters_match_moekit_moe(seed):
     layer = moekit.MoE(config)
     counts = moe_layer_parameters(config)
     assert counts["routers"].total == numel(layer.router)
-    assert counts["routed_experts"].total == numel(layer.experts)
+    output_bias = 0 if layer.output_bias is None else layer.output_bias.numel()
+    assert counts["routed_experts"].total == numel(layer.experts) + output_bias
     assert counts["shared_experts"].total == numel(layer.shared_experts)
     assert sum(c.total for c in counts.values()) == numel(layer)
     per_expert = numel(layer.experts) // config.num_experts
-    assert counts["routed_experts"].active == config.top_k * per_expert
+    assert counts["routed_experts"].active == config.top_k * per_expert + output_bias
 
 
 @pytest.mark.parametrize("fields", [
