@@ -4,6 +4,7 @@ capacity, the state dict, and the LM (training from the command line, cached gen
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -304,10 +305,14 @@ def test_the_lm_trains_from_the_command_line_and_generates_with_the_cache(tmp_pa
     data = write_text_files(tmp_path / "data", count=30, size=300)
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(out), "--router", "expert_threshold",
-                 "--num-experts", "4", "--top-k", "2", "--steps", "4", "--batch-size", "2",
+                 "--num-experts", "4", "--top-k", "2", "--threshold-decay", "0.9",
+                 "--max-experts-per-token", "3", "--steps", "4", "--batch-size", "2",
                  "--seq-len", "16", "--eval-every", "2", "--save-every", "2", "--no-progress",
                  "--device", "cpu"]) == 0
     assert "validation loss" in capsys.readouterr().out
+    moe = json.loads((out / "config.json").read_text())["model"]["moe"]
+    assert (moe["router"], moe["threshold_decay"], moe["max_experts_per_token"]) == \
+        ("expert_threshold", 0.9, 3)
     model = load_run_model(out)
     for layer in model.moe_layers:
         assert layer.router.threshold_updates.item() == 4  # one update per optimizer step
