@@ -340,3 +340,23 @@ def test_lm_logits_at_t_are_bitwise_independent_of_later_tokens(mode):
     changed = tokens.clone()
     changed[:, 9:] = torch.randint(0, 256, (2, 7))
     assert torch.equal(model(changed).logits[:, :9], logits[:, :9])
+
+
+def test_compiled_training_records_once_per_forward_like_eager():
+    """Under torch.compile (aot_eager: dynamo and AOT autograd, without inductor's compile
+    time) each forward records once, and router_step moves the thresholds as in eager."""
+    torch._dynamo.reset()
+    eager, compiled = (randomized_moe(dim=16, expert_dim=8, num_experts=4, top_k=2,
+                                      router="expert_threshold") for _ in range(2))
+    step = torch.compile(lambda moe, x: moe(x)[0], backend="aot_eager")
+    for _ in range(2):
+        x = torch.randn(2, 12, 16)
+        y = eager(x)[0]
+        y_compiled = step(compiled, x)
+        torch.testing.assert_close(y_compiled, y, rtol=1e-6, atol=1e-7)
+        (y.sum() + y_compiled.sum()).backward()
+        assert compiled.router.recorded_tokens.item() == eager.router.recorded_tokens.item() == 24
+        moekit.router_step(eager), moekit.router_step(compiled)
+        assert torch.equal(compiled.router.thresholds, eager.router.thresholds)
+    assert compiled.router.threshold_updates.item() == 2
+    torch._dynamo.reset()
