@@ -68,8 +68,9 @@ class MoEConfig:
             form num_groups groups; a token picks topk_groups groups by the sum
             of each group's top-2 scores, then its top_k experts inside them.
         threshold_decay: for router="expert_threshold", the decay of each expert's running
-            threshold, once per optimizer step: c <- decay * c + (1 - decay) * (the step's
-            expert-choice cutoff); the first step sets c to the cutoff.
+            threshold, once per optimizer step: c <- d * c + (1 - d) * (the step's
+            expert-choice cutoff), d = min(threshold_decay, (1 + n) / (10 + n)) after n
+            updates; the first step sets c to the cutoff.
         min_experts_per_token / max_experts_per_token: for router="expert_threshold", the
             fewest and most experts a token gets (default 0 and None = num_experts). A
             token passing more than the maximum keeps those it passes by the widest

@@ -11,23 +11,25 @@ n best experts by margin, n = clamp(#{e: s_te >= c_e}, min, max). Combine weight
 selected scores times route_scale, as in expert choice.
 
 c_e tracks the expert-choice cutoff: the score of the token at capacity rank
-C = expert_capacity(T, E, k, capacity_factor or 1.0, min_capacity) in expert e's column (the
+C = expert_capacity(T, E, k, capacity_factor or 1.0, min_capacity) (ExpertChoiceRouter.capacity)
+in expert e's column (the
 C-th highest of the T scores), which is where expert choice would cut on the same tokens. It
 moves once per optimizer step, never inside a forward (see moekit.balancing): training
 forwards record their cutoffs, and moekit.router_step(model) sets
-c <- decay * c + (1 - decay) * cutoff, the cutoff averaged over the step's micro-batches and
-ranks weighted by their tokens; the first step sets c to that cutoff. Until then every token
-goes to its top_k experts by score (token choice, causal too).
+c <- d * c + (1 - d) * cutoff, the cutoff averaged over the step's micro-batches and ranks
+weighted by their tokens, d = min(threshold_decay, (1 + n) / (10 + n)) after n updates; the
+first step sets c to that cutoff. Until then every token goes to its top_k experts by score
+(token choice, causal too).
 """
 
 from __future__ import annotations
 
 import torch
 
-from moekit.capacity import expert_capacity
 from moekit.config import MoEConfig
 from moekit.routers.base import LinearRouter
 from moekit.routers.bias import recomputing
+from moekit.routers.expert_choice import ExpertChoiceRouter
 from moekit.routers.scores import router_scores
 from moekit.routing import Routing
 
@@ -52,6 +54,14 @@ def threshold_assignment(scores_TE: torch.Tensor, thresholds_E: torch.Tensor,
     return rank_TE < count_T.unsqueeze(1)
 
 
+def step_decay(decay: float, updates: torch.Tensor) -> torch.Tensor:
+    """0-dim float64: the decay of the update after ``updates`` earlier ones,
+    min(decay, (1 + updates) / (10 + updates)), so that early thresholds follow a fast-moving
+    router (the num_updates schedule of TensorFlow's ExponentialMovingAverage)."""
+    updates = updates.double()
+    return ((1 + updates) / (10 + updates)).clamp(max=decay)
+
+
 class ExpertThresholdRouter(LinearRouter):
     """Routes each token to the experts whose running threshold its score reaches.
 
@@ -71,11 +81,7 @@ class ExpertThresholdRouter(LinearRouter):
         self.register_buffer("recorded_tokens", torch.zeros((), dtype=torch.int64),
                              persistent=False)
 
-    def capacity(self, num_tokens: int) -> int:
-        """C, the load each expert aims at out of num_tokens tokens."""
-        c = self.config
-        return expert_capacity(num_tokens, c.num_experts, c.top_k,
-                               c.capacity_factor or 1.0, c.min_capacity)
+    capacity = ExpertChoiceRouter.capacity  # C out of T tokens, the load each expert aims at
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         """x_TD: [T, D] -> Routing with K = E slots (slot j is expert j) and an
@@ -117,13 +123,13 @@ class ExpertThresholdRouter(LinearRouter):
 
     @torch.no_grad()
     def apply_step(self, record: torch.Tensor) -> None:
-        """From record [E + 1] (step_record summed over the ranks): c <- decay * c +
-        (1 - decay) * cutoff, or c <- cutoff on the first update, where cutoff is the
+        """From record [E + 1] (step_record summed over the ranks): c <- d * c +
+        (1 - d) * cutoff with d = step_decay, or c <- cutoff on the first update, where cutoff is the
         token-weighted mean of the recorded cutoffs; nothing moves when no token was
         recorded. Then the records start again from 0."""
         tokens = record[-1]
         cutoffs_E = record[:-1] / tokens.clamp_min(1)
-        decay = self.config.threshold_decay
+        decay = step_decay(self.config.threshold_decay, self.threshold_updates)
         moved_E = torch.where(self.threshold_updates > 0,
                               decay * self.thresholds.double() + (1 - decay) * cutoffs_E, cutoffs_E)
         self.thresholds.copy_(torch.where(tokens > 0, moved_E, self.thresholds.double()))

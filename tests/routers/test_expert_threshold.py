@@ -159,14 +159,15 @@ def test_layer_matches_the_float64_reference(num_tokens, fields):
 
 
 def test_thresholds_follow_the_moving_average_by_hand():
-    """Two micro-batches per step (different sizes), three steps, decay 0.9: the cutoffs
+    """Two micro-batches per step (different sizes), 12 steps, decay 0.8: the cutoffs
     (C-th highest score, C = ceil(1.5 * T * k / E)), their token-weighted mean, then
-    c <- cutoff on the first step and c <- 0.9 c + 0.1 cutoff after."""
+    c <- cutoff on the first step and c <- d c + (1 - d) cutoff after n updates,
+    d = min(0.8, (1 + n) / (10 + n)) (0.18, 0.25, ... first, 0.8 from n = 35 on)."""
     moe = randomized_moe(dim=8, expert_dim=8, num_experts=4, top_k=2, router="expert_threshold",
-                         capacity_factor=1.5, threshold_decay=0.9)
+                         capacity_factor=1.5, threshold_decay=0.8)
     W = moe.router.weight.detach().double()
     expected = None
-    for step in range(3):
+    for step in range(40):
         sums, tokens = [0.0] * 4, 0
         for T in (10, 7):
             x = torch.randn(T, 8)
@@ -180,14 +181,15 @@ def test_thresholds_follow_the_moving_average_by_hand():
         moe(torch.randn(5, 8))  # eval forwards record nothing
         moe.train()
         cutoffs = [s / tokens for s in sums]
+        d = min(0.8, (1 + step) / (10 + step))
         expected = cutoffs if expected is None else [
-            0.9 * c + 0.1 * cut for c, cut in zip(expected, cutoffs)]
+            d * c + (1 - d) * cut for c, cut in zip(expected, cutoffs)]
         assert moekit.router_step(moe) == 1
         assert moe.router.threshold_updates.item() == step + 1
         torch.testing.assert_close(moe.router.thresholds.double(), torch.tensor(expected,
                                    dtype=torch.float64), rtol=1e-6, atol=1e-7)
     moekit.router_step(moe)  # a step without training forwards moves nothing
-    assert moe.router.threshold_updates.item() == 3
+    assert moe.router.threshold_updates.item() == 40
     torch.testing.assert_close(moe.router.thresholds.double(),
                                torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-7)
 
