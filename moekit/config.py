@@ -49,8 +49,8 @@ class MoEConfig:
         num_experts: E routed experts. top_k: k experts per token, 1 <= k <= E.
     Router
         router: routing strategy, a name in moekit.routers.ROUTERS: "topk" (token
-            choice, default), "expert_choice", "hash", "balanced" or "dense"
-            (see docs/routing.md).
+            choice, default), "expert_choice", "expert_threshold", "hash", "balanced"
+            or "dense" (see docs/routing.md).
         score_func: "softmax" or "sigmoid" scores over the E router logits.
         normalize_topk: renormalise the k selected scores to sum to 1 (for
             softmax this is softmax over the top-k logits); False keeps the raw
@@ -84,12 +84,22 @@ class MoEConfig:
             E + N slots, as MoE++ does; False over the E real experts only
             (which rewards sending probability to the null slots: see
             docs/routing.md).
+        threshold_decay: for router="expert_threshold", the decay of each expert's running
+            threshold, once per optimizer step: c <- d * c + (1 - d) * (the step's
+            expert-choice cutoff), d = min(threshold_decay, (1 + n) / (10 + n)) after n
+            updates; the first step sets c to the cutoff.
+        min_experts_per_token / max_experts_per_token: for router="expert_threshold", the
+            fewest and most experts a token gets (default 0 and None = num_experts). A
+            token passing more than the maximum keeps those it passes by the widest
+            margins; one passing fewer than the minimum adds its nearest misses.
     Capacity
         capacity_factor: None (default) is dropless; otherwise each expert takes
             at most C = max(min_capacity, ceil(capacity_factor * T * k / E))
             assignments, and the rest are dropped by drop_policy ("position":
             first choices before second choices, then earlier tokens first;
-            "score": highest combine weight first).
+            "score": highest combine weight first). For router="expert_choice" and
+            "expert_threshold" it sets the load each expert aims at instead (C tokens
+            per expert out of T, None meaning 1.0), and nothing is dropped.
         expert_capacity: a fixed C instead of the capacity_factor formula
             (Switch Transformers' expert_capacity); None (default) uses the formula.
         capacity_scope: "batch" (default): C over all of x's tokens; "sequence":
@@ -156,6 +166,9 @@ class MoEConfig:
     num_null_experts: int = 0
     null_expert_kind: str = "zero"
     balance_null_experts: bool = True
+    threshold_decay: float = 0.99
+    min_experts_per_token: int = 0
+    max_experts_per_token: int | None = None
     capacity_factor: float | None = None
     min_capacity: int = 0
     drop_policy: str = "position"
@@ -200,6 +213,7 @@ class MoEConfig:
         require_choice("null_expert_kind", self.null_expert_kind, NULL_EXPERT_KINDS)
         require_bool("balance_null_experts", self.balance_null_experts)
         self._check_router_combination()
+        self._check_threshold_routing()
         if self.capacity_factor is not None:
             require_float("capacity_factor", self.capacity_factor, 0.0, MAX_CAPACITY_FACTOR,
                            open_minimum=True)
@@ -260,6 +274,31 @@ class MoEConfig:
             raise ValueError(f"router='dense' sends every token to every expert: set top_k to "
                              f"num_experts ({self.num_experts}), got top_k={self.top_k}")
 
+    def _check_threshold_routing(self) -> None:
+        """The expert-threshold fields: in range, and set only for that router."""
+        require_float("threshold_decay", self.threshold_decay, 0.0, 1.0)
+        if self.threshold_decay == 1.0:
+            raise ValueError("threshold_decay must be < 1 (1 would never move the thresholds), "
+                             "got 1.0")
+        require_int("min_experts_per_token", self.min_experts_per_token, 0)
+        if self.max_experts_per_token is not None:
+            require_int("max_experts_per_token", self.max_experts_per_token, 1)
+            if self.max_experts_per_token > self.num_experts:
+                raise ValueError(f"max_experts_per_token must be <= num_experts "
+                                 f"({self.num_experts}), got {self.max_experts_per_token}")
+        if self.router != "expert_threshold":
+            defaults = (0.99, 0, None)
+            given = (self.threshold_decay, self.min_experts_per_token, self.max_experts_per_token)
+            if given != defaults:
+                raise ValueError("threshold_decay, min_experts_per_token and max_experts_per_token "
+                                 f"need router='expert_threshold', got router={self.router!r}")
+            return
+        if not self.min_experts_per_token <= self.top_k <= self.max_experts:
+            raise ValueError(f"router='expert_threshold' needs min_experts_per_token <= top_k <= "
+                             f"max_experts_per_token (top_k is the mean number of experts per "
+                             f"token the thresholds aim at), got {self.min_experts_per_token} <= "
+                             f"{self.top_k} <= {self.max_experts}")
+
     def _check_capacity(self) -> None:
         """A fixed expert_capacity and its capacity_scope, with the router that drops."""
         if self.expert_capacity is not None:
@@ -268,10 +307,10 @@ class MoEConfig:
                 raise ValueError("set capacity_factor or expert_capacity, not both: got "
                                  f"capacity_factor={self.capacity_factor}, "
                                  f"expert_capacity={self.expert_capacity}")
-            if self.router == "expert_choice":
-                raise ValueError("expert_capacity needs a token-choice router (expert choice "
-                                 "takes its capacity from capacity_factor), got "
-                                 "router='expert_choice'")
+            if self.router_sets_load:
+                raise ValueError(f"expert_capacity needs a token-choice router ({self.router} "
+                                 f"takes each expert's load from capacity_factor), got "
+                                 f"router={self.router!r}")
         require_choice("capacity_scope", self.capacity_scope, CAPACITY_SCOPES)
         if self.capacity_scope == "sequence" and self.expert_capacity is None:
             raise ValueError("capacity_scope='sequence' needs expert_capacity (a per-sequence "
@@ -307,6 +346,20 @@ class MoEConfig:
     def num_router_slots(self) -> int:
         """Slots the router scores: the E experts, then the num_null_experts null experts."""
         return self.num_experts + self.num_null_experts
+
+    @property
+    def router_sets_load(self) -> bool:
+        """True when the router itself gives each expert about C tokens, C from
+        capacity_factor (expert choice exactly, expert threshold on average), so the
+        dispatcher drops nothing."""
+        return self.router in ("expert_choice", "expert_threshold")
+
+    @property
+    def max_experts(self) -> int:
+        """The most experts a token can get from router="expert_threshold":
+        max_experts_per_token, or num_experts when None."""
+        return self.num_experts if self.max_experts_per_token is None \
+            else self.max_experts_per_token
 
     @property
     def dropless(self) -> bool:

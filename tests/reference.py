@@ -94,7 +94,7 @@ def token_weights(cfg, logits, scores, ids) -> torch.Tensor:
         if cfg.hash_weights == "uniform":
             return torch.full((len(ids),), cfg.route_scale / cfg.top_k, dtype=torch.float64)
         return torch.softmax(logits[ids], 0) * cfg.route_scale
-    if cfg.router == "expert_choice":
+    if cfg.router in ("expert_choice", "expert_threshold"):
         return scores[ids] * cfg.route_scale
     if cfg.normalize_topk and cfg.normalize_topk_p != 1:  # divided by their p-norm (DBRX)
         p = cfg.normalize_topk_p
@@ -119,6 +119,29 @@ def expert_choice_ids(cfg, scores_per_token: list[torch.Tensor]) -> list[list[in
         for t in tokens[:capacity]:
             chosen[t].append(e)
     return chosen
+
+
+def threshold_experts(scores: list[float], thresholds: list[float], fewest: int,
+                      most: int) -> list[int]:
+    """One token's experts under expert-threshold routing, ascending: those whose threshold
+    its score reaches; past `most`, those with the widest margins; under `fewest`, adding the
+    nearest misses."""
+    margins = [s - c for s, c in zip(scores, thresholds)]
+    by_margin = sorted(range(len(scores)), key=lambda e: (-margins[e], e))
+    passed = sum(m >= 0 for m in margins)
+    return sorted(by_margin[:min(max(passed, fewest), most)])
+
+
+def expert_threshold_ids(cfg, scores_per_token: list[torch.Tensor],
+                         thresholds: list[float] | None) -> list[list[int]]:
+    """Each token's experts by the router's stored thresholds; None (no update yet): its
+    top_k by score."""
+    if thresholds is None:
+        thresholds, fewest, most = [0.0] * cfg.num_experts, cfg.top_k, cfg.top_k
+    else:
+        fewest, most = cfg.min_experts_per_token, cfg.max_experts
+    return [threshold_experts([float(v) for v in s.detach()], thresholds, fewest, most)
+            for s in scores_per_token]
 
 
 def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
@@ -153,12 +176,15 @@ def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
 
 
 def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, ids=None,
-                  expert_bias=None, seq_len: int | None = None, replay: bool = False):
+                  expert_bias=None, seq_len: int | None = None, replay: bool = False,
+                  thresholds=None):
     """The layer by hand, float64. ids: each token's experts when they cannot be
     recomputed here (hash, balanced in training), or, with replay, the experts a
-    replayed forward was given. Null experts (ids num_experts.. num_experts + N - 1)
-    add 0, or the input for null_expert_kind="copy", times their weight. Returns a dict
-    with y [T, D], ids, keep, balance, z, counts (real experts), null_counts."""
+    replayed forward was given. thresholds: router="expert_threshold"'s stored
+    thresholds (None before its first update). Null experts (ids num_experts..
+    num_experts + N - 1) add 0, or the input for null_expert_kind="copy", times their
+    weight. Returns a dict with y [T, D], ids, keep, balance, z, counts (real experts),
+    null_counts."""
     T = x_TD.shape[0]
     scored = [token_scores(cfg, p, x_TD[t]) for t in range(T)] if "router.weight" in p else \
         [(torch.zeros(cfg.num_experts, dtype=torch.float64),) * 2
@@ -168,12 +194,14 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
         token_ids = [list(map(int, row)) for row in ids]
     elif cfg.router == "expert_choice":
         token_ids = expert_choice_ids(cfg, [s[1] for s in scored])
+    elif cfg.router == "expert_threshold":
+        token_ids = expert_threshold_ids(cfg, [s[1] for s in scored], thresholds)
     elif cfg.router == "dense":
         token_ids = [list(range(cfg.num_experts)) for _ in range(T)]
     else:
         token_ids = [select_topk(cfg, s[1], expert_bias) for s in scored]
     weights = [token_weights(cfg, s[0], s[1], e) for s, e in zip(scored, token_ids)]
-    keep = [[True] * len(e) for e in token_ids] if cfg.router == "expert_choice" else \
+    keep = [[True] * len(e) for e in token_ids] if cfg.router_sets_load else \
         keep_assignments(cfg, token_ids, [w.detach().tolist() for w in weights], seq_len)
     E, N = cfg.num_experts, getattr(cfg, "num_null_experts", 0)
     counts, null_counts = [0] * E, [0] * N

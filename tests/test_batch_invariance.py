@@ -20,6 +20,8 @@ ROUTINGS = {
                                    shared_expert_gate=True, bias=True, router_bias=True),
     "gelu-dense": dict(activation="gelu", router="dense", top_k=8),
     "hash-relu": dict(router="hash", activation="relu", top_k=1),
+    "expert-threshold": dict(router="expert_threshold", score_func="sigmoid",
+                             min_experts_per_token=1, max_experts_per_token=3),
 }
 BACKENDS = ["fused", "loop", "grouped_mm"]
 
@@ -32,6 +34,9 @@ def _layer(routing: str, backend: str, dtype: torch.dtype, seed: int = 0) -> MoE
     moe = MoE(config).to(dtype).eval()
     if config.expert_bias:
         moe.router.expert_bias.normal_(0.0, 0.1)  # so that it changes selections
+    if config.router == "expert_threshold":  # warm thresholds: tokens get 1 to 3 experts
+        moe.router.thresholds.fill_(0.5)
+        moe.router.threshold_updates.fill_(1)
     return moe
 
 

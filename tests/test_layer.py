@@ -37,6 +37,8 @@ def check_against_reference(moe: moekit.MoE, num_tokens: int, dtype=torch.float3
     upstream = torch.randn(num_tokens, cfg.dim, generator=gen).to(device, dtype)
     expert_bias = None if getattr(moe.router, "expert_bias", None) is None \
         else moe.router.expert_bias.tolist()  # the bias before this step's update
+    warm = getattr(moe.router, "threshold_updates", 0) > 0  # router="expert_threshold"
+    thresholds = moe.router.thresholds.tolist() if warm else None
     moe.train()
     shape = (batch, num_tokens // batch, cfg.dim) if batch else x.shape
     ids_shape = shape[:-1]
@@ -49,7 +51,8 @@ def check_against_reference(moe: moekit.MoE, num_tokens: int, dtype=torch.float3
     p = float64_params(moe)
     x64 = x.detach().cpu().double().requires_grad_()
     ref = reference_moe(cfg, p, x64, ids=aux.expert_indices.tolist(), expert_bias=expert_bias,
-                        seq_len=shape[1] if batch else None, replay=expert_indices is not None)
+                        seq_len=shape[1] if batch else None, replay=expert_indices is not None,
+                        thresholds=thresholds)
     loss_ref = cfg.balance_loss_weight * ref["balance"] + cfg.z_loss_weight * ref["z"]
     ((ref["y"] * upstream.cpu().double()).sum() + loss_ref).backward()
 

@@ -22,7 +22,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Override flags of `train` and `compare`, each named as the config field it sets.
 MOE_FLAGS = ("num_experts", "top_k", "expert_dim", "router", "score_func", "capacity_factor",
              "balance_loss_weight", "balance_scope", "z_loss_weight", "bias_update_rate", "num_shared_experts",
-             "num_null_experts")
+             "num_null_experts",
+             "threshold_decay", "min_experts_per_token", "max_experts_per_token")
 LAYOUT_FLAGS = ("moe_every", "first_dense_layers")  # LMConfig fields that need an MoE preset
 TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "seed", "eval_every", "save_every",
                "grad_accum", "warmup_steps", "autocast")
@@ -71,6 +72,12 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     moe.add_argument("--num-null-experts", type=int,
                      help="zero-computation experts (MoE++) the router may pick besides the "
                           "real ones (router topk); the balance loss covers them too")
+    moe.add_argument("--threshold-decay", type=float,
+                     help="--router expert_threshold: decay of the running thresholds per step")
+    moe.add_argument("--min-experts-per-token", type=int,
+                     help="--router expert_threshold: fewest experts a token gets")
+    moe.add_argument("--max-experts-per-token", type=int,
+                     help="--router expert_threshold: most experts a token gets")
     moe.add_argument("--moe-every", type=int, help="every N-th block is MoE, the others dense")
     moe.add_argument("--first-dense-layers", type=int, help="keep the first N blocks dense")
 

@@ -12,8 +12,9 @@ from moekit.dispatch.permute import combine_rows, dispatch_rows, permute_tokens,
 
 def build_dispatcher(config: MoEConfig) -> LocalDispatcher:
     """Dropless when config.dropless, capacity-limited otherwise.
-    Expert choice builds its capacity into the routing, so it never drops here."""
-    if config.dropless or config.router == "expert_choice":
+    Expert choice and expert threshold build their load into the routing, so they never
+    drop here."""
+    if config.dropless or config.router_sets_load:
         return LocalDispatcher(config.num_experts)
     return CapacityDispatcher(config.num_experts, config.capacity_factor,
                               config.min_capacity, config.drop_policy, config.expert_capacity,

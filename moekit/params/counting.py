@@ -64,8 +64,8 @@ def moe_layer_parameters(moe: MoEConfig) -> dict[str, ParamCount]:
 
     Routed: E experts of first projection D x (2F gated, else F) and down F x D,
     plus biases (2F or F, and D) with ``bias``; a token activates top_k of them
-    (for router="expert_choice", top_k is the mean per token at capacity_factor 1);
-    the layer's ``output_bias`` (D, every token) is counted here too.
+    (for router="expert_choice" and "expert_threshold", top_k is the mean per token at
+    capacity_factor 1); the layer's ``output_bias`` (D, every token) is counted here too.
     Shared: one FFN of width num_shared_experts * shared_expert_dim, all active,
     with the D -> 1 ``shared_expert_gate``. Router: weight E x D, bias E with
     ``router_bias``, noise weight E x D with router_noise="gaussian" (used in

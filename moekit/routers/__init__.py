@@ -15,12 +15,14 @@ from moekit.routers.balanced import BalancedRouter, balanced_assignment
 from moekit.routers.base import LinearRouter
 from moekit.routers.dense import DenseRouter
 from moekit.routers.expert_choice import ExpertChoiceRouter
+from moekit.routers.expert_threshold import ExpertThresholdRouter
 from moekit.routers.hash import HashRouter, hash_experts
 from moekit.routers.topk import TopKRouter, route_topk
 
 ROUTERS: dict[str, type[nn.Module]] = {
     "topk": TopKRouter,
     "expert_choice": ExpertChoiceRouter,
+    "expert_threshold": ExpertThresholdRouter,
     "hash": HashRouter,
     "balanced": BalancedRouter,
     "dense": DenseRouter,
@@ -32,6 +34,6 @@ def build_router(config: MoEConfig) -> nn.Module:
     return ROUTERS[config.router](config)
 
 
-__all__ = ["ROUTERS", "BalancedRouter", "DenseRouter", "ExpertChoiceRouter", "HashRouter",
-           "LinearRouter", "TopKRouter", "balanced_assignment", "build_router", "hash_experts",
-           "route_topk"]
+__all__ = ["ROUTERS", "BalancedRouter", "DenseRouter", "ExpertChoiceRouter",
+           "ExpertThresholdRouter", "HashRouter", "LinearRouter", "TopKRouter",
+           "balanced_assignment", "build_router", "hash_experts", "route_topk"]

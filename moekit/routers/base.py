@@ -79,3 +79,12 @@ class LinearRouter(nn.Module):
         """Record what a training forward routed, for balancing state that moves once per
         optimizer step (moekit.balancing.router_step). Routers without such state
         record nothing."""
+
+    def step_record(self) -> torch.Tensor | None:
+        """What record_routing recorded since the last optimizer step, as one tensor that
+        moekit.router_step sums over the ranks; None for routers without such state."""
+        return None
+
+    def apply_step(self, record: torch.Tensor) -> None:
+        """Move the balancing state from ``record`` (step_record summed over the ranks) and
+        start the records again; called once per optimizer step by moekit.router_step."""

@@ -67,6 +67,13 @@ class TopKRouter(LinearRouter):
         if self.routed_load is not None and not recomputing():
             self.routed_load += expert_counts(routing.expert_indices, self.config.num_router_slots)
 
+    def step_record(self) -> torch.Tensor | None:
+        """routed_load [E] int64 with bias_update_rate > 0, else None."""
+        return self.routed_load
+
+    def apply_step(self, record: torch.Tensor) -> None:
+        self.apply_bias_update(record)
+
     def apply_bias_update(self, load_E: torch.Tensor) -> None:
         """bias += rate * sign(mean(load) - load) for load_E [E], the counts over every rank
         since the last update; then routed_load starts again from 0."""
