@@ -22,7 +22,7 @@ class SharedExperts(nn.Module):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         D, H = config.dim, config.shared_hidden_dim
-        self.activation = config.activation
+        self.activation, self.activation_params = config.activation, config.activation_params
         self.gate_proj = nn.Linear(D, H, bias=config.bias) if config.is_gated else None
         self.up_proj = nn.Linear(D, H, bias=config.bias)
         self.down_proj = nn.Linear(H, D, bias=config.bias)
@@ -33,7 +33,7 @@ class SharedExperts(nn.Module):
         if self.gate_proj is None:
             h = apply_activation(up, self.activation)
         else:
-            h = gated_activation(self.gate_proj(x_TD), up, self.activation)
+            h = gated_activation(self.gate_proj(x_TD), up, self.activation, self.activation_params)
         out = self.down_proj(h)
         if self.shared_expert_gate is not None:
             out = torch.sigmoid(self.shared_expert_gate(x_TD)) * out
