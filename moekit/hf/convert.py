@@ -4,7 +4,9 @@
 moves every tensor across; ``to_hf(moe, block)`` writes them back. Conversion
 is strict: every source tensor is consumed, every target tensor is written
 (a leftover or missing key is a ValueError naming it), shapes must match, and
-values are moved bit for bit, keeping each tensor's dtype and device.
+values are moved bit for bit, keeping each tensor's dtype and device. Tensors
+transformers stores in another layout (GPT-OSS's and Llama 4's transposed experts,
+GPT-OSS's interleaved gate/up) are permuted into moekit's and back: a copy each way.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.hf.families import FAMILIES, Family, family_of
+from moekit.hf.families import FAMILIES, Family, Relaid, family_of
 from moekit.layer import MoE
 
 # transformers' hidden_act -> moekit activation, for gated (gate_up_proj) and plain experts.
@@ -25,7 +27,8 @@ PLAIN_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "r
 _ROUTING_FIELDS = frozenset({
     "dim", "expert_dim", "num_experts", "top_k", "router", "score_func", "normalize_topk",
     "route_scale", "num_groups", "topk_groups", "activation", "bias", "num_shared_experts",
-    "shared_expert_dim", "shared_expert_gate", "router_bias"})
+    "shared_expert_dim", "shared_expert_gate", "router_bias", "swiglu_alpha", "swiglu_limit",
+    "combine_weights_on"})
 
 
 def require_family(block: nn.Module) -> Family:
@@ -117,6 +120,10 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
     family = require_family(block)
     if family.router == "switch":
         return _with_overrides(switch_fields(block), overrides)
+    if family.router == "gpt_oss":
+        return _with_overrides(gpt_oss_fields(block), overrides)
+    if family.router == "llama4":
+        return _with_overrides(llama4_fields(block), overrides)
     gate, experts = block.gate, block.experts
     jitter = getattr(block, "jitter_noise", 0.0)
     if jitter:
@@ -163,6 +170,36 @@ def switch_fields(block: nn.Module) -> dict:
     return fields
 
 
+def gpt_oss_fields(block: nn.Module) -> dict:
+    """The MoEConfig fields of a GptOssMLP: top-k over the biased router logits, softmax over
+    those k (= softmax over E, top-k, renormalised), experts with biases and the clamped
+    SwiGLU with the experts' alpha and limit (config.swiglu_alpha, swiglu_limit)."""
+    router, experts = block.router, block.experts
+    num_experts, expert_dim, dim = experts.down_proj.shape  # [E, F, D]: transposed
+    return dict(dim=dim, expert_dim=expert_dim, num_experts=num_experts, top_k=router.top_k,
+                router_bias=True, bias=True, activation="clamped_swiglu",
+                swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit))
+
+
+def llama4_fields(block: nn.Module) -> dict:
+    """The MoEConfig fields of a Llama4TextMoe: top-k over the router logits, each choice's
+    input scaled by sigmoid(logit) (combine_weights_on="input"), SwiGLU experts and one shared
+    expert; a ValueError for an activation moekit has no gated form of, or one the shared
+    expert does not share."""
+    name, experts, shared = type(block).__name__, block.experts, block.shared_expert
+    act, shared_act = computed_activation(experts.act_fn), computed_activation(shared.activation_fn)
+    if act not in GATED_ACTIVATIONS or shared_act != act:
+        raise ValueError(f"{name}: {describe_activation(experts)} (experts) and "
+                         f"{type(shared.activation_fn).__name__} (shared expert) must be one of "
+                         f"moekit's gated activations, the same in both; supported: "
+                         f"{', '.join(GATED_ACTIVATIONS)}")
+    num_experts, expert_dim, dim = experts.down_proj.shape  # [E, F, D]: transposed
+    return dict(dim=dim, expert_dim=expert_dim, num_experts=num_experts,
+                top_k=block.router.top_k, score_func="sigmoid", normalize_topk=False,
+                combine_weights_on="input", activation=GATED_ACTIVATIONS[act],
+                num_shared_experts=1, shared_expert_dim=shared.gate_proj.out_features)
+
+
 def _with_overrides(fields: dict, overrides: dict) -> MoEConfig:
     determined = sorted(set(fields) & set(overrides))
     if determined:
@@ -175,7 +212,9 @@ def from_hf(block: nn.Module, *, copy: bool = True, **overrides) -> MoE:
 
     copy=True clones every tensor; copy=False shares the block's parameters
     and buffers (the block must not be used afterwards, as ``patch`` does),
-    except per-expert tensors stacked into one (Switch), which are copies.
+    except per-expert tensors stacked into one (Switch) and tensors in another
+    layout (GPT-OSS's and Llama 4's transposed experts, GPT-OSS's interleaved
+    gate/up), which are converted copies.
     overrides: MoEConfig fields the block does not determine.
     The result is in the block's training mode.
     """
@@ -206,8 +245,9 @@ def to_hf(moe: MoE, block: nn.Module, *, copy: bool = True) -> nn.Module:
 def transfer(source: nn.Module, target: nn.Module, names: dict, copy: bool = True) -> int:
     """Move every tensor of source's state dict to target's, renamed by
     ``names`` {source key: target key}; return how many were moved. A tuple of
-    keys on one side is one tensor per expert, stacked on dim 0 on the other
-    (stacking always copies; unstacked tensors are views unless copy).
+    keys on one side is one tensor per expert, stacked on dim 0 on the other; a
+    ``Relaid`` key is a tensor in another layout on that side, converted (stacking and
+    conversion always copy, and keep requires_grad; other tensors are views unless copy).
 
     Strict: a source key not in names, a name not in source, a target key
     not written or a shape mismatch is a ValueError naming the keys, raised
@@ -223,18 +263,43 @@ def transfer(source: nn.Module, target: nn.Module, names: dict, copy: bool = Tru
     if mismatched:
         raise ValueError("shape mismatch: " + "; ".join(mismatched))
     for s, t in names.items():
-        value = torch.stack([source_state[k] for k in s]) if isinstance(s, tuple) else source_state[s]
+        if isinstance(s, (tuple, Relaid)) or isinstance(t, Relaid):  # a new tensor
+            requires_grad = any(source_state[k].requires_grad for k in _keys([s]))
+            with torch.no_grad():
+                value = _read(source_state, s)
+                value = t.to_hf(value) if isinstance(t, Relaid) else value
+            keys = [(i, k) for i, k in enumerate(t)] if isinstance(t, tuple) else [(None, t)]
+            for i, key in keys:
+                _assign(target, _key(key), value if i is None else value[i], False, requires_grad)
+            continue
         for i, key in enumerate(t) if isinstance(t, tuple) else [(None, t)]:
+            value = source_state[s]
             _assign(target, key, value if i is None else value[i], copy)
     return len(names)
 
 
+def _read(state: dict, key) -> torch.Tensor:
+    """state[key] in moekit's layout: stacked for a tuple of keys, converted for a Relaid."""
+    if isinstance(key, tuple):
+        return torch.stack([state[k] for k in key])
+    if isinstance(key, Relaid):
+        return key.to_moekit(state[key.key])
+    return state[key]
+
+
+def _key(key) -> str:
+    return key.key if isinstance(key, Relaid) else key
+
+
 def _keys(keys) -> set[str]:
-    return {k for key in keys for k in (key if isinstance(key, tuple) else (key,))}
+    return {_key(k) for key in keys for k in (key if isinstance(key, tuple) else (key,))}
 
 
 def _shape(state: dict, key) -> tuple[int, ...]:
-    """The shape of state[key], or of the stacked tensors of a tuple of keys."""
+    """The shape of state[key] in moekit's layout (of the stacked tensors of a tuple of keys,
+    converted for a Relaid)."""
+    if isinstance(key, Relaid):
+        return key.moekit_shape(tuple(state[key.key].shape))
     if not isinstance(key, tuple):
         return tuple(state[key].shape)
     shapes = {tuple(state[k].shape) for k in key}
@@ -248,15 +313,21 @@ def _require_same_keys(what: str, present: set[str], expected: set[str]) -> None
                          f"missing {missing}, not mapped {leftover}")
 
 
-def _assign(root: nn.Module, key: str, value: torch.Tensor, copy: bool) -> None:
-    """root's tensor at ``key`` := value (cloned if copy, else shared)."""
+def _assign(root: nn.Module, key: str, value: torch.Tensor, copy: bool,
+            requires_grad: bool | None = None) -> None:
+    """root's tensor at ``key`` := value (cloned if copy, else shared); a new parameter
+    requires grad as ``requires_grad`` says (None: as value does)."""
     module_path, _, leaf = key.rpartition(".")
     parent = root.get_submodule(module_path)
+    if requires_grad is None:
+        requires_grad = value.requires_grad
     if leaf in parent._parameters:
         if copy:
-            parameter = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+            parameter = nn.Parameter(value.detach().clone(), requires_grad=requires_grad)
+        elif isinstance(value, nn.Parameter):
+            parameter = value
         else:
-            parameter = value if isinstance(value, nn.Parameter) else nn.Parameter(value.detach())
+            parameter = nn.Parameter(value.detach(), requires_grad=requires_grad)
         parent._parameters[leaf] = parameter
     else:
         parent._buffers[leaf] = value.detach().clone() if copy else value.detach()

@@ -1,5 +1,7 @@
 """Tiny random-weight transformers MoE models, one per supported family (no downloads),
-and tiny configs of MoE families moekit does not convert (``OTHER_CONFIGS``).
+and tiny configs of other MoE families (``OTHER_CONFIGS``): those moekit does not convert,
+and those with their own block layout, tested in their own files (Switch Transformers,
+GPT-OSS, Llama 4: tests/hf/test_switch.py, test_gpt_oss.py, test_llama4.py).
 
 Weights are redrawn at a scale where routing and every expert matter (the
 models' own init, std 0.02, makes the logits nearly constant), and sigmoid
@@ -59,7 +61,7 @@ def _dbrx(**kw):
 
 
 _NO_HEAD_DIM = {k: v for k, v in _COMMON.items() if k != "head_dim"}
-# MoE families with no moekit conversion: {model type: config factory}, for AutoModel.
+# MoE families outside CONFIGS: {model type: config factory}, for AutoModel.
 OTHER_CONFIGS = {
     "switch_transformers": lambda **kw: transformers.SwitchTransformersConfig(**dict(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=16, num_layers=2, num_decoder_layers=2,
@@ -138,3 +140,31 @@ def moe_blocks(model) -> dict[str, torch.nn.Module]:
     """{name: block} of the model's supported transformers MoE blocks."""
     from moekit.hf import family_of
     return {name: m for name, m in model.named_modules() if family_of(m) is not None}
+
+
+def moekit_layout_grads(model, blocks: list[str]) -> dict[str, torch.Tensor]:
+    """Every gradient of model (zeros where none flowed), those of the MoE ``blocks`` under
+    moekit's parameter names and in moekit's layout (a patched block's as they are; an eager
+    block's stacked or converted through its family's parameter_names)."""
+    from moekit.hf import family_of
+    from moekit.hf.families import Relaid
+
+    def grad(parameter):
+        return torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
+
+    grads = {n: grad(p) for n, p in model.named_parameters()
+             if not any(n.startswith(b + ".") for b in blocks)}
+    for name in blocks:
+        block = model.get_submodule(name)
+        if hasattr(block, "moe"):
+            grads.update({f"{name}.{n}": grad(p) for n, p in block.moe.named_parameters()})
+            continue
+        parameters = dict(block.named_parameters())
+        for ours, theirs in family_of(block).parameter_names(block).items():
+            if isinstance(theirs, tuple):
+                grads[f"{name}.{ours}"] = torch.stack([grad(parameters[k]) for k in theirs])
+            elif isinstance(theirs, Relaid):
+                grads[f"{name}.{ours}"] = theirs.to_moekit(grad(parameters[theirs.key]))
+            else:
+                grads[f"{name}.{ours}"] = grad(parameters[theirs])
+    return grads
