@@ -14,7 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from typing import NamedTuple
+
 from moekit.config import MoEConfig
+from moekit.experts.activations import DEFAULT_PARAMS, ActivationParams
 from moekit.hf.families import FAMILIES, Family, Relaid, family_of
 from moekit.layer import MoE
 
@@ -40,21 +43,57 @@ def require_family(block: nn.Module) -> Family:
     return family
 
 
-def experts_activation(experts: nn.Module) -> str:
-    """moekit activation of a transformers experts module whose layout moekit
-    shares (gate_up_proj [E, 2F, D] with gate rows first, or up_proj [E, F, D];
-    down_proj [E, D, F]; biases [E, 2F]/[E, F] and [E, D] if any; act(gate) * up);
-    a ValueError naming what differs otherwise."""
+# Gating functions of transformers experts classes (their _apply_gate) that moekit computes,
+# by qualified name: the clamped SwiGLU of GPT-OSS (gate/up interleaved, is_concatenated=False)
+# and of the OpenAI privacy filter (concatenated), with the module's alpha and limit.
+KNOWN_GATES = {"GptOssExperts._apply_gate": "clamped_swiglu",
+               "OpenAIPrivacyFilterExperts._apply_gate": "clamped_swiglu"}
+
+
+class ExpertsLayout(NamedTuple):
+    """How a transformers experts module stores and computes what moekit's Experts do.
+
+    activation, params: the moekit activation and its ActivationParams.
+    transposed: weights stored [E, in, out] (is_transposed): gate_up_proj [E, D, 2F],
+        down_proj [E, F, D]; moekit's are [E, out, in].
+    interleaved: gate and up alternate along 2F (is_concatenated=False).
+    """
+
+    activation: str
+    params: ActivationParams
+    transposed: bool
+    interleaved: bool
+
+
+def experts_layout(experts: nn.Module) -> ExpertsLayout:
+    """The ExpertsLayout of a transformers experts module (the experts interface) that moekit
+    computes: gate_up_proj with act(gate) * up or a gating function of KNOWN_GATES, or up_proj
+    with act(h); biases or not; transposed or not; a ValueError naming what it cannot."""
     name = type(experts).__name__
-    layout = {"is_transposed": False, "is_concatenated": True, "has_post_expert_norm": False}
-    for attribute, wanted in layout.items():
-        if getattr(experts, attribute, wanted) != wanted:
-            raise ValueError(f"{name}: {attribute}={getattr(experts, attribute)!r} is not supported "
-                             f"(moekit needs {attribute}={wanted})")
+    if getattr(experts, "has_post_expert_norm", False):
+        raise ValueError(f"{name}: has_post_expert_norm=True is not supported "
+                         "(moekit needs has_post_expert_norm=False)")
+    transposed = bool(getattr(experts, "is_transposed", False))
+    interleaved = not getattr(experts, "is_concatenated", True)
     apply_gate = getattr(type(experts), "_apply_gate", None)
     if apply_gate is not None and apply_gate.__qualname__ != "_default_apply_gate":
-        raise ValueError(f"{name} has its own gating function (_apply_gate); moekit supports "
-                         "act(gate) * up only")
+        if apply_gate.__qualname__ not in KNOWN_GATES:
+            raise ValueError(f"{name} has its own gating function (_apply_gate); moekit supports "
+                             "act(gate) * up and the gating functions of "
+                             f"{', '.join(sorted(KNOWN_GATES))}")
+        params = ActivationParams(float(experts.alpha), float(experts.limit))
+        return ExpertsLayout(KNOWN_GATES[apply_gate.__qualname__], params, transposed, interleaved)
+    if interleaved:
+        raise ValueError(f"{name}: is_concatenated=False is not supported with the default gating "
+                         "function (which splits gate_up in halves)")
+    return ExpertsLayout(experts_activation(experts), DEFAULT_PARAMS, transposed, False)
+
+
+def experts_activation(experts: nn.Module) -> str:
+    """moekit activation of a transformers experts module computing act(gate) * up on
+    gate_up_proj (gate half first) or act(h) on up_proj; a ValueError naming an activation
+    moekit has no form of."""
+    name = type(experts).__name__
     gated = getattr(experts, "has_gate", True)
     activations = GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS
     act = activation_name(experts)
