@@ -11,10 +11,10 @@ GPT-OSS's interleaved gate/up) are permuted into moekit's and back: a copy each 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
-
-from typing import NamedTuple
 
 from moekit.config import MoEConfig
 from moekit.experts.activations import DEFAULT_PARAMS, ActivationParams
