@@ -133,7 +133,8 @@ _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def experts_view(hf_experts: nn.Module) -> Experts:
     """A moekit Experts module computing what hf_experts computes, on its weights: its own
     parameters (shared) where the layout is moekit's; where not (transposed, interleaved), a
-    differentiable conversion of them, made again at each call of this function.
+    differentiable conversion of them, made again at each call of this function (and dropped
+    by release_conversions after moekit's forward).
 
     Built on the meta device, so nothing is allocated; ValueError if the
     layout is not one moekit computes (see ``experts_layout``) or a shape does not fit it.
@@ -191,5 +192,16 @@ def moekit_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
         raise ValueError(f"{type(self).__name__}: transformers' expert parallelism is not supported "
                          "by the moekit experts backend; use moekit.parallel on a patched model")
     experts = experts_view(self)
-    plan = plan_dispatch(top_k_index.long(), top_k_weights, experts.num_local_experts)
-    return experts(hidden_states, plan).to(hidden_states.dtype)
+    try:
+        plan = plan_dispatch(top_k_index.long(), top_k_weights, experts.num_local_experts)
+        return experts(hidden_states, plan).to(hidden_states.dtype)
+    finally:
+        release_conversions(self)
+
+
+def release_conversions(hf_experts: nn.Module) -> None:
+    """Drop the cached view's converted weights (see experts_view) after a call, so that the
+    copy lives only as long as the call and autograd's graph need it."""
+    cached = _VIEWS.get(hf_experts)
+    for name in cached[3] if cached is not None else ():
+        setattr(cached[2], name, None)

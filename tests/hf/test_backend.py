@@ -126,7 +126,7 @@ def test_gpt_oss_transposed_interleaved_clamped_experts_match_eager(limit):
 
 
 def test_gpt_oss_experts_view_converts_at_each_call_and_shares_the_rest():
-    from moekit.hf.backend import experts_view
+    from moekit.hf.backend import experts_view, release_conversions
 
     experts = _gpt_oss().model.layers[0].mlp.experts
     view = experts_view(experts)
@@ -140,6 +140,9 @@ def test_gpt_oss_experts_view_converts_at_each_call_and_shares_the_rest():
         experts.down_proj.add_(1.0)  # trained in place: the next call sees it
     assert experts_view(experts) is view
     assert torch.equal(view.down_proj, experts.down_proj.transpose(1, 2))
+    release_conversions(experts)  # after a forward: the copies are not kept between calls
+    assert view.down_proj is None and view.gate_up_proj is None
+    assert view.down_proj_bias is experts.down_proj_bias
 
 
 def test_gpt_oss_bf16_block_outputs_are_as_close_to_eager_as_grouped_mm():
