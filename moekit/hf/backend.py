@@ -28,8 +28,8 @@ from moekit.config import MoEConfig
 from moekit.dispatch import plan_dispatch
 from moekit.experts import Experts
 from moekit.hf.blocks import interface_experts, moe_blocks
-from moekit.hf.convert import experts_layout
 from moekit.hf.families import Relaid
+from moekit.hf.layouts import experts_layout
 
 BACKEND_NAME = "moekit"
 _REGISTERED: set[str] = set()  # the names register() gave moekit's forward
