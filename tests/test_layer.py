@@ -100,6 +100,7 @@ CASES = [
     dict(num_experts=8, top_k=2, experts_backend="grouped_mm", capacity_factor=1.0),
     dict(num_experts=6, top_k=2, experts_backend="loop", bias=True, num_shared_experts=1),
     dict(num_experts=6, top_k=2, activation="clamped_swiglu", bias=True, router_bias=True),
+    dict(num_experts=6, top_k=2, activation="clamped_swiglu", swiglu_limit=0.5, bias=True),
     dict(num_experts=6, top_k=2, activation="clamped_swiglu", swiglu_alpha=0.7, swiglu_limit=0.5,
          num_shared_experts=1, experts_backend="loop"),
     dict(num_experts=4, top_k=1, activation="clamped_swiglu", swiglu_limit=0.5,

@@ -106,8 +106,10 @@ def activate_no_grad(h: torch.Tensor, name: str,
 def activation_backward(h: torch.Tensor, grad_a: torch.Tensor, name: str,
                         params: ActivationParams = DEFAULT_PARAMS
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act(h), dL/dh) for a pre-activation h and the gradient grad_a of act(h). SwiGLU by hand
-    (no concatenation); the others through a local autograd call."""
+    """(act(h), dL/dh) for a pre-activation h and the gradient grad_a of act(h). SwiGLU and
+    clamped_swiglu by hand (no concatenation); the others through a local autograd call."""
+    if name == "clamped_swiglu":
+        return _clamped_swiglu_backward(h, grad_a, params)
     if name == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         sig = torch.sigmoid(gate)
@@ -123,3 +125,23 @@ def activation_backward(h: torch.Tensor, grad_a: torch.Tensor, name: str,
         a = apply_activation(h, name, params)
     (grad_h,) = torch.autograd.grad(a, h, grad_a)
     return a.detach(), grad_h
+
+
+def _clamped_swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor, params: ActivationParams
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """activation_backward of clamped_swiglu: with g, u the clamped gate and up and
+    s = sigmoid(alpha * g), d/du = g * s and d/dg = (u + 1) * s * (1 + alpha * g * (1 - s)),
+    each zero where its clamp is active (beyond the limit; at it the gradient passes, as
+    torch.clamp's does). The activation equals clamped_swiglu's bit for bit."""
+    gate, up = h.chunk(2, dim=-1)
+    limit, alpha = params.limit, params.alpha
+    g, u_plus_1 = gate.clamp(max=limit), up.clamp(-limit, limit) + 1
+    sig = torch.sigmoid(g * alpha)
+    glu = g * sig
+    grad_h = torch.empty_like(h)
+    grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+    torch.mul(grad_a, glu, out=grad_up)
+    grad_up.masked_fill_(up.abs() > limit, 0)
+    torch.mul(grad_a * u_plus_1, sig * (1 + alpha * g * (1 - sig)), out=grad_gate)
+    grad_gate.masked_fill_(gate > limit, 0)
+    return glu.mul_(u_plus_1), grad_h
