@@ -27,7 +27,7 @@ import itertools
 
 import torch
 
-from moekit.experts.activations import ACTIVATIONS, GATED
+from moekit.experts.activations import ACTIVATIONS, DEFAULT_PARAMS, ActivationParams
 
 ROW_MULTIPLE = 8
 _SQRT_HALF = 0.7071067811865476
@@ -89,12 +89,16 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:  # the exact (erf) GELU
 _ELEMENTWISE = {"silu": _silu, "gelu": _gelu, "relu": torch.relu}
 
 
-def invariant_activation(h: torch.Tensor, name: str) -> torch.Tensor:
+def invariant_activation(h: torch.Tensor, name: str,
+                         params: ActivationParams = DEFAULT_PARAMS) -> torch.Tensor:
     """moekit.experts.activations.apply_activation composed of row-invariant ops:
-    [..., 2F] -> [..., F] gated, [..., F] -> [..., F] plain. Differentiable."""
-    act = _ELEMENTWISE[ACTIVATIONS[name].elementwise]
-    if name in GATED:
-        gate, up = h.chunk(2, dim=-1)
-        return act(gate) * up
-    return act(h)
-
+    [..., 2F] -> [..., F] gated, [..., F] -> [..., F] plain (params: clamped_swiglu's).
+    Differentiable."""
+    activation = ACTIVATIONS[name]
+    if not activation.gated:
+        return _ELEMENTWISE[activation.elementwise](h)
+    gate, up = h.chunk(2, dim=-1)
+    if activation.clamped:  # clamps and products are exact: only the sigmoid needs care
+        gate = gate.clamp(max=params.limit)
+        return (up.clamp(-params.limit, params.limit) + 1) * (gate * invariant_sigmoid(gate * params.alpha))
+    return _ELEMENTWISE[activation.elementwise](gate) * up

@@ -25,6 +25,9 @@ CPU_KERNELS = ("auto", "off")
 BATCH_ROUTERS = ("expert_choice", "balanced")
 BATCH_INVARIANT_BACKENDS = ("auto", "fused", "loop", "grouped_mm")
 NULL_EXPERT_KINDS = ("zero", "copy")
+COMBINE_WEIGHTS_ON = ("output", "input")
+# clamped_swiglu's parameters when unset (GPT-OSS's); moekit.experts.activations.ActivationParams
+DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT = 1.702, 7.0
 
 # A capacity factor this large is a typo, not a wish: capacity is clamped to the
 # token count anyway, so anything above num_experts can never change the result.
@@ -106,7 +109,16 @@ class MoEConfig:
             each sequence (second-to-last dim of x) has its own C per expert, as
             Switch Transformers routes in transformers (needs expert_capacity).
     Experts
-        activation: "swiglu" (default), "geglu", "gelu", "relu" or "silu".
+        activation: "swiglu" (default), "geglu", "gelu", "relu", "silu" or "clamped_swiglu"
+            (GPT-OSS: g = min(gate, swiglu_limit), u = clamp(up, -swiglu_limit, swiglu_limit),
+            (u + 1) * g * sigmoid(swiglu_alpha * g); not run by the native decode kernel nor
+            by the Triton kernels, see moekit/experts/activations.py).
+        swiglu_alpha / swiglu_limit: clamped_swiglu's parameters (default 1.702 and 7.0, as
+            GPT-OSS); another value with another activation is an error.
+        combine_weights_on: where a token's combine weight w multiplies its expert: "output"
+            (default, w * FFN(x)) or "input" (FFN(w * x), Llama 4). "input" runs on the
+            "loop" and "grouped_mm" backends (auto picks one of them) and without expert
+            parallelism or offloading.
         bias: learned biases in the expert projections (off, as in most LLMs).
         num_shared_experts / shared_expert_dim / shared_expert_gate: experts
             that see every token, as in DeepSeek and Qwen2-MoE; their hidden
@@ -175,6 +187,9 @@ class MoEConfig:
     expert_capacity: int | None = None
     capacity_scope: str = "batch"
     activation: str = "swiglu"
+    swiglu_alpha: float = DEFAULT_SWIGLU_ALPHA
+    swiglu_limit: float = DEFAULT_SWIGLU_LIMIT
+    combine_weights_on: str = "output"
     bias: bool = False
     num_shared_experts: int = 0
     shared_expert_dim: int | None = None
@@ -222,6 +237,8 @@ class MoEConfig:
         self._check_capacity()
         from moekit.experts.activations import ACTIVATIONS  # the experts import this module
         require_choice("activation", self.activation, tuple(ACTIVATIONS))
+        self._check_activation_params()
+        require_choice("combine_weights_on", self.combine_weights_on, COMBINE_WEIGHTS_ON)
         require_bool("bias", self.bias)
         require_int("num_shared_experts", self.num_shared_experts, 0)
         if self.shared_expert_dim is not None:
@@ -332,10 +349,28 @@ class MoEConfig:
             raise ValueError(f"batch_invariant=True runs on experts_backend in "
                              f"{BATCH_INVARIANT_BACKENDS}, got {self.experts_backend!r}")
 
+    def _check_activation_params(self) -> None:
+        """swiglu_alpha and swiglu_limit: positive, and set only for clamped_swiglu."""
+        require_float("swiglu_alpha", self.swiglu_alpha, 0.0, open_minimum=True)
+        require_float("swiglu_limit", self.swiglu_limit, 0.0, open_minimum=True)
+        changed = [f"{name}={getattr(self, name)}" for name, default in (
+            ("swiglu_alpha", DEFAULT_SWIGLU_ALPHA), ("swiglu_limit", DEFAULT_SWIGLU_LIMIT))
+            if getattr(self, name) != default]
+        if changed and self.activation != "clamped_swiglu":
+            raise ValueError(f"{', '.join(changed)} apply to activation='clamped_swiglu' only, "
+                             f"got activation={self.activation!r}")
+
     @property
     def is_gated(self) -> bool:
         """True when the activation multiplies a gate by an up projection."""
-        return self.activation in ("swiglu", "geglu")
+        from moekit.experts.activations import GATED  # the experts import this module
+        return self.activation in GATED
+
+    @property
+    def activation_params(self):
+        """The activation's parameters, a moekit.experts.activations.ActivationParams."""
+        from moekit.experts.activations import ActivationParams
+        return ActivationParams(float(self.swiglu_alpha), float(self.swiglu_limit))
 
     @property
     def has_expert_bias(self) -> bool:

@@ -22,15 +22,28 @@ def _act(name: str, h: torch.Tensor) -> torch.Tensor:
             "silu": F.silu}[name](h)
 
 
+_GATED = ("swiglu", "geglu", "clamped_swiglu")
+
+
+def _gated(cfg, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up; clamped_swiglu (GPT-OSS) with the clamps written as torch.where."""
+    if cfg.activation != "clamped_swiglu":
+        return _act(cfg.activation, gate) * up
+    limit = cfg.swiglu_limit
+    gate = torch.where(gate > limit, torch.full_like(gate, limit), gate)
+    up = torch.where(up.abs() > limit, torch.sign(up) * limit, up)
+    return (up + 1) * gate * torch.sigmoid(cfg.swiglu_alpha * gate)
+
+
 def _expert_ffn(cfg, p: dict, e: int, x_D: torch.Tensor) -> torch.Tensor:
     F_ = cfg.expert_dim
-    if cfg.activation in ("swiglu", "geglu"):
+    if cfg.activation in _GATED:
         w1 = p["experts.gate_up_proj"][e]
         gate, up = w1[:F_] @ x_D, w1[F_:] @ x_D
         if cfg.bias:
             b1 = p["experts.gate_up_proj_bias"][e]
             gate, up = gate + b1[:F_], up + b1[F_:]
-        h = _act(cfg.activation, gate) * up
+        h = _gated(cfg, gate, up)
     else:
         h = p["experts.up_proj"][e] @ x_D
         if cfg.bias:
@@ -47,8 +60,8 @@ def _shared_ffn(cfg, p: dict, x_D: torch.Tensor) -> torch.Tensor:
         out = p[f"shared_experts.{name}.weight"] @ v
         bias = p.get(f"shared_experts.{name}.bias")
         return out if bias is None else out + bias
-    if cfg.activation in ("swiglu", "geglu"):
-        h = _act(cfg.activation, linear("gate_proj", x_D)) * linear("up_proj", x_D)
+    if cfg.activation in _GATED:
+        h = _gated(cfg, linear("gate_proj", x_D), linear("up_proj", x_D))
     else:
         h = _act(cfg.activation, linear("up_proj", x_D))
     out = linear("down_proj", h)
@@ -215,7 +228,10 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
                     y = y + weights[t][j] * x_TD[t]
             elif keep[t][j]:
                 counts[e] += 1
-                y = y + weights[t][j] * _expert_ffn(cfg, p, e, x_TD[t])
+                if getattr(cfg, "combine_weights_on", "output") == "input":  # Llama 4
+                    y = y + _expert_ffn(cfg, p, e, weights[t][j] * x_TD[t])
+                else:
+                    y = y + weights[t][j] * _expert_ffn(cfg, p, e, x_TD[t])
         if cfg.num_shared_experts:
             y = y + _shared_ffn(cfg, p, x_TD[t])
         if cfg.output_bias:

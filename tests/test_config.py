@@ -78,6 +78,14 @@ BASE = dict(dim=8, expert_dim=16, num_experts=4, top_k=2)
     (dict(balance_scope="token"), ValueError, r"balance_scope must be one of 'batch', 'sequence', 'global'; "
                                               r"got 'token'"),
     (dict(slots_per_expert=0), ValueError, r"slots_per_expert must be >= 1, got 0"),
+    (dict(swiglu_limit=3.0), ValueError, r"swiglu_limit=3.0 apply to activation='clamped_swiglu' "
+                                         r"only, got activation='swiglu'"),
+    (dict(activation="gelu", swiglu_alpha=1.0), ValueError, r"swiglu_alpha=1.0 apply to"),
+    (dict(activation="clamped_swiglu", swiglu_limit=0.0), ValueError,
+     r"swiglu_limit must be a finite number > 0.0, got 0.0"),
+    (dict(activation="clamped_swiglu", swiglu_alpha="1"), TypeError, r"swiglu_alpha must be a number"),
+    (dict(combine_weights_on="both"), ValueError, r"combine_weights_on must be one of 'output', "
+                                                  r"'input'; got 'both'"),
 ])
 def test_bad_values_are_rejected_with_a_clear_message(changes, error, match):
     with pytest.raises(error, match=match):
@@ -90,6 +98,9 @@ def test_defaults_are_the_documented_ones():
     assert cfg.capacity_factor is None and cfg.dropless
     assert cfg.activation == "swiglu" and cfg.is_gated and not cfg.bias
     assert cfg.balance_loss_weight == 0.01 and cfg.z_loss_weight == 0.0
+    assert cfg.combine_weights_on == "output"
+    assert (cfg.swiglu_alpha, cfg.swiglu_limit) == (1.702, 7.0)  # GPT-OSS's, for clamped_swiglu
+    assert MoEConfig(**BASE, activation="clamped_swiglu").is_gated
 
 
 def test_replace_revalidates_and_dict_round_trip():

@@ -60,14 +60,17 @@ def dispatch_rows(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     return permute_tokens(x_TD, plan.order_R, plan.top_k)
 
 
-def combine_rows(out_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+def combine_rows(out_RD: torch.Tensor, plan: DispatchPlan, weighted: bool = True) -> torch.Tensor:
     """y_TD [T, D] in out_RD's dtype: each token's rows weighted and summed over its K choices,
     in the combine weights' dtype (float32 for half inputs) and a fixed order; out_RD itself
-    for a rows plan. Differentiable in out_RD and the plan's weights."""
+    for a rows plan. weighted=False sums them with weight 1 (rows weighted on the input side,
+    combine_weights_on="input"). Differentiable in out_RD and the plan's weights."""
     if plan.weights_TK is None:
         return out_RD
     num_tokens, top_k = plan.weights_TK.shape
     out_AD = unpermute(out_RD, plan.order_R, num_tokens * top_k)
     out_TKD = out_AD.view(num_tokens, top_k, out_AD.shape[1]).to(plan.weights_TK.dtype)
+    if not weighted:  # dropped choices are zero rows of out_AD
+        return out_TKD.sum(dim=1).to(out_RD.dtype)
     y_TD = torch.bmm(plan.weights_TK.unsqueeze(1), out_TKD).squeeze(1)
     return y_TD.to(out_RD.dtype)

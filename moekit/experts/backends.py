@@ -8,6 +8,11 @@ A backend is an object with two methods, and optionally a third:
     __call__(experts, x_TD, plan) -> y_TD       the contract of moekit.contract
     describe(experts, x_TD, plan) -> str        which path it takes for this call, and why
 
+A backend reads the experts' config for what the FFN is: ``activation`` with
+``activation_params`` (clamped_swiglu's alpha and limit) and ``combine_weights_on`` ("input":
+each row is weighted before the first product, FFN(w * x)); one that cannot compute an option
+says so in ``unsupported``, never computes something else.
+
 Adding one is one new file plus one line, ``register_backend("name", Backend())``; then
 ``MoEConfig(experts_backend="name")`` selects it. "auto" takes the first of AUTO_ORDER that
 supports the device and dtype.

@@ -37,7 +37,8 @@ from collections.abc import Callable
 import torch
 
 from moekit.batch_invariance import invariant_activation, invariant_mm
-from moekit.experts.activations import activate_no_grad, activation_backward
+from moekit.experts.activations import (DEFAULT_PARAMS, ActivationParams, activate_no_grad,
+                                        activation_backward)
 from moekit.experts.cpu import skinny
 from moekit.routing import autocast_off
 
@@ -73,13 +74,15 @@ ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Ten
 def experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R: torch.Tensor | None,
                     counts: list[int], expert_weights: Callable[[int], ExpertWeights],
                     activation: str, saved_h: list | None = None,
-                    cpu_kernels: str = "auto", batch_invariant: bool = False) -> torch.Tensor:
+                    cpu_kernels: str = "auto", params: ActivationParams = DEFAULT_PARAMS,
+                    batch_invariant: bool = False) -> torch.Tensor:
     """The forward of the fused op, not differentiable by itself: y_TD [T, D] in x's
     dtype. expert_weights(e) is called once for each expert with rows, in expert
     order (so weights may be fetched on demand); saved_h, if given, receives each
     expert's pre-activation h (None for an expert without rows); cpu_kernels "off" keeps
-    the products off the native kernel (MoEConfig.cpu_kernels); batch_invariant: each token's
-    result independent of the other rows (moekit.batch_invariance)."""
+    the products off the native kernel (MoEConfig.cpu_kernels); params: the activation's
+    (MoEConfig.activation_params); batch_invariant: each token's result independent of the
+    other rows (moekit.batch_invariance)."""
     num_tokens, dim = x_TD.shape
     acc = _accumulate_dtype(x_TD.dtype)
     y_TD = torch.zeros(num_tokens, dim, dtype=acc, device=x_TD.device)
@@ -95,7 +98,8 @@ def experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R: torch.
                                  batch_invariant).contiguous()
         if b1_H is not None:
             h += b1_H
-        a = invariant_activation(h, activation) if batch_invariant else activate_no_grad(h, activation)
+        a = invariant_activation(h, activation, params) if batch_invariant \
+            else activate_no_grad(h, activation, params)
         w = None if weights_R is None else weights_R[start:start + n, None].to(a.dtype)
         if w is not None:
             a.mul_(w)
@@ -112,7 +116,7 @@ def experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R: torch.
 def skinny_experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R: torch.Tensor | None,
                            counts: list[int], w1_EHD: torch.Tensor, w2_EDF: torch.Tensor,
                            b1_EH: torch.Tensor | None, b2_ED: torch.Tensor | None, activation: str,
-                           saved_h: list) -> torch.Tensor:
+                           saved_h: list, params: ActivationParams = DEFAULT_PARAMS) -> torch.Tensor:
     """experts_forward for decode-size batches (every expert at most skinny.MAX_ROWS rows, float32):
     all experts' products in two kernel calls and every other step as one op over all R rows,
     instead of a dozen small ops per expert. Same result, same saved_h."""
@@ -120,7 +124,7 @@ def skinny_experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R:
     h_RH = skinny.skinny_grouped(x_TD.index_select(0, token_R), w1_EHD, counts)
     if b1_EH is not None:
         h_RH += b1_EH.repeat_interleave(counts_E, dim=0)
-    a_RF = activate_no_grad(h_RH, activation)
+    a_RF = activate_no_grad(h_RH, activation, params)
     w_R1 = None if weights_R is None else weights_R[:, None].to(a_RF.dtype)
     if w_R1 is not None:
         a_RF.mul_(w_R1)
@@ -135,7 +139,7 @@ def skinny_experts_forward(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R:
 class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R, counts, activation,
-                cpu_kernels, batch_invariant):
+                cpu_kernels, params, batch_invariant):
         def expert_weights(e: int) -> ExpertWeights:
             return (w1_EHD[e], w2_EDF[e], None if b1_EH is None else b1_EH[e],
                     None if b2_ED is None else b2_ED[e])
@@ -144,13 +148,13 @@ class _FusedExperts(torch.autograd.Function):
         if not batch_invariant and skinny.small_batch(max(counts, default=0), x_TD, w1_EHD,
                                                       cpu_kernels=cpu_kernels):
             y_TD = skinny_experts_forward(x_TD, token_R, weights_R, counts, w1_EHD, w2_EDF, b1_EH,
-                                          b2_ED, activation, saved_h)
+                                          b2_ED, activation, saved_h, params)
         else:
             y_TD = experts_forward(x_TD, token_R, weights_R, counts, expert_weights, activation,
-                                   saved_h, cpu_kernels, batch_invariant)
+                                   saved_h, cpu_kernels, params, batch_invariant)
         ctx.save_for_backward(x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R)
         ctx.saved_h, ctx.counts, ctx.activation = saved_h, counts, activation
-        ctx.cpu_kernels = cpu_kernels
+        ctx.cpu_kernels, ctx.params = cpu_kernels, params
         return y_TD
 
     @staticmethod
@@ -203,7 +207,7 @@ class _FusedExperts(torch.autograd.Function):
                 ga_raw = torch.mm(g, w2_EDF[e])             # dL/da, before the weight
             w = None if weights_R is None else weights_R[rows, None].to(ga_raw.dtype)
             a, grad_h = activation_backward(ctx.saved_h[e], ga_raw if w is None else ga_raw * w,
-                                             ctx.activation)
+                                             ctx.activation, ctx.params)
             if need_w:  # g . (a W2^T + b2) = (g W2) . a + g . b2
                 grad_w = (a.to(acc) * ga_raw.to(acc)).sum(-1)
                 if b2_ED is not None:
@@ -226,7 +230,7 @@ class _FusedExperts(torch.autograd.Function):
             grad_x.index_add_(0, token_R, skinny.skinny_grouped(torch.cat(grad_h_parts), w1_EHD,
                                                                 ctx.counts, transpose=False))
         grad_x = None if grad_x is None else grad_x.to(x_TD.dtype)
-        return grad_x, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2, None, None, None, None, None
+        return grad_x, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2, None, None, None, None, None, None
 
 
 @torch.compiler.disable  # data-dependent Python loop: run eagerly inside compiled graphs
@@ -234,15 +238,16 @@ def fused_experts(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R: torch.Te
                   counts_E: list[int], w1_EHD: torch.Tensor, w2_EDF: torch.Tensor,
                   activation: str, b1_EH: torch.Tensor | None = None,
                   b2_ED: torch.Tensor | None = None, cpu_kernels: str = "auto",
+                  params: ActivationParams = DEFAULT_PARAMS,
                   batch_invariant: bool = False) -> torch.Tensor:
     """y_TD [T, D]: sum over rows r of weights_R[r] * FFN_{e(r)}(x_TD[token_R[r]]).
 
     token_R: [R] int64 token of each row, rows grouped by expert (counts_E rows
     each, as Python ints summing to R); weights_R: [R] combine weights or None
-    for 1; cpu_kernels: MoEConfig.cpu_kernels ("off": no native kernel); batch_invariant:
-    MoEConfig.batch_invariant (the forward only; the gradients are those of the same function).
-    Differentiable in
+    for 1; cpu_kernels: MoEConfig.cpu_kernels ("off": no native kernel); params: the
+    activation's (MoEConfig.activation_params); batch_invariant: MoEConfig.batch_invariant
+    (the forward only; the gradients are those of the same function). Differentiable in
     x_TD, weights_R, the weights and biases.
     """
     return _FusedExperts.apply(x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R,
-                               list(counts_E), activation, cpu_kernels, batch_invariant)
+                               list(counts_E), activation, cpu_kernels, params, batch_invariant)

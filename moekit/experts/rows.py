@@ -5,6 +5,9 @@
     out_RD  = matmul(act(h), W2, counts) (+ b2[expert])      [R, D]
     y_TD    = combine_rows(out_RD, plan)                     weighted sum over K
 
+With combine_weights_on="input" the rows are weighted before the first product instead
+(rows_RD * w_R, Llama 4) and summed unweighted.
+
 A row backend supplies only ``matmul(x_RI, w_EOI, counts) -> y_RO`` (rows of expert e times
 w_EOI[e]^T, counts as Python ints, or as the [E] int64 tensor for a matmul that takes it:
 then nothing leaves the device and torch.compile sees no data-dependent break);
@@ -31,6 +34,9 @@ def rows_ffn(experts, x_TD: torch.Tensor, plan: DispatchPlan, matmul: GroupedMat
     counts_on_device: hand matmul the plan's counts tensor as is (no check, no host copy);
     with config.batch_invariant the products run on padded groups (moekit.batch_invariance)."""
     rows_RD = dispatch_rows(x_TD, plan)
+    weights_on_input = experts.config.combine_weights_on == "input" and plan.weights_TK is not None
+    if weights_on_input:
+        rows_RD = rows_RD * plan.weights_R.to(rows_RD.dtype).unsqueeze(1)
     counts_E = plan.counts_E
     activate = apply_activation
     if experts.config.batch_invariant:
@@ -44,7 +50,9 @@ def rows_ffn(experts, x_TD: torch.Tensor, plan: DispatchPlan, matmul: GroupedMat
             torch.arange(experts.num_local_experts, device=rows_RD.device), counts_E,
             output_size=rows_RD.shape[0])
         h = h + experts.first_proj_bias[expert_of_row]
-    out = matmul(activate(h, experts.config.activation), experts.down_proj, counts)
+    config = experts.config
+    out = matmul(activate(h, config.activation, config.activation_params),
+                 experts.down_proj, counts)
     if expert_of_row is not None:
         out = out + experts.down_proj_bias[expert_of_row]
-    return combine_rows(out, plan)
+    return combine_rows(out, plan, weighted=not weights_on_input)

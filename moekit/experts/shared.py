@@ -23,7 +23,7 @@ class SharedExperts(nn.Module):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         D, H = config.dim, config.shared_hidden_dim
-        self.activation = config.activation
+        self.activation, self.activation_params = config.activation, config.activation_params
         self.batch_invariant = config.batch_invariant
         self.gate_proj = nn.Linear(D, H, bias=config.bias) if config.is_gated else None
         self.up_proj = nn.Linear(D, H, bias=config.bias)
@@ -37,7 +37,7 @@ class SharedExperts(nn.Module):
         if self.gate_proj is None:
             h = apply_activation(up, self.activation)
         else:
-            h = gated_activation(self.gate_proj(x_TD), up, self.activation)
+            h = gated_activation(self.gate_proj(x_TD), up, self.activation, self.activation_params)
         out = self.down_proj(h)
         if self.shared_expert_gate is not None:
             out = torch.sigmoid(self.shared_expert_gate(x_TD)) * out
@@ -51,7 +51,7 @@ class SharedExperts(nn.Module):
         h = linear(self.up_proj, x_TD)
         if self.gate_proj is not None:
             h = torch.cat([linear(self.gate_proj, x_TD), h], dim=-1)
-        out = linear(self.down_proj, invariant_activation(h, self.activation))
+        out = linear(self.down_proj, invariant_activation(h, self.activation, self.activation_params))
         if self.shared_expert_gate is not None:
             out = invariant_sigmoid(linear(self.shared_expert_gate, x_TD)) * out
         return out

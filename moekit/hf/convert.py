@@ -4,21 +4,23 @@
 moves every tensor across; ``to_hf(moe, block)`` writes them back. Conversion
 is strict: every source tensor is consumed, every target tensor is written
 (a leftover or missing key is a ValueError naming it), shapes must match, and
-values are moved bit for bit, keeping each tensor's dtype and device.
+values are moved bit for bit, keeping each tensor's dtype and device. Tensors
+transformers stores in another layout (GPT-OSS's and Llama 4's transposed experts,
+GPT-OSS's interleaved gate/up) are permuted into moekit's and back: a copy each way.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.hf.families import FAMILIES, Family, Flattened, family_of
+from moekit.hf.families import FAMILIES, Family, Flattened, Relaid, family_of
+from moekit.hf.layouts import (GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, computed_activation,
+                               describe_activation, experts_activation)
 from moekit.layer import MoE
-
-# transformers' hidden_act -> moekit activation, for gated (gate_up_proj) and plain experts.
-GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
-PLAIN_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu"}
 
 # Config fields that decide what a block's weights mean (not how it runs, its
 # losses or capacity: weights trained with a capacity limit load into the block).
@@ -26,7 +28,7 @@ _ROUTING_FIELDS = frozenset({
     "dim", "expert_dim", "num_experts", "top_k", "router", "score_func", "normalize_topk",
     "normalize_topk_p", "route_scale", "num_groups", "topk_groups", "activation", "bias",
     "num_shared_experts", "shared_expert_dim", "shared_expert_gate", "router_bias", "output_bias",
-    "num_null_experts", "null_expert_kind"})
+    "num_null_experts", "null_expert_kind", "swiglu_alpha", "swiglu_limit", "combine_weights_on"})
 
 
 def require_family(block: nn.Module) -> Family:
@@ -38,77 +40,6 @@ def require_family(block: nn.Module) -> Family:
     return family
 
 
-def experts_activation(experts: nn.Module) -> str:
-    """moekit activation of a transformers experts module whose layout moekit
-    shares (gate_up_proj [E, 2F, D] with gate rows first, or up_proj [E, F, D];
-    down_proj [E, D, F]; biases [E, 2F]/[E, F] and [E, D] if any; act(gate) * up);
-    a ValueError naming what differs otherwise."""
-    name = type(experts).__name__
-    layout = {"is_transposed": False, "is_concatenated": True, "has_post_expert_norm": False}
-    for attribute, wanted in layout.items():
-        if getattr(experts, attribute, wanted) != wanted:
-            raise ValueError(f"{name}: {attribute}={getattr(experts, attribute)!r} is not supported "
-                             f"(moekit needs {attribute}={wanted})")
-    apply_gate = getattr(type(experts), "_apply_gate", None)
-    if apply_gate is not None and apply_gate.__qualname__ != "_default_apply_gate":
-        raise ValueError(f"{name} has its own gating function (_apply_gate); moekit supports "
-                         "act(gate) * up only")
-    gated = getattr(experts, "has_gate", True)
-    activations = GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS
-    act = activation_name(experts)
-    if act not in activations:
-        kind = "gated" if gated else "plain"
-        raise ValueError(f"{name}: {describe_activation(experts)} has no moekit equivalent for {kind} "
-                         f"experts; supported: {', '.join(activations)}")
-    return activations[act]
-
-
-# torch activations by what they compute: class name (module) or function name.
-_ACTIVATION_CLASSES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUActivation": "gelu",
-                       "ReLU": "relu"}
-_ACTIVATION_FUNCTIONS = {"silu": "silu", "gelu": "gelu", "relu": "relu"}
-
-
-def activation_name(experts: nn.Module) -> str | None:
-    """What the experts' ``act_fn`` computes ("silu", "gelu" (erf), "relu"), or
-    None if it is something else; without an ``act_fn``, ``config.hidden_act``."""
-    act = getattr(experts, "act_fn", None)
-    if act is None:
-        return getattr(getattr(experts, "config", None), "hidden_act", None)
-    return computed_activation(act)
-
-
-def computed_activation(act) -> str | None:
-    """What an activation module or torch function computes ("silu", "gelu" (erf),
-    "relu"), or None if it is something else."""
-    if isinstance(act, nn.GELU):
-        return "gelu" if act.approximate == "none" else None
-    if isinstance(act, nn.Module):
-        return _ACTIVATION_CLASSES.get(type(act).__name__)
-    if getattr(act, "__module__", None) == "torch.nn.functional":
-        return _ACTIVATION_FUNCTIONS.get(act.__name__)
-    return None
-
-
-def describe_activation(experts: nn.Module) -> str:
-    """The experts' activation and the config attribute(s) that chose it, for
-    messages: "act_fn GELUTanh (config.hidden_activation='gelu_pytorch_tanh')"."""
-    config = getattr(experts, "config", None)
-    act = getattr(experts, "act_fn", None)
-    if act is None:
-        return f"hidden_act {getattr(config, 'hidden_act', None)!r}"
-    if not isinstance(act, nn.Module):
-        return f"act_fn {getattr(act, '__name__', repr(act))}"
-    try:
-        from transformers.activations import ACT2CLS
-    except ImportError:
-        ACT2CLS = {}
-    classes = {key: value[0] if isinstance(value, tuple) else value for key, value in ACT2CLS.items()}
-    sources = [f"config.{key}={value!r}" for key, value in sorted((vars(config) if config is not None else {}).items())
-               if isinstance(value, str) and classes.get(value) is type(act)]
-    return f"act_fn {type(act).__name__}" + (f" ({', '.join(sources)})" if sources else "")
-
-
 def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
     """The MoEConfig that computes what ``block`` computes.
 
@@ -116,7 +47,8 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
     capacity, ...); overriding a field the block determines is a ValueError.
     """
     family = require_family(block)
-    own_layout = {"switch": switch_fields, "dbrx": dbrx_fields, "jetmoe": jetmoe_fields}
+    own_layout = {"switch": switch_fields, "dbrx": dbrx_fields, "jetmoe": jetmoe_fields,
+                  "gpt_oss": gpt_oss_fields, "llama4": llama4_fields}
     if family.router in own_layout:
         return _with_overrides(own_layout[family.router](block), overrides)
     gate, experts = block.gate, block.experts
@@ -204,6 +136,36 @@ def jetmoe_fields(block: nn.Module) -> dict:
                 normalize_topk=True, activation=GATED_ACTIVATIONS[act], output_bias=True)
 
 
+def gpt_oss_fields(block: nn.Module) -> dict:
+    """The MoEConfig fields of a GptOssMLP: top-k over the biased router logits, softmax over
+    those k (= softmax over E, top-k, renormalised), experts with biases and the clamped
+    SwiGLU with the experts' alpha and limit (config.swiglu_alpha, swiglu_limit)."""
+    router, experts = block.router, block.experts
+    num_experts, expert_dim, dim = experts.down_proj.shape  # [E, F, D]: transposed
+    return dict(dim=dim, expert_dim=expert_dim, num_experts=num_experts, top_k=router.top_k,
+                router_bias=True, bias=True, activation="clamped_swiglu",
+                swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit))
+
+
+def llama4_fields(block: nn.Module) -> dict:
+    """The MoEConfig fields of a Llama4TextMoe: top-k over the router logits, each choice's
+    input scaled by sigmoid(logit) (combine_weights_on="input"), SwiGLU experts and one shared
+    expert; a ValueError for an activation moekit has no gated form of, or one the shared
+    expert does not share."""
+    name, experts, shared = type(block).__name__, block.experts, block.shared_expert
+    act, shared_act = computed_activation(experts.act_fn), computed_activation(shared.activation_fn)
+    if act not in GATED_ACTIVATIONS or shared_act != act:
+        raise ValueError(f"{name}: {describe_activation(experts)} (experts) and "
+                         f"{type(shared.activation_fn).__name__} (shared expert) must be one of "
+                         f"moekit's gated activations, the same in both; supported: "
+                         f"{', '.join(GATED_ACTIVATIONS)}")
+    num_experts, expert_dim, dim = experts.down_proj.shape  # [E, F, D]: transposed
+    return dict(dim=dim, expert_dim=expert_dim, num_experts=num_experts,
+                top_k=block.router.top_k, score_func="sigmoid", normalize_topk=False,
+                combine_weights_on="input", activation=GATED_ACTIVATIONS[act],
+                num_shared_experts=1, shared_expert_dim=shared.gate_proj.out_features)
+
+
 def _with_overrides(fields: dict, overrides: dict) -> MoEConfig:
     determined = sorted(set(fields) & set(overrides))
     if determined:
@@ -216,8 +178,9 @@ def from_hf(block: nn.Module, *, copy: bool = True, **overrides) -> MoE:
 
     copy=True clones every tensor; copy=False shares the block's parameters
     and buffers (the block must not be used afterwards, as ``patch`` does),
-    except per-expert tensors stacked into one (Switch) and experts flattened
-    into rows (DBRX's w1, v1, w2), which are copies in moekit's layout.
+    except per-expert tensors stacked into one (Switch), experts flattened into rows
+    (DBRX's w1, v1, w2) and tensors in another layout (GPT-OSS's and Llama 4's transposed
+    experts, GPT-OSS's interleaved gate/up), which are copies in moekit's layout.
     overrides: MoEConfig fields the block does not determine.
     The result is in the block's training mode.
     """
@@ -248,10 +211,11 @@ def to_hf(moe: MoE, block: nn.Module, *, copy: bool = True) -> nn.Module:
 def transfer(source: nn.Module, target: nn.Module, names: dict, copy: bool = True) -> int:
     """Move every tensor of source's state dict to target's, renamed by
     ``names`` {source key: target key}; return how many were moved. A tuple of
-    keys on one side is one tensor per expert, stacked on dim 0 on the other
-    (stacking always copies; unstacked tensors are views unless copy); a
-    Flattened on one side is tensors flattened over the experts, joined into one
-    (or split from it) on the other, as copies.
+    keys on one side is one tensor per expert, stacked on dim 0 on the other; a
+    Flattened (tensors flattened over the experts, DBRX) or a Relaid (a tensor in
+    another layout) on one side is converted into the other's layout. Stacked and
+    converted tensors are new (copies, keeping requires_grad); other tensors are views
+    unless copy.
 
     Strict: a source key not in names, a name not in source, a target key
     not written or a shape mismatch is a ValueError naming the keys, raised
@@ -267,37 +231,46 @@ def transfer(source: nn.Module, target: nn.Module, names: dict, copy: bool = Tru
     if mismatched:
         raise ValueError("shape mismatch: " + "; ".join(mismatched))
     for s, t in names.items():
-        for key, value in _parts(t, mapped_tensor(source_state, s)):
-            _assign(target, key, value, copy)
+        new = isinstance(s, (tuple, *_LAYOUTS)) or isinstance(t, _LAYOUTS)
+        requires_grad = any(source_state[k].requires_grad for k in _keys([s]))
+        with torch.no_grad() if new else contextlib.nullcontext():
+            parts = _parts(t, mapped_tensor(source_state, s))
+        for key, value in parts:  # a new tensor's parts need no copy of their own
+            _assign(target, key, value, copy and not new, requires_grad if new else None)
     return len(names)
+
+
+# Block tensors in another layout than moekit's: join(state), split(value), shape(state), keys.
+_LAYOUTS = (Flattened, Relaid)
 
 
 def mapped_tensor(state: dict, key) -> torch.Tensor:
     """The tensor a key of ``Family.parameter_names`` stands for in ``state`` (a state dict,
-    or any {name: tensor}, gradients say): state[key], the stacked tensors of a tuple of
-    keys, or a Flattened's joined tensor."""
+    or any {name: tensor}, gradients say), in moekit's layout: state[key], the stacked
+    tensors of a tuple of keys, or a Flattened's or Relaid's converted tensor."""
     if isinstance(key, tuple):
         return torch.stack([state[k] for k in key])
-    return key.join(state) if isinstance(key, Flattened) else state[key]
+    return key.join(state) if isinstance(key, _LAYOUTS) else state[key]
 
 
 def _parts(key, value: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """[(target key, tensor)]: value, unstacked over a tuple of keys or split by a Flattened."""
+    """[(target key, tensor)]: value, unstacked over a tuple of keys or converted into a
+    Flattened's or Relaid's layout."""
     if isinstance(key, tuple):
         return list(zip(key, value))
-    return list(key.split(value).items()) if isinstance(key, Flattened) else [(key, value)]
+    return list(key.split(value).items()) if isinstance(key, _LAYOUTS) else [(key, value)]
 
 
 def _keys(keys) -> set[str]:
     return {k for key in keys
-            for k in (key if isinstance(key, tuple) else key.keys if isinstance(key, Flattened)
+            for k in (key if isinstance(key, tuple) else key.keys if isinstance(key, _LAYOUTS)
                       else (key,))}
 
 
 def _shape(state: dict, key) -> tuple[int, ...]:
     """The shape of state[key], of the stacked tensors of a tuple of keys, or of a
-    Flattened's joined tensor."""
-    if isinstance(key, Flattened):
+    Flattened's or Relaid's tensor in moekit's layout."""
+    if isinstance(key, _LAYOUTS):
         return key.shape(state)
     if not isinstance(key, tuple):
         return tuple(state[key].shape)
@@ -312,15 +285,21 @@ def _require_same_keys(what: str, present: set[str], expected: set[str]) -> None
                          f"missing {missing}, not mapped {leftover}")
 
 
-def _assign(root: nn.Module, key: str, value: torch.Tensor, copy: bool) -> None:
-    """root's tensor at ``key`` := value (cloned if copy, else shared)."""
+def _assign(root: nn.Module, key: str, value: torch.Tensor, copy: bool,
+            requires_grad: bool | None = None) -> None:
+    """root's tensor at ``key`` := value (cloned if copy, else shared); a new parameter
+    requires grad as ``requires_grad`` says (None: as value does)."""
     module_path, _, leaf = key.rpartition(".")
     parent = root.get_submodule(module_path)
+    if requires_grad is None:
+        requires_grad = value.requires_grad
     if leaf in parent._parameters:
         if copy:
-            parameter = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+            parameter = nn.Parameter(value.detach().clone(), requires_grad=requires_grad)
+        elif isinstance(value, nn.Parameter):
+            parameter = value
         else:
-            parameter = value if isinstance(value, nn.Parameter) else nn.Parameter(value.detach())
+            parameter = nn.Parameter(value.detach(), requires_grad=requires_grad)
         parent._parameters[leaf] = parameter
     else:
         parent._buffers[leaf] = value.detach().clone() if copy else value.detach()

@@ -32,6 +32,16 @@ Router semantics by family:
   moekit's ``output_bias``): top-k over the logits, softmax over those k.
   JetMoE's attention is a mixture of experts too (``JetMoeMoA``): not a
   feed-forward block, it stays transformers' (``NOT_FEED_FORWARD``).
+- "gpt_oss": GPT-OSS's block (``router`` with ``weight`` [E, D] and ``bias`` [E]):
+  top-k over the logits, softmax over those k; experts with biases, ``gate_up_proj``
+  [E, D, 2F] transposed with gate and up columns interleaved, ``down_proj`` [E, F, D]
+  transposed, and the clamped SwiGLU (activation "clamped_swiglu").
+- "llama4": Llama 4's block (``router``, a Linear [E, D] without bias): top-k over the
+  logits, each weighted by sigmoid(logit) on the expert's input (combine_weights_on
+  "input"); ``gate_up_proj`` [E, D, 2F] and ``down_proj`` [E, F, D] transposed; a shared
+  expert ``shared_expert``.
+The transposed and interleaved tensors are stored in moekit's layout by a conversion
+(``Relaid``), a copy in each direction.
 """
 
 from __future__ import annotations
@@ -40,7 +50,62 @@ from dataclasses import dataclass
 
 import torch
 
-ROUTER_KINDS = ("softmax", "sigmoid_grouped", "switch", "dbrx", "jetmoe")
+ROUTER_KINDS = ("softmax", "sigmoid_grouped", "switch", "dbrx", "jetmoe", "gpt_oss", "llama4")
+# What a block's forward returns: its output, or (output, the top-k combine weights [T, K])
+# as GPT-OSS's, or (output, the router logits [T, E]) as Llama 4's.
+BLOCK_RETURNS = ("output", "output_and_scores", "output_and_logits")
+
+
+@dataclass(frozen=True)
+class Relaid:
+    """A block tensor (state-dict ``key``) stored in another layout than moekit's; converted,
+    a copy, each way.
+
+    transposed: its last two dims are swapped relative to moekit's (transformers' [E, D, 2F]
+        for moekit's gate_up_proj [E, 2F, D], [E, F, D] for down_proj [E, D, F]).
+    interleaved: along dim 1 of moekit's layout (the 2F rows of gate_up_proj, the 2F entries
+        of its bias) transformers alternates gate and up (gate_0, up_0, gate_1, ...) where
+        moekit has the F gate rows, then the F up rows.
+    """
+
+    key: str
+    transposed: bool = False
+    interleaved: bool = False
+
+    def to_moekit(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor in moekit's layout (a contiguous copy); differentiable."""
+        if self.transposed:
+            tensor = tensor.transpose(1, 2)
+        if self.interleaved:
+            tensor = torch.cat((tensor[:, 0::2], tensor[:, 1::2]), dim=1)
+        return tensor.contiguous()
+
+    def to_hf(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Inverse of to_moekit: a moekit-layout tensor in the block's layout (contiguous)."""
+        if self.interleaved:
+            gate, up = tensor.chunk(2, dim=1)
+            tensor = torch.stack((gate, up), dim=2).flatten(1, 2)
+        if self.transposed:
+            tensor = tensor.transpose(1, 2)
+        return tensor.contiguous()
+
+    def moekit_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape to_moekit gives a tensor of this shape."""
+        return (shape[0], shape[2], shape[1], *shape[3:]) if self.transposed else tuple(shape)
+
+    # The interface moekit.hf.convert.transfer reads block layouts through (as Flattened's).
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key,)
+
+    def join(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.to_moekit(state[self.key])
+
+    def split(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.key: self.to_hf(value)}
+
+    def shape(self, state: dict[str, torch.Tensor]) -> tuple[int, ...]:
+        return self.moekit_shape(tuple(state[self.key].shape))
 
 
 @dataclass(frozen=True)
@@ -53,6 +118,7 @@ class Family:
     shared_experts: attribute of the block holding the shared FFN, or None.
     shared_expert_gate: the block has ``shared_expert_gate`` (sigmoid gate on
         the shared FFN's output, Qwen2-MoE).
+    returns: what the block's forward returns, one of BLOCK_RETURNS.
     """
 
     name: str
@@ -60,28 +126,39 @@ class Family:
     always_normalize: bool = False
     shared_experts: str | None = None
     shared_expert_gate: bool = False
+    returns: str = "output"
 
     def __post_init__(self) -> None:
         if self.router not in ROUTER_KINDS:
             raise ValueError(f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
+        if self.returns not in BLOCK_RETURNS:
+            raise ValueError(f"returns must be one of {BLOCK_RETURNS}, got {self.returns!r}")
         if self.shared_expert_gate and self.shared_experts is None:
             raise ValueError(f"{self.name}: shared_expert_gate needs shared_experts")
 
-    def parameter_names(self, block=None) -> dict[str, str | tuple[str, ...]]:
+    def parameter_names(self, block=None) -> dict[str, str | tuple[str, ...] | Flattened | Relaid]:
         """{moekit MoE state-dict key: block state-dict key}, one entry per tensor; a
         tuple of keys is one per expert, stacked on dim 0 in moekit (router="switch",
         which reads the expert count and the router's bias from ``block``); a
         Flattened is block tensors flattened over the experts (router="dbrx", which
-        reads the expert count from ``block``)."""
+        reads the expert count from ``block``); a Relaid is a tensor in another layout
+        (router="gpt_oss" and "llama4")."""
         if self.router == "switch":
             return _switch_parameter_names(block)
         if self.router == "dbrx":
             return _dbrx_parameter_names(block)
         if self.router == "jetmoe":
             return dict(_JETMOE_PARAMETER_NAMES)
-        names = {"router.weight": "gate.weight",
-                 "experts.gate_up_proj": "experts.gate_up_proj",
-                 "experts.down_proj": "experts.down_proj"}
+        if self.router == "gpt_oss":
+            names = _gpt_oss_parameter_names()
+        elif self.router == "llama4":
+            names = {"router.weight": "router.weight",
+                     "experts.gate_up_proj": Relaid("experts.gate_up_proj", transposed=True),
+                     "experts.down_proj": Relaid("experts.down_proj", transposed=True)}
+        else:
+            names = {"router.weight": "gate.weight",
+                     "experts.gate_up_proj": "experts.gate_up_proj",
+                     "experts.down_proj": "experts.down_proj"}
         if self.router == "sigmoid_grouped":
             names["router.expert_bias"] = "gate.e_score_correction_bias"
         if self.shared_experts is not None:
@@ -90,6 +167,15 @@ class Family:
         if self.shared_expert_gate:
             names["shared_experts.shared_expert_gate.weight"] = "shared_expert_gate.weight"
         return names
+
+
+def _gpt_oss_parameter_names() -> dict[str, str | Relaid]:
+    return {"router.weight": "router.weight", "router.bias": "router.bias",
+            "experts.gate_up_proj": Relaid("experts.gate_up_proj", transposed=True,
+                                           interleaved=True),
+            "experts.gate_up_proj_bias": Relaid("experts.gate_up_proj_bias", interleaved=True),
+            "experts.down_proj": Relaid("experts.down_proj", transposed=True),
+            "experts.down_proj_bias": "experts.down_proj_bias"}
 
 
 def _switch_parameter_names(block) -> dict[str, str | tuple[str, ...]]:
@@ -167,6 +253,9 @@ FAMILIES: dict[str, Family] = {
     "Dots1MoE": Family("dots1", **_DEEPSEEK_V3),
     "ExaoneMoeSparseMoEBlock": Family("exaone_moe", **_DEEPSEEK_V3),
     "SwitchTransformersSparseMLP": Family("switch_transformers", router="switch"),
+    "GptOssMLP": Family("gpt_oss", router="gpt_oss", returns="output_and_scores"),
+    "Llama4TextMoe": Family("llama4_text", router="llama4", shared_experts="shared_expert",
+                            returns="output_and_logits"),
     "DbrxFFN": Family("dbrx", router="dbrx"),
     "JetMoeMoE": Family("jetmoe", router="jetmoe"),
 }

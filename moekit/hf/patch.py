@@ -29,26 +29,34 @@ ON_UNSUPPORTED = ("error", "warn")
 
 class MoEBlock(nn.Module):
     """A moekit MoE with a transformers MoE block's call signature:
-    forward(hidden_states [..., D]) -> [..., D]. ``moe`` is the moekit layer;
-    its MoEAux is returned by ``moe`` (see ``record_aux``), not by this block.
+    forward(hidden_states [..., D]) -> [..., D], or as the replaced block returns
+    (``returns``, moekit.hf.families.BLOCK_RETURNS): (y, combine weights [T, K] float32)
+    for GPT-OSS, (y, router logits [T, E] float32) for Llama 4. ``moe`` is the moekit
+    layer; its MoEAux is returned by ``moe`` (see ``record_aux``), not by this block.
     ``block_class`` and ``block_config`` (the replaced block's class and
     transformers config, no tensors) let ``unpatch`` rebuild it."""
 
     def __init__(self, moe: MoE, family: str, block_class: type[nn.Module], block_config,
-                 sequence_logits: bool = False) -> None:
+                 sequence_logits: bool = False, returns: str = "output") -> None:
         super().__init__()
         self.moe = moe
         self.family = family
         self.block_class = block_class
         self.block_config = block_config
+        self.returns = returns
         # sequence_logits: the router logits pass through this module shaped [..., E] like
         # the input, for transformers to record (Switch Transformers' routers return them so)
         self.router_logits = RouterLogits() if sequence_logits else None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         y, aux = self.moe(hidden_states)
         if self.router_logits is not None:
             self.router_logits(aux.router_logits.view(*hidden_states.shape[:-1], -1))
+        if self.returns == "output_and_scores":
+            return y, aux.expert_weights
+        if self.returns == "output_and_logits":
+            return y, aux.router_logits
         return y
 
     def to_hf(self) -> nn.Module:
@@ -99,7 +107,8 @@ class PatchReport(NamedTuple):
 
 def patch(model: nn.Module, *, on_unsupported: str = "error", **overrides) -> PatchReport:
     """Replace every supported MoE block of ``model`` in place with a MoEBlock
-    sharing its weights (no copy), outputs unchanged; return a PatchReport.
+    sharing its weights (no copy; but converted copies of the tensors transformers stores in
+    another layout, GPT-OSS's and Llama 4's experts), outputs unchanged; return a PatchReport.
 
     An MoE block moekit cannot represent is named in a ValueError, raised
     before anything is replaced (on_unsupported="error"), or in a warning,
@@ -119,7 +128,8 @@ def patch(model: nn.Module, *, on_unsupported: str = "error", **overrides) -> Pa
     replaced = {}
     for name, (moe, family, block) in converted.items():
         switch = family_of(block).router == "switch"
-        patched = MoEBlock(moe, family, type(block), _block_config(block, model), switch)
+        patched = MoEBlock(moe, family, type(block), _block_config(block, model), switch,
+                           family_of(block).returns)
         _replace(model, name, patched)
         if switch:
             _expose_router_logits(patched.router_logits, 0)

@@ -30,6 +30,7 @@ from torch import nn
 from ..config import MoEConfig
 from ..contract import DispatchPlan
 from ..errors import UsageError
+from ..experts.activations import KERNEL_ACTIVATIONS
 from ..experts.cpu.decode import applies_to, skinny_ffn_fetched
 from ..experts.fused import ExpertWeights, experts_forward
 from ..layer import MoE
@@ -155,6 +156,10 @@ class OffloadedExperts(nn.Module):
 
     def __init__(self, config: MoEConfig, layer: str, cache: ExpertCache) -> None:
         super().__init__()
+        if config.combine_weights_on != "output":
+            raise ValueError(f"offloaded experts apply the combine weights to the expert output "
+                             f"only, not combine_weights_on={config.combine_weights_on!r} "
+                             f"(layer {layer!r})")
         self.config, self.layer, self.cache = config, layer, cache
 
     @property
@@ -174,7 +179,8 @@ class OffloadedExperts(nn.Module):
             raise RuntimeError("offloaded experts are for inference: run under torch.no_grad()")
         fetch = functools.partial(self.cache.get, self.layer)
         invariant = self.config.batch_invariant
-        if not invariant and applies_to(x_TD, plan, cpu_kernels=self.config.cpu_kernels):
+        if not invariant and self.config.activation in KERNEL_ACTIVATIONS \
+                and applies_to(x_TD, plan, cpu_kernels=self.config.cpu_kernels):
             decoded = skinny_ffn_fetched(x_TD, plan.ids_TK, plan.weights_TK, fetch,
                                          self.config.num_experts, self.config.expert_dim,
                                          self.config.activation, kept_TK=plan.kept_TK)
@@ -183,7 +189,7 @@ class OffloadedExperts(nn.Module):
                 return decoded.y_TD
         return experts_forward(x_TD, plan.token_R, plan.weights_R, plan.counts_E.tolist(), fetch,
                                self.config.activation, cpu_kernels=self.config.cpu_kernels,
-                               batch_invariant=invariant)
+                               params=self.config.activation_params, batch_invariant=invariant)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer!r}, num_experts={self.config.num_experts}, offloaded"

@@ -41,6 +41,10 @@ def _check_supported(moe: MoE) -> None:
     if cfg.router not in ("topk", "hash", "expert_choice"):
         raise ValueError(f"expert parallelism supports router='topk', 'hash' or 'expert_choice', not "
                          f"router={cfg.router!r} (its assignment is solved over the whole batch)")
+    if cfg.combine_weights_on != "output":
+        raise ValueError(f"expert parallelism applies the combine weights on the token's own rank, "
+                         f"after the experts: combine_weights_on={cfg.combine_weights_on!r} is not "
+                         "supported")
     if type(moe.dispatcher) not in (LocalDispatcher, CapacityDispatcher):
         raise ValueError(f"layer already uses {type(moe.dispatcher).__name__}")
 

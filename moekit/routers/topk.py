@@ -90,12 +90,16 @@ def route_topk(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax",
 
     Selection ranks scores + selection_bias_E (if given) inside the allowed
     groups; weights come from the unbiased scores (divided by their normalize_p-norm
-    with normalize_topk, see selected_weights). torch.topk always returns k
-    distinct experts, even for NaN rows, so ids stay valid. Differentiable in
-    the logits through the weights and probabilities. batch_invariant: see router_scores.
+    with normalize_topk, see selected_weights). Without a bias or groups it ranks the
+    logits themselves: the same order (the scores are monotone in them), without the ties
+    a saturated sigmoid or an underflowed softmax would make (as Llama 4 and GPT-OSS rank).
+    torch.topk always returns k distinct experts, even for NaN rows, so ids stay valid.
+    Differentiable in the logits through the weights and probabilities. batch_invariant:
+    see router_scores.
     """
     scores_TE, probs_TE = router_scores(logits_TE, score_func, batch_invariant)
-    select_TE = scores_TE.detach()
+    by_logits = selection_bias_E is None and num_groups == 1
+    select_TE = (logits_TE if by_logits else scores_TE).detach()
     if selection_bias_E is not None:
         select_TE = select_TE + selection_bias_E.to(select_TE.dtype)
     select_TE = group_limited_scores(select_TE, num_groups, topk_groups)

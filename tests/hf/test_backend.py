@@ -24,6 +24,7 @@ def test_logits_and_gradients_match_eager(family):
     model, ids = tiny_model(family), token_ids()
     expected = _logits(model, "eager", ids)
     torch.testing.assert_close(_logits(model, "moekit", ids), expected, atol=1e-4, rtol=0)
+    model.set_experts_implementation("eager")
     eager_grads = gradients(model, ids)
     model.set_experts_implementation("moekit")
     moekit_grads = gradients(model, ids)
@@ -81,13 +82,84 @@ def test_empty_batch_and_an_expert_without_tokens():
 def test_an_experts_layout_moekit_does_not_compute_is_named():
     model = tiny_model("mixtral", experts_implementation="moekit")
     experts = model.model.layers[0].mlp.experts
-    experts.is_transposed = True
-    with pytest.raises(ValueError, match=r"MixtralExperts: is_transposed=True is not supported"):
+    experts.is_transposed = True  # a flag that does not fit the shapes: no silent transposition
+    with pytest.raises(ValueError, match=r"gate_up_proj has shape \(4, 32, 32\), which does not "
+                                         r"fit the layout \(is_transposed=True\)"):
         model(token_ids())
     experts.is_transposed = False
+    experts.has_post_expert_norm = True
+    with pytest.raises(ValueError, match=r"MixtralExperts: has_post_expert_norm=True is not "):
+        model(token_ids())
+    experts.has_post_expert_norm = False
+    experts.is_concatenated = False
+    with pytest.raises(ValueError, match=r"MixtralExperts: is_concatenated=False is not supported "
+                                         r"with the default gating function"):
+        model(token_ids())
+    experts.is_concatenated = True
     experts.act_fn = torch.nn.Tanh()
     with pytest.raises(ValueError, match=r"MixtralExperts: act_fn Tanh has no moekit equivalent"):
         model(token_ids())
+
+
+def _gpt_oss(**config):
+    """A tiny GPT-OSS causal LM, weights redrawn (std 0.2 for matrices, 0.5 for vectors)."""
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(OTHER_CONFIGS["gpt_oss"](**config))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2 if parameter.dim() >= 2 else 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("limit", [7.0, 0.5])  # GPT-OSS's, and one where the clamps are active
+def test_gpt_oss_transposed_interleaved_clamped_experts_match_eager(limit):
+    """GptOssExperts: transposed, gate/up interleaved, biases, its own _apply_gate (the clamped
+    SwiGLU): converted at each call, logits and every gradient as eager."""
+    model, ids = _gpt_oss(swiglu_limit=limit), token_ids()
+    expected = _logits(model, "eager", ids)
+    torch.testing.assert_close(_logits(model, "moekit", ids), expected, atol=1e-5, rtol=1e-5)
+    model.set_experts_implementation("eager")
+    eager_grads = gradients(model, ids)
+    model.set_experts_implementation("moekit")
+    moekit_grads = gradients(model, ids)
+    assert moekit_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(moekit_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_gpt_oss_experts_view_converts_at_each_call_and_shares_the_rest():
+    from moekit.hf.backend import experts_view, release_conversions
+
+    experts = _gpt_oss().model.layers[0].mlp.experts
+    view = experts_view(experts)
+    assert view.config.activation == "clamped_swiglu" and view.config.bias
+    assert view.down_proj_bias is experts.down_proj_bias  # a layout moekit shares
+    assert torch.equal(view.down_proj, experts.down_proj.transpose(1, 2))
+    F = view.config.expert_dim
+    assert torch.equal(view.gate_up_proj[:, F:], experts.gate_up_proj[..., 1::2].transpose(1, 2))
+    assert torch.equal(view.gate_up_proj_bias[:, :F], experts.gate_up_proj_bias[:, 0::2])
+    with torch.no_grad():
+        experts.down_proj.add_(1.0)  # trained in place: the next call sees it
+    assert experts_view(experts) is view
+    assert torch.equal(view.down_proj, experts.down_proj.transpose(1, 2))
+    release_conversions(experts)  # after a forward: the copies are not kept between calls
+    assert view.down_proj is None and view.gate_up_proj is None
+    assert view.down_proj_bias is experts.down_proj_bias
+
+
+def test_gpt_oss_bf16_block_outputs_are_as_close_to_eager_as_grouped_mm():
+    model = _gpt_oss().to(torch.bfloat16)
+    block = model.model.layers[0].mlp
+    x = torch.randn(2, 9, 32, dtype=torch.bfloat16)
+    outputs = {}
+    for implementation in ("eager", "grouped_mm", "moekit"):
+        model.set_experts_implementation(implementation)
+        outputs[implementation] = block(x)[0]
+    assert outputs["moekit"].dtype == torch.bfloat16
+    expected = outputs["eager"].float()
+    for implementation in ("grouped_mm", "moekit"):
+        error = (outputs[implementation].float() - expected).norm() / expected.norm()
+        assert error <= 1e-2, (implementation, error)
 
 
 def test_the_experts_view_shares_the_weights_and_follows_their_replacement():
@@ -158,11 +230,11 @@ def test_set_experts_implementation_refuses_before_changing_anything():
     assert model.get_experts_implementation() == before
 
 
-def test_a_refused_layout_raises_at_from_config_and_from_pretrained(tmp_path):
-    message = r"layers.0.mlp: GptOssExperts: is_transposed=True is not supported"
+def test_refused_experts_raise_at_from_config_and_from_pretrained(tmp_path):
+    message = r"layers.0.mixer: NemotronHExperts: act_fn ReLUSquaredActivation"
     with pytest.raises(ValueError, match=message):
-        other_model("gpt_oss", experts_implementation="moekit")
-    other_model("gpt_oss").save_pretrained(tmp_path)
+        other_model("nemotron_h", experts_implementation="moekit")
+    other_model("nemotron_h").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=message):
         transformers.AutoModel.from_pretrained(tmp_path, experts_implementation="moekit")
 
@@ -192,7 +264,7 @@ def test_registering_twice_checks_once_and_a_dict_choice_is_checked_too():
     post_init = transformers.PreTrainedModel.post_init
     moekit.hf.register()
     assert transformers.PreTrainedModel.post_init is post_init  # not wrapped again
-    model = other_model("gpt_oss")
-    with pytest.raises(ValueError, match=r"GptOssExperts: is_transposed=True"):
+    model = other_model("nemotron_h")
+    with pytest.raises(ValueError, match=r"NemotronHExperts: act_fn ReLUSquaredActivation"):
         model.set_experts_implementation({"": "moekit"})
     assert model.get_experts_implementation()[""] != "moekit"

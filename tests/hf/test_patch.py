@@ -149,9 +149,7 @@ def test_unsupported_blocks_can_be_left_in_place_with_a_warning():
 
 UNCONVERTED_BLOCKS = {
     "nllb_moe": ("encoder.layers.1.ffn", "NllbMoeSparseMLP"),
-    "llama4_text": ("layers.0.feed_forward", "Llama4TextMoe"),
-    "longcat_flash": ("layers.0.mlp", "LongcatFlashMoE"),
-    "gpt_oss": ("layers.0.mlp", "GptOssMLP")}
+    "longcat_flash": ("layers.0.mlp", "LongcatFlashMoE")}
 
 
 @pytest.mark.parametrize("family", list(UNCONVERTED_BLOCKS))

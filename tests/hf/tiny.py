@@ -1,7 +1,7 @@
 """Tiny random-weight transformers MoE models, one per supported family (no downloads),
 and tiny configs of the other MoE families (``OTHER_CONFIGS``): those moekit does not
 convert, and those with their own block layout, tested in their own files
-(test_switch.py, test_dbrx.py, test_jetmoe.py).
+(test_switch.py, test_dbrx.py, test_jetmoe.py, test_gpt_oss.py, test_llama4.py).
 
 Weights are redrawn at a scale where routing and every expert matter (the
 models' own init, std 0.02, makes the logits nearly constant), and sigmoid

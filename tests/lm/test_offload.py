@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from moekit import MoEConfig
 from moekit.lm.checkpoint import MODEL_FILE, weights_of, write_run_config
 from moekit.lm.generate import generate_tokens
 from moekit.lm.model import MoETransformer
@@ -94,8 +95,11 @@ def test_a_miss_loads_from_the_store_and_the_least_recent_is_evicted():
                              "resident_bytes": 2 * 2 * 4 * 4}
 
 
-def test_biased_and_ungated_experts_offload_exactly(tmp_path):
-    run, model = saved_run(tmp_path, bias=True, activation="gelu", capacity_factor=1.0)
+@pytest.mark.parametrize("fields", [dict(activation="gelu", capacity_factor=1.0),
+                                    dict(activation="clamped_swiglu", swiglu_limit=0.5)])
+def test_biased_and_ungated_or_clamped_experts_offload_exactly(tmp_path, fields):
+    """clamped_swiglu has no native kernel code: its decode steps take the torch path."""
+    run, model = saved_run(tmp_path, bias=True, **fields)
     offloaded, cache = load_offloaded_model(run, 2)
     tokens = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
@@ -123,6 +127,10 @@ def test_offloading_an_in_memory_model_frees_its_expert_weights():
 
 
 def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="offloaded experts apply the combine weights to the "
+                                         "expert output only, not combine_weights_on='input'"):
+        OffloadedExperts(MoEConfig(dim=8, expert_dim=8, num_experts=2, combine_weights_on="input"),
+                         "layers.0.moe", None)
     run, _ = saved_run(tmp_path)
     with pytest.raises(ValueError, match="max_resident"):
         load_offloaded_model(run, 0)

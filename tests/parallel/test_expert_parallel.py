@@ -146,6 +146,10 @@ def _bad_world_worker(rank, world_size, result_dir):
                                              top_k=4 if router == "dense" else 2))
         with pytest.raises(ValueError, match=f"not router='{router}'"):
             apply_expert_parallel(solved)
+    input_side = moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4,
+                                             combine_weights_on="input"))
+    with pytest.raises(ValueError, match="combine_weights_on='input' is not supported"):
+        apply_expert_parallel(input_side)
     twice = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
     with pytest.raises(ValueError, match="already uses AllToAllDispatcher"):
         apply_expert_parallel(twice)

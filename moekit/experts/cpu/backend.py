@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from moekit.contract import DispatchPlan
+from moekit.experts.activations import KERNEL_ACTIVATIONS
 from moekit.experts.cpu import decode
 from moekit.experts.fused import fused_experts
 from moekit.func_transforms import active_func_transforms
@@ -23,6 +24,10 @@ class FusedBackend:
         device = experts.device
         if device.type != "cpu":
             return f"experts_backend='fused' runs on CPU only, not {device}; use experts_backend='auto'"
+        if experts.config.combine_weights_on != "output":
+            return (f"experts_backend='fused' applies the combine weights to the expert output "
+                    f"only, not combine_weights_on={experts.config.combine_weights_on!r}; use "
+                    "experts_backend='auto', 'grouped_mm' or 'loop'")
         transforms = active_func_transforms()
         if transforms:
             return (f"experts_backend='fused' does not run under torch.func transforms "
@@ -36,8 +41,8 @@ class FusedBackend:
             return "fused: the autograd op with batch-invariant products (batch_invariant=True)"
         weights = (experts.first_proj, experts.down_proj, experts.first_proj_bias,
                    experts.down_proj_bias)
-        reason = decode.declined_because(x_TD, plan, *(t for t in weights if t is not None),
-                                         cpu_kernels=experts.config.cpu_kernels)
+        reason = native_activation_declined(experts.config.activation) or decode.declined_because(
+            x_TD, plan, *(t for t in weights if t is not None), cpu_kernels=experts.config.cpu_kernels)
         if reason is None:
             return "fused: one native call for the whole FFN (decode-size, no gradient)"
         return f"fused: the autograd op (not the one native call: {reason})"
@@ -47,8 +52,8 @@ class FusedBackend:
             experts.down_proj_bias
         config = experts.config
         activation, cpu_kernels = config.activation, config.cpu_kernels
-        if not config.batch_invariant and decode.applies_to(x_TD, plan, *(t for t in (w1, w2, b1, b2) if t is not None),
-                             cpu_kernels=cpu_kernels):
+        if not config.batch_invariant and activation in KERNEL_ACTIVATIONS and decode.applies_to(
+                x_TD, plan, *(t for t in (w1, w2, b1, b2) if t is not None), cpu_kernels=cpu_kernels):
             decoded = decode.skinny_ffn(x_TD, plan.ids_TK, plan.weights_TK, w1, w2, activation,
                                         b1, b2, kept_TK=plan.kept_TK)
             if decoded is not None:  # None only if it declined after all: the general path
@@ -56,4 +61,11 @@ class FusedBackend:
                 return decoded.y_TD
         counts = experts.checked_counts(plan.counts_E, plan.order_R.shape[0])
         return fused_experts(x_TD, plan.token_R, plan.weights_R, counts, w1, w2, activation, b1, b2,
-                             cpu_kernels, config.batch_invariant)
+                             cpu_kernels, config.activation_params, config.batch_invariant)
+
+
+def native_activation_declined(activation: str) -> str | None:
+    """Why the one native call cannot compute this activation, or None when it can."""
+    if activation in KERNEL_ACTIVATIONS:
+        return None
+    return f"the native kernel does not compute activation={activation!r}"

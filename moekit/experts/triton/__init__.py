@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from moekit.experts.activations import KERNEL_ACTIVATIONS
 from moekit.func_transforms import active_func_transforms
 
 _NAMES = ("ExpertSort", "fused_moe", "sort_by_expert", "triton_experts")
@@ -50,6 +51,13 @@ class TritonBackend:
                     "under the Triton interpreter, TRITON_INTERPRET=1, for tests)")
         if experts.config.bias:
             return "experts_backend='triton' does not support bias=True; use experts_backend='auto'"
+        if experts.config.activation not in KERNEL_ACTIVATIONS:
+            return (f"experts_backend='triton' does not compute "
+                    f"activation={experts.config.activation!r}; use experts_backend='auto'")
+        if experts.config.combine_weights_on != "output":
+            return (f"experts_backend='triton' applies the combine weights to the expert output "
+                    f"only, not combine_weights_on={experts.config.combine_weights_on!r}; use "
+                    "experts_backend='auto'")
         if dtype not in _DTYPES:
             return f"experts_backend='triton' runs float32/bfloat16/float16, not {dtype}"
         if active_func_transforms():

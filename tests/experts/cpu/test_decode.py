@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.experts.activations import ACTIVATIONS, GATED, apply_activation
+from moekit.experts.activations import GATED, KERNEL_ACTIVATIONS, apply_activation
 from moekit.experts.cpu import decode, skinny
 from tests.conftest import needs, randomized_moe
 from tests.experts.cpu.conftest import count_calls
@@ -40,7 +40,7 @@ def _problem(tokens, top_k, experts, dim, expert_dim, activation, bias, generato
 
 
 @needs_kernel
-@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("activation", sorted(KERNEL_ACTIVATIONS))
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_matches_float64(activation, bias, threads):
