@@ -27,6 +27,13 @@ CPU_KERNELS = ("auto", "off")
 MAX_CAPACITY_FACTOR = 1000.0
 
 
+def require_probability(name: str, value: Any) -> None:
+    """A dropout probability: a number in [0, 1) (1 would drop everything)."""
+    require_float(name, value, 0.0, 1.0)
+    if value == 1.0:
+        raise ValueError(f"{name} must be a finite number >= 0.0 and < 1.0, got {float(value)}")
+
+
 def dataclass_from_dict(cls, values: dict[str, Any]):
     """cls(**values) for a dataclass, where an unknown key is an error, not ignored."""
     known = {f.name for f in dataclasses.fields(cls)}
@@ -81,6 +88,12 @@ class MoEConfig:
     Experts
         activation: "swiglu" (default), "geglu", "gelu", "relu" or "silu".
         bias: learned biases in the expert projections (off, as in most LLMs).
+        expert_dropout: dropout probability on each routed expert's hidden activation
+            act(h) [rows, F], in training mode only, scaled by 1 / (1 - p) (Switch
+            Transformers' dropout_rate, NLLB-MoE's activation_dropout); 0 (default) is
+            none. The loop and grouped_mm backends apply it; fused and triton do not, so
+            in training mode with expert_dropout > 0 "auto" picks a row backend and naming
+            fused or triton raises.
         num_shared_experts / shared_expert_dim / shared_expert_gate: experts
             that see every token, as in DeepSeek and Qwen2-MoE; their hidden
             width is num_shared_experts * shared_expert_dim (default expert_dim).
@@ -131,6 +144,7 @@ class MoEConfig:
     capacity_scope: str = "batch"
     activation: str = "swiglu"
     bias: bool = False
+    expert_dropout: float = 0.0
     num_shared_experts: int = 0
     shared_expert_dim: int | None = None
     shared_expert_gate: bool = False
@@ -171,6 +185,7 @@ class MoEConfig:
         from moekit.experts.activations import ACTIVATIONS  # the experts import this module
         require_choice("activation", self.activation, tuple(ACTIVATIONS))
         require_bool("bias", self.bias)
+        require_probability("expert_dropout", self.expert_dropout)
         require_int("num_shared_experts", self.num_shared_experts, 0)
         if self.shared_expert_dim is not None:
             require_int("shared_expert_dim", self.shared_expert_dim, 1)

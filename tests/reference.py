@@ -22,7 +22,8 @@ def _act(name: str, h: torch.Tensor) -> torch.Tensor:
             "silu": F.silu}[name](h)
 
 
-def _expert_ffn(cfg, p: dict, e: int, x_D: torch.Tensor) -> torch.Tensor:
+def _expert_ffn(cfg, p: dict, e: int, x_D: torch.Tensor, mask_F=None) -> torch.Tensor:
+    """Expert e on one token; mask_F [F] (a dropout mask, already scaled) multiplies act(h)."""
     F_ = cfg.expert_dim
     if cfg.activation in ("swiglu", "geglu"):
         w1 = p["experts.gate_up_proj"][e]
@@ -36,6 +37,8 @@ def _expert_ffn(cfg, p: dict, e: int, x_D: torch.Tensor) -> torch.Tensor:
         if cfg.bias:
             h = h + p["experts.up_proj_bias"][e]
         h = _act(cfg.activation, h)
+    if mask_F is not None:
+        h = h * mask_F
     out = p["experts.down_proj"][e] @ h
     if cfg.bias:
         out = out + p["experts.down_proj_bias"][e]
@@ -146,10 +149,11 @@ def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
 
 
 def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, ids=None,
-                  expert_bias=None, seq_len: int | None = None):
+                  expert_bias=None, seq_len: int | None = None, hidden_masks=None):
     """The layer by hand, float64. ids: each token's experts when they cannot be
-    recomputed here (hash, balanced in training). Returns a dict with y [T, D],
-    ids, keep, balance, z, counts."""
+    recomputed here (hash, balanced in training). hidden_masks: {expert: [n_e, F]}
+    dropout masks of act(h), one row per kept assignment in token order. Returns a
+    dict with y [T, D], ids, keep, balance, z, counts."""
     T = x_TD.shape[0]
     scored = [token_scores(cfg, p, x_TD[t]) for t in range(T)] if "router.weight" in p else \
         [(torch.zeros(cfg.num_experts, dtype=torch.float64),) * 2
@@ -171,8 +175,9 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
         y = torch.zeros(cfg.dim, dtype=torch.float64)
         for j, e in enumerate(token_ids[t]):
             if keep[t][j]:
+                mask_F = None if hidden_masks is None else hidden_masks[e][counts[e]]
                 counts[e] += 1
-                y = y + weights[t][j] * _expert_ffn(cfg, p, e, x_TD[t])
+                y = y + weights[t][j] * _expert_ffn(cfg, p, e, x_TD[t], mask_F)
         if cfg.num_shared_experts:
             y = y + _shared_ffn(cfg, p, x_TD[t])
         rows.append(y)

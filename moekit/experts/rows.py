@@ -2,7 +2,8 @@
 
     rows_RD = dispatch_rows(x_TD, plan)                      gather, expert-major
     h       = matmul(rows_RD, W1, counts) (+ b1[expert])     [R, 2F] gated or [R, F]
-    out_RD  = matmul(act(h), W2, counts) (+ b2[expert])      [R, D]
+    a       = dropout(act(h), expert_dropout) in training    [R, F]
+    out_RD  = matmul(a, W2, counts) (+ b2[expert])           [R, D]
     y_TD    = combine_rows(out_RD, plan)                     weighted sum over K
 
 A row backend supplies only ``matmul(x_RI, w_EOI, counts) -> y_RO`` (rows of expert e times
@@ -38,7 +39,22 @@ def rows_ffn(experts, x_TD: torch.Tensor, plan: DispatchPlan, matmul: GroupedMat
             torch.arange(experts.num_local_experts, device=rows_RD.device), counts_E,
             output_size=rows_RD.shape[0])
         h = h + experts.first_proj_bias[expert_of_row]
-    out = matmul(apply_activation(h, experts.config.activation), experts.down_proj, counts)
+    a = apply_activation(h, experts.config.activation)
+    if experts.training and experts.config.expert_dropout > 0:
+        # one call over the expert-major rows draws the same numbers as one call per expert
+        # in expert order (as Switch Transformers' experts do), measured on CPU
+        a = torch.nn.functional.dropout(a, experts.config.expert_dropout, training=True)
+    out = matmul(a, experts.down_proj, counts)
     if expert_of_row is not None:
         out = out + experts.down_proj_bias[expert_of_row]
     return combine_rows(out, plan)
+
+
+def expert_dropout_refusal(experts, backend: str) -> str | None:
+    """Why a backend that is not a row backend cannot run ``experts`` now: expert_dropout > 0
+    in training mode (only rows_ffn applies it); None otherwise."""
+    if not (getattr(experts, "training", False) and experts.config.expert_dropout > 0):
+        return None
+    return (f"experts_backend={backend!r} does not apply expert_dropout "
+            f"({experts.config.expert_dropout}) in training mode; use experts_backend='auto', "
+            "'grouped_mm' or 'loop'")

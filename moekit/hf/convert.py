@@ -139,16 +139,13 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
 def switch_fields(block: nn.Module) -> dict:
     """The MoEConfig fields of a SwitchTransformersSparseMLP: top-1 softmax weighted by
     the selected probability, its expert_capacity per sequence (earlier tokens first),
-    jitter on the router input in training; a ValueError for what moekit cannot run."""
+    jitter on the router input and dropout on the experts' activations (dropout_rate) in
+    training; a ValueError for what moekit cannot run."""
     name, router = type(block).__name__, block.router
     experts = [block.experts[key] for key in block.experts]
     if router.dtype != torch.float32:
         raise ValueError(f"{name}: router_dtype={router.dtype} is not supported (moekit's "
                          "router computes in float32, Switch's default)")
-    dropout = experts[0].dropout.p
-    if dropout:
-        raise ValueError(f"{name}: dropout_rate={dropout} drops activations inside the experts, "
-                         "which moekit's experts do not; set config.dropout_rate=0")
     act = computed_activation(experts[0].act)
     if act not in PLAIN_ACTIVATIONS:
         raise ValueError(f"{name}: act {type(experts[0].act).__name__} (config.dense_act_fn) has "
@@ -157,7 +154,8 @@ def switch_fields(block: nn.Module) -> dict:
     fields = dict(dim=dim, expert_dim=expert_dim, num_experts=len(experts), top_k=1,
                   normalize_topk=False, activation=PLAIN_ACTIVATIONS[act],
                   router_bias=router.classifier.bias is not None,
-                  expert_capacity=int(router.expert_capacity), capacity_scope="sequence")
+                  expert_capacity=int(router.expert_capacity), capacity_scope="sequence",
+                  expert_dropout=float(experts[0].dropout.p))
     if router.jitter_noise:
         fields.update(router_noise="jitter", jitter_eps=float(router.jitter_noise))
     return fields
