@@ -52,8 +52,9 @@ class MoEConfig:
         num_experts: E routed experts. top_k: k experts per token, 1 <= k <= E.
     Router
         router: routing strategy, a name in moekit.routers.ROUTERS: "topk" (token
-            choice, default), "expert_choice", "hash", "balanced" or "dense"
-            (see docs/routing.md).
+            choice, default), "expert_choice", "hash", "balanced", "dense" or
+            "sparsemixer" (PhiMoE: softmax scores, top-k chosen one at a time within a
+            relative threshold of jitter_eps, sampled in training; see docs/routing.md).
         score_func: "softmax" or "sigmoid" scores over the E router logits.
         normalize_topk: renormalise the k selected scores to sum to 1 (for
             softmax this is softmax over the top-k logits); False keeps the raw
@@ -223,6 +224,9 @@ class MoEConfig:
         if self.router != "topk" and (self.num_groups > 1 or self.has_expert_bias):
             raise ValueError(f"num_groups, bias_update_rate and expert_bias need router='topk', "
                              f"got router={self.router!r}")
+        if self.router == "sparsemixer" and self.router_noise != "none":
+            raise ValueError("router='sparsemixer' reads jitter_eps as its threshold and draws its "
+                             f"own samples: set router_noise='none', got {self.router_noise!r}")
         if self.router == "dense" and self.top_k != self.num_experts:
             raise ValueError(f"router='dense' sends every token to every expert: set top_k to "
                              f"num_experts ({self.num_experts}), got top_k={self.top_k}")

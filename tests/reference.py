@@ -106,6 +106,23 @@ def token_weights(cfg, logits, scores, ids) -> torch.Tensor:
     return scores[ids] * cfg.route_scale
 
 
+def sparsemixer_choice(cfg, logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """SparseMixer in eval mode for one token: k steps, each taking the best remaining
+    expert, weighted by the softmax over the remaining experts whose logit is within
+    2 * jitter_eps (relative to max(|logit|, best)) of the best."""
+    chosen, weights = [], []
+    values = [float(v) for v in logits.detach()]
+    for _ in range(cfg.top_k):
+        remaining = [e for e in range(cfg.num_experts) if e not in chosen]
+        best = max(remaining, key=lambda e: values[e])
+        top = values[best]
+        candidates = [e for e in remaining
+                      if (top - values[e]) / max(abs(values[e]), top) <= 2 * cfg.jitter_eps]
+        weights.append(torch.softmax(logits[candidates], 0)[candidates.index(best)])
+        chosen.append(best)
+    return chosen, torch.stack(weights) * cfg.route_scale
+
+
 def expert_choice_ids(cfg, scores_per_token: list[torch.Tensor]) -> list[list[int]]:
     """Each expert takes its C highest-scoring tokens; returns each token's experts."""
     T = len(scores_per_token)
@@ -164,9 +181,14 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
         token_ids = expert_choice_ids(cfg, [s[1] for s in scored])
     elif cfg.router == "dense":
         token_ids = [list(range(cfg.num_experts)) for _ in range(T)]
+    elif cfg.router == "sparsemixer":  # eval mode: training samples
+        token_ids = [sparsemixer_choice(cfg, s[0])[0] for s in scored]
     else:
         token_ids = [select_topk(cfg, s[1], expert_bias) for s in scored]
-    weights = [token_weights(cfg, s[0], s[1], e) for s, e in zip(scored, token_ids)]
+    if cfg.router == "sparsemixer":
+        weights = [sparsemixer_choice(cfg, s[0])[1] for s in scored]
+    else:
+        weights = [token_weights(cfg, s[0], s[1], e) for s, e in zip(scored, token_ids)]
     keep = [[True] * len(e) for e in token_ids] if cfg.router == "expert_choice" else \
         keep_assignments(cfg, token_ids, [w.detach().tolist() for w in weights], seq_len)
     counts = [0] * cfg.num_experts

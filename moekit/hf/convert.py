@@ -117,6 +117,8 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
     family = require_family(block)
     if family.router == "switch":
         return _with_overrides(switch_fields(block), overrides)
+    if family.router == "sparsemixer":
+        return _with_overrides(sparsemixer_fields(block), overrides)
     gate, experts = block.gate, block.experts
     jitter = getattr(block, "jitter_noise", 0.0)
     if jitter:
@@ -161,6 +163,20 @@ def switch_fields(block: nn.Module) -> dict:
     return fields
 
 
+def sparsemixer_fields(block: nn.Module) -> dict:
+    """The MoEConfig fields of a PhimoeSparseMoeBlock: router="sparsemixer" with its
+    router_jitter_noise as the threshold, top-2 whatever num_experts_per_tok says (transformers'
+    sparsemixer always picks two); a ValueError for input jitter, which moekit cannot run."""
+    name, router, experts = type(block).__name__, block.router, block.experts
+    if router.input_jitter_noise:
+        raise ValueError(f"{name}: input_jitter_noise={router.input_jitter_noise} jitters the "
+                         "experts' input too; moekit does not. Set it to 0")
+    num_experts, dim, expert_dim = experts.down_proj.shape
+    return dict(dim=dim, expert_dim=expert_dim, num_experts=num_experts, top_k=2,
+                router="sparsemixer", jitter_eps=float(router.router_jitter_noise),
+                normalize_topk=False, activation=experts_activation(experts))
+
+
 def _with_overrides(fields: dict, overrides: dict) -> MoEConfig:
     determined = sorted(set(fields) & set(overrides))
     if determined:
@@ -191,7 +207,8 @@ def to_hf(moe: MoE, block: nn.Module, *, copy: bool = True) -> nn.Module:
     configuration must be the one the block computes. The block's parameters
     are replaced: by copies (copy=True) or by the MoE's own (copy=False)."""
     expected = config_from_hf(block)
-    differing = sorted(n for n in _ROUTING_FIELDS if getattr(expected, n) != getattr(moe.config, n))
+    fields = _ROUTING_FIELDS | ({"jitter_eps"} if expected.router == "sparsemixer" else set())
+    differing = sorted(n for n in fields if getattr(expected, n) != getattr(moe.config, n))
     if differing:
         raise ValueError(f"the MoE's {', '.join(differing)} differ from what "
                          f"{type(block).__name__} computes: "

@@ -19,13 +19,15 @@ Router semantics by family:
   optional bias, experts ``expert_0`` ... of ``wi`` [F, D], ``wo`` [D, F]):
   softmax top-1 weighted by the selected probability, at most the config's
   ``expert_capacity`` tokens per expert and sequence, earlier tokens first.
+- "sparsemixer": PhiMoE's router (``router``, a Linear [E, D] with
+  ``router_jitter_noise`` as its threshold): moekit's router="sparsemixer", top-2.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-ROUTER_KINDS = ("softmax", "sigmoid_grouped", "switch")
+ROUTER_KINDS = ("softmax", "sigmoid_grouped", "switch", "sparsemixer")
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ class Family:
         which reads the expert count and the router's bias from ``block``)."""
         if self.router == "switch":
             return _switch_parameter_names(block)
-        names = {"router.weight": "gate.weight",
+        gate = "router" if self.router == "sparsemixer" else "gate"
+        names = {"router.weight": f"{gate}.weight",
                  "experts.gate_up_proj": "experts.gate_up_proj",
                  "experts.down_proj": "experts.down_proj"}
         if self.router == "sigmoid_grouped":
@@ -98,6 +101,7 @@ FAMILIES: dict[str, Family] = {
     "Dots1MoE": Family("dots1", **_DEEPSEEK_V3),
     "ExaoneMoeSparseMoEBlock": Family("exaone_moe", **_DEEPSEEK_V3),
     "SwitchTransformersSparseMLP": Family("switch_transformers", router="switch"),
+    "PhimoeSparseMoeBlock": Family("phimoe", router="sparsemixer"),
 }
 
 

@@ -17,6 +17,7 @@ def test_name_tables_cover_router_experts_and_shared_parts():
     qwen2 = FAMILIES["Qwen2MoeSparseMoeBlock"].parameter_names()
     assert qwen2["shared_experts.gate_proj.weight"] == "shared_expert.gate_proj.weight"
     assert qwen2["shared_experts.shared_expert_gate.weight"] == "shared_expert_gate.weight"
+    assert FAMILIES["PhimoeSparseMoeBlock"].parameter_names()["router.weight"] == "router.weight"
     for family in FAMILIES.values():  # one to one (Switch's, read from a block: test_switch.py)
         if family.router == "switch":
             continue

@@ -1,5 +1,6 @@
 """Tiny random-weight transformers MoE models, one per supported family (no downloads),
-and tiny configs of MoE families moekit does not convert (``OTHER_CONFIGS``).
+and tiny configs of the other MoE families (``OTHER_CONFIGS``): those moekit does not
+convert, and those tested in their own files (Switch Transformers, NLLB-MoE, PhiMoE).
 
 Weights are redrawn at a scale where routing and every expert matter (the
 models' own init, std 0.02, makes the logits nearly constant), and sigmoid
@@ -59,8 +60,9 @@ def _dbrx(**kw):
 
 
 _NO_HEAD_DIM = {k: v for k, v in _COMMON.items() if k != "head_dim"}
-# MoE families with no moekit conversion: {model type: config factory}, for AutoModel.
+# MoE families outside CONFIGS: {model type: config factory}, for AutoModel.
 OTHER_CONFIGS = {
+    "phimoe": lambda **kw: transformers.PhimoeConfig(**_MIXTRAL | kw),
     "switch_transformers": lambda **kw: transformers.SwitchTransformersConfig(**dict(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=16, num_layers=2, num_decoder_layers=2,
         num_heads=4, num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
