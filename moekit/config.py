@@ -86,6 +86,14 @@ class MoEConfig:
         capacity_scope: "batch" (default): C over all of x's tokens; "sequence":
             each sequence (second-to-last dim of x) has its own C per expert, as
             Switch Transformers routes in transformers (needs expert_capacity).
+        renormalize_kept: with capacity, rescale the combine weights a token keeps so that
+            they sum to what all its k weights summed to before dropping (NLLB-MoE's
+            normalize_router_prob_before_dropping=False); False (default) keeps them as
+            they are (GShard, Switch). A token that loses all k gets none.
+        eval_capacity_fraction: with capacity, in eval mode each expert takes at most
+            C = ceil(eval_capacity_fraction * T) assignments instead (T routed tokens;
+            NLLB-MoE's moe_eval_capacity_token_fraction; >= 1 never drops); None
+            (default): the training capacity in both modes. Not with expert parallelism.
     Experts
         activation: "swiglu" (default), "geglu", "gelu", "relu" or "silu".
         bias: learned biases in the expert projections (off, as in most LLMs).
@@ -95,6 +103,10 @@ class MoEConfig:
             none. The loop and grouped_mm backends apply it; fused and triton do not, so
             in training mode with expert_dropout > 0 "auto" picks a row backend and naming
             fused or triton raises.
+        expert_output_dropout: dropout probability on each routed expert's weighted output
+            [rows, D] in training mode; in eval mode the routed output is scaled by
+            1 - p instead (NLLB-MoE's moe_token_dropout, as fairseq); 0 (default) is none.
+            Backends as for expert_dropout.
         num_shared_experts / shared_expert_dim / shared_expert_gate: experts
             that see every token, as in DeepSeek and Qwen2-MoE; their hidden
             width is num_shared_experts * shared_expert_dim (default expert_dim).
@@ -143,9 +155,12 @@ class MoEConfig:
     drop_policy: str = "position"
     expert_capacity: int | None = None
     capacity_scope: str = "batch"
+    renormalize_kept: bool = False
+    eval_capacity_fraction: float | None = None
     activation: str = "swiglu"
     bias: bool = False
     expert_dropout: float = 0.0
+    expert_output_dropout: float = 0.0
     num_shared_experts: int = 0
     shared_expert_dim: int | None = None
     shared_expert_gate: bool = False
@@ -187,6 +202,7 @@ class MoEConfig:
         require_choice("activation", self.activation, tuple(ACTIVATIONS))
         require_bool("bias", self.bias)
         require_probability("expert_dropout", self.expert_dropout)
+        require_probability("expert_output_dropout", self.expert_output_dropout)
         require_int("num_shared_experts", self.num_shared_experts, 0)
         if self.shared_expert_dim is not None:
             require_int("shared_expert_dim", self.shared_expert_dim, 1)
@@ -247,6 +263,18 @@ class MoEConfig:
         if self.capacity_scope == "sequence" and self.expert_capacity is None:
             raise ValueError("capacity_scope='sequence' needs expert_capacity (a per-sequence "
                              "capacity_factor is not implemented), got expert_capacity=None")
+        require_bool("renormalize_kept", self.renormalize_kept)
+        if self.eval_capacity_fraction is not None:
+            require_float("eval_capacity_fraction", self.eval_capacity_fraction, 0.0,
+                          MAX_CAPACITY_FACTOR, open_minimum=True)
+        drops = not self.dropless and self.router != "expert_choice"
+        for name in ("renormalize_kept", "eval_capacity_fraction"):
+            if getattr(self, name) not in (False, None) and not drops:
+                raise ValueError(f"{name} needs a token-choice router with capacity "
+                                 "(capacity_factor or expert_capacity), got "
+                                 f"{name}={getattr(self, name)!r} with router={self.router!r}, "
+                                 f"capacity_factor={self.capacity_factor}, "
+                                 f"expert_capacity={self.expert_capacity}")
 
     @property
     def is_gated(self) -> bool:

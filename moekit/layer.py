@@ -49,6 +49,9 @@ class MoE(nn.Module):
         self.config = config
         self.router = build_router(config)
         self.dispatcher = build_dispatcher(config)
+        # eval_capacity_fraction: the eval-mode dispatcher (another capacity), else None
+        self.eval_dispatcher = None if config.eval_capacity_fraction is None \
+            else build_dispatcher(config, training=False)
         self.experts = Experts(config)
         self.shared_experts = SharedExperts(config) if config.num_shared_experts else None
         # balance_scope="global": counts [E] int64 of the optimizer step's micro-batches so far,
@@ -75,8 +78,12 @@ class MoE(nn.Module):
             sequence_T = None if sequence_T is None else sequence_T.index_select(0, real_T)
         with autocast_off(x):  # routing math stays float32
             routing = self.router(x_TD, token_ids_T)
-        y_TD, plan = self.dispatcher.run_experts(x_TD, routing, self.experts, sequence_T,
-                                                 num_sequences)
+        dispatcher = self.dispatcher if self.training or self.eval_dispatcher is None \
+            else self.eval_dispatcher
+        y_TD, plan = dispatcher.run_experts(x_TD, routing, self.experts, sequence_T,
+                                            num_sequences)
+        if not self.training and self.config.expert_output_dropout > 0:
+            y_TD = y_TD * (1 - self.config.expert_output_dropout)  # its expectation in training
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         if padding_mask is not None:

@@ -139,14 +139,16 @@ def expert_choice_ids(cfg, scores_per_token: list[torch.Tensor]) -> list[list[in
 
 
 def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
-                     seq_len: int | None = None) -> list[list[bool]]:
+                     seq_len: int | None = None, training: bool = True) -> list[list[bool]]:
     """The capacity rule, by hand: walk assignments in priority order, count per
     expert (per sequence of seq_len tokens with capacity_scope="sequence")."""
     T, k = len(ids), cfg.top_k
     if cfg.dropless:
         return [[True] * k for _ in range(T)]
     from fractions import Fraction
-    if cfg.expert_capacity is not None:
+    if not training and cfg.eval_capacity_fraction is not None:
+        capacity = math.ceil(Fraction(repr(cfg.eval_capacity_fraction)) * T)
+    elif cfg.expert_capacity is not None:
         capacity = cfg.expert_capacity
     else:
         capacity = math.ceil(Fraction(repr(cfg.capacity_factor)) * T * k / cfg.num_experts)
@@ -166,11 +168,13 @@ def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
 
 
 def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, ids=None,
-                  expert_bias=None, seq_len: int | None = None, hidden_masks=None):
+                  expert_bias=None, seq_len: int | None = None, hidden_masks=None,
+                  output_masks=None):
     """The layer by hand, float64. ids: each token's experts when they cannot be
-    recomputed here (hash, balanced in training). hidden_masks: {expert: [n_e, F]}
-    dropout masks of act(h), one row per kept assignment in token order. Returns a
-    dict with y [T, D], ids, keep, balance, z, counts."""
+    recomputed here (hash, balanced in training). hidden_masks / output_masks: {expert:
+    [n_e, F] / [n_e, D]} dropout masks of act(h) / of the expert's output, one row per kept
+    assignment in token order (training). Returns a dict with y [T, D], ids, keep, balance,
+    z, counts."""
     T = x_TD.shape[0]
     scored = [token_scores(cfg, p, x_TD[t]) for t in range(T)] if "router.weight" in p else \
         [(torch.zeros(cfg.num_experts, dtype=torch.float64),) * 2
@@ -190,16 +194,26 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
     else:
         weights = [token_weights(cfg, s[0], s[1], e) for s, e in zip(scored, token_ids)]
     keep = [[True] * len(e) for e in token_ids] if cfg.router == "expert_choice" else \
-        keep_assignments(cfg, token_ids, [w.detach().tolist() for w in weights], seq_len)
+        keep_assignments(cfg, token_ids, [w.detach().tolist() for w in weights], seq_len,
+                         training)
     counts = [0] * cfg.num_experts
     rows = []
     for t in range(T):
         y = torch.zeros(cfg.dim, dtype=torch.float64)
+        w = weights[t]
+        if cfg.renormalize_kept:  # the kept weights rescaled to the sum of all k
+            kept = sum(w[j] for j in range(len(w)) if keep[t][j])
+            w = w * (w.sum() / max(kept, torch.finfo(torch.float32).eps))
         for j, e in enumerate(token_ids[t]):
             if keep[t][j]:
                 mask_F = None if hidden_masks is None else hidden_masks[e][counts[e]]
+                out = _expert_ffn(cfg, p, e, x_TD[t], mask_F)
+                if output_masks is not None:
+                    out = out * output_masks[e][counts[e]]
+                elif not training and cfg.expert_output_dropout:
+                    out = out * (1 - cfg.expert_output_dropout)
                 counts[e] += 1
-                y = y + weights[t][j] * _expert_ffn(cfg, p, e, x_TD[t], mask_F)
+                y = y + w[j] * out
         if cfg.num_shared_experts:
             y = y + _shared_ffn(cfg, p, x_TD[t])
         rows.append(y)

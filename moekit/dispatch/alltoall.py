@@ -87,7 +87,7 @@ class AllToAllDispatcher:
         if self.slot_of_expert is not None:
             ids_TK = self.slot_of_expert.to(ids_TK.device)[ids_TK]
         return plan_dispatch(ids_TK, routing.expert_weights, self.num_experts, kept_TK,
-                             routing.assignment_mask)
+                             routing.assignment_mask, self.local.renormalize_kept)
 
     def _global_keep_mask(self, routing: Routing) -> torch.Tensor:
         """bool [T, K]: this rank's rows of capacity_keep_mask over all ranks' tokens."""

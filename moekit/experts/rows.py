@@ -4,6 +4,7 @@
     h       = matmul(rows_RD, W1, counts) (+ b1[expert])     [R, 2F] gated or [R, F]
     a       = dropout(act(h), expert_dropout) in training    [R, F]
     out_RD  = matmul(a, W2, counts) (+ b2[expert])           [R, D]
+              (then dropout(out_RD, expert_output_dropout) in training)
     y_TD    = combine_rows(out_RD, plan)                     weighted sum over K
 
 A row backend supplies only ``matmul(x_RI, w_EOI, counts) -> y_RO`` (rows of expert e times
@@ -47,14 +48,20 @@ def rows_ffn(experts, x_TD: torch.Tensor, plan: DispatchPlan, matmul: GroupedMat
     out = matmul(a, experts.down_proj, counts)
     if expert_of_row is not None:
         out = out + experts.down_proj_bias[expert_of_row]
+    if experts.training and experts.config.expert_output_dropout > 0:
+        # on the unweighted rows: the combine weight is one scalar per row
+        out = torch.nn.functional.dropout(out, experts.config.expert_output_dropout, training=True)
     return combine_rows(out, plan)
 
 
 def expert_dropout_refusal(experts, backend: str) -> str | None:
-    """Why a backend that is not a row backend cannot run ``experts`` now: expert_dropout > 0
-    in training mode (only rows_ffn applies it); None otherwise."""
-    if not (getattr(experts, "training", False) and experts.config.expert_dropout > 0):
+    """Why a backend that is not a row backend cannot run ``experts`` now: expert_dropout or
+    expert_output_dropout > 0 in training mode (only rows_ffn applies them); None otherwise."""
+    if not getattr(experts, "training", False):
         return None
-    return (f"experts_backend={backend!r} does not apply expert_dropout "
-            f"({experts.config.expert_dropout}) in training mode; use experts_backend='auto', "
-            "'grouped_mm' or 'loop'")
+    for name in ("expert_dropout", "expert_output_dropout"):
+        p = getattr(experts.config, name)
+        if p > 0:
+            return (f"experts_backend={backend!r} does not apply {name} ({p}) in training "
+                    "mode; use experts_backend='auto', 'grouped_mm' or 'loop'")
+    return None

@@ -41,6 +41,9 @@ def _check_supported(moe: MoE) -> None:
     if cfg.router not in ("topk", "hash", "expert_choice"):
         raise ValueError(f"expert parallelism supports router='topk', 'hash' or 'expert_choice', not "
                          f"router={cfg.router!r} (its assignment is solved over the whole batch)")
+    if moe.eval_dispatcher is not None:
+        raise ValueError(f"expert parallelism does not support eval_capacity_fraction "
+                         f"({cfg.eval_capacity_fraction}) yet; set it to None")
     if type(moe.dispatcher) not in (LocalDispatcher, CapacityDispatcher):
         raise ValueError(f"layer already uses {type(moe.dispatcher).__name__}")
 
