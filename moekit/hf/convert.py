@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.hf.families import FAMILIES, Family, family_of
+from moekit.hf.families import FAMILIES, Family, expert_names, family_of
 from moekit.layer import MoE
 
 # transformers' hidden_act -> moekit activation, for gated (gate_up_proj) and plain experts.
@@ -119,6 +119,8 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
         return _with_overrides(switch_fields(block), overrides)
     if family.router == "sparsemixer":
         return _with_overrides(sparsemixer_fields(block), overrides)
+    if family.router == "nllb":
+        return _with_overrides(nllb_fields(block), overrides)
     gate, experts = block.gate, block.experts
     jitter = getattr(block, "jitter_noise", 0.0)
     if jitter:
@@ -138,13 +140,56 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
     return _with_overrides(fields, overrides)
 
 
+def nllb_fields(block: nn.Module) -> dict:
+    """The MoEConfig fields of an NllbMoeSparseMLP: softmax top-2 renormalised (after
+    dropping, unless normalize_router_prob_before_dropping), the router's expert_capacity
+    over the batch in training (first choices before second, earlier tokens first),
+    moe_eval_capacity_token_fraction in eval, fc1/fc2 with biases, activation_dropout and
+    moe_token_dropout; a ValueError naming what moekit cannot run."""
+    name, router = type(block).__name__, block.router
+    experts = [block.experts[key] for key in expert_names(block)]
+    refusals = {
+        "router_dtype": (router.dtype, router.dtype != torch.float32,
+                         "moekit's router computes in float32, NLLB-MoE's default"),
+        "second_expert_policy": (router.second_expert_policy,
+                                 router.second_expert_policy != "all",
+                                 "moekit's top-2 takes the second best expert; 'sampling' and "
+                                 "'random' (random second choices) are not implemented"),
+        "batch_prioritized_routing": (router.batch_prioritized_routing,
+                                      router.batch_prioritized_routing,
+                                      "moekit drops by position or by combine weight, not by "
+                                      "each token's top-1 probability"),
+        "expert_capacity": (router.expert_capacity, router.expert_capacity is None,
+                            "transformers then fixes 2 * ceil(T / E) at its first training "
+                            "forward and keeps it; give a number"),
+    }
+    for field, (value, refused, why) in refusals.items():
+        if refused:
+            raise ValueError(f"{name}: {field}={value!r} is not supported ({why})")
+    act = computed_activation(experts[0].act)
+    if act not in PLAIN_ACTIVATIONS:
+        raise ValueError(f"{name}: act {type(experts[0].act).__name__} "
+                         "(config.activation_function) has no moekit equivalent; supported: "
+                         f"{', '.join(PLAIN_ACTIVATIONS)}")
+    expert_dim, dim = experts[0].fc1.weight.shape
+    fraction = float(router.moe_eval_capacity_token_fraction)
+    return dict(dim=dim, expert_dim=expert_dim, num_experts=len(experts), top_k=2,
+                activation=PLAIN_ACTIVATIONS[act], bias=True,
+                router_bias=router.classifier.bias is not None,
+                expert_capacity=int(router.expert_capacity),
+                renormalize_kept=not router.normalize_router_prob_before_dropping,
+                eval_capacity_fraction=fraction if fraction > 0 else None,
+                expert_dropout=float(experts[0].dropout.p),
+                expert_output_dropout=float(block.experts.moe_token_dropout))
+
+
 def switch_fields(block: nn.Module) -> dict:
     """The MoEConfig fields of a SwitchTransformersSparseMLP: top-1 softmax weighted by
     the selected probability, its expert_capacity per sequence (earlier tokens first),
     jitter on the router input and dropout on the experts' activations (dropout_rate) in
     training; a ValueError for what moekit cannot run."""
     name, router = type(block).__name__, block.router
-    experts = [block.experts[key] for key in block.experts]
+    experts = [block.experts[key] for key in expert_names(block)]
     if router.dtype != torch.float32:
         raise ValueError(f"{name}: router_dtype={router.dtype} is not supported (moekit's "
                          "router computes in float32, Switch's default)")
@@ -189,7 +234,7 @@ def from_hf(block: nn.Module, *, copy: bool = True, **overrides) -> MoE:
 
     copy=True clones every tensor; copy=False shares the block's parameters
     and buffers (the block must not be used afterwards, as ``patch`` does),
-    except per-expert tensors stacked into one (Switch), which are copies.
+    except per-expert tensors stacked into one (Switch, NLLB-MoE), which are copies.
     overrides: MoEConfig fields the block does not determine.
     The result is in the block's training mode.
     """

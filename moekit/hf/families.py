@@ -19,6 +19,10 @@ Router semantics by family:
   optional bias, experts ``expert_0`` ... of ``wi`` [F, D], ``wo`` [D, F]):
   softmax top-1 weighted by the selected probability, at most the config's
   ``expert_capacity`` tokens per expert and sequence, earlier tokens first.
+- "nllb": NLLB-MoE's block (``router.classifier`` [E, D] with an optional bias,
+  experts ``expert_0`` ... of ``fc1`` [F, D], ``fc2`` [D, F] with biases): softmax
+  top-2, renormalised, at most the router's ``expert_capacity`` assignments per
+  expert over the batch (first choices first), padded tokens not routed.
 - "sparsemixer": PhiMoE's router (``router``, a Linear [E, D] with
   ``router_jitter_noise`` as its threshold): moekit's router="sparsemixer", top-2.
 """
@@ -27,7 +31,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ROUTER_KINDS = ("softmax", "sigmoid_grouped", "switch", "sparsemixer")
+ROUTER_KINDS = ("softmax", "sigmoid_grouped", "switch", "sparsemixer", "nllb")
+# Blocks with one module per expert: {router kind: (first projection, second projection,
+# whether they have biases)}, stacked on dim 0 into moekit's up_proj, down_proj (and biases).
+PER_EXPERT_LINEARS = {"switch": ("wi", "wo", False), "nllb": ("fc1", "fc2", True)}
 
 
 @dataclass(frozen=True)
@@ -56,10 +63,10 @@ class Family:
 
     def parameter_names(self, block=None) -> dict[str, str | tuple[str, ...]]:
         """{moekit MoE state-dict key: block state-dict key}, one entry per tensor; a
-        tuple of keys is one per expert, stacked on dim 0 in moekit (router="switch",
-        which reads the expert count and the router's bias from ``block``)."""
-        if self.router == "switch":
-            return _switch_parameter_names(block)
+        tuple of keys is one per expert, stacked on dim 0 in moekit (router="switch" and
+        "nllb", which read the expert count and the router's bias from ``block``)."""
+        if self.router in PER_EXPERT_LINEARS:
+            return _per_expert_parameter_names(block, *PER_EXPERT_LINEARS[self.router])
         gate = "router" if self.router == "sparsemixer" else "gate"
         names = {"router.weight": f"{gate}.weight",
                  "experts.gate_up_proj": "experts.gate_up_proj",
@@ -74,11 +81,22 @@ class Family:
         return names
 
 
-def _switch_parameter_names(block) -> dict[str, str | tuple[str, ...]]:
-    experts = [f"experts.{name}" for name in block.experts]
+def expert_names(block) -> list[str]:
+    """The keys of a per-expert block's experts (``expert_0`` ...): the entries of its
+    ``experts`` dict that hold parameters (NLLB-MoE's also holds a dropout)."""
+    return [name for name, module in block.experts.items()
+            if any(True for _ in module.parameters())]
+
+
+def _per_expert_parameter_names(block, first: str, second: str, biases: bool
+                                ) -> dict[str, str | tuple[str, ...]]:
+    experts = [f"experts.{name}" for name in expert_names(block)]
     names = {"router.weight": "router.classifier.weight",
-             "experts.up_proj": tuple(f"{e}.wi.weight" for e in experts),
-             "experts.down_proj": tuple(f"{e}.wo.weight" for e in experts)}
+             "experts.up_proj": tuple(f"{e}.{first}.weight" for e in experts),
+             "experts.down_proj": tuple(f"{e}.{second}.weight" for e in experts)}
+    if biases:
+        names["experts.up_proj_bias"] = tuple(f"{e}.{first}.bias" for e in experts)
+        names["experts.down_proj_bias"] = tuple(f"{e}.{second}.bias" for e in experts)
     if block.router.classifier.bias is not None:
         names["router.bias"] = "router.classifier.bias"
     return names
@@ -102,6 +120,7 @@ FAMILIES: dict[str, Family] = {
     "ExaoneMoeSparseMoEBlock": Family("exaone_moe", **_DEEPSEEK_V3),
     "SwitchTransformersSparseMLP": Family("switch_transformers", router="switch"),
     "PhimoeSparseMoeBlock": Family("phimoe", router="sparsemixer"),
+    "NllbMoeSparseMLP": Family("nllb_moe", router="nllb"),
 }
 
 

@@ -147,13 +147,14 @@ def test_unsupported_blocks_and_options_are_named():
 
 
 # Families tested in their own files: tests/hf/test_<name>.py.
-OWN_TEST_FILES = {"switch_transformers", "phimoe"}
+OWN_TEST_FILES = {"switch_transformers", "phimoe", "nllb_moe"}
 
 
 def test_every_family_in_the_table_is_tested_here_or_in_its_own_file():
-    """Switch Transformers (a seq2seq model) and PhiMoE (random routing in training) have
-    their own test files."""
+    """Switch Transformers and NLLB-MoE (seq2seq models) and PhiMoE (random routing in
+    training) have their own test files."""
     assert sorted(f.name for f in SUPPORTED.values() if f.name not in OWN_TEST_FILES) \
         == sorted(FAMILIES)
     tests = Path(__file__).parent
-    assert all((tests / f"test_{name.split('_')[0]}.py").exists() for name in OWN_TEST_FILES)
+    own = {"switch_transformers": "switch", "phimoe": "phimoe", "nllb_moe": "nllb_moe"}
+    assert all((tests / f"test_{own[name]}.py").exists() for name in OWN_TEST_FILES)
