@@ -38,6 +38,9 @@ def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None,
 
 def _check_supported(moe: MoE) -> None:
     cfg = moe.config
+    if cfg.router == "sparsemixer":
+        raise ValueError("expert parallelism does not support router='sparsemixer' yet (not "
+                         "tested: its training samples would be drawn per rank)")
     if cfg.router not in ("topk", "hash", "expert_choice"):
         raise ValueError(f"expert parallelism supports router='topk', 'hash' or 'expert_choice', not "
                          f"router={cfg.router!r} (its assignment is solved over the whole batch)")

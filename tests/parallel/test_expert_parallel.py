@@ -28,6 +28,8 @@ CASES = {
                                   drop_policy="score", score_func="sigmoid", num_shared_experts=1),
     "expert-choice": dict(dim=8, expert_dim=12, num_experts=4, top_k=2, router="expert_choice",
                           capacity_factor=1.0),
+    "capacity-renormalized": dict(dim=8, expert_dim=12, num_experts=4, top_k=2, capacity_factor=0.5,
+                                  renormalize_kept=True, activation="relu", bias=True),
 }
 
 
@@ -144,6 +146,12 @@ def _bad_world_worker(rank, world_size, result_dir):
                                              top_k=4 if router == "dense" else 2))
         with pytest.raises(ValueError, match=f"not router='{router}'"):
             apply_expert_parallel(solved)
+    for fields, message in [(dict(router="sparsemixer"), "not support router='sparsemixer'"),
+                            (dict(expert_capacity=2, eval_capacity_fraction=1.0),
+                             r"not support eval_capacity_fraction \(1.0\)")]:
+        with pytest.raises(ValueError, match=message):
+            apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4,
+                                                              **fields)))
     twice = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
     with pytest.raises(ValueError, match="already uses AllToAllDispatcher"):
         apply_expert_parallel(twice)
