@@ -16,7 +16,7 @@ from moekit.validation import require_bool, require_choice, require_float, requi
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_NOISES = ("none", "jitter", "gaussian")
-DROP_POLICIES = ("position", "score")
+DROP_POLICIES = ("position", "score", "token_score")
 CAPACITY_SCOPES = ("batch", "sequence")
 HASH_WEIGHTS = ("uniform", "router")
 BALANCE_SCOPES = ("batch", "sequence", "global")
@@ -80,7 +80,9 @@ class MoEConfig:
             at most C = max(min_capacity, ceil(capacity_factor * T * k / E))
             assignments, and the rest are dropped by drop_policy ("position":
             first choices before second choices, then earlier tokens first;
-            "score": highest combine weight first).
+            "score": highest combine weight first; "token_score": first choices before
+            second choices, then tokens with the highest router probability first, as
+            NLLB-MoE's batch_prioritized_routing).
         expert_capacity: a fixed C instead of the capacity_factor formula
             (Switch Transformers' expert_capacity); None (default) uses the formula.
         capacity_scope: "batch" (default): C over all of x's tokens; "sequence":

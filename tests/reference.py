@@ -139,9 +139,11 @@ def expert_choice_ids(cfg, scores_per_token: list[torch.Tensor]) -> list[list[in
 
 
 def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
-                     seq_len: int | None = None, training: bool = True) -> list[list[bool]]:
+                     seq_len: int | None = None, training: bool = True,
+                     token_scores: list[float] | None = None) -> list[list[bool]]:
     """The capacity rule, by hand: walk assignments in priority order, count per
-    expert (per sequence of seq_len tokens with capacity_scope="sequence")."""
+    expert (per sequence of seq_len tokens with capacity_scope="sequence").
+    token_scores: each token's highest router probability (drop_policy="token_score")."""
     T, k = len(ids), cfg.top_k
     if cfg.dropless:
         return [[True] * k for _ in range(T)]
@@ -157,6 +159,8 @@ def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
     slots = [(t, j) for j in range(k) for t in range(T)]  # position order
     if cfg.drop_policy == "score":
         slots.sort(key=lambda s: -weights[s[0]][s[1]])  # stable: ties keep position order
+    if cfg.drop_policy == "token_score":  # choice, then the token's top router probability
+        slots.sort(key=lambda s: (s[1], -token_scores[s[0]]))
     used = {}
     keep = [[False] * k for _ in range(T)]
     for t, j in slots:
@@ -195,7 +199,7 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
         weights = [token_weights(cfg, s[0], s[1], e) for s, e in zip(scored, token_ids)]
     keep = [[True] * len(e) for e in token_ids] if cfg.router == "expert_choice" else \
         keep_assignments(cfg, token_ids, [w.detach().tolist() for w in weights], seq_len,
-                         training)
+                         training, [float(s[2].max()) for s in scored])
     counts = [0] * cfg.num_experts
     rows = []
     for t in range(T):

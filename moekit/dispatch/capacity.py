@@ -55,4 +55,10 @@ class CapacityDispatcher(LocalDispatcher):
         return capacity_keep_mask(routing.expert_indices, routing.expert_weights,
                                   self.num_experts, capacity, self.drop_policy,
                                   routing.assignment_mask,
-                                  sequence_T if self.per_sequence else None, num_sequences)
+                                  sequence_T if self.per_sequence else None, num_sequences,
+                                  token_scores(routing))
+
+
+def token_scores(routing: Routing) -> torch.Tensor:
+    """[T]: each token's highest router probability, the priority of drop_policy="token_score"."""
+    return routing.router_probs.detach().amax(dim=-1)

@@ -143,7 +143,8 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
 def nllb_fields(block: nn.Module) -> dict:
     """The MoEConfig fields of an NllbMoeSparseMLP: softmax top-2 renormalised (after
     dropping, unless normalize_router_prob_before_dropping), the router's expert_capacity
-    over the batch in training (first choices before second, earlier tokens first),
+    over the batch in training (first choices before second, then earlier tokens first, or
+    with batch_prioritized_routing tokens with the highest probability first),
     moe_eval_capacity_token_fraction in eval, fc1/fc2 with biases, activation_dropout and
     moe_token_dropout; a ValueError naming what moekit cannot run."""
     name, router = type(block).__name__, block.router
@@ -155,10 +156,6 @@ def nllb_fields(block: nn.Module) -> dict:
                                  router.second_expert_policy != "all",
                                  "moekit's top-2 takes the second best expert; 'sampling' and "
                                  "'random' (random second choices) are not implemented"),
-        "batch_prioritized_routing": (router.batch_prioritized_routing,
-                                      router.batch_prioritized_routing,
-                                      "moekit drops by position or by combine weight, not by "
-                                      "each token's top-1 probability"),
         "expert_capacity": (router.expert_capacity, router.expert_capacity is None,
                             "transformers then fixes 2 * ceil(T / E) at its first training "
                             "forward and keeps it; give a number"),
@@ -177,6 +174,7 @@ def nllb_fields(block: nn.Module) -> dict:
                 activation=PLAIN_ACTIVATIONS[act], bias=True,
                 router_bias=router.classifier.bias is not None,
                 expert_capacity=int(router.expert_capacity),
+                drop_policy="token_score" if router.batch_prioritized_routing else "position",
                 renormalize_kept=not router.normalize_router_prob_before_dropping,
                 eval_capacity_fraction=fraction if fraction > 0 else None,
                 expert_dropout=float(experts[0].dropout.p),
@@ -201,7 +199,8 @@ def switch_fields(block: nn.Module) -> dict:
     fields = dict(dim=dim, expert_dim=expert_dim, num_experts=len(experts), top_k=1,
                   normalize_topk=False, activation=PLAIN_ACTIVATIONS[act],
                   router_bias=router.classifier.bias is not None,
-                  expert_capacity=int(router.expert_capacity), capacity_scope="sequence",
+                  expert_capacity=int(router.expert_capacity),
+                drop_policy="token_score" if router.batch_prioritized_routing else "position", capacity_scope="sequence",
                   expert_dropout=float(experts[0].dropout.p))
     if router.jitter_noise:
         fields.update(router_noise="jitter", jitter_eps=float(router.jitter_noise))

@@ -1,6 +1,7 @@
 """The capacity dispatcher's options against the float64 layer reference, forward and
-backward: renormalize_kept (the kept weights rescaled to the sum of all k) and
-eval_capacity_fraction (another capacity, ceil(fraction * T), in eval mode)."""
+backward: renormalize_kept (the kept weights rescaled to the sum of all k),
+eval_capacity_fraction (another capacity, ceil(fraction * T), in eval mode) and
+drop_policy="token_score" (by each token's top router probability)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def _check_eval(moe: moekit.MoE, num_tokens: int, seed: int = 0) -> moekit.MoEAu
     dict(expert_capacity=3),
     dict(capacity_factor=0.5, drop_policy="score", route_scale=2.0),
     dict(capacity_factor=0.75, normalize_topk=False, top_k=3),
+    dict(expert_capacity=4, drop_policy="token_score"),
 ], ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
 def test_renormalize_kept_matches_the_reference(fields):
     fields = dict(dim=16, expert_dim=8, num_experts=4, top_k=2) | fields
@@ -48,6 +50,15 @@ def test_renormalize_kept_matches_the_reference(fields):
     plain = randomized_moe(**fields)
     x = torch.randn(33, 16)
     assert not torch.allclose(moe(x)[0], plain(x)[0])
+
+
+@pytest.mark.parametrize("policy", ["token_score", "score", "position"])
+def test_drop_policies_match_the_reference_in_training_and_eval(policy):
+    moe = randomized_moe(dim=16, expert_dim=8, num_experts=4, top_k=2, capacity_factor=0.5,
+                         drop_policy=policy, score_func="sigmoid")
+    check_against_reference(moe, 29)
+    moe.zero_grad()
+    _check_eval(moe, 29)
 
 
 def test_renormalize_kept_gives_a_token_that_lost_one_choice_its_whole_weight():

@@ -167,11 +167,17 @@ def test_eval_capacity_fraction_below_one_drops_as_eager(routed_eager):
         patched(**_inputs())
 
 
-def test_normalizing_before_dropping_and_ignoring_padding_match_eager(routed_eager):
-    eager = _model(normalize_router_prob_before_dropping=True, router_ignore_padding_tokens=True)
+@pytest.mark.parametrize("config, field, value", [
+    (dict(normalize_router_prob_before_dropping=True, router_ignore_padding_tokens=True),
+     "renormalize_kept", False),
+    (dict(batch_prioritized_routing=True), "drop_policy", "token_score"),
+])
+def test_normalizing_before_dropping_ignoring_padding_and_batch_priority_match_eager(
+        routed_eager, config, field, value):
+    eager = _model(**config)
     patched = copy.deepcopy(eager)
     patch(patched)
-    assert not patched.get_submodule(SPARSE[0]).moe.config.renormalize_kept
+    assert getattr(patched.get_submodule(SPARSE[0]).moe.config, field) == value
     want, _ = _run(eager, "train", _inputs())
     got, _ = _run(patched, "train", _inputs())
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
@@ -249,7 +255,6 @@ def test_bf16_forward_matches_eager(routed_eager):
 @pytest.mark.parametrize("config, message", [
     (dict(second_expert_policy="sampling"), r"second_expert_policy='sampling' is not supported"),
     (dict(second_expert_policy="random"), r"second_expert_policy='random' is not supported"),
-    (dict(batch_prioritized_routing=True), r"batch_prioritized_routing=True is not supported"),
     (dict(router_dtype="bfloat16"), r"router_dtype=torch.bfloat16 is not supported"),
     (dict(activation_function="gelu_new"), r"act NewGELUActivation \(config.activation_function\)"),
 ])

@@ -29,7 +29,8 @@ CASES = {
     "expert-choice": dict(dim=8, expert_dim=12, num_experts=4, top_k=2, router="expert_choice",
                           capacity_factor=1.0),
     "capacity-renormalized": dict(dim=8, expert_dim=12, num_experts=4, top_k=2, capacity_factor=0.5,
-                                  renormalize_kept=True, activation="relu", bias=True),
+                                  renormalize_kept=True, activation="relu", bias=True,
+                                  drop_policy="token_score"),
 }
 
 
