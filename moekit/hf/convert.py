@@ -199,8 +199,7 @@ def switch_fields(block: nn.Module) -> dict:
     fields = dict(dim=dim, expert_dim=expert_dim, num_experts=len(experts), top_k=1,
                   normalize_topk=False, activation=PLAIN_ACTIVATIONS[act],
                   router_bias=router.classifier.bias is not None,
-                  expert_capacity=int(router.expert_capacity),
-                drop_policy="token_score" if router.batch_prioritized_routing else "position", capacity_scope="sequence",
+                  expert_capacity=int(router.expert_capacity), capacity_scope="sequence",
                   expert_dropout=float(experts[0].dropout.p))
     if router.jitter_noise:
         fields.update(router_noise="jitter", jitter_eps=float(router.jitter_noise))
