@@ -29,8 +29,8 @@ MAX_CAPACITY_FACTOR = 1000.0
 
 def require_probability(name: str, value: Any) -> None:
     """A dropout probability: a number in [0, 1) (1 would drop everything)."""
-    require_float(name, value, 0.0, 1.0)
-    if value == 1.0:
+    require_float(name, value, 0.0)
+    if value >= 1.0:
         raise ValueError(f"{name} must be a finite number >= 0.0 and < 1.0, got {float(value)}")
 
 

@@ -140,7 +140,8 @@ def test_backends_without_dropout_are_refused_in_training_and_auto_steps_aside()
 
 @pytest.mark.parametrize("value, error, message", [
     (1.0, ValueError, r"expert_dropout must be a finite number >= 0.0 and < 1.0, got 1.0"),
-    (-0.1, ValueError, r"expert_dropout must be a finite number >= 0.0 and <= 1.0, got -0.1"),
+    (-0.1, ValueError, r"expert_dropout must be a finite number >= 0.0, got -0.1"),
+    (float("nan"), ValueError, r"expert_dropout must be a finite number"),
     ("0.1", TypeError, r"expert_dropout must be a number, got '0.1'"),
 ])
 def test_bad_expert_dropout_is_refused(value, error, message):
