@@ -35,5 +35,5 @@ def build_router(config: MoEConfig) -> nn.Module:
 
 
 __all__ = ["ROUTERS", "BalancedRouter", "DenseRouter", "ExpertChoiceRouter", "HashRouter",
-           "LinearRouter", "SparseMixerRouter", "TopKRouter", "balanced_assignment", "build_router", "hash_experts",
-           "route_topk"]
+           "LinearRouter", "SparseMixerRouter", "TopKRouter", "balanced_assignment",
+           "build_router", "hash_experts", "route_topk"]

@@ -271,3 +271,16 @@ def test_a_router_without_capacity_is_refused_by_name():
     block.router.expert_capacity = None
     with pytest.raises(ValueError, match=r"expert_capacity=None is not supported"):
         config_from_hf(block)
+
+
+def test_generation_with_a_cache_is_unchanged(routed_eager):
+    """Decoding steps pass the sparse layers a [B, 1, 1, past + 1] mask; the patched blocks
+    read it as transformers' router does."""
+    eager = _model().eval()
+    patched = copy.deepcopy(eager)
+    patch(patched)
+    inputs = _inputs()
+    with torch.no_grad():
+        want, got = (m.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                max_new_tokens=6, do_sample=False) for m in (eager, patched))
+    assert torch.equal(got, want)
