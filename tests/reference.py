@@ -199,7 +199,7 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
         weights = [token_weights(cfg, s[0], s[1], e) for s, e in zip(scored, token_ids)]
     keep = [[True] * len(e) for e in token_ids] if cfg.router == "expert_choice" else \
         keep_assignments(cfg, token_ids, [w.detach().tolist() for w in weights], seq_len,
-                         training, [float(s[2].max()) for s in scored])
+                         training, [float(s[2].detach().max()) for s in scored])
     counts = [0] * cfg.num_experts
     rows = []
     for t in range(T):
