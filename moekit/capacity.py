@@ -37,7 +37,8 @@ def capacity_keep_mask(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_exper
                        capacity: int, drop_policy: str = "position",
                        assignment_mask_TK: torch.Tensor | None = None,
                        sequence_T: torch.Tensor | None = None,
-                       num_sequences: int = 1) -> torch.Tensor:
+                       num_sequences: int = 1,
+                       token_scores_T: torch.Tensor | None = None) -> torch.Tensor:
     """Which assignments survive capacity: bool [T, K], True = kept.
 
     Slots outside assignment_mask_TK (if given) are not assignments: they take
@@ -46,7 +47,10 @@ def capacity_keep_mask(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_exper
     Each expert keeps its first ``capacity`` assignments in priority order:
     - "position": all first choices before any second choice, then earlier
       tokens first (GShard, Switch);
-    - "score": highest combine weight first, ties broken by position order.
+    - "score": highest combine weight first, ties broken by position order;
+    - "token_score": all first choices before any second choice, then tokens by
+      token_scores_T [T] (each token's highest router probability), highest first, ties by
+      position (batch-prioritized routing: GShard, NLLB-MoE).
     Not differentiable (a mask).
     """
     if drop_policy not in DROP_POLICIES:
@@ -62,6 +66,12 @@ def capacity_keep_mask(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_exper
     priority_A = torch.arange(ids_A.numel(), device=ids_A.device)
     if drop_policy == "score":
         priority_A = torch.argsort(-weights_TK.detach().t().reshape(-1), stable=True)
+    elif drop_policy == "token_score":
+        if token_scores_T is None:
+            raise ValueError("drop_policy='token_score' needs each token's score (token_scores_T)")
+        order_T = torch.argsort(-token_scores_T.detach(), stable=True)
+        choices_K1 = torch.arange(top_k, device=ids_A.device).unsqueeze(1)
+        priority_A = (choices_K1 * num_tokens + order_T.unsqueeze(0)).reshape(-1)
     ids_by_priority = ids_A[priority_A]
     by_expert = torch.argsort(ids_by_priority, stable=True)
     counts_E = expert_counts(ids_A, num_experts + 1)

@@ -16,7 +16,7 @@ from moekit.validation import require_bool, require_choice, require_float, requi
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_NOISES = ("none", "jitter", "gaussian")
-DROP_POLICIES = ("position", "score")
+DROP_POLICIES = ("position", "score", "token_score")
 CAPACITY_SCOPES = ("batch", "sequence")
 HASH_WEIGHTS = ("uniform", "router")
 BALANCE_SCOPES = ("batch", "sequence", "global")
@@ -32,6 +32,13 @@ DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT = 1.702, 7.0
 # A capacity factor this large is a typo, not a wish: capacity is clamped to the
 # token count anyway, so anything above num_experts can never change the result.
 MAX_CAPACITY_FACTOR = 1000.0
+
+
+def require_probability(name: str, value: Any) -> None:
+    """A dropout probability: a number in [0, 1) (1 would drop everything)."""
+    require_float(name, value, 0.0)
+    if value >= 1.0:
+        raise ValueError(f"{name} must be a finite number >= 0.0 and < 1.0, got {float(value)}")
 
 
 def dataclass_from_dict(cls, values: dict[str, Any]):
@@ -52,8 +59,10 @@ class MoEConfig:
         num_experts: E routed experts. top_k: k experts per token, 1 <= k <= E.
     Router
         router: routing strategy, a name in moekit.routers.ROUTERS: "topk" (token
-            choice, default), "expert_choice", "expert_threshold", "hash", "balanced"
-            or "dense" (see docs/routing.md).
+            choice, default), "expert_choice", "expert_threshold", "hash", "balanced",
+            "dense" or "sparsemixer" (PhiMoE: softmax scores, top-k chosen one at a time
+            within a relative threshold of jitter_eps, sampled in training; see
+            docs/routing.md).
         score_func: "softmax" or "sigmoid" scores over the E router logits.
         normalize_topk: renormalise the k selected scores to sum to 1 (for
             softmax this is softmax over the top-k logits); False keeps the raw
@@ -100,7 +109,9 @@ class MoEConfig:
             at most C = max(min_capacity, ceil(capacity_factor * T * k / E))
             assignments, and the rest are dropped by drop_policy ("position":
             first choices before second choices, then earlier tokens first;
-            "score": highest combine weight first). For router="expert_choice" and
+            "score": highest combine weight first; "token_score": first choices before
+            second choices, then tokens with the highest router probability first, as
+            NLLB-MoE's batch_prioritized_routing). For router="expert_choice" and
             "expert_threshold" it sets the load each expert aims at instead (C tokens
             per expert out of T, None meaning 1.0), and nothing is dropped.
         expert_capacity: a fixed C instead of the capacity_factor formula
@@ -108,6 +119,14 @@ class MoEConfig:
         capacity_scope: "batch" (default): C over all of x's tokens; "sequence":
             each sequence (second-to-last dim of x) has its own C per expert, as
             Switch Transformers routes in transformers (needs expert_capacity).
+        renormalize_kept: with capacity, rescale the combine weights a token keeps so that
+            they sum to what all its k weights summed to before dropping (NLLB-MoE's
+            normalize_router_prob_before_dropping=False); False (default) keeps them as
+            they are (GShard, Switch). A token that loses all k gets none.
+        eval_capacity_fraction: with capacity, in eval mode each expert takes at most
+            C = ceil(eval_capacity_fraction * T) assignments instead (T routed tokens;
+            NLLB-MoE's moe_eval_capacity_token_fraction; >= 1 never drops); None
+            (default): the training capacity in both modes. Not with expert parallelism.
     Experts
         activation: "swiglu" (default), "geglu", "gelu", "relu", "silu" or "clamped_swiglu"
             (GPT-OSS: g = min(gate, swiglu_limit), u = clamp(up, -swiglu_limit, swiglu_limit),
@@ -120,6 +139,16 @@ class MoEConfig:
             "loop" and "grouped_mm" backends (auto picks one of them) and without expert
             parallelism or offloading.
         bias: learned biases in the expert projections (off, as in most LLMs).
+        expert_dropout: dropout probability on each routed expert's hidden activation
+            act(h) [rows, F], in training mode only, scaled by 1 / (1 - p) (Switch
+            Transformers' dropout_rate, NLLB-MoE's activation_dropout); 0 (default) is
+            none. The loop and grouped_mm backends apply it; fused and triton do not, so
+            in training mode with expert_dropout > 0 "auto" picks a row backend and naming
+            fused or triton raises.
+        expert_output_dropout: dropout probability on each routed expert's weighted output
+            [rows, D] in training mode; in eval mode the routed output is scaled by
+            1 - p instead (NLLB-MoE's moe_token_dropout, as fairseq); 0 (default) is none.
+            Backends as for expert_dropout.
         num_shared_experts / shared_expert_dim / shared_expert_gate: experts
             that see every token, as in DeepSeek and Qwen2-MoE; their hidden
             width is num_shared_experts * shared_expert_dim (default expert_dim).
@@ -186,11 +215,15 @@ class MoEConfig:
     drop_policy: str = "position"
     expert_capacity: int | None = None
     capacity_scope: str = "batch"
+    renormalize_kept: bool = False
+    eval_capacity_fraction: float | None = None
     activation: str = "swiglu"
     swiglu_alpha: float = DEFAULT_SWIGLU_ALPHA
     swiglu_limit: float = DEFAULT_SWIGLU_LIMIT
     combine_weights_on: str = "output"
     bias: bool = False
+    expert_dropout: float = 0.0
+    expert_output_dropout: float = 0.0
     num_shared_experts: int = 0
     shared_expert_dim: int | None = None
     shared_expert_gate: bool = False
@@ -240,6 +273,8 @@ class MoEConfig:
         self._check_activation_params()
         require_choice("combine_weights_on", self.combine_weights_on, COMBINE_WEIGHTS_ON)
         require_bool("bias", self.bias)
+        require_probability("expert_dropout", self.expert_dropout)
+        require_probability("expert_output_dropout", self.expert_output_dropout)
         require_int("num_shared_experts", self.num_shared_experts, 0)
         if self.shared_expert_dim is not None:
             require_int("shared_expert_dim", self.shared_expert_dim, 1)
@@ -287,6 +322,9 @@ class MoEConfig:
             raise ValueError(f"normalize_topk_p={self.normalize_topk_p} needs normalize_topk=True "
                              f"and router='topk', got normalize_topk={self.normalize_topk}, "
                              f"router={self.router!r}")
+        if self.router == "sparsemixer" and self.router_noise != "none":
+            raise ValueError("router='sparsemixer' reads jitter_eps as its threshold and draws its "
+                             f"own samples: set router_noise='none', got {self.router_noise!r}")
         if self.router == "dense" and self.top_k != self.num_experts:
             raise ValueError(f"router='dense' sends every token to every expert: set top_k to "
                              f"num_experts ({self.num_experts}), got top_k={self.top_k}")
@@ -332,6 +370,18 @@ class MoEConfig:
         if self.capacity_scope == "sequence" and self.expert_capacity is None:
             raise ValueError("capacity_scope='sequence' needs expert_capacity (a per-sequence "
                              "capacity_factor is not implemented), got expert_capacity=None")
+        require_bool("renormalize_kept", self.renormalize_kept)
+        if self.eval_capacity_fraction is not None:
+            require_float("eval_capacity_fraction", self.eval_capacity_fraction, 0.0,
+                          MAX_CAPACITY_FACTOR, open_minimum=True)
+        drops = not self.dropless and self.router != "expert_choice"
+        for name in ("renormalize_kept", "eval_capacity_fraction"):
+            if getattr(self, name) not in (False, None) and not drops:
+                raise ValueError(f"{name} needs a token-choice router with capacity "
+                                 "(capacity_factor or expert_capacity), got "
+                                 f"{name}={getattr(self, name)!r} with router={self.router!r}, "
+                                 f"capacity_factor={self.capacity_factor}, "
+                                 f"expert_capacity={self.expert_capacity}")
 
     def _check_batch_invariant(self) -> None:
         """batch_invariant needs routing that looks at one token at a time, and no drops."""

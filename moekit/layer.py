@@ -57,6 +57,9 @@ class MoE(nn.Module):
         self.config = config
         self.router = build_router(config)
         self.dispatcher = build_dispatcher(config)
+        # eval_capacity_fraction: the eval-mode dispatcher (another capacity), else None
+        self.eval_dispatcher = None if config.eval_capacity_fraction is None \
+            else build_dispatcher(config, training=False)
         self.experts = Experts(config)
         self.shared_experts = SharedExperts(config) if config.num_shared_experts else None
         # output_bias: [D] added once after the combine (JetMoE); zero at init, as there
@@ -121,15 +124,18 @@ class MoE(nn.Module):
 
     def _run_experts(self, x_TD: torch.Tensor, routing: Routing, sequence_T: torch.Tensor | None,
                      num_sequences: int) -> tuple[torch.Tensor, DispatchPlan]:
-        """(y_TD [T, D], plan): the dispatcher and the experts on the real experts'
-        assignments, plus the copy experts' share with null experts of kind "copy"."""
+        """(y_TD [T, D], plan): the dispatcher (the eval one of eval_capacity_fraction in eval
+        mode) and the experts on the real experts' assignments, scaled by 1 -
+        expert_output_dropout in eval mode, plus the copy experts' share with null experts of
+        kind "copy"."""
         c = self.config
-        if not c.num_null_experts:
-            return self.dispatcher.run_experts(x_TD, routing, self.experts, sequence_T,
-                                               num_sequences)
-        y_TD, plan = self.dispatcher.run_experts(x_TD, real_expert_routing(routing, c.num_experts),
-                                                 self.experts, sequence_T, num_sequences)
-        if c.null_expert_kind == "copy":
+        dispatcher = self.dispatcher if self.training or self.eval_dispatcher is None \
+            else self.eval_dispatcher
+        real = real_expert_routing(routing, c.num_experts) if c.num_null_experts else routing
+        y_TD, plan = dispatcher.run_experts(x_TD, real, self.experts, sequence_T, num_sequences)
+        if not self.training and c.expert_output_dropout > 0:
+            y_TD = y_TD * (1 - c.expert_output_dropout)  # its expectation in training
+        if c.num_null_experts and c.null_expert_kind == "copy":
             y_TD = y_TD + copy_expert_output(x_TD, routing, c.num_experts).to(y_TD.dtype)
         return y_TD, plan
 

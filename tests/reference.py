@@ -35,7 +35,8 @@ def _gated(cfg, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (up + 1) * gate * torch.sigmoid(cfg.swiglu_alpha * gate)
 
 
-def _expert_ffn(cfg, p: dict, e: int, x_D: torch.Tensor) -> torch.Tensor:
+def _expert_ffn(cfg, p: dict, e: int, x_D: torch.Tensor, mask_F=None) -> torch.Tensor:
+    """Expert e on one token; mask_F [F] (a dropout mask, already scaled) multiplies act(h)."""
     F_ = cfg.expert_dim
     if cfg.activation in _GATED:
         w1 = p["experts.gate_up_proj"][e]
@@ -49,6 +50,8 @@ def _expert_ffn(cfg, p: dict, e: int, x_D: torch.Tensor) -> torch.Tensor:
         if cfg.bias:
             h = h + p["experts.up_proj_bias"][e]
         h = _act(cfg.activation, h)
+    if mask_F is not None:
+        h = h * mask_F
     out = p["experts.down_proj"][e] @ h
     if cfg.bias:
         out = out + p["experts.down_proj_bias"][e]
@@ -119,6 +122,23 @@ def token_weights(cfg, logits, scores, ids) -> torch.Tensor:
     return scores[ids] * cfg.route_scale
 
 
+def sparsemixer_choice(cfg, logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """SparseMixer in eval mode for one token: k steps, each taking the best remaining
+    expert, weighted by the softmax over the remaining experts whose logit is within
+    2 * jitter_eps (relative to max(|logit|, best)) of the best."""
+    chosen, weights = [], []
+    values = [float(v) for v in logits.detach()]
+    for _ in range(cfg.top_k):
+        remaining = [e for e in range(cfg.num_experts) if e not in chosen]
+        best = max(remaining, key=lambda e: values[e])
+        top = values[best]
+        candidates = [e for e in remaining
+                      if (top - values[e]) / max(abs(values[e]), top) <= 2 * cfg.jitter_eps]
+        weights.append(torch.softmax(logits[candidates], 0)[candidates.index(best)])
+        chosen.append(best)
+    return chosen, torch.stack(weights) * cfg.route_scale
+
+
 def expert_choice_ids(cfg, scores_per_token: list[torch.Tensor]) -> list[list[int]]:
     """Each expert takes its C highest-scoring tokens; returns each token's experts."""
     T = len(scores_per_token)
@@ -158,15 +178,19 @@ def expert_threshold_ids(cfg, scores_per_token: list[torch.Tensor],
 
 
 def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
-                     seq_len: int | None = None) -> list[list[bool]]:
+                     seq_len: int | None = None, training: bool = True,
+                     token_scores: list[float] | None = None) -> list[list[bool]]:
     """The capacity rule, by hand: walk assignments in priority order, count per
     expert (per sequence of seq_len tokens with capacity_scope="sequence"). Null
-    experts (ids >= num_experts) take no capacity and are always kept."""
+    experts (ids >= num_experts) take no capacity and are always kept.
+    token_scores: each token's highest router probability (drop_policy="token_score")."""
     T, k = len(ids), cfg.top_k
     if cfg.dropless:
         return [[True] * k for _ in range(T)]
     from fractions import Fraction
-    if cfg.expert_capacity is not None:
+    if not training and cfg.eval_capacity_fraction is not None:
+        capacity = math.ceil(Fraction(repr(cfg.eval_capacity_fraction)) * T)
+    elif cfg.expert_capacity is not None:
         capacity = cfg.expert_capacity
     else:
         capacity = math.ceil(Fraction(repr(cfg.capacity_factor)) * T * k / cfg.num_experts)
@@ -175,6 +199,8 @@ def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
     slots = [(t, j) for j in range(k) for t in range(T)]  # position order
     if cfg.drop_policy == "score":
         slots.sort(key=lambda s: -weights[s[0]][s[1]])  # stable: ties keep position order
+    if cfg.drop_policy == "token_score":  # choice, then the token's top router probability
+        slots.sort(key=lambda s: (s[1], -token_scores[s[0]]))
     used = {}
     keep = [[False] * k for _ in range(T)]
     for t, j in slots:
@@ -190,14 +216,15 @@ def keep_assignments(cfg, ids: list[list[int]], weights: list[list[float]],
 
 def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, ids=None,
                   expert_bias=None, seq_len: int | None = None, replay: bool = False,
-                  thresholds=None):
+                  thresholds=None, hidden_masks=None, output_masks=None):
     """The layer by hand, float64. ids: each token's experts when they cannot be
     recomputed here (hash, balanced in training), or, with replay, the experts a
     replayed forward was given. thresholds: router="expert_threshold"'s stored
-    thresholds (None before its first update). Null experts (ids num_experts..
-    num_experts + N - 1) add 0, or the input for null_expert_kind="copy", times their
-    weight. Returns a dict with y [T, D], ids, keep, balance, z, counts (real experts),
-    null_counts."""
+    thresholds (None before its first update). hidden_masks / output_masks: {expert:
+    [n_e, F] / [n_e, D]} dropout masks of act(h) / of the expert's output, one row per kept
+    assignment in token order (training). Null experts (ids num_experts.. num_experts +
+    N - 1) add 0, or the input for null_expert_kind="copy", times their weight. Returns a
+    dict with y [T, D], ids, keep, balance, z, counts (real experts), null_counts."""
     T = x_TD.shape[0]
     scored = [token_scores(cfg, p, x_TD[t]) for t in range(T)] if "router.weight" in p else \
         [(torch.zeros(cfg.num_experts, dtype=torch.float64),) * 2
@@ -211,27 +238,41 @@ def reference_moe(cfg, p: dict, x_TD: torch.Tensor, *, training: bool = True, id
         token_ids = expert_threshold_ids(cfg, [s[1] for s in scored], thresholds)
     elif cfg.router == "dense":
         token_ids = [list(range(cfg.num_experts)) for _ in range(T)]
+    elif cfg.router == "sparsemixer":  # eval mode: training samples
+        token_ids = [sparsemixer_choice(cfg, s[0])[0] for s in scored]
     else:
         token_ids = [select_topk(cfg, s[1], expert_bias) for s in scored]
-    weights = [token_weights(cfg, s[0], s[1], e) for s, e in zip(scored, token_ids)]
+    if cfg.router == "sparsemixer":
+        weights = [sparsemixer_choice(cfg, s[0])[1] for s in scored]
+    else:
+        weights = [token_weights(cfg, s[0], s[1], e) for s, e in zip(scored, token_ids)]
     keep = [[True] * len(e) for e in token_ids] if cfg.router_sets_load else \
-        keep_assignments(cfg, token_ids, [w.detach().tolist() for w in weights], seq_len)
+        keep_assignments(cfg, token_ids, [w.detach().tolist() for w in weights], seq_len,
+                         training, [float(s[2].detach().max()) for s in scored])
     E, N = cfg.num_experts, getattr(cfg, "num_null_experts", 0)
     counts, null_counts = [0] * E, [0] * N
     rows = []
     for t in range(T):
         y = torch.zeros(cfg.dim, dtype=torch.float64)
+        w = weights[t]
+        if cfg.renormalize_kept:  # the kept weights rescaled to the sum of all k
+            kept = sum(w[j] for j in range(len(w)) if keep[t][j])
+            w = w * (w.sum() / max(kept, torch.finfo(torch.float32).eps))
         for j, e in enumerate(token_ids[t]):
             if e >= E:
                 null_counts[e - E] += 1
                 if cfg.null_expert_kind == "copy":
-                    y = y + weights[t][j] * x_TD[t]
+                    y = y + w[j] * x_TD[t]
             elif keep[t][j]:
+                mask_F = None if hidden_masks is None else hidden_masks[e][counts[e]]
+                input_side = getattr(cfg, "combine_weights_on", "output") == "input"  # Llama 4
+                out = _expert_ffn(cfg, p, e, w[j] * x_TD[t] if input_side else x_TD[t], mask_F)
+                if output_masks is not None:
+                    out = out * output_masks[e][counts[e]]
+                elif not training and cfg.expert_output_dropout:
+                    out = out * (1 - cfg.expert_output_dropout)
                 counts[e] += 1
-                if getattr(cfg, "combine_weights_on", "output") == "input":  # Llama 4
-                    y = y + _expert_ffn(cfg, p, e, weights[t][j] * x_TD[t])
-                else:
-                    y = y + weights[t][j] * _expert_ffn(cfg, p, e, x_TD[t])
+                y = y + (out if input_side else w[j] * out)
         if cfg.num_shared_experts:
             y = y + _shared_ffn(cfg, p, x_TD[t])
         if cfg.output_bias:

@@ -47,21 +47,36 @@ def test_score_policy_by_hand():
     assert keep.tolist() == [[False, True], [True, True], [True, False], [True, False]]
 
 
+def test_token_score_policy_by_hand():
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])
+    weights = torch.tensor([[0.6, 0.4], [0.9, 0.1], [0.7, 0.3], [0.5, 0.5]])
+    scores = torch.tensor([0.5, 0.2, 0.9, 0.4])  # each token's top router probability
+    keep = capacity_keep_mask(ids, weights, 3, capacity=2, drop_policy="token_score",
+                              token_scores_T=scores)
+    # First choices by score t2, t0, t3, t1: e0 keeps t2, t0 (t1 dropped); e1 keeps t3.
+    # Then second choices by score: e1 keeps t2 (now full), t0 dropped; e2 keeps t1; e0 full.
+    assert keep.tolist() == [[True, False], [False, True], [True, True], [True, False]]
+    with pytest.raises(ValueError, match=r"drop_policy='token_score' needs each token's score"):
+        capacity_keep_mask(ids, weights, 3, capacity=2, drop_policy="token_score")
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_keep_mask_matches_hand_loop_on_random_routings(seed):
     rnd = random.Random(seed)
     T, E = rnd.randint(0, 30), rnd.randint(1, 9)
     k = rnd.randint(1, E)
-    policy = rnd.choice(["position", "score"])
+    policy = rnd.choice(["position", "score", "token_score"])
     cfg = MoEConfig(dim=4, expert_dim=4, num_experts=E, top_k=k, drop_policy=policy,
                     capacity_factor=rnd.choice([0.25, 0.5, 1.0, 1.5]), min_capacity=rnd.randint(0, 2))
     gen = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]) \
         if T else torch.zeros(0, k, dtype=torch.int64)
     weights = torch.rand(T, k, generator=gen).round(decimals=1)  # rounding makes ties
+    scores = torch.rand(T, generator=gen).round(decimals=1)
     capacity = expert_capacity(T, E, k, cfg.capacity_factor, cfg.min_capacity)
-    keep = capacity_keep_mask(ids, weights, E, capacity, policy)
-    assert keep.tolist() == keep_assignments(cfg, ids.tolist(), weights.tolist())
+    keep = capacity_keep_mask(ids, weights, E, capacity, policy, token_scores_T=scores)
+    assert keep.tolist() == keep_assignments(cfg, ids.tolist(), weights.tolist(),
+                                             token_scores=scores.tolist())
     load = torch.zeros(E, dtype=torch.int64).index_add_(0, ids[keep], torch.ones_like(ids[keep]))
     assert max(load.tolist()) <= capacity
 
@@ -76,7 +91,7 @@ def test_per_sequence_keep_mask_matches_hand_loop(seed):
     rnd = random.Random(seed)
     B, S, E = rnd.randint(1, 4), rnd.randint(0, 9), rnd.randint(1, 6)
     k = rnd.randint(1, E)
-    policy = rnd.choice(["position", "score"])
+    policy = rnd.choice(["position", "score", "token_score"])
     cfg = MoEConfig(dim=4, expert_dim=4, num_experts=E, top_k=k, drop_policy=policy,
                     expert_capacity=rnd.randint(1, 3), capacity_scope="sequence")
     gen = torch.Generator().manual_seed(seed)
@@ -84,8 +99,11 @@ def test_per_sequence_keep_mask_matches_hand_loop(seed):
         if B * S else torch.zeros(0, k, dtype=torch.int64)
     weights = torch.rand(B * S, k, generator=gen).round(decimals=1)
     sequence_T = torch.arange(B * S) // max(S, 1)
-    keep = capacity_keep_mask(ids, weights, E, cfg.expert_capacity, policy, None, sequence_T, B)
-    assert keep.tolist() == keep_assignments(cfg, ids.tolist(), weights.tolist(), S)
+    scores = torch.rand(B * S, generator=gen).round(decimals=1)
+    keep = capacity_keep_mask(ids, weights, E, cfg.expert_capacity, policy, None, sequence_T, B,
+                              scores)
+    assert keep.tolist() == keep_assignments(cfg, ids.tolist(), weights.tolist(), S,
+                                             token_scores=scores.tolist())
 
 
 def test_per_sequence_position_order_is_switch_transformers_cumsum():

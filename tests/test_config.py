@@ -46,8 +46,8 @@ BASE = dict(dim=8, expert_dim=16, num_experts=4, top_k=2)
     (dict(capacity_scope="group"), ValueError, r"capacity_scope must be one of 'batch', "
                                                r"'sequence'; got 'group'"),
     (dict(capacity_scope="sequence"), ValueError, r"capacity_scope='sequence' needs expert_capacity"),
-    (dict(drop_policy="random"), ValueError, r"drop_policy must be one of 'position', 'score'; "
-                                             r"got 'random'"),
+    (dict(drop_policy="random"), ValueError, r"drop_policy must be one of 'position', 'score', "
+                                             r"'token_score'; got 'random'"),
     (dict(activation="tanh"), ValueError, r"activation must be one of .*got 'tanh'"),
     (dict(num_shared_experts=-1), ValueError, r"num_shared_experts must be >= 0, got -1"),
     (dict(shared_expert_dim=0), ValueError, r"shared_expert_dim must be >= 1, got 0"),

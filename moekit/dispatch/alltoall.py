@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from moekit.capacity import capacity_keep_mask
-from moekit.dispatch.capacity import CapacityDispatcher
+from moekit.dispatch.capacity import CapacityDispatcher, token_scores
 from moekit.contract import DispatchPlan, ExpertsContract, rows_plan
 from moekit.dispatch.local import GlobalLoad, LocalDispatcher, all_reduced_load, plan_dispatch
 from moekit.dispatch.permute import combine_rows, dispatch_rows
@@ -87,21 +87,24 @@ class AllToAllDispatcher:
         if self.slot_of_expert is not None:
             ids_TK = self.slot_of_expert.to(ids_TK.device)[ids_TK]
         return plan_dispatch(ids_TK, routing.expert_weights, self.num_experts, kept_TK,
-                             routing.assignment_mask)
+                             routing.assignment_mask, self.local.renormalize_kept)
 
     def _global_keep_mask(self, routing: Routing) -> torch.Tensor:
         """bool [T, K]: this rank's rows of capacity_keep_mask over all ranks' tokens."""
         ids_TK, weights_TK, mask_TK = (routing.expert_indices, routing.expert_weights.detach(),
                                        routing.assignment_mask)
-        packed_TX = torch.cat((ids_TK.double(), weights_TK.double()), 1)
+        packed_TX = torch.cat((token_scores(routing).double().unsqueeze(1), ids_TK.double(),
+                               weights_TK.double()), 1)
         if mask_TK is not None:
             packed_TX = torch.cat((packed_TX, mask_TK.double()), 1)
         all_TX, start = gather_rows(packed_TX, self.group)
+        scores_T, all_TX = all_TX[:, 0], all_TX[:, 1:]
         top_k = ids_TK.shape[1]
         all_mask = None if mask_TK is None else all_TX[:, 2 * top_k:].bool()
         capacity = self.local.capacity(all_TX.shape[0], top_k)
         kept = capacity_keep_mask(all_TX[:, :top_k].long(), all_TX[:, top_k:2 * top_k],
-                                  self.num_experts, capacity, self.local.drop_policy, all_mask)
+                                  self.num_experts, capacity, self.local.drop_policy, all_mask,
+                                  token_scores_T=scores_T)
         return kept[start:start + ids_TK.shape[0]]
 
     def run_experts(self, x_TD: torch.Tensor, routing: Routing, experts: ExpertsContract,

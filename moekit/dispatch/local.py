@@ -40,6 +40,8 @@ class LocalDispatcher:
         # Data-parallel replicas whose routing the losses see as one batch
         # (moekit.parallel.share_balance_load); None: this process alone.
         self.balance_group: dist.ProcessGroup | None = None
+        # rescale the weights a token keeps to the sum of all its k (CapacityDispatcher)
+        self.renormalize_kept = False
 
     def global_load(self, routing: Routing, sequence_T: torch.Tensor | None = None,
                     num_sequences: int = 0) -> GlobalLoad | None:
@@ -77,7 +79,7 @@ class LocalDispatcher:
         """The dispatch plan of the assignments keep_mask keeps (see plan_dispatch)."""
         return plan_dispatch(routing.expert_indices, routing.expert_weights, self.num_experts,
                              self.keep_mask(routing, sequence_T, num_sequences),
-                             routing.assignment_mask)
+                             routing.assignment_mask, self.renormalize_kept)
 
     def combine(self, out_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """y_TD [T, D] in out_RD's dtype (see moekit.dispatch.permute.combine_rows)."""
@@ -99,10 +101,18 @@ def all_reduced_load(routing: Routing, num_experts: int, group: dist.ProcessGrou
 
 def plan_dispatch(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
                   kept_TK: torch.Tensor | None = None,
-                  assigned_TK: torch.Tensor | None = None) -> DispatchPlan:
+                  assigned_TK: torch.Tensor | None = None,
+                  renormalize_kept: bool = False) -> DispatchPlan:
     """The plan of the choices ids_TK [T, K] (combine weights weights_TK [T, K]) that kept_TK
     [T, K] bool keeps (None: all), sorted by expert (stable: by token, then choice, within an
-    expert). Dropped choices get combine weight 0. assigned_TK: the routing's assignment_mask."""
-    if kept_TK is not None:
+    expert). Dropped choices get combine weight 0; renormalize_kept rescales the kept ones to
+    the sum of all K (the denominator at least the dtype's eps: a token that lost every choice
+    gets zeros, not NaN). assigned_TK: the routing's assignment_mask."""
+    if kept_TK is not None and renormalize_kept:
+        all_T1 = weights_TK.sum(dim=-1, keepdim=True)
+        weights_TK = weights_TK * kept_TK
+        kept_T1 = weights_TK.sum(dim=-1, keepdim=True)
+        weights_TK = weights_TK * (all_T1 / kept_T1.clamp_min(torch.finfo(kept_T1.dtype).eps))
+    elif kept_TK is not None:
         weights_TK = weights_TK * kept_TK
     return DispatchPlan(ids_TK, weights_TK, num_experts, kept_TK, assigned_TK)

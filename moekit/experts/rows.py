@@ -2,7 +2,9 @@
 
     rows_RD = dispatch_rows(x_TD, plan)                      gather, expert-major
     h       = matmul(rows_RD, W1, counts) (+ b1[expert])     [R, 2F] gated or [R, F]
-    out_RD  = matmul(act(h), W2, counts) (+ b2[expert])      [R, D]
+    a       = dropout(act(h), expert_dropout) in training    [R, F]
+    out_RD  = matmul(a, W2, counts) (+ b2[expert])           [R, D]
+              (then dropout(out_RD, expert_output_dropout) in training)
     y_TD    = combine_rows(out_RD, plan)                     weighted sum over K
 
 With combine_weights_on="input" the rows are weighted before the first product instead
@@ -51,8 +53,28 @@ def rows_ffn(experts, x_TD: torch.Tensor, plan: DispatchPlan, matmul: GroupedMat
             output_size=rows_RD.shape[0])
         h = h + experts.first_proj_bias[expert_of_row]
     config = experts.config
-    out = matmul(activate(h, config.activation, config.activation_params),
-                 experts.down_proj, counts)
+    a = activate(h, config.activation, config.activation_params)
+    if experts.training and config.expert_dropout > 0:
+        # one call over the expert-major rows draws the same numbers as one call per expert
+        # in expert order (as Switch Transformers' experts do), measured on CPU
+        a = torch.nn.functional.dropout(a, config.expert_dropout, training=True)
+    out = matmul(a, experts.down_proj, counts)
     if expert_of_row is not None:
         out = out + experts.down_proj_bias[expert_of_row]
+    if experts.training and config.expert_output_dropout > 0:
+        # on the unweighted rows: the combine weight is one scalar per row
+        out = torch.nn.functional.dropout(out, config.expert_output_dropout, training=True)
     return combine_rows(out, plan, weighted=not weights_on_input)
+
+
+def expert_dropout_refusal(experts, backend: str) -> str | None:
+    """Why a backend that is not a row backend cannot run ``experts`` now: expert_dropout or
+    expert_output_dropout > 0 in training mode (only rows_ffn applies them); None otherwise."""
+    if not getattr(experts, "training", False):
+        return None
+    for name in ("expert_dropout", "expert_output_dropout"):
+        p = getattr(experts.config, name)
+        if p > 0:
+            return (f"experts_backend={backend!r} does not apply {name} ({p}) in training "
+                    "mode; use experts_backend='auto', 'grouped_mm' or 'loop'")
+    return None

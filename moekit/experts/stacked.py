@@ -137,6 +137,7 @@ class _CastExperts:
 
     def __init__(self, experts: Experts, dtype: torch.dtype) -> None:
         self.config, self.num_local_experts = experts.config, experts.num_local_experts
+        self.training = experts.training
         self.dtype, self.device, self.checked_counts = dtype, experts.device, experts.checked_counts
         self.first_proj, self.down_proj, self.first_proj_bias, self.down_proj_bias = (
             None if w is None else w.to(dtype) for w in (

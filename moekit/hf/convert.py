@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.hf.families import FAMILIES, Family, Flattened, Relaid, family_of
+from moekit.hf.families import FAMILIES, Family, Flattened, Relaid, expert_names, family_of
 from moekit.hf.layouts import (GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, computed_activation,
                                describe_activation, experts_activation)
 from moekit.layer import MoE
@@ -48,7 +48,8 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
     """
     family = require_family(block)
     own_layout = {"switch": switch_fields, "dbrx": dbrx_fields, "jetmoe": jetmoe_fields,
-                  "gpt_oss": gpt_oss_fields, "llama4": llama4_fields}
+                  "gpt_oss": gpt_oss_fields, "llama4": llama4_fields,
+                  "sparsemixer": sparsemixer_fields, "nllb": nllb_fields}
     if family.router in own_layout:
         return _with_overrides(own_layout[family.router](block), overrides)
     gate, experts = block.gate, block.experts
@@ -70,19 +71,57 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
     return _with_overrides(fields, overrides)
 
 
+def nllb_fields(block: nn.Module) -> dict:
+    """The MoEConfig fields of an NllbMoeSparseMLP: softmax top-2 renormalised (after
+    dropping, unless normalize_router_prob_before_dropping), the router's expert_capacity
+    over the batch in training (first choices before second, then earlier tokens first, or
+    with batch_prioritized_routing tokens with the highest probability first),
+    moe_eval_capacity_token_fraction in eval, fc1/fc2 with biases, activation_dropout and
+    moe_token_dropout; a ValueError naming what moekit cannot run."""
+    name, router = type(block).__name__, block.router
+    experts = [block.experts[key] for key in expert_names(block)]
+    refusals = {
+        "router_dtype": (router.dtype, router.dtype != torch.float32,
+                         "moekit's router computes in float32, NLLB-MoE's default"),
+        "second_expert_policy": (router.second_expert_policy,
+                                 router.second_expert_policy != "all",
+                                 "moekit's top-2 takes the second best expert; 'sampling' and "
+                                 "'random' (random second choices) are not implemented"),
+        "expert_capacity": (router.expert_capacity, router.expert_capacity is None,
+                            "transformers then fixes 2 * ceil(T / E) at its first training "
+                            "forward and keeps it; give a number"),
+    }
+    for field, (value, refused, why) in refusals.items():
+        if refused:
+            raise ValueError(f"{name}: {field}={value!r} is not supported ({why})")
+    act = computed_activation(experts[0].act)
+    if act not in PLAIN_ACTIVATIONS:
+        raise ValueError(f"{name}: act {type(experts[0].act).__name__} "
+                         "(config.activation_function) has no moekit equivalent; supported: "
+                         f"{', '.join(PLAIN_ACTIVATIONS)}")
+    expert_dim, dim = experts[0].fc1.weight.shape
+    fraction = float(router.moe_eval_capacity_token_fraction)
+    return dict(dim=dim, expert_dim=expert_dim, num_experts=len(experts), top_k=2,
+                activation=PLAIN_ACTIVATIONS[act], bias=True,
+                router_bias=router.classifier.bias is not None,
+                expert_capacity=int(router.expert_capacity),
+                drop_policy="token_score" if router.batch_prioritized_routing else "position",
+                renormalize_kept=not router.normalize_router_prob_before_dropping,
+                eval_capacity_fraction=fraction if fraction > 0 else None,
+                expert_dropout=float(experts[0].dropout.p),
+                expert_output_dropout=float(block.experts.moe_token_dropout))
+
+
 def switch_fields(block: nn.Module) -> dict:
     """The MoEConfig fields of a SwitchTransformersSparseMLP: top-1 softmax weighted by
     the selected probability, its expert_capacity per sequence (earlier tokens first),
-    jitter on the router input in training; a ValueError for what moekit cannot run."""
+    jitter on the router input and dropout on the experts' activations (dropout_rate) in
+    training; a ValueError for what moekit cannot run."""
     name, router = type(block).__name__, block.router
-    experts = [block.experts[key] for key in block.experts]
+    experts = [block.experts[key] for key in expert_names(block)]
     if router.dtype != torch.float32:
         raise ValueError(f"{name}: router_dtype={router.dtype} is not supported (moekit's "
                          "router computes in float32, Switch's default)")
-    dropout = experts[0].dropout.p
-    if dropout:
-        raise ValueError(f"{name}: dropout_rate={dropout} drops activations inside the experts, "
-                         "which moekit's experts do not; set config.dropout_rate=0")
     act = computed_activation(experts[0].act)
     if act not in PLAIN_ACTIVATIONS:
         raise ValueError(f"{name}: act {type(experts[0].act).__name__} (config.dense_act_fn) has "
@@ -91,7 +130,8 @@ def switch_fields(block: nn.Module) -> dict:
     fields = dict(dim=dim, expert_dim=expert_dim, num_experts=len(experts), top_k=1,
                   normalize_topk=False, activation=PLAIN_ACTIVATIONS[act],
                   router_bias=router.classifier.bias is not None,
-                  expert_capacity=int(router.expert_capacity), capacity_scope="sequence")
+                  expert_capacity=int(router.expert_capacity), capacity_scope="sequence",
+                  expert_dropout=float(experts[0].dropout.p))
     if router.jitter_noise:
         fields.update(router_noise="jitter", jitter_eps=float(router.jitter_noise))
     return fields
@@ -166,6 +206,20 @@ def llama4_fields(block: nn.Module) -> dict:
                 num_shared_experts=1, shared_expert_dim=shared.gate_proj.out_features)
 
 
+def sparsemixer_fields(block: nn.Module) -> dict:
+    """The MoEConfig fields of a PhimoeSparseMoeBlock: router="sparsemixer" with its
+    router_jitter_noise as the threshold, top-2 whatever num_experts_per_tok says (transformers'
+    sparsemixer always picks two); a ValueError for input jitter, which moekit cannot run."""
+    name, router, experts = type(block).__name__, block.router, block.experts
+    if router.input_jitter_noise:
+        raise ValueError(f"{name}: input_jitter_noise={router.input_jitter_noise} jitters the "
+                         "experts' input too; moekit does not. Set it to 0")
+    num_experts, dim, expert_dim = experts.down_proj.shape
+    return dict(dim=dim, expert_dim=expert_dim, num_experts=num_experts, top_k=2,
+                router="sparsemixer", jitter_eps=float(router.router_jitter_noise),
+                normalize_topk=False, activation=experts_activation(experts))
+
+
 def _with_overrides(fields: dict, overrides: dict) -> MoEConfig:
     determined = sorted(set(fields) & set(overrides))
     if determined:
@@ -178,9 +232,9 @@ def from_hf(block: nn.Module, *, copy: bool = True, **overrides) -> MoE:
 
     copy=True clones every tensor; copy=False shares the block's parameters
     and buffers (the block must not be used afterwards, as ``patch`` does),
-    except per-expert tensors stacked into one (Switch), experts flattened into rows
-    (DBRX's w1, v1, w2) and tensors in another layout (GPT-OSS's and Llama 4's transposed
-    experts, GPT-OSS's interleaved gate/up), which are copies in moekit's layout.
+    except per-expert tensors stacked into one (Switch, NLLB-MoE), experts flattened into
+    rows (DBRX's w1, v1, w2) and tensors in another layout (GPT-OSS's and Llama 4's
+    transposed experts, GPT-OSS's interleaved gate/up), which are copies in moekit's layout.
     overrides: MoEConfig fields the block does not determine.
     The result is in the block's training mode.
     """
@@ -198,7 +252,8 @@ def to_hf(moe: MoE, block: nn.Module, *, copy: bool = True) -> nn.Module:
     configuration must be the one the block computes. The block's parameters
     are replaced: by copies (copy=True) or by the MoE's own (copy=False)."""
     expected = config_from_hf(block)
-    differing = sorted(n for n in _ROUTING_FIELDS if getattr(expected, n) != getattr(moe.config, n))
+    fields = _ROUTING_FIELDS | ({"jitter_eps"} if expected.router == "sparsemixer" else set())
+    differing = sorted(n for n in fields if getattr(expected, n) != getattr(moe.config, n))
     if differing:
         raise ValueError(f"the MoE's {', '.join(differing)} differ from what "
                          f"{type(block).__name__} computes: "

@@ -42,6 +42,12 @@ Router semantics by family:
   expert ``shared_expert``.
 The transposed and interleaved tensors are stored in moekit's layout by a conversion
 (``Relaid``), a copy in each direction.
+- "nllb": NLLB-MoE's block (``router.classifier`` [E, D] with an optional bias,
+  experts ``expert_0`` ... of ``fc1`` [F, D], ``fc2`` [D, F] with biases): softmax
+  top-2, renormalised, at most the router's ``expert_capacity`` assignments per
+  expert over the batch (first choices first), padded tokens not routed.
+- "sparsemixer": PhiMoE's router (``router``, a Linear [E, D] with
+  ``router_jitter_noise`` as its threshold): moekit's router="sparsemixer", top-2.
 """
 
 from __future__ import annotations
@@ -50,10 +56,15 @@ from dataclasses import dataclass
 
 import torch
 
-ROUTER_KINDS = ("softmax", "sigmoid_grouped", "switch", "dbrx", "jetmoe", "gpt_oss", "llama4")
+ROUTER_KINDS = ("softmax", "sigmoid_grouped", "switch", "dbrx", "jetmoe", "gpt_oss", "llama4",
+                "sparsemixer", "nllb")
 # What a block's forward returns: its output, or (output, the top-k combine weights [T, K])
 # as GPT-OSS's, or (output, the router logits [T, E]) as Llama 4's.
 BLOCK_RETURNS = ("output", "output_and_scores", "output_and_logits")
+
+# Blocks with one module per expert: {router kind: (first projection, second projection,
+# whether they have biases)}, stacked on dim 0 into moekit's up_proj, down_proj (and biases).
+PER_EXPERT_LINEARS = {"switch": ("wi", "wo", False), "nllb": ("fc1", "fc2", True)}
 
 
 @dataclass(frozen=True)
@@ -138,13 +149,13 @@ class Family:
 
     def parameter_names(self, block=None) -> dict[str, str | tuple[str, ...] | Flattened | Relaid]:
         """{moekit MoE state-dict key: block state-dict key}, one entry per tensor; a
-        tuple of keys is one per expert, stacked on dim 0 in moekit (router="switch",
-        which reads the expert count and the router's bias from ``block``); a
+        tuple of keys is one per expert, stacked on dim 0 in moekit (router="switch" and
+        "nllb", which read the expert count and the router's bias from ``block``); a
         Flattened is block tensors flattened over the experts (router="dbrx", which
         reads the expert count from ``block``); a Relaid is a tensor in another layout
         (router="gpt_oss" and "llama4")."""
-        if self.router == "switch":
-            return _switch_parameter_names(block)
+        if self.router in PER_EXPERT_LINEARS:
+            return _per_expert_parameter_names(block, *PER_EXPERT_LINEARS[self.router])
         if self.router == "dbrx":
             return _dbrx_parameter_names(block)
         if self.router == "jetmoe":
@@ -156,7 +167,8 @@ class Family:
                      "experts.gate_up_proj": Relaid("experts.gate_up_proj", transposed=True),
                      "experts.down_proj": Relaid("experts.down_proj", transposed=True)}
         else:
-            names = {"router.weight": "gate.weight",
+            gate = "router" if self.router == "sparsemixer" else "gate"
+            names = {"router.weight": f"{gate}.weight",
                      "experts.gate_up_proj": "experts.gate_up_proj",
                      "experts.down_proj": "experts.down_proj"}
         if self.router == "sigmoid_grouped":
@@ -178,11 +190,22 @@ def _gpt_oss_parameter_names() -> dict[str, str | Relaid]:
             "experts.down_proj_bias": "experts.down_proj_bias"}
 
 
-def _switch_parameter_names(block) -> dict[str, str | tuple[str, ...]]:
-    experts = [f"experts.{name}" for name in block.experts]
+def expert_names(block) -> list[str]:
+    """The keys of a per-expert block's experts (``expert_0`` ...): the entries of its
+    ``experts`` dict that hold parameters (NLLB-MoE's also holds a dropout)."""
+    return [name for name, module in block.experts.items()
+            if any(True for _ in module.parameters())]
+
+
+def _per_expert_parameter_names(block, first: str, second: str, biases: bool
+                                ) -> dict[str, str | tuple[str, ...]]:
+    experts = [f"experts.{name}" for name in expert_names(block)]
     names = {"router.weight": "router.classifier.weight",
-             "experts.up_proj": tuple(f"{e}.wi.weight" for e in experts),
-             "experts.down_proj": tuple(f"{e}.wo.weight" for e in experts)}
+             "experts.up_proj": tuple(f"{e}.{first}.weight" for e in experts),
+             "experts.down_proj": tuple(f"{e}.{second}.weight" for e in experts)}
+    if biases:
+        names["experts.up_proj_bias"] = tuple(f"{e}.{first}.bias" for e in experts)
+        names["experts.down_proj_bias"] = tuple(f"{e}.{second}.bias" for e in experts)
     if block.router.classifier.bias is not None:
         names["router.bias"] = "router.classifier.bias"
     return names
@@ -253,6 +276,8 @@ FAMILIES: dict[str, Family] = {
     "Dots1MoE": Family("dots1", **_DEEPSEEK_V3),
     "ExaoneMoeSparseMoEBlock": Family("exaone_moe", **_DEEPSEEK_V3),
     "SwitchTransformersSparseMLP": Family("switch_transformers", router="switch"),
+    "PhimoeSparseMoeBlock": Family("phimoe", router="sparsemixer"),
+    "NllbMoeSparseMLP": Family("nllb_moe", router="nllb"),
     "GptOssMLP": Family("gpt_oss", router="gpt_oss", returns="output_and_scores"),
     "Llama4TextMoe": Family("llama4_text", router="llama4", shared_experts="shared_expert",
                             returns="output_and_logits"),

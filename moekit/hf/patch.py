@@ -44,8 +44,9 @@ class MoEBlock(nn.Module):
         self.block_class = block_class
         self.block_config = block_config
         self.returns = returns
-        # sequence_logits: the router logits pass through this module shaped [..., E] like
-        # the input, for transformers to record (Switch Transformers' routers return them so)
+        # sequence_logits: the router logits pass through this module for transformers to
+        # record, shaped [..., E] like the input (Switch Transformers' routers return them
+        # so) or flat (NllbMoEBlock)
         self.router_logits = RouterLogits() if sequence_logits else None
 
     def forward(self, hidden_states: torch.Tensor
@@ -63,7 +64,7 @@ class MoEBlock(nn.Module):
         """A new transformers block of the replaced class holding this layer's
         tensors (shared, not copied), in this block's training mode."""
         with torch.device("meta"):  # every tensor is replaced by to_hf
-            block = self.block_class(self.block_config)
+            block = self.new_block()
         to_hf(self.moe, block, copy=False)
         left = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
         if left:
@@ -71,8 +72,58 @@ class MoEBlock(nn.Module):
                              f"that cannot be rebuilt: {left}")
         return block.train(self.training)
 
+    def new_block(self) -> nn.Module:
+        """An empty block of the replaced class, built from its config."""
+        return self.block_class(self.block_config)
+
     def extra_repr(self) -> str:
         return f"family={self.family!r}"
+
+
+class NllbMoEBlock(MoEBlock):
+    """NLLB-MoE's sparse MLP call: forward(hidden_states [B, S, D], padding_mask) -> [B, S, D],
+    where padding_mask is the attention mask its layer passes ([B, 1, S_q, S_k], nonzero =
+    masked, or None). As transformers' router does (unless router_ignore_padding_tokens), a
+    token is padding where the mask's last query row, flattened, is nonzero at its position
+    (the last B * S entries); padding is not routed, takes no capacity and gives zeros. The
+    router logits are recorded flat, [B * S, E], zeros at padded positions."""
+
+    def forward(self, hidden_states: torch.Tensor,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        real = self._real_tokens(hidden_states, padding_mask)
+        y, aux = self.moe(hidden_states, padding_mask=real)
+        if self.router_logits is not None:
+            logits = aux.router_logits
+            if real is not None:
+                positions = real.reshape(-1).nonzero().squeeze(1)
+                logits = logits.new_zeros(real.numel(), logits.shape[-1]).index_copy(
+                    0, positions, logits)
+            self.router_logits(logits)
+        return y
+
+    def _real_tokens(self, hidden_states: torch.Tensor,
+                     padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """bool [B, S], True = routed; None: every token."""
+        if padding_mask is None or self.block_config.router_ignore_padding_tokens:
+            return None
+        if padding_mask.dim() != 4:
+            raise ValueError("NllbMoeSparseMLP reads padding from a 4-D attention mask "
+                             f"[batch, 1, query, key], got shape {tuple(padding_mask.shape)}")
+        num_tokens = hidden_states.numel() // hidden_states.shape[-1]
+        last_row = padding_mask[:, :, -1, :].reshape(-1)[-num_tokens:]
+        if last_row.numel() != num_tokens:
+            raise ValueError(f"the attention mask {tuple(padding_mask.shape)} has fewer than "
+                             f"the {num_tokens} entries NllbMoeSparseMLP reads")
+        real = (last_row == 0).view(hidden_states.shape[:-1])
+        fraction = self.moe.config.eval_capacity_fraction
+        if not self.moe.training and fraction is not None and fraction < 1 and not real.all():
+            raise ValueError(f"moe_eval_capacity_token_fraction={fraction} with padded tokens: "
+                             "transformers counts the padded positions in the capacity "
+                             "ceil(fraction * T), moekit only the routed tokens")
+        return real
+
+    def new_block(self) -> nn.Module:
+        return self.block_class(self.block_config, self.moe.config.expert_dim)
 
 
 class RouterLogits(nn.Module):
@@ -127,11 +178,14 @@ def patch(model: nn.Module, *, on_unsupported: str = "error", **overrides) -> Pa
         warnings.warn(f"moekit.hf.patch left {name} in place: {reason}", stacklevel=2)
     replaced = {}
     for name, (moe, family, block) in converted.items():
-        switch = family_of(block).router == "switch"
-        patched = MoEBlock(moe, family, type(block), _block_config(block, model), switch,
-                           family_of(block).returns)
+        router = family_of(block).router
+        own_logits = router in ("switch", "nllb")  # recorded from the block's own router
+        block_type = NllbMoEBlock if router == "nllb" else MoEBlock
+        patched = block_type(moe, family, type(block), _block_config(block, model), own_logits,
+                             family_of(block).returns)
+        patched.train(block.training)
         _replace(model, name, patched)
-        if switch:
+        if own_logits:
             _expose_router_logits(patched.router_logits, 0)
         else:
             _expose_router_logits(moe.router, Routing._fields.index("router_logits"))
@@ -153,8 +207,9 @@ def unpatch(model: nn.Module) -> list[str]:
 
 def _block_config(block: nn.Module, model: nn.Module):
     """The transformers config a block was built from: its experts' (which keep it),
-    else the model's (Switch Transformers', DBRX's and JetMoE's blocks keep none;
-    Switch's encoder and decoder configs agree on every field the block reads)."""
+    else the model's (Switch Transformers', NLLB-MoE's, DBRX's and JetMoE's blocks keep
+    none; the encoder and decoder configs of Switch and NLLB-MoE agree on every field the
+    block reads, NLLB-MoE's expert width aside, which its MoEBlock passes)."""
     return getattr(getattr(block, "experts", None), "config", None) or model.config
 
 

@@ -38,6 +38,9 @@ def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None,
 
 def _check_supported(moe: MoE) -> None:
     cfg = moe.config
+    if cfg.router == "sparsemixer":
+        raise ValueError("expert parallelism does not support router='sparsemixer' yet (not "
+                         "tested: its training samples would be drawn per rank)")
     if cfg.router not in ("topk", "hash", "expert_choice"):
         raise ValueError(f"expert parallelism supports router='topk', 'hash' or 'expert_choice', not "
                          f"router={cfg.router!r} (its assignment is solved over the whole batch)")
@@ -45,6 +48,9 @@ def _check_supported(moe: MoE) -> None:
         raise ValueError(f"expert parallelism applies the combine weights on the token's own rank, "
                          f"after the experts: combine_weights_on={cfg.combine_weights_on!r} is not "
                          "supported")
+    if moe.eval_dispatcher is not None:
+        raise ValueError(f"expert parallelism does not support eval_capacity_fraction "
+                         f"({cfg.eval_capacity_fraction}) yet; set it to None")
     if type(moe.dispatcher) not in (LocalDispatcher, CapacityDispatcher):
         raise ValueError(f"layer already uses {type(moe.dispatcher).__name__}")
 

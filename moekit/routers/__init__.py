@@ -17,6 +17,7 @@ from moekit.routers.dense import DenseRouter
 from moekit.routers.expert_choice import ExpertChoiceRouter
 from moekit.routers.expert_threshold import ExpertThresholdRouter
 from moekit.routers.hash import HashRouter, hash_experts
+from moekit.routers.sparsemixer import SparseMixerRouter
 from moekit.routers.topk import TopKRouter, route_topk
 
 ROUTERS: dict[str, type[nn.Module]] = {
@@ -26,6 +27,7 @@ ROUTERS: dict[str, type[nn.Module]] = {
     "hash": HashRouter,
     "balanced": BalancedRouter,
     "dense": DenseRouter,
+    "sparsemixer": SparseMixerRouter,
 }
 
 
@@ -35,5 +37,5 @@ def build_router(config: MoEConfig) -> nn.Module:
 
 
 __all__ = ["ROUTERS", "BalancedRouter", "DenseRouter", "ExpertChoiceRouter",
-           "ExpertThresholdRouter", "HashRouter", "LinearRouter", "TopKRouter",
-           "balanced_assignment", "build_router", "hash_experts", "route_topk"]
+           "ExpertThresholdRouter", "HashRouter", "LinearRouter", "SparseMixerRouter",
+           "TopKRouter", "balanced_assignment", "build_router", "hash_experts", "route_topk"]

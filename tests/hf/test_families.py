@@ -17,8 +17,9 @@ def test_name_tables_cover_router_experts_and_shared_parts():
     qwen2 = FAMILIES["Qwen2MoeSparseMoeBlock"].parameter_names()
     assert qwen2["shared_experts.gate_proj.weight"] == "shared_expert.gate_proj.weight"
     assert qwen2["shared_experts.shared_expert_gate.weight"] == "shared_expert_gate.weight"
-    for family in FAMILIES.values():  # one to one (Switch's and DBRX's, read from a block:
-        if family.router in ("switch", "dbrx"):  # test_switch.py, test_dbrx.py)
+    assert FAMILIES["PhimoeSparseMoeBlock"].parameter_names()["router.weight"] == "router.weight"
+    for family in FAMILIES.values():  # one to one (Switch's, NLLB-MoE's and DBRX's, read from
+        if family.router in ("switch", "nllb", "dbrx"):  # a block: their own test files)
             continue
         names = family.parameter_names()
         assert len(set(names.values())) == len(names)

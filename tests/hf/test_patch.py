@@ -148,7 +148,6 @@ def test_unsupported_blocks_can_be_left_in_place_with_a_warning():
 
 
 UNCONVERTED_BLOCKS = {
-    "nllb_moe": ("encoder.layers.1.ffn", "NllbMoeSparseMLP"),
     "longcat_flash": ("layers.0.mlp", "LongcatFlashMoE")}
 
 

@@ -153,8 +153,37 @@ def test_jitter_changes_choices_at_the_eager_rate():
     assert torch.equal(moe(x)[1].expert_indices.reshape(-1), clean)
 
 
+def test_dropout_inside_the_experts_draws_what_eager_draws():
+    """dropout_rate drops the experts' activations (moekit's expert_dropout) as well as the
+    model's other activations; from one seed, eager and patched draw the same masks in the
+    same order, so logits and every gradient agree in training mode."""
+    eager = _model(dropout_rate=0.2)
+    patched = copy.deepcopy(eager)
+    patch(patched)
+    moe = patched.get_submodule(SPARSE[0]).moe
+    assert moe.config.expert_dropout == 0.2
+    inputs = _inputs()
+    logits = {}
+    for name, model in (("eager", eager), ("patched", patched)):
+        model.train()
+        torch.manual_seed(3)
+        out = model(**inputs)
+        (out.loss + out.logits.square().mean()).backward()
+        logits[name] = out.logits
+    torch.testing.assert_close(logits["patched"], logits["eager"], atol=1e-5, rtol=1e-5)
+    want_grads = moekit_layout_gradients(eager, SPARSE)
+    got_grads = moekit_layout_gradients(patched, SPARSE)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    x = torch.randn(2, 9, 32)
+    torch.manual_seed(4)
+    first = moe(x)[0]
+    assert not torch.equal(moe(x)[0], first)  # the masks are random in training
+    moe.eval()
+    assert torch.equal(moe(x)[0], moe(x)[0])
+
+
 @pytest.mark.parametrize("config, message", [
-    (dict(dropout_rate=0.1), r"dropout_rate=0.1 drops activations inside the experts"),
     (dict(router_dtype="bfloat16"), r"router_dtype=torch.bfloat16 is not supported"),
     (dict(dense_act_fn="gelu_new"), r"act NewGELUActivation \(config.dense_act_fn\) has no moekit"),
 ])

@@ -1,7 +1,8 @@
 """Tiny random-weight transformers MoE models, one per supported family (no downloads),
 and tiny configs of the other MoE families (``OTHER_CONFIGS``): those moekit does not
-convert, and those with their own block layout, tested in their own files
-(test_switch.py, test_dbrx.py, test_jetmoe.py, test_gpt_oss.py, test_llama4.py).
+convert, and those tested in their own files (their own block layouts, seq2seq models,
+random routing: test_switch.py, test_dbrx.py, test_jetmoe.py, test_gpt_oss.py,
+test_llama4.py, test_nllb_moe.py, test_phimoe.py).
 
 Weights are redrawn at a scale where routing and every expert matter (the
 models' own init, std 0.02, makes the logits nearly constant), and sigmoid
@@ -64,6 +65,7 @@ _NO_HEAD_DIM = {k: v for k, v in _COMMON.items() if k != "head_dim"}
 # MoE families with no moekit conversion or their own block layout: {model type: config
 # factory}, for AutoModel.
 OTHER_CONFIGS = {
+    "phimoe": lambda **kw: transformers.PhimoeConfig(**_MIXTRAL | kw),
     "switch_transformers": lambda **kw: transformers.SwitchTransformersConfig(**dict(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=16, num_layers=2, num_decoder_layers=2,
         num_heads=4, num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,

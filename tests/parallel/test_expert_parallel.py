@@ -30,6 +30,9 @@ CASES = {
                           capacity_factor=1.0),
     "output-bias-pnorm": dict(dim=8, expert_dim=12, num_experts=4, top_k=2, output_bias=True,
                               normalize_topk_p=2.0),  # JetMoE's bias, DBRX's p-norm
+    "capacity-renormalized": dict(dim=8, expert_dim=12, num_experts=4, top_k=2, capacity_factor=0.5,
+                                  renormalize_kept=True, activation="relu", bias=True,
+                                  drop_policy="token_score"),
 }
 
 
@@ -150,6 +153,12 @@ def _bad_world_worker(rank, world_size, result_dir):
                                              combine_weights_on="input"))
     with pytest.raises(ValueError, match="combine_weights_on='input' is not supported"):
         apply_expert_parallel(input_side)
+    for fields, message in [(dict(router="sparsemixer"), "not support router='sparsemixer'"),
+                            (dict(expert_capacity=2, eval_capacity_fraction=1.0),
+                             r"not support eval_capacity_fraction \(1.0\)")]:
+        with pytest.raises(ValueError, match=message):
+            apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4,
+                                                              **fields)))
     twice = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
     with pytest.raises(ValueError, match="already uses AllToAllDispatcher"):
         apply_expert_parallel(twice)

@@ -14,6 +14,7 @@ from moekit.contract import DispatchPlan
 from moekit.experts.activations import KERNEL_ACTIVATIONS
 from moekit.experts.cpu import decode
 from moekit.experts.fused import fused_experts
+from moekit.experts.rows import expert_dropout_refusal
 from moekit.func_transforms import active_func_transforms
 
 
@@ -33,7 +34,7 @@ class FusedBackend:
             return (f"experts_backend='fused' does not run under torch.func transforms "
                     f"({', '.join(sorted(transforms))}): its backward is hand-written; use "
                     "experts_backend='auto' or 'loop'")
-        return None
+        return expert_dropout_refusal(experts, "fused")
 
     def describe(self, experts, x_TD: torch.Tensor, plan: DispatchPlan) -> str:
         """Which of the two paths this plan takes, and why not the native one."""

@@ -15,6 +15,7 @@ import os
 import torch
 
 from moekit.experts.activations import KERNEL_ACTIVATIONS
+from moekit.experts.rows import expert_dropout_refusal
 from moekit.func_transforms import active_func_transforms
 
 _NAMES = ("ExpertSort", "fused_moe", "sort_by_expert", "triton_experts")
@@ -63,7 +64,7 @@ class TritonBackend:
         if active_func_transforms():
             return ("experts_backend='triton' does not run under torch.func transforms; use "
                     "experts_backend='auto' or 'loop'")
-        return None
+        return expert_dropout_refusal(experts, "triton")
 
     def __call__(self, experts, x_TD: torch.Tensor, plan) -> torch.Tensor:
         from moekit.experts.triton.ops import expert_offsets, triton_experts
