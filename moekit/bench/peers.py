@@ -9,9 +9,9 @@ import torch
 
 import moekit
 from moekit.bench.harness import Row, bf16_matmul_note
-from moekit.experts.cpu.isa import cpu_isa
 from moekit.bench.limits import swiglu_chain
 from moekit.bench.shapes import Shape
+from moekit.experts.cpu.isa import cpu_isa
 
 DECODE_TOKENS = 64  # at most this many tokens: a decode-size shape (S3)
 
