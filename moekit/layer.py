@@ -16,6 +16,7 @@ from moekit.config import MoEConfig
 from moekit.contract import DispatchPlan
 from moekit.dispatch import build_dispatcher
 from moekit.experts import Experts, SharedExperts
+from moekit.experts.stacked import holds_half_weights
 from moekit.func_transforms import refuse_vmap
 from moekit.memory import check_layer_fits
 from moekit.null_experts import copy_expert_output, real_expert_routing
@@ -180,9 +181,19 @@ class MoE(nn.Module):
         weight_dtype, weight_device = self.experts.dtype, self.experts.device
         if x.device != weight_device:
             raise ValueError(f"x is on {x.device} but the layer's weights are on {weight_device}")
-        if x.dtype != weight_dtype:
+        half_weights = holds_half_weights(self.experts, x.dtype)
+        if x.dtype != weight_dtype and not half_weights:
             raise TypeError(f"x has dtype {x.dtype} but the layer's weights are {weight_dtype}; "
-                            f"cast one to the other (e.g. moe.to({x.dtype}))")
+                            f"cast one to the other (e.g. moe.to({x.dtype})), or for half-size "
+                            "expert weights keep the layer and x float32 and cast only the "
+                            "experts (moe.experts.to(torch.bfloat16))")
+        if half_weights:
+            others = {name: p.dtype for name, p in self.named_parameters()
+                      if not name.startswith("experts.") and p.dtype != x.dtype}
+            if others:
+                raise TypeError(f"with half-size expert weights ({weight_dtype}) the rest of the "
+                                f"layer must have x's dtype {x.dtype}, got {others}; cast only "
+                                "the experts (moe.experts.to(...))")
         if self.config.batch_invariant and x.device.type != "cpu":
             raise ValueError(f"batch_invariant=True is verified on CPU only (moekit/batch_invariance.py), "
                              f"got x on {x.device}")

@@ -1,7 +1,8 @@
 """The timing harness: a ``Row`` is one timed candidate; ``time_rows`` times rows
 interleaved, ``peak_memory_mib`` probes /proc for a call's peak memory, and
 ``read_bandwidth_gbs`` measures the machine's best-case read bandwidth, and
-``bf16_matmul_note`` says whether this CPU runs bf16 matrix products natively.
+``bf16_matmul_note`` says whether this CPU runs bf16 matrix products natively
+(moekit/experts/cpu/isa.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.experts.cpu.build import cpu_features
+from moekit.experts.cpu.isa import CpuIsa, cpu_isa
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Row:
     forward_backward: Callable[[], object] | None
     release: Callable[[], None]
     note: str = ""
+    limit_dtype: torch.dtype = torch.float32  # the limit rows its ratio divides by
 
 
 def time_rows(rows: list[Row], repeats: int) -> dict[tuple[str, str], list[float]]:
@@ -90,12 +92,10 @@ def read_bandwidth_gbs() -> float:
     return big.numel() * 4 / min(times) / 1e9
 
 
-def bf16_matmul_note() -> str:
-    """What this CPU offers bf16 matrix products, from its feature flags (Linux): AMX-BF16 and
-    AVX512-BF16 run them natively; without either they are emulated in float32."""
-    flags = set(cpu_features().split())
-    native = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
-              if flag in flags]
+def bf16_matmul_note(isa: CpuIsa | None = None) -> str:
+    """What this CPU (isa, default this machine's) offers bf16 matrix products: AMX-BF16,
+    AVX512-BF16 or Arm's BF16 run them natively; without any they are emulated in float32."""
+    native = (isa or cpu_isa()).native_bf16
     if native:
         return f"{' and '.join(native)} here: bf16 matmul runs natively"
-    return "no AVX512-BF16/AMX here: bf16 matmul is emulated"
+    return "no AVX512-BF16/AMX/BF16 here: bf16 matmul is emulated"

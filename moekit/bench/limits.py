@@ -18,15 +18,17 @@ def swiglu_chain(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.T
     return F.linear(F.silu(gate) * up, w2)
 
 
-def limit_rows(shape: Shape) -> list[Row]:
-    """The active FLOPs alone: one chain, and E equal chunks, through one expert."""
+def limit_rows(shape: Shape, dtype: torch.dtype = torch.float32) -> list[Row]:
+    """The active FLOPs alone: one chain, and E equal chunks, through one expert, in dtype
+    (rows of another dtype than float32 are named for it)."""
     torch.manual_seed(0)
     rows_count = shape.tokens * shape.top_k
-    x = torch.randn(rows_count, shape.dim)
-    w1 = (torch.randn(2 * shape.expert_dim, shape.dim) * 0.02).requires_grad_()
-    w2 = (torch.randn(shape.dim, shape.expert_dim) * 0.02).requires_grad_()
+    x = torch.randn(rows_count, shape.dim).to(dtype)
+    w1 = (torch.randn(2 * shape.expert_dim, shape.dim) * 0.02).to(dtype).requires_grad_()
+    w2 = (torch.randn(shape.dim, shape.expert_dim) * 0.02).to(dtype).requires_grad_()
     x_grad = x.clone().requires_grad_()
-    grad = torch.randn(rows_count, shape.dim)
+    grad = torch.randn(rows_count, shape.dim).to(dtype)
+    suffix = "" if dtype == torch.float32 else f", {str(dtype).removeprefix('torch.')}"
 
     def release():
         for w in (w1, w2, x_grad):
@@ -42,9 +44,10 @@ def limit_rows(shape: Shape) -> list[Row]:
                 with torch.no_grad():
                     swiglu_chain(part, w1, w2)
 
-    return [Row("limit: one chain", lambda: run(1, False), lambda: run(1, True), release),
-            Row(f"limit: {shape.num_experts} chunks", lambda: run(shape.num_experts, False),
-                lambda: run(shape.num_experts, True), release)]
+    return [Row(f"limit: one chain{suffix}", lambda: run(1, False), lambda: run(1, True), release,
+                limit_dtype=dtype),
+            Row(f"limit: {shape.num_experts} chunks{suffix}", lambda: run(shape.num_experts, False),
+                lambda: run(shape.num_experts, True), release, limit_dtype=dtype)]
 
 
 def touched_weights(moe: moekit.MoE, x: torch.Tensor) -> list[torch.Tensor]:

@@ -11,9 +11,13 @@ import moekit
 from moekit.bench.harness import Row, bf16_matmul_note
 from moekit.bench.limits import swiglu_chain
 from moekit.bench.shapes import Shape
+from moekit.experts.cpu.isa import cpu_isa
+
+DECODE_TOKENS = 64  # at most this many tokens: a decode-size shape (S3)
 
 
-def timed_module(name: str, module: torch.nn.Module, x: torch.Tensor, note: str = "") -> Row:
+def timed_module(name: str, module: torch.nn.Module, x: torch.Tensor, note: str = "",
+                 limit_dtype: torch.dtype = torch.float32) -> Row:
     """A row that runs module on x: forward under no_grad, and forward+backward of a
     fixed random upstream gradient."""
     grad = torch.randn_like(x)
@@ -36,7 +40,7 @@ def timed_module(name: str, module: torch.nn.Module, x: torch.Tensor, note: str 
         release()
         output(module(x_grad)).backward(grad)
 
-    return Row(name, forward, forward_backward, release, note)
+    return Row(name, forward, forward_backward, release, note, limit_dtype)
 
 
 class NaiveLoopMoE(torch.nn.Module):
@@ -101,8 +105,19 @@ def candidate_rows(shape: Shape, compile_rows: bool) -> tuple[list[Row], moekit.
 
     rows.append(timed_module("moekit capacity 1.25", variant(capacity_factor=1.25), x))
     rows.append(timed_module("moekit grouped_mm backend", variant(experts_backend="grouped_mm"), x))
+    # On a CPU with native bf16 the bf16 row is held to a bf16 limit (tables.py adds its rows);
+    # where bf16 is emulated, to the float32 one, the speed it would have to reach.
+    native = bool(cpu_isa().native_bf16)
     rows.append(timed_module("moekit bf16", variant(torch.bfloat16), x.bfloat16(),
-                              bf16_matmul_note()))
+                              bf16_matmul_note() + ("; vs the bf16 limit" if native else ""),
+                              torch.bfloat16 if native else torch.float32))
+    if shape.tokens <= DECODE_TOKENS:
+        for dtype in (torch.bfloat16, torch.float16):
+            half = variant()
+            half.experts.to(dtype)
+            rows.append(timed_module(f"moekit {str(dtype).removeprefix('torch.')} expert weights",
+                                     half, x, "float32 x and y; goal: at most 0.6x moekit "
+                                     "dropless forward"))
     if compile_rows:
         rows.append(timed_module("moekit torch.compile", torch.compile(variant()), x))
     rows.append(timed_module("naive per-expert loop", NaiveLoopMoE(moe), x))

@@ -9,26 +9,34 @@ import torch
 import moekit
 from moekit.bench.harness import peak_memory_mib, read_bandwidth_gbs, time_rows
 from moekit.bench.limits import limit_rows, streaming_row
-from moekit.bench.peers import candidate_rows
+from moekit.bench.peers import DECODE_TOKENS, candidate_rows
 from moekit.bench.shapes import SHAPES, Shape
 from moekit.experts.cpu import skinny
+from moekit.experts.cpu.isa import cpu_isa
 
 
 def shape_report(key: str, shape: Shape, repeats: int, compile_rows: bool) -> str:
     """One shape's section: its title, the limits, and a row of ratios for every candidate."""
-    limits = limit_rows(shape)
     rows, moe, x = candidate_rows(shape, compile_rows)
-    decode = shape.tokens <= 64
+    limits = [row for dtype in dict.fromkeys(row.limit_dtype for row in rows)
+              for row in limit_rows(shape, dtype)]
+    decode = shape.tokens <= DECODE_TOKENS
     if decode:
         stream, stream_bytes = streaming_row(moe, x)
         rows.insert(0, stream)
     times = time_rows(limits + rows, repeats)
     median = {k: statistics.median(v) for k, v in times.items()}
     spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()}
-    limit = {kind: min(median[(row.name, kind)] for row in limits) for kind in ("f", "fb")}
+    limit_of = {dtype: {kind: min(median[(row.name, kind)] for row in limits
+                                  if row.limit_dtype == dtype) for kind in ("f", "fb")}
+                for dtype in {row.limit_dtype for row in limits}}
+    limit = limit_of[torch.float32]
     lines = [f"### {key} {shape.name}: T={shape.tokens}, dim={shape.dim}, "
              f"expert_dim={shape.expert_dim}, E={shape.num_experts}, k={shape.top_k}", "",
-             f"limit: forward {limit['f'] * 1e3:.1f} ms, forward+backward {limit['fb'] * 1e3:.1f} ms"]
+             f"limit: forward {limit['f'] * 1e3:.1f} ms, forward+backward {limit['fb'] * 1e3:.1f} ms"
+             + "".join(f" ({str(dtype).removeprefix('torch.')}: {own['f'] * 1e3:.1f} ms, "
+                       f"{own['fb'] * 1e3:.1f} ms; rows that say so divide by it)"
+                       for dtype, own in limit_of.items() if dtype != torch.float32)]
     bound = None
     if decode:
         bound = median[(stream.name, "f")]
@@ -42,9 +50,10 @@ def shape_report(key: str, shape: Shape, repeats: int, compile_rows: bool) -> st
         header = header.replace("| forward+backward", "| vs streaming | forward+backward")
     lines += ["", header, "|" + "---|" * (header.count("|") - 1)]
     for row in limits + rows:
-        f = median[(row.name, "f")]
+        f, own_limit = median[(row.name, "f")], limit_of[row.limit_dtype]
         cells = [row.name + (f" ({row.note})" if row.note else ""),
-                 f"{f * 1e3:.1f} ±{spread[(row.name, 'f')] * 50:.0f}%", f"{f / limit['f']:.2f}"]
+                 f"{f * 1e3:.1f} ±{spread[(row.name, 'f')] * 50:.0f}%",
+                 f"{f / own_limit['f']:.2f}"]
         if decode:
             cells.append(f"{f / bound:.2f}")
         if row.forward_backward is None:
@@ -52,7 +61,7 @@ def shape_report(key: str, shape: Shape, repeats: int, compile_rows: bool) -> st
         else:
             fb = median[(row.name, "fb")]
             cells += [f"{fb * 1e3:.1f} ±{spread[(row.name, 'fb')] * 50:.0f}%",
-                      f"{fb / limit['fb']:.2f}",
+                      f"{fb / own_limit['fb']:.2f}",
                       f"{peak_memory_mib(row.forward_backward, row.release):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -64,7 +73,7 @@ def main(shapes: list[str], repeats: int = 5, compile_rows: bool = True,
     torch.manual_seed(0)
     kernel = skinny.unavailable_reason()
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"moekit {moekit.__version__}, skinny decode kernel "
+              f"moekit {moekit.__version__}, CPU {cpu_isa().describe()}, skinny decode kernel "
               + ("on" if kernel is None else f"off ({kernel})"))
     targets = {"custom": custom} if custom else {k: SHAPES[k] for k in shapes}
     report = "\n\n".join([header] + [shape_report(k, s, repeats, compile_rows)

@@ -140,9 +140,9 @@ class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R, counts, activation,
                 cpu_kernels, params, batch_invariant):
-        def expert_weights(e: int) -> ExpertWeights:
-            return (w1_EHD[e], w2_EDF[e], None if b1_EH is None else b1_EH[e],
-                    None if b2_ED is None else b2_ED[e])
+        def expert_weights(e: int) -> ExpertWeights:  # half-size weights: one expert at a time
+            return tuple(None if w is None else w[e].to(x_TD.dtype)
+                         for w in (w1_EHD, w2_EDF, b1_EH, b2_ED))
 
         saved_h = []
         if not batch_invariant and skinny.small_batch(max(counts, default=0), x_TD, w1_EHD,
@@ -247,7 +247,14 @@ def fused_experts(x_TD: torch.Tensor, token_R: torch.Tensor, weights_R: torch.Te
     for 1; cpu_kernels: MoEConfig.cpu_kernels ("off": no native kernel); params: the
     activation's (MoEConfig.activation_params); batch_invariant: MoEConfig.batch_invariant
     (the forward only; the gradients are those of the same function). Differentiable in
-    x_TD, weights_R, the weights and biases.
+    x_TD, weights_R, the weights and biases. Weights and biases in bfloat16 or float16 with
+    float32 x (half-size weights) are converted one expert at a time, without gradients only.
     """
+    if w1_EHD.dtype != x_TD.dtype and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad
+            for t in (x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED)):
+        raise TypeError(f"fused_experts differentiates only weights of x's dtype, got x "
+                        f"{x_TD.dtype} and weights {w1_EHD.dtype}; cast the weights to "
+                        f"{x_TD.dtype} first (differentiably) or run under torch.no_grad()")
     return _FusedExperts.apply(x_TD, weights_R, w1_EHD, w2_EDF, b1_EH, b2_ED, token_R,
                                list(counts_E), activation, cpu_kernels, params, batch_invariant)

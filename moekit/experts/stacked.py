@@ -5,6 +5,14 @@ Parameter layout (as Hugging Face transformers' MoE experts):
   up_proj      [E, F, D]  otherwise,
   down_proj    [E, D, F],
   gate_up_proj_bias [E, 2F] / up_proj_bias [E, F], down_proj_bias [E, D] if config.bias.
+
+Half-size weights for float32 activations: ``moe.experts.to(torch.bfloat16)`` (or float16)
+holds the experts in half the bytes while the layer's input and output, its router and its
+shared experts stay float32 (``holds_half_weights``). The experts then compute in float32 from
+the half weights converted exactly: the fused backend's one native decode call converts them in
+registers; its autograd op without gradients converts one expert at a time; every other case
+(a gradient to record, another backend) casts the stacks to float32 differentiably, so training
+works too, with the weights' gradients in their half dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +29,21 @@ from moekit.experts.backends import AUTO_ORDER, BACKENDS
 from moekit.routing import autocast_dtype, autocast_off
 
 logger = logging.getLogger(__name__)
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def holds_half_weights(experts: nn.Module, x_dtype: torch.dtype) -> bool:
+    """Whether ``experts`` (stacked, or offloaded: moekit.lm.offload) hold half-size weights
+    (bfloat16 or float16) for inputs of x_dtype: float32 inputs with every expert parameter in
+    one half dtype. TypeError for parameters of mixed dtypes in that case."""
+    if x_dtype != torch.float32 or getattr(experts, "dtype", None) not in HALF_DTYPES:
+        return False
+    dtypes = {name: p.dtype for name, p in experts.named_parameters()}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"half-size expert weights must all have one dtype, got {dtypes}; cast "
+                        "them together (moe.experts.to(torch.bfloat16))")
+    return True
 
 
 class Experts(nn.Module):
@@ -108,10 +131,27 @@ class Experts(nn.Module):
         if describe is None:
             words = backend
         elif dtype is None:
-            words = describe(self, x_TD, plan)
+            words = describe(self._weights_for(x_TD, plan, backend), x_TD, plan)
         else:
             words = describe(_CastExperts(self, dtype), x_TD.to(dtype), plan)
+        if dtype is None and holds_half_weights(self, x_TD.dtype):
+            converted = ("converted to float32 inside" if self._weights_for(x_TD, plan, backend)
+                         is self else "cast to float32 (a gradient to record, or not 'fused')")
+            return f"{words}; {self.dtype} expert weights {converted}"
         return words if dtype is None else f"{words}; under autocast in {dtype}"
+
+    def _weights_for(self, x_TD: torch.Tensor, plan: DispatchPlan, backend: str):
+        """What the backend reads: these experts, or, for half-size weights where the backend
+        cannot read them as they are (a gradient to record, or a backend other than "fused"),
+        a view of them cast to x's dtype, differentiably."""
+        if not holds_half_weights(self, x_TD.dtype):
+            return self
+        tensors = (x_TD, plan.weights_TK, *self.parameters())
+        records_gradient = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors)
+        if backend == "fused" and not records_gradient:
+            return self
+        return _CastExperts(self, x_TD.dtype)
 
     def checked_counts(self, counts_E: torch.Tensor, num_rows: int) -> list[int]:
         """counts_E [E] as Python ints; ValueError unless E non-negative counts summing to num_rows."""
@@ -124,10 +164,12 @@ class Experts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """y_TD [T, D] in x's dtype; under torch.autocast in the autocast dtype, computed from
-        x and the weights cast to it (differentiably), as nn.Linear does."""
+        x and the weights cast to it (differentiably), as nn.Linear does. float32 x with
+        half-size weights (holds_half_weights): float32 y, see the module docstring."""
         dtype = autocast_dtype(x_TD)
         if dtype is None:
-            return BACKENDS[self.backend_for(x_TD.dtype)](self, x_TD, plan)
+            backend = self.backend_for(x_TD.dtype)
+            return BACKENDS[backend](self._weights_for(x_TD, plan, backend), x_TD, plan)
         with autocast_off(x_TD):  # the backend sees one dtype
             return BACKENDS[self.backend_for(dtype)](_CastExperts(self, dtype), x_TD.to(dtype), plan)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -151,7 +152,9 @@ class ExpertCache:
 class OffloadedExperts(nn.Module):
     """The experts contract (moekit.contract) with no weights of its own: each expert with rows
     is fetched from the cache, in expert order, and run as the fused CPU backend runs it (one
-    native call for a decode-size batch). Inputs must have the cache's dtype and device.
+    native call for a decode-size batch). Inputs must have the cache's dtype and device, or be
+    float32 with a bfloat16/float16 cache (half-size weights: the native call reads them as
+    they are, the general path converts one expert at a time, as for stacked experts).
     Inference only (no gradient reaches the stored weights)."""
 
     def __init__(self, config: MoEConfig, layer: str, cache: ExpertCache) -> None:
@@ -187,12 +190,20 @@ class OffloadedExperts(nn.Module):
             if decoded is not None:  # None only if it declined after all: the general path
                 plan.adopt_sort(decoded.order_R, decoded.counts_E)
                 return decoded.y_TD
+        if self.dtype is not None and self.dtype != x_TD.dtype:  # half-size weights
+            fetch = functools.partial(_fetched_as, fetch, x_TD.dtype)
         return experts_forward(x_TD, plan.token_R, plan.weights_R, plan.counts_E.tolist(), fetch,
                                self.config.activation, cpu_kernels=self.config.cpu_kernels,
                                params=self.config.activation_params, batch_invariant=invariant)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer!r}, num_experts={self.config.num_experts}, offloaded"
+
+
+def _fetched_as(fetch: Callable[[int], ExpertWeights], dtype: torch.dtype,
+                expert: int) -> ExpertWeights:
+    """fetch(expert) with every tensor cast to dtype."""
+    return tuple(None if w is None else w.to(dtype) for w in fetch(expert))
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoE]:

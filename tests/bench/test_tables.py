@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from moekit import bench
+from moekit.experts.cpu.isa import cpu_isa
 
 
 def test_moe_speed_runs_at_a_tiny_shape():
@@ -15,3 +16,13 @@ def test_moe_speed_runs_at_a_tiny_shape():
     bound_line = next(line for line in report.splitlines() if line.startswith("| bound:"))
     assert bound_line.endswith("| 1.00 | — | — | — |")  # forward only, the streaming ratio's base
     assert "skinny decode kernel o" in report
+    assert f"CPU {cpu_isa().describe()}" in report.splitlines()[0]
+    for dtype in ("bfloat16", "float16"):  # the half-weight decode rows
+        assert f"| moekit {dtype} expert weights (float32 x and y; goal: at most 0.6x" in report
+    if cpu_isa().native_bf16:  # the bf16 row is held to a bf16 limit
+        assert "| limit: one chain, bfloat16 |" in report and "vs the bf16 limit" in report
+        cells = [line.split(" | ") for line in report.splitlines()
+                 if line.startswith("| limit:") and "bfloat16" in line]
+        assert "1.00" in {c[2] for c in cells} and "1.00" in {c[5] for c in cells}  # own limit
+    else:
+        assert "bfloat16 |" not in report.split("| moekit bf16")[0]

@@ -182,3 +182,26 @@ def test_generate_command_with_offloaded_experts(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*flags, "--max-resident-experts", "2"])
     assert "needs --offload-experts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cpu_kernels", ["auto", "off"])
+def test_half_size_expert_weights_offload_exactly(dtype, cpu_kernels):
+    """A float32 model whose experts were cast to dtype (half-size weights) gives the same
+    logits offloaded, from a cache in that dtype: the native call at decode size (one token),
+    one expert converted at a time above it (or with cpu_kernels="off")."""
+    torch.manual_seed(1)
+    model = MoETransformer(tiny_model_config(cpu_kernels=cpu_kernels)).eval()
+    for moe in moe_layers(model).values():
+        moe.experts.to(dtype)
+    batches = [torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (1, 1))]
+    with torch.no_grad():
+        expected = [model(tokens).logits for tokens in batches]
+    stacked = {name: (moe.experts.first_proj.detach().clone(), moe.experts.down_proj.detach().clone(),
+                      None, None) for name, moe in moe_layers(model).items()}
+    cache = offload_experts(model, MemoryExpertStore(stacked), max_resident=3)
+    assert cache.dtype == dtype
+    with torch.no_grad():
+        for tokens, logits in zip(batches, expected):
+            result = model(tokens).logits
+            assert result.dtype == torch.float32 and torch.equal(result, logits)

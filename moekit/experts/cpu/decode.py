@@ -10,6 +10,11 @@ part of a step (measured in docs/benchmarks.md). moekit_skinny_ffn does all of i
 and one team of threads. It declines (returns None) when some expert would get more than
 max_rows rows, where torch.mm is the faster product.
 
+The expert weights may be held in bfloat16 or float16 (half the bytes to stream) while x and y
+stay float32: the kernel widens each weight to float32 in registers as it loads it and computes
+in float32, so the result is the float32 computation with the half weights converted exactly
+(the biases are converted to float32 before the call; they are small).
+
 Numerically it is the fused backend's forward: the same products, the activation in float32 with
 libm's expf/erff, the combine weight applied to the activation, and each token's outputs summed
 in the order of its choices j.
@@ -28,6 +33,9 @@ from moekit.experts.activations import ACTIVATIONS, GATED, kernel_codes
 from moekit.experts.cpu import skinny
 from moekit.experts.fused import ExpertWeights
 
+# How the kernel reads w1 and w2: skinny.c's WEIGHTS_F32, WEIGHTS_BF16, WEIGHTS_F16.
+WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
 
 class DecodedExperts(NamedTuple):
     """y_TD [T, D] float32; order_R [R] int64, the assignment t * K + j of each kept row with
@@ -43,8 +51,9 @@ def applies_to(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor,
     """Whether the one-call path may run the plan on x_TD [T, D] with these expert weights: the
     plan has the routing's choices (not a rows plan), no gradient to record for any tensor, no
     torch tool watching (compile, FlopCounterMode, the profiler; they would not see the C call),
-    and a decode-size batch (skinny.small_batch: float32 on CPU, cpu_kernels not "off", the
-    kernel available, at most skinny.MAX_ROWS rows for every expert)."""
+    and a decode-size batch (skinny.small_batch: x and the combine weights float32 on CPU,
+    cpu_kernels not "off", the kernel available, at most skinny.MAX_ROWS rows for every expert),
+    with expert weights on CPU of one dtype among WEIGHT_KINDS."""
     return declined_because(x_TD, plan, *weights, cpu_kernels=cpu_kernels) is None
 
 
@@ -58,8 +67,22 @@ def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Ten
         return "a gradient to record"
     if skinny.observed(*tensors):
         return "a torch tool watches (compile, a dispatch mode or the profiler)"
-    return skinny.not_small_batch(lambda: int(plan.counts_E.max()), *tensors,
+    reason = _weights_declined(weights)
+    if reason is not None:
+        return reason
+    return skinny.not_small_batch(lambda: int(plan.counts_E.max()), x_TD, plan.weights_TK,
                                   cpu_kernels=cpu_kernels)
+
+
+def _weights_declined(weights: tuple[torch.Tensor, ...]) -> str | None:
+    """Why the kernel cannot read these expert weights (and biases), or None when it can."""
+    dtypes = sorted({str(t.dtype) for t in weights})
+    if any(t.device.type != "cpu" for t in weights):
+        return "the kernel runs on CPU, and some expert weights are not there"
+    if len(dtypes) > 1 or not all(t.dtype in WEIGHT_KINDS for t in weights):
+        return (f"the kernel reads expert weights of one dtype among float32, bfloat16 and "
+                f"float16, not {', '.join(dtypes)}")
+    return None
 
 
 def _ids_out_of_range(ids_TK: torch.Tensor, num_experts: int) -> ValueError:
@@ -94,19 +117,28 @@ def _check_tokens(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Te
 
 def _check_weights(names: tuple[str, ...], weights: ExpertWeights,
                    expected: tuple[tuple[int, ...], ...], activation: str) -> None:
-    """weights (w1, w2, b1, b2; b1 and b2 both or neither None) float32 on CPU with the expected
-    shapes, in full: the C code reads every element these shapes promise."""
+    """weights (w1, w2, b1, b2; b1 and b2 both or neither None) CPU tensors with the expected
+    shapes, in full (the C code reads every element these shapes promise); w1 and w2 of one
+    dtype among WEIGHT_KINDS, the biases of any of them."""
     for name, tensor, shape in zip(names, weights, expected):
         if tensor is None:
             continue
-        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
-            raise TypeError(f"{name} must be a float32 CPU tensor, got {tensor.dtype} "
-                            f"on {tensor.device}")
+        if tensor.dtype not in WEIGHT_KINDS or tensor.device.type != "cpu":
+            raise TypeError(f"{name} must be a float32, bfloat16 or float16 CPU tensor, got "
+                            f"{tensor.dtype} on {tensor.device}")
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} for {activation!r}, got "
                              f"{tuple(tensor.shape)}")
+    if weights[0].dtype != weights[1].dtype:
+        raise TypeError(f"{names[0]} and {names[1]} must have one dtype, got {weights[0].dtype} "
+                        f"and {weights[1].dtype}")
     if (weights[2] is None) != (weights[3] is None):
         raise ValueError(f"give both {names[2]} and {names[3]} or neither")
+
+
+def _float32_biases(weights: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """(w1, w2, b1, b2) with the biases float32, as the kernel reads them."""
+    return [t if i < 2 or t is None else t.float() for i, t in enumerate(weights)]
 
 
 def _expert_shapes(dim: int, expert_dim: int, activation: str) -> tuple[tuple[int, ...], ...]:
@@ -127,9 +159,10 @@ def _check_stacks(stacks: ExpertWeights, num_experts: int, dim: int, expert_dim:
     _check_weights(("w1_EHD", "w2_EDF", "b1_EH", "b2_ED"), stacks, shapes, activation)
 
 
-def _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, num_experts, dim, expert_dim, activation,
-         max_rows) -> DecodedExperts | None:
-    """The C call; pointers = (w1, w2, b1, b2) ctypes arrays of E addresses (b1, b2 may be None)."""
+def _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, weight_dtype, num_experts, dim, expert_dim,
+         activation, max_rows) -> DecodedExperts | None:
+    """The C call; pointers = (w1, w2, b1, b2) ctypes arrays of E addresses (b1, b2 may be None;
+    float32), w1 and w2 of weight_dtype."""
     num_tokens, top_k = ids_TK.shape
     x_TD, ids_TK, weights_TK = x_TD.contiguous(), ids_TK.contiguous(), weights_TK.contiguous()
     kept_TK = None if kept_TK is None else kept_TK.contiguous()
@@ -139,7 +172,8 @@ def _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, num_experts, dim, expert_d
     status = skinny.library().moekit_skinny_ffn(
         x_TD.data_ptr(), ids_TK.data_ptr(), weights_TK.data_ptr(),
         None if kept_TK is None else kept_TK.data_ptr(), num_tokens, top_k, *pointers,
-        num_experts, dim, expert_dim, *kernel_codes(activation), max_rows, y_TD.data_ptr(),
+        num_experts, dim, expert_dim, *kernel_codes(activation), WEIGHT_KINDS[weight_dtype],
+        max_rows, y_TD.data_ptr(),
         order_R.data_ptr(), counts_E.data_ptr(), torch.get_num_threads())
     if status == 1:
         return None
@@ -170,9 +204,10 @@ def skinny_ffn(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tenso
                max_rows: int = skinny.MAX_ROWS,
                kept_TK: torch.Tensor | None = None) -> DecodedExperts | None:
     """The experts' combined output for every token, or None when an expert would get more than
-    max_rows rows. All float32 on CPU (ids int64): x_TD [T, D], ids_TK [T, K] expert of each
-    choice, weights_TK [T, K] its combine weight, w1_EHD [E, H, D] (H = 2F for gated
-    activations: gate rows then up rows), w2_EDF [E, D, F], biases [E, H] and [E, D] or None;
+    max_rows rows. On CPU: x_TD [T, D] float32, ids_TK [T, K] int64 expert of each choice,
+    weights_TK [T, K] float32 its combine weight, w1_EHD [E, H, D] (H = 2F for gated
+    activations: gate rows then up rows) and w2_EDF [E, D, F] both float32, both bfloat16 or
+    both float16 (y float32 all the same), biases [E, H] and [E, D] or None;
     kept_TK [T, K] bool leaves out the choices it marks False (dropped by capacity, or not
     assignments), None keeps all. Not differentiable. ValueError for an id outside [0, E)."""
     skinny.library()
@@ -186,10 +221,11 @@ def skinny_ffn(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tenso
     # Every stack in full, every expert: the C code reads E experts from each.
     _check_stacks(stacks, num_experts, x_TD.shape[1], expert_dim, activation)
     # Each expert's matrix must be row-major and contiguous; the stack may be strided.
-    stacks = [t if t is None or t[0].is_contiguous() else t.contiguous() for t in stacks]
+    stacks = [t if t is None or t[0].is_contiguous() else t.contiguous()
+              for t in _float32_biases(stacks)]
     pointers = [None if t is None else _stack_addresses(t) for t in stacks]
-    return _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, num_experts, dim, expert_dim,
-                activation, max_rows)
+    return _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, w1_EHD.dtype, num_experts, dim,
+                expert_dim, activation, max_rows)
 
 
 def skinny_ffn_fetched(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -213,12 +249,16 @@ def skinny_ffn_fetched(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: tor
         if count:
             weights = tuple(None if t is None else t.contiguous() for t in expert_weights(e))
             _check_expert(e, weights, x_TD.shape[1], expert_dim, activation)
-            fetched[e] = weights
+            fetched[e] = tuple(_float32_biases(list(weights)))
     biased = {w[2] is not None for w, count in zip(fetched, counts) if count}
     if len(biased) > 1:
         raise ValueError("either every expert with rows has biases or none has")
     has_bias = biased == {True}
+    dtypes = {w[0].dtype for w, count in zip(fetched, counts) if count}
+    if len(dtypes) > 1:
+        raise TypeError(f"every expert's weights must have one dtype, got {sorted(map(str, dtypes))}")
     pointers = [_addresses([w[i] for w in fetched]) if i < 2 or has_bias else None
                 for i in range(4)]
-    return _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, num_experts, x_TD.shape[1],
-                expert_dim, activation, max_rows)
+    weight_dtype = dtypes.pop() if dtypes else torch.float32
+    return _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, weight_dtype, num_experts,
+                x_TD.shape[1], expert_dim, activation, max_rows)

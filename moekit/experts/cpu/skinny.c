@@ -14,12 +14,21 @@
  *   x   [R, K]  rows grouped by expert: counts[e] rows for expert e, in expert order
  *   w   [E, N, K] (grouped) or [E, K, N] (grouped_nn), w_expert_stride floats between experts
  *   out [R, N]
+ *
+ * The forward products of moekit_skinny_ffn also read half-size weights (bfloat16 or float16,
+ * WEIGHTS_BF16 / WEIGHTS_F16): each group of eight is widened to float32 in registers as it is
+ * loaded (bfloat16: its 16 bits become the top half of a float; float16: F16C's vcvtph2ps where
+ * the compiler targets it, else an exact conversion in C), and every product and sum is float32,
+ * so the result is the float32 product with the weights converted exactly.
  */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 typedef float vec8 __attribute__((vector_size(32)));
 
@@ -40,6 +49,79 @@ static inline vec8 load8(const float *p) {
     return v;
 }
 
+/* How an expert's weights are stored (moekit/experts/cpu/decode.py passes the same numbers). */
+enum { WEIGHTS_F32 = 0, WEIGHTS_BF16 = 1, WEIGHTS_F16 = 2 };
+
+typedef uint16_t bits16x8 __attribute__((vector_size(16)));
+typedef uint32_t bits32x8 __attribute__((vector_size(32)));
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t wide = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &wide, sizeof f);
+    return f;
+}
+
+/* IEEE half to float, exactly (every half is a float): the fallback without F16C. */
+static inline float f16_to_float(uint16_t bits) {
+#if defined(__F16C__) && defined(__AVX__)
+    return _cvtsh_ss(bits);
+#else
+    uint32_t sign = (uint32_t)(bits & 0x8000u) << 16, exponent = (bits >> 10) & 0x1fu,
+             mantissa = bits & 0x3ffu, wide;
+    if (exponent == 0x1fu) {
+        wide = sign | 0x7f800000u | (mantissa << 13);          /* inf, nan */
+    } else if (exponent != 0) {
+        wide = sign | ((exponent + 112u) << 23) | (mantissa << 13);  /* bias 15 -> 127 */
+    } else {
+        float f = (float)mantissa * 0x1p-24f;                  /* zero and subnormals */
+        return sign ? -f : f;
+    }
+    float f;
+    memcpy(&f, &wide, sizeof f);
+    return f;
+#endif
+}
+
+static inline vec8 load8_bf16(const uint16_t *p) {
+    bits16x8 narrow;
+    memcpy(&narrow, p, sizeof narrow);
+    bits32x8 wide = __builtin_convertvector(narrow, bits32x8) << 16;
+    vec8 v;
+    memcpy(&v, &wide, sizeof v);
+    return v;
+}
+
+static inline vec8 load8_f16(const uint16_t *p) {
+    vec8 v;
+#if defined(__F16C__) && defined(__AVX__)
+    __m256 wide = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    memcpy(&v, &wide, sizeof v);
+#else
+    for (int l = 0; l < LANES; ++l) v[l] = f16_to_float(p[l]);
+#endif
+    return v;
+}
+
+/* Eight weights from element i of w, or one, as float32; kind is a constant after inlining. */
+static inline __attribute__((always_inline)) vec8 load8_weights(const void *w, int64_t i,
+                                                                 const int kind) {
+    if (kind == WEIGHTS_BF16) return load8_bf16((const uint16_t *)w + i);
+    if (kind == WEIGHTS_F16) return load8_f16((const uint16_t *)w + i);
+    return load8((const float *)w + i);
+}
+
+static inline __attribute__((always_inline)) float load1_weight(const void *w, int64_t i,
+                                                                const int kind) {
+    if (kind == WEIGHTS_BF16) return bf16_to_float(((const uint16_t *)w)[i]);
+    if (kind == WEIGHTS_F16) return f16_to_float(((const uint16_t *)w)[i]);
+    return ((const float *)w)[i];
+}
+
+static inline const char *weight_address(const void *w, int64_t i, const int kind) {
+    return (const char *)w + i * (kind == WEIGHTS_F32 ? 4 : 2);
+}
+
 static inline float sum8(vec8 v) {
     float s = 0.0f;
     for (int l = 0; l < LANES; ++l) s += v[l];
@@ -50,8 +132,9 @@ static inline float sum8(vec8 v) {
  * Inlined with a constant rows, so the 2 * rows accumulators stay in registers (12 of the 16 of
  * AVX2 at six rows, with the two weight vectors and one x vector). */
 static inline __attribute__((always_inline)) void pair_times_group(
-    const float *x, const float *w, float *out, int64_t K, int64_t N, int64_t o, const int rows) {
-    const float *w0 = w + o * K, *w1 = w0 + K;
+    const float *x, const void *w, float *out, int64_t K, int64_t N, int64_t o, const int rows,
+    const int kind) {
+    int64_t row0 = o * K, row1 = row0 + K;  /* element offsets of the two weight rows */
     vec8 acc0[ROW_GROUP], acc1[ROW_GROUP];
     for (int r = 0; r < rows; ++r) {
         acc0[r] = (vec8){0};
@@ -59,10 +142,10 @@ static inline __attribute__((always_inline)) void pair_times_group(
     }
     int64_t i = 0;
     for (; i + LANES <= K; i += LANES) {
-        vec8 a = load8(w0 + i), b = load8(w1 + i);
+        vec8 a = load8_weights(w, row0 + i, kind), b = load8_weights(w, row1 + i, kind);
         /* the pair after next, at the same column: ahead of the hardware prefetcher (~1.3x) */
-        __builtin_prefetch(w0 + 4 * K + i, 0, 3);
-        __builtin_prefetch(w1 + 4 * K + i, 0, 3);
+        __builtin_prefetch(weight_address(w, row0 + 4 * K + i, kind), 0, 3);
+        __builtin_prefetch(weight_address(w, row1 + 4 * K + i, kind), 0, 3);
         KEEP_IN_REGISTER(a);
         KEEP_IN_REGISTER(b);
         for (int r = 0; r < rows; ++r) {
@@ -75,43 +158,59 @@ static inline __attribute__((always_inline)) void pair_times_group(
     for (int r = 0; r < rows; ++r) {
         float s0 = sum8(acc0[r]), s1 = sum8(acc1[r]);
         for (int64_t j = i; j < K; ++j) {
-            s0 += w0[j] * x[r * K + j];
-            s1 += w1[j] * x[r * K + j];
+            s0 += load1_weight(w, row0 + j, kind) * x[r * K + j];
+            s1 += load1_weight(w, row1 + j, kind) * x[r * K + j];
         }
         out[r * N + o] = s0;
         out[r * N + o + 1] = s1;
     }
 }
 
-static void single_row_dot(const float *x, const float *w, float *out, int64_t n, int64_t K,
-                           int64_t N, int64_t o) {
-    const float *wo = w + o * K;
+static inline __attribute__((always_inline)) void single_row_dot(
+    const float *x, const void *w, float *out, int64_t n, int64_t K, int64_t N, int64_t o,
+    const int kind) {
     for (int64_t r = 0; r < n; ++r) {
         float s = 0.0f;
-        for (int64_t j = 0; j < K; ++j) s += wo[j] * x[r * K + j];
+        for (int64_t j = 0; j < K; ++j) s += load1_weight(w, o * K + j, kind) * x[r * K + j];
         out[r * N + o] = s;
     }
 }
 
-/* Weight rows [o0, o1) of one expert against all its n rows. */
-static void expert_rows(const float *x, const float *w, float *out, int64_t n, int64_t K, int64_t N,
-                        int64_t o0, int64_t o1) {
+/* Weight rows [o0, o1) of one expert against all its n rows; kind: how w is stored. */
+static inline __attribute__((always_inline)) void expert_rows_of(
+    const float *x, const void *w, float *out, int64_t n, int64_t K, int64_t N, int64_t o0,
+    int64_t o1, const int kind) {
     int64_t o = o0;
     for (; o + ROW_PAIR <= o1; o += ROW_PAIR) {
         for (int64_t r0 = 0; r0 < n; r0 += ROW_GROUP) {
             const float *xr = x + r0 * K;
             float *outr = out + r0 * N;
             switch (n - r0 < ROW_GROUP ? n - r0 : ROW_GROUP) {
-                case 1: pair_times_group(xr, w, outr, K, N, o, 1); break;
-                case 2: pair_times_group(xr, w, outr, K, N, o, 2); break;
-                case 3: pair_times_group(xr, w, outr, K, N, o, 3); break;
-                case 4: pair_times_group(xr, w, outr, K, N, o, 4); break;
-                case 5: pair_times_group(xr, w, outr, K, N, o, 5); break;
-                default: pair_times_group(xr, w, outr, K, N, o, 6); break;
+                case 1: pair_times_group(xr, w, outr, K, N, o, 1, kind); break;
+                case 2: pair_times_group(xr, w, outr, K, N, o, 2, kind); break;
+                case 3: pair_times_group(xr, w, outr, K, N, o, 3, kind); break;
+                case 4: pair_times_group(xr, w, outr, K, N, o, 4, kind); break;
+                case 5: pair_times_group(xr, w, outr, K, N, o, 5, kind); break;
+                default: pair_times_group(xr, w, outr, K, N, o, 6, kind); break;
             }
         }
     }
-    if (o < o1) single_row_dot(x, w, out, n, K, N, o);
+    if (o < o1) single_row_dot(x, w, out, n, K, N, o, kind);
+}
+
+static void expert_rows(const float *x, const void *w, float *out, int64_t n, int64_t K, int64_t N,
+                        int64_t o0, int64_t o1) {
+    expert_rows_of(x, w, out, n, K, N, o0, o1, WEIGHTS_F32);
+}
+
+static void expert_rows_bf16(const float *x, const void *w, float *out, int64_t n, int64_t K,
+                             int64_t N, int64_t o0, int64_t o1) {
+    expert_rows_of(x, w, out, n, K, N, o0, o1, WEIGHTS_BF16);
+}
+
+static void expert_rows_f16(const float *x, const void *w, float *out, int64_t n, int64_t K,
+                            int64_t N, int64_t o0, int64_t o1) {
+    expert_rows_of(x, w, out, n, K, N, o0, o1, WEIGHTS_F16);
 }
 
 /* ---- x @ W: out[r, n] = sum_k x[r, k] * w[k, n] ---- */
@@ -161,8 +260,9 @@ static inline __attribute__((always_inline)) void rows_axpy(
 
 /* Columns [lo, hi) of one expert's x @ w for all its n rows: the weight rows are read once, in
  * order, each pair applied to every group of up to four x rows while it is in L1. */
-static void expert_columns(const float *x, const float *w, float *out, int64_t n, int64_t K,
+static void expert_columns(const float *x, const void *w_any, float *out, int64_t n, int64_t K,
                            int64_t N, int64_t lo, int64_t hi) {
+    const float *w = w_any;
     for (int64_t r = 0; r < n; ++r) memset(out + r * N + lo, 0, (size_t)(hi - lo) * sizeof(float));
     int64_t k = 0;
     for (; k + 2 <= K; k += 2)
@@ -175,7 +275,7 @@ static void expert_columns(const float *x, const float *w, float *out, int64_t n
                       n - r0 < AXPY_GROUP ? n - r0 : AXPY_GROUP, 1);
 }
 
-typedef void (*expert_part)(const float *x, const float *w, float *out, int64_t n, int64_t K,
+typedef void (*expert_part)(const float *x, const void *w, float *out, int64_t n, int64_t K,
                             int64_t N, int64_t lo, int64_t hi);
 
 /* A grouped product over all experts, for the calling thread of a team of nt (inside a parallel
@@ -183,7 +283,7 @@ typedef void (*expert_part)(const float *x, const float *w, float *out, int64_t 
  * ranges over the threads, so experts of any size share the cores evenly; part() computes columns
  * [lo, hi) of one expert's product. first_row[e] is expert e's first row of x and out. */
 static void grouped_share(expert_part part, int64_t width, const float *x,
-                          const float *const *w_of, float *out, const int64_t *counts,
+                          const void *const *w_of, float *out, const int64_t *counts,
                           const int64_t *first_row, int64_t E, int64_t K, int64_t N, int64_t t,
                           int64_t nt) {
     int64_t per_expert = (N + width - 1) / width;
@@ -214,7 +314,7 @@ static void grouped(expert_part part, int64_t width, const float *x, const float
                     int64_t w_expert_stride, float *out, const int64_t *counts, int64_t E,
                     int64_t K, int64_t N, int num_threads) {
     int64_t first_row[E], active = 0;
-    const float *w_of[E];
+    const void *w_of[E];
     for (int64_t e = 0, row = 0; e < E; ++e) {
         w_of[e] = w + e * w_expert_stride;
         first_row[e] = row;
@@ -255,6 +355,8 @@ void moekit_skinny_grouped_nn(const float *x, const float *w, int64_t w_expert_s
  *   E pointers, each expert's matrix row-major and contiguous (an expert without rows may be NULL);
  *   b1[e] [H], b2[e] [D]: arrays of E pointers, or NULL for no bias
  *   gated: act(gate) * up, else act(h); elementwise: the MOEKIT_ACT_* code of act
+ *   weight_kind: WEIGHTS_F32, WEIGHTS_BF16 or WEIGHTS_F16, how w1 and w2 are stored (the biases
+ *   are float32 in every case)
  *   y [T, D]; order [R] int64 (the assignment t * K + j of each of the R kept rows, grouped by
  *   expert); counts [E] int64 kept rows per expert
  * Returns 0 when y is written; 1 when an expert would get more than max_rows rows (order and
@@ -289,9 +391,10 @@ static void activate_row(int gated, int elementwise, const float *h, const float
 }
 
 int moekit_skinny_ffn(const float *x, const int64_t *ids, const float *weights,
-                      const uint8_t *kept, int64_t T, int64_t K, const float *const *w1,
-                      const float *const *w2, const float *const *b1, const float *const *b2,
-                      int64_t E, int64_t D, int64_t F, int gated, int elementwise, int64_t max_rows,
+                      const uint8_t *kept, int64_t T, int64_t K, const void *const *w1,
+                      const void *const *w2, const float *const *b1, const float *const *b2,
+                      int64_t E, int64_t D, int64_t F, int gated, int elementwise, int weight_kind,
+                      int64_t max_rows,
                       float *y, int64_t *order, int64_t *counts, int num_threads) {
     int64_t A = T * K, R = 0, H = gated ? 2 * F : F;
     for (int64_t e = 0; e < E; ++e) counts[e] = 0;
@@ -321,20 +424,22 @@ int moekit_skinny_ffn(const float *x, const int64_t *ids, const float *weights,
         return -2;
     }
     float *x_rows = rows, *h = x_rows + R * D, *a = h + R * H, *out = a + R * F;
+    expert_part part = weight_kind == WEIGHTS_BF16 ? expert_rows_bf16
+                       : weight_kind == WEIGHTS_F16 ? expert_rows_f16 : expert_rows;
 #pragma omp parallel num_threads(team_size(num_threads, R * H))
     {
         int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; ++r)
             memcpy(x_rows + r * D, x + order[r] / K * D, (size_t)D * sizeof(float));
-        grouped_share(expert_rows, ROW_PAIR, x_rows, w1, h, counts, first_row, E, D, H, t, nt);
+        grouped_share(part, ROW_PAIR, x_rows, w1, h, counts, first_row, E, D, H, t, nt);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; ++r) {
             int64_t e = ids[order[r]];
             activate_row(gated, elementwise, h + r * H, b1 ? b1[e] : NULL, weights[order[r]], a + r * F, F);
         }
-        grouped_share(expert_rows, ROW_PAIR, a, w2, out, counts, first_row, E, F, D, t, nt);
+        grouped_share(part, ROW_PAIR, a, w2, out, counts, first_row, E, F, D, t, nt);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t token = 0; token < T; ++token) {

@@ -75,7 +75,8 @@ def _declare(library: ctypes.CDLL) -> None:
         function.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
         function.restype = None
     library.moekit_skinny_ffn.argtypes = [p, p, p, p, i64, i64, p, p, p, p, i64, i64, i64,
-                                          ctypes.c_int, ctypes.c_int, i64, p, p, p, ctypes.c_int]
+                                          ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, p, p, p,
+                                          ctypes.c_int]
     library.moekit_skinny_ffn.restype = ctypes.c_int
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
+from moekit.contract import DispatchPlan
 from moekit.experts.activations import GATED, KERNEL_ACTIVATIONS, apply_activation
 from moekit.experts.cpu import decode, skinny
 from tests.conftest import needs, randomized_moe
@@ -142,7 +145,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"w1_EHD must have shape \(4, 14, 8\) for 'swiglu', "
                                          r"got \(4, 12, 8\)"):  # F = 7 from w2
         decode.skinny_ffn(x, ids, weights, w1, torch.randn(4, 8, 7), "swiglu")
-    with pytest.raises(TypeError, match="w2_EDF must be a float32 CPU tensor, got torch.float64"):
+    with pytest.raises(TypeError, match="w2_EDF must be a float32, bfloat16 or float16 CPU tensor, got torch.float64"):
         decode.skinny_ffn(x, ids, weights, w1, w2.double(), "swiglu")
     with pytest.raises(ValueError, match="give both b1_EH and b2_ED or neither"):
         decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", b1_EH=torch.zeros(4, 12))
@@ -253,3 +256,83 @@ def test_fetched_weights_give_the_same_bits(bias):
     with pytest.raises(ValueError, match="either every expert with rows has biases or none has"):
         decode.skinny_ffn_fetched(x, ids, weights, lambda e: (w1[e], w2[e]) + (
             (torch.zeros(16), torch.zeros(16)) if e == 4 else (None, None)), 6, 8, "geglu")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_half_weights_match_float64(dtype, activation, bias, tokens):
+    """bfloat16/float16 w1, w2 (and biases) with float32 x: against the float64 loop on the half
+    weights cast to float64, and the float32 kernel on the weights widened to float32 to a few
+    float32 ulps (the conversion in registers is exact; the compiler may fuse the tail's
+    multiply-adds differently). D = 37 leaves a tail after the vectors of eight; some float16
+    weights are subnormal."""
+    generator = torch.Generator().manual_seed(tokens * 7 + bias)
+    x, ids, weights, w1, w2, b1, b2 = _problem(tokens, 2, 5, 37, 19, activation, bias, generator)
+    w1[0, :3, :5] = 3e-6  # a float16 subnormal
+    half = [None if t is None else t.to(dtype) for t in (w1, w2, b1, b2)]
+    result = decode.skinny_ffn(x, ids, weights, half[0], half[1], activation, half[2], half[3])
+    assert result.y_TD.dtype == torch.float32
+    torch.testing.assert_close(result.y_TD.double(),
+                               _reference(x, ids, weights, *half[:2], activation, *half[2:]),
+                               rtol=1e-5, atol=1e-5)
+    widened = [None if t is None else t.float() for t in half]
+    same = decode.skinny_ffn(x, ids, weights, widened[0], widened[1], activation, *widened[2:])
+    torch.testing.assert_close(result.y_TD, same.y_TD, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_weights_without_f16c_or_avx(dtype, tmp_path, monkeypatch):
+    """The same source built without -march=native (x86-64's baseline: no AVX, no F16C) takes
+    the portable conversions; its result equals the native build's bit for bit only up to the
+    vector width's summation order, so both are held to the float64 loop. Most of w1 is
+    subnormal in float16, where the fallback's conversion takes its own branch."""
+    from moekit.experts.cpu import build
+    target = tmp_path / "skinny-portable.so"
+    flags = build.PORTABLE_FLAGS + build.ACTIVATION_DEFINES
+    build._compile(build.find_compiler(), flags, skinny._SOURCE, target)
+    portable = ctypes.CDLL(str(target))
+    skinny._declare(portable)
+    generator = torch.Generator().manual_seed(3)
+    x, ids, weights, w1, w2, b1, b2 = _problem(6, 2, 4, 29, 13, "swiglu", True, generator)
+    w1, x = w1 * 1e-5, x * 1e5  # most float16 w1 subnormal, each h as before
+    half = [t.to(dtype) for t in (w1, w2, b1, b2)]
+    monkeypatch.setattr(skinny, "library", lambda: portable)
+    result = decode.skinny_ffn(x, ids, weights, half[0], half[1], "swiglu", half[2], half[3])
+    torch.testing.assert_close(result.y_TD.double(),
+                               _reference(x, ids, weights, *half[:2], "swiglu", *half[2:]),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_half_weights_bad_combinations_are_named():
+    generator = torch.Generator().manual_seed(4)
+    x, ids, weights, w1, w2, _, _ = _problem(3, 2, 4, 8, 6, "swiglu", False, generator)
+    with pytest.raises(TypeError, match="w1_EHD and w2_EDF must have one dtype, got "
+                                        "torch.bfloat16 and torch.float16"):
+        decode.skinny_ffn(x, ids, weights, w1.bfloat16(), w2.half(), "swiglu")
+    with pytest.raises(TypeError, match="w1_EHD must be a float32, bfloat16 or float16 CPU "
+                                        "tensor, got torch.float64"):
+        decode.skinny_ffn(x, ids, weights, w1.double(), w2.double(), "swiglu")
+    with pytest.raises(TypeError, match="x_TD must be a float32 CPU tensor, got torch.bfloat16"):
+        decode.skinny_ffn(x.bfloat16(), ids, weights, w1.bfloat16(), w2.bfloat16(), "swiglu")
+    plan = DispatchPlan(ids, weights, 4)
+    assert decode.declined_because(x, plan, w1.bfloat16(), w2.bfloat16()) is None
+    assert "not torch.bfloat16, torch.float16" in decode.declined_because(
+        x, plan, w1.bfloat16(), w2.half())
+
+
+@needs_kernel
+def test_fetched_half_weights_give_the_same_bits():
+    """skinny_ffn_fetched with bfloat16 experts (an offloading cache in bfloat16) equals
+    skinny_ffn on the stacks."""
+    generator = torch.Generator().manual_seed(5)
+    x, ids, weights, w1, w2, b1, b2 = _problem(4, 2, 6, 16, 8, "swiglu", True, generator)
+    half = [t.bfloat16() for t in (w1, w2, b1, b2)]
+    result = decode.skinny_ffn_fetched(x, ids, weights, lambda e: tuple(t[e] for t in half), 6, 8,
+                                       "swiglu")
+    stacked = decode.skinny_ffn(x, ids, weights, half[0], half[1], "swiglu", half[2], half[3])
+    assert torch.equal(result.y_TD, stacked.y_TD)
