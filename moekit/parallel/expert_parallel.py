@@ -25,7 +25,17 @@ from moekit.dispatch.alltoall import AllToAllDispatcher, expert_placement, gathe
 from moekit.dispatch.capacity import CapacityDispatcher
 from moekit.dispatch.local import LocalDispatcher
 from moekit.layer import MoE
-from moekit.routers import ExpertChoiceRouter
+from moekit.routers import BatchWideRouter
+
+# How each router's choice is kept exactly that of one process on all ranks' tokens.
+# "per token": a token's experts depend on that token alone (and on replicated state
+# such as the aux-loss-free bias, whose counts router_step sums over the group), so
+# each rank routes its own tokens. "whole batch": a BatchWideRouter; every rank gets
+# every rank's scores (gather_batch) and solves the same problem. A router not listed
+# here is refused until its behaviour under expert parallelism is decided and tested
+# (e.g. expert_threshold: its thresholds must see the same tokens on every rank).
+EXPERT_PARALLEL_ROUTING = {"topk": "per token", "hash": "per token", "dense": "per token",
+                           "expert_choice": "whole batch", "balanced": "whole batch"}
 
 
 def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None,
@@ -38,9 +48,9 @@ def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None,
 
 def _check_supported(moe: MoE) -> None:
     cfg = moe.config
-    if cfg.router not in ("topk", "hash", "expert_choice"):
-        raise ValueError(f"expert parallelism supports router='topk', 'hash' or 'expert_choice', not "
-                         f"router={cfg.router!r} (its assignment is solved over the whole batch)")
+    if cfg.router not in EXPERT_PARALLEL_ROUTING:
+        raise ValueError(f"expert parallelism supports router in {sorted(EXPERT_PARALLEL_ROUTING)}, "
+                         f"not router={cfg.router!r} (not yet made exact under expert parallelism)")
     if type(moe.dispatcher) not in (LocalDispatcher, CapacityDispatcher):
         raise ValueError(f"layer already uses {type(moe.dispatcher).__name__}")
 
@@ -74,7 +84,7 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
             setattr(experts, name, nn.Parameter(local, requires_grad=param.requires_grad))
         experts.expert_ids = shard
         moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group, layer_placement)
-        if isinstance(moe.router, ExpertChoiceRouter):
+        if isinstance(moe.router, BatchWideRouter):
             moe.router.gather_batch = functools.partial(gather_rows, group=group)
     return module
 

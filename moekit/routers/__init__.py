@@ -12,7 +12,7 @@ from torch import nn
 
 from moekit.config import MoEConfig
 from moekit.routers.balanced import BalancedRouter, balanced_assignment
-from moekit.routers.base import LinearRouter
+from moekit.routers.base import BatchWideRouter, LinearRouter
 from moekit.routers.dense import DenseRouter
 from moekit.routers.expert_choice import ExpertChoiceRouter
 from moekit.routers.hash import HashRouter, hash_experts
@@ -32,6 +32,6 @@ def build_router(config: MoEConfig) -> nn.Module:
     return ROUTERS[config.router](config)
 
 
-__all__ = ["ROUTERS", "BalancedRouter", "DenseRouter", "ExpertChoiceRouter", "HashRouter",
+__all__ = ["ROUTERS", "BalancedRouter", "BatchWideRouter", "DenseRouter", "ExpertChoiceRouter", "HashRouter",
            "LinearRouter", "TopKRouter", "balanced_assignment", "build_router", "hash_experts",
            "route_topk"]

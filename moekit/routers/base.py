@@ -10,6 +10,7 @@ cast to that dtype on the fly. Noise and jitter apply in training mode only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,3 +65,22 @@ class LinearRouter(nn.Module):
         """Record what a training forward routed, for balancing state that moves once per
         optimizer step (moekit.balancing.router_step). Routers without such state
         record nothing."""
+
+
+class BatchWideRouter(LinearRouter):
+    """A learned router whose choice for a token depends on the other tokens of the batch
+    (expert choice, balanced assignment).
+
+    gather_batch: None (the batch is this process's tokens) or, under expert parallelism
+    (set by moekit.parallel.apply_expert_parallel), a function rows [T, X] -> (every
+    rank's rows [T_all, X], this rank's first row), so that the choice is made over all
+    ranks' tokens as one process would make it on their concatenation.
+    """
+
+    gather_batch: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
+
+    def whole_batch(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(scores of the whole batch [T_all, E], index of this process's first row)."""
+        if self.gather_batch is None:
+            return scores_TE, 0
+        return self.gather_batch(scores_TE)
