@@ -105,3 +105,11 @@ def test_skinny_kernel_runs_at_a_tiny_shape():
         assert "| 3 | " in report and report.count("GB/s") >= 12
     else:
         assert "nothing was measured" in report
+
+
+def test_placement_tokens_counts_rows_per_rank():
+    report = report_of("placement_tokens", "--draws", "1")
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| 1.4 |")]
+    measured = {(row[1], int(row[2])): float(row[4].strip(" |")) for row in rows}
+    assert len(measured) == 4
+    assert measured["plan_placement", 4] < measured["plan_placement", 0] < measured["contiguous", 0]

@@ -118,11 +118,19 @@ def test_expert_parallel_equals_one_process(tmp_path, case, sizes):
 @pytest.mark.parametrize("case,placement", [
     pytest.param("topk", [[3, 0, 5, 6], [1, 2, 7, 4]], id="world2-topk"),
     pytest.param("capacity-position", plan_placement([9.0, 1.0, 5.0, 5.0, 2.0, 8.0, 1.0, 3.0], 4),
-                 id="world4-planned-capacity-position")])
+                 id="world4-planned-capacity-position"),
+    # replicated experts: copies split the tokens, their gradients are summed
+    pytest.param("topk", [[0, 1, 2, 3, 4], [4, 5, 6, 7, 0]], id="world2-copies-topk"),
+    pytest.param("expert-choice", [[0, 1, 2], [3, 0, 1]], id="world2-copies-expert-choice"),
+    pytest.param("capacity-position", plan_placement([9.0, 1.0, 5.0, 5.0, 2.0, 8.0, 1.0, 3.0], 4, 4),
+                 id="world4-planned-copies-capacity-position"),
+    pytest.param("sigmoid-bias-shared", Placement(((0, 1, 2, 3, 4), (5, 6, 7, 0, 1), (2, 3, 4, 5, 6),
+                                                   (7, 0, 1, 2, 3)), 8),
+                 id="world4-copies-sigmoid-bias-shared")])
 def test_any_expert_placement_gives_the_same_layer(tmp_path, case, placement):
     world_size = placement.num_devices if isinstance(placement, Placement) else len(placement)
     sizes = [7, 0, 12, 5][:world_size]
-    results = run_distributed(_worker, world_size, tmp_path, case, sizes, False, placement)
+    results = run_distributed(_worker, world_size, tmp_path, case, sizes, False, placement, timeout_s=240)
     assert sum(r["tokens_per_expert"] for r in results).tolist() == results[0]["reference"].tolist()
 
 
@@ -146,8 +154,8 @@ def _bad_world_worker(rank, world_size, result_dir):
     twice = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
     with pytest.raises(ValueError, match="already uses AllToAllDispatcher"):
         apply_expert_parallel(twice)
-    for placement, message in [([[0, 1], [2, 2]], "exactly once"), ([[0, 1, 2], [3]], "2 experts for each"),
-                               (Placement(((0, 1, 2), (3, 0, 1)), 4), "replicated experts are not")]:
+    for placement, message in [([[0, 1], [2, 2]], "holds an expert twice"),
+                               ([[0, 1, 2], [3]], "the same number"), ([[0, 1], [1, 2]], r"\[3\] are on no")]:
         with pytest.raises(ValueError, match=message):
             apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)),
                                   placement=placement)
@@ -162,6 +170,14 @@ def _bad_world_worker(rank, world_size, result_dir):
                                    placement=[[1, 2], [3, 0]])
     with pytest.raises(ValueError, match="needs contiguous expert blocks"):
         sharded_state_dict(placed)
+    from moekit.lm import MoETransformer
+    from moekit.lm.distributed import DataExpertParallel
+
+    from ..lm.helpers import tiny_model_config
+
+    copies = {f"blocks.{i}.ffn": [[0, 1, 2], [3, 0, 1]] for i in range(2)}
+    with pytest.raises(ValueError, match="does not support replicated experts yet"):
+        DataExpertParallel(copies).prepare(MoETransformer(tiny_model_config()))
     with pytest.raises(ValueError, match="holds no moekit.MoE layer"):
         apply_expert_parallel(torch.nn.Linear(2, 2))
     dist.barrier()
