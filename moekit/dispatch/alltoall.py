@@ -96,6 +96,9 @@ class AllToAllDispatcher:
                  placement=None) -> None:
         self.local = local
         self.group = group
+        # the ranks whose tokens make one batch (capacity, losses): the expert-parallel group,
+        # or more when it is replicated over data-parallel ranks (moekit.parallel.fsdp)
+        self.batch_group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.placement = expert_placement(local.num_experts, self.world_size, placement)
@@ -113,9 +116,9 @@ class AllToAllDispatcher:
 
     def global_load(self, routing: Routing, sequence_T: torch.Tensor | None = None,
                     num_sequences: int = 0) -> GlobalLoad:
-        """Routed counts, tokens and sequences summed over the expert-parallel group (see
+        """Routed counts, tokens and sequences summed over the batch group (see
         all_reduced_load): one all_reduce, the layer's only one per forward."""
-        return all_reduced_load(routing, self.num_experts, self.group, sequence_T, num_sequences)
+        return all_reduced_load(routing, self.num_experts, self.batch_group, sequence_T, num_sequences)
 
     def plan(self, routing: Routing, sequence_T: torch.Tensor | None = None,
              num_sequences: int = 1) -> DispatchPlan:
@@ -137,13 +140,13 @@ class AllToAllDispatcher:
                              routing.assignment_mask)
 
     def _global_keep_mask(self, routing: Routing) -> torch.Tensor:
-        """bool [T, K]: this rank's rows of capacity_keep_mask over all ranks' tokens."""
+        """bool [T, K]: this rank's rows of capacity_keep_mask over the batch group's tokens."""
         ids_TK, weights_TK, mask_TK = (routing.expert_indices, routing.expert_weights.detach(),
                                        routing.assignment_mask)
         packed_TX = torch.cat((ids_TK.double(), weights_TK.double()), 1)
         if mask_TK is not None:
             packed_TX = torch.cat((packed_TX, mask_TK.double()), 1)
-        all_TX, start = gather_rows(packed_TX, self.group)
+        all_TX, start = gather_rows(packed_TX, self.batch_group)
         top_k = ids_TK.shape[1]
         all_mask = None if mask_TK is None else all_TX[:, 2 * top_k:].bool()
         capacity = self.local.capacity(all_TX.shape[0], top_k)

@@ -58,7 +58,7 @@ def _check_supported(moe: MoE) -> None:
 
 
 def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None,
-                          placement=None) -> nn.Module:
+                          placement=None, batch_group: dist.ProcessGroup | None = None) -> nn.Module:
     """Shard the experts of every MoE layer in ``module`` (in place) over ``group``
     (default: the world). ``placement`` lists for each rank the expert ids it holds
     (the same number on every rank, any order, every expert at least once; default
@@ -69,7 +69,10 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
     its tokens split between them (see moekit.dispatch.alltoall); call
     all_reduce_replicated_grads after backward, which also sums the copies' gradients. Every
     rank must hold the same full weights before the call (e.g. the same seed, or a
-    broadcast). Returns ``module``."""
+    broadcast). ``batch_group`` (default ``group``): the ranks whose tokens make one
+    batch for capacity, the aux losses and the whole-batch routers, when ``group`` is
+    one of several expert-parallel groups over data-parallel ranks (moekit.parallel.fsdp).
+    Returns ``module``."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("apply_expert_parallel needs torch.distributed initialised "
                          "(torch.distributed.init_process_group)")
@@ -89,8 +92,9 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
             setattr(experts, name, nn.Parameter(local, requires_grad=param.requires_grad))
         experts.expert_ids = shard
         moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group, layer_placement)
+        moe.dispatcher.batch_group = group if batch_group is None else batch_group
         if isinstance(moe.router, BatchWideRouter):
-            moe.router.gather_batch = functools.partial(gather_rows, group=group)
+            moe.router.gather_batch = functools.partial(gather_rows, group=moe.dispatcher.batch_group)
     return module
 
 
