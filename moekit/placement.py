@@ -37,7 +37,7 @@ def validate_placement(placement: Iterable[Iterable[int]], num_experts: int, num
 
     Always: num_devices >= 1 devices, each holding the same number (>= 1) of
     expert ids in [0, num_experts), none twice on one device, every expert on
-    at least one device. allow_copies=False (expert parallelism) also requires
+    at least one device. allow_copies=False (a placement without copies) also requires
     every expert exactly once, so num_experts / num_devices per device; with
     copies (plan_placement's replicas) an expert may sit on several devices.
     Raises TypeError for an id that is not an int, ValueError for any other
@@ -72,7 +72,7 @@ def _expert_id(value) -> int:
 
 
 def _require_each_expert_once(devices: list[list[int]], num_experts: int) -> None:
-    """The "no copies" rule of expert parallelism: every expert on exactly one
+    """The "no copies" rule: every expert on exactly one
     device, num_experts / num_devices on each."""
     num_devices = len(devices)
     if num_experts % num_devices:
@@ -80,7 +80,7 @@ def _require_each_expert_once(devices: list[list[int]], num_experts: int) -> Non
                          f"({num_devices}) to hold every expert exactly once")
     if sorted(e for experts in devices for e in experts) != list(range(num_experts)):
         raise ValueError(f"placement must hold every expert 0..{num_experts - 1} exactly once "
-                         f"(replicated experts are not supported under expert parallelism), "
+                         f"(allow_copies=False: no replicated experts), "
                          f"got {devices}")
     per_device = num_experts // num_devices
     if any(len(experts) != per_device for experts in devices):

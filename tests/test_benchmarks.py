@@ -122,3 +122,11 @@ def test_expert_scaling_runs_and_continues(tmp_path):
     assert "| 1x512 (top-1) |" in report and "| 4x128 (top-4) |" in report
     assert (tmp_path / "scaling" / "4x128-seed0" / "result.json").is_file()
     assert report_of("expert_scaling", *args).splitlines()[-2:] == report.splitlines()[-2:]
+
+
+def test_placement_tokens_counts_rows_per_rank():
+    report = report_of("placement_tokens", "--draws", "1")
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| 1.4 |")]
+    measured = {(row[1], int(row[2])): float(row[4].strip(" |")) for row in rows}
+    assert len(measured) == 4
+    assert measured["plan_placement", 4] < measured["plan_placement", 0] < measured["contiguous", 0]

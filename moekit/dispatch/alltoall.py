@@ -1,16 +1,20 @@
 """Expert-parallel dispatch: tokens travel to the rank that holds their expert and back.
 
-Rank r of a group of W ranks holds E_l = E / W experts: by default the block
-[r * E_l, (r + 1) * E_l), or any placement (a list per rank of the experts it
-holds, e.g. from a load-balancing planner). Internally experts are numbered by
-slot, their position in the rank-major placement, so rows for rank r are the
-slots [r * E_l, (r + 1) * E_l) whatever the placement.
+Rank r of a group of W ranks holds S expert slots: by default the block of
+experts [r * S, (r + 1) * S) with S = E / W, or any placement (a list per rank of
+the S experts it holds, e.g. from a load-balancing planner), where an expert may
+have copies on several ranks (S * W = E + extra copies). Internally rows go to
+slots, positions in the rank-major placement, so rows for rank r are the slots
+[r * S, (r + 1) * S) whatever the placement. An expert with c copies has its
+choices on each rank split, in (token, choice) order, into c runs of equal length
+(to within one), one per copy (split_between_copies); the copies' gradients are
+summed by moekit.parallel.all_reduce_replicated_grads.
 One layer call issues, on every rank and in this order whatever its data:
 
 0. capacity mode only: all_gather of every rank's token count and routing
    choices, so that each rank drops exactly what one process would on the
    concatenated tokens (capacity from the global token count)
-1. all_to_all_single of the per-expert row counts   [E] int64 -> [W, E_l]
+1. all_to_all_single of the per-slot row counts     [W * S] int64 -> [W, S]
 2. all_to_all_single of the rows (differentiable)   [R, D] -> [R_in, D]
 3. the local experts on the received rows, grouped by local expert
 4. all_to_all_single of the outputs back (differentiable)
@@ -19,7 +23,8 @@ One layer call issues, on every rank and in this order whatever its data:
    (global_load), for the losses (the aux-loss-free bias all-reduces its counts once per
    optimizer step, in moekit.balancing.router_step)
 
-Shapes: T local tokens, K choices, R rows this rank sends, R_in rows it receives.
+Shapes: T local tokens, K choices, R rows this rank sends, R_in rows it receives,
+S slots per rank, C most copies of one expert.
 """
 
 from __future__ import annotations
@@ -40,12 +45,47 @@ from moekit.routing import Routing
 def expert_placement(num_experts: int, world_size: int, placement=None) -> list[list[int]]:
     """The validated placement: for each rank the expert ids it holds. None gives
     contiguous blocks; otherwise a list per rank, or a moekit.placement.Placement
-    (from plan_placement), with every expert exactly once, E / W per rank
-    (moekit.placement.validate_placement without copies)."""
+    (from plan_placement), with every expert on at least one rank, the same number
+    on every rank, none twice on one rank (moekit.placement.validate_placement with
+    copies)."""
     if placement is None:
         placement = contiguous_placement(num_experts, world_size)
     placement = getattr(placement, "experts_per_device", placement)
-    return validate_placement(placement, num_experts, world_size, allow_copies=False)
+    return validate_placement(placement, num_experts, world_size, allow_copies=True)
+
+
+def slot_tables(placement: list[list[int]], num_experts: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a validated placement (expert_placement): expert_of_slot [W * S], the expert in
+    each slot of the rank-major placement; copies_E [E], how many slots hold each expert;
+    slots_EC [E, C], the slot of each expert's copy c in rank order (padded with its first)."""
+    expert_of_slot = torch.tensor([e for experts in placement for e in experts])
+    copies_E = torch.bincount(expert_of_slot, minlength=num_experts)
+    slots = torch.argsort(expert_of_slot, stable=True).split(copies_E.tolist())
+    most = int(copies_E.max())
+    slots_EC = torch.stack([torch.cat((s, s[:1].expand(most - len(s)))) for s in slots])
+    return expert_of_slot, copies_E, slots_EC
+
+
+def split_between_copies(ids_TK: torch.Tensor, slots_EC: torch.Tensor, copies_E: torch.Tensor,
+                         kept_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, K] int64 slot of every choice: expert e's kept choices, in (token, choice)
+    order, split into copies_E[e] runs of equal length (to within one), run c going to
+    slot slots_EC[e, c]. Choices not kept (kept_TK False) go to e's first copy; they
+    are not dispatched. slots_EC [E, C]: the slots of each expert's copies (padded);
+    copies_E [E] int64 >= 1."""
+    num_experts = slots_EC.shape[0]
+    ids_A = ids_TK.reshape(-1)
+    key_A = ids_A if kept_TK is None else torch.where(kept_TK.reshape(-1), ids_A, num_experts)
+    order_A = torch.argsort(key_A, stable=True)
+    count_X = torch.bincount(key_A, minlength=num_experts + 1)
+    sorted_key_A = key_A.index_select(0, order_A)
+    position_A = torch.arange(ids_A.shape[0], device=ids_A.device) - (count_X.cumsum(0) - count_X)[sorted_key_A]
+    copies_X = torch.cat((copies_E, copies_E.new_ones(1)))
+    copy_A = position_A * copies_X[sorted_key_A] // count_X[sorted_key_A].clamp_min(1)
+    copy_A = torch.where(sorted_key_A < num_experts, copy_A, 0)
+    slot_A = slots_EC[ids_A.index_select(0, order_A), copy_A]
+    return torch.empty_like(ids_A).index_copy(0, order_A, slot_A).view_as(ids_TK)
 
 
 class AllToAllDispatcher:
@@ -56,14 +96,19 @@ class AllToAllDispatcher:
                  placement=None) -> None:
         self.local = local
         self.group = group
+        # the ranks whose tokens make one batch (capacity, losses): the expert-parallel group,
+        # or more when it is replicated over data-parallel ranks (moekit.parallel.fsdp)
+        self.batch_group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.placement = expert_placement(local.num_experts, self.world_size, placement)
-        self.num_local_experts = local.num_experts // self.world_size
-        expert_of_slot = torch.tensor([e for experts in self.placement for e in experts])
-        # slot_of_expert[e]: e's position in the rank-major placement; None when that is e
-        self.slot_of_expert = None if torch.equal(expert_of_slot, torch.arange(local.num_experts)) \
-            else torch.argsort(expert_of_slot)
+        self.num_local_experts = len(self.placement[0])  # slots per rank
+        self.expert_of_slot, self.copies_E, self.slots_EC = slot_tables(self.placement, local.num_experts)
+        self.num_slots = self.expert_of_slot.shape[0]
+        self.has_copies = self.num_slots > local.num_experts
+        # slot_of_expert[e]: e's (first) slot; None when slot e is expert e, without copies
+        self.slot_of_expert = None if torch.equal(self.expert_of_slot, torch.arange(local.num_experts)) \
+            else self.slots_EC[:, 0].contiguous()
 
     @property
     def num_experts(self) -> int:
@@ -71,33 +116,39 @@ class AllToAllDispatcher:
 
     def global_load(self, routing: Routing, sequence_T: torch.Tensor | None = None,
                     num_sequences: int = 0) -> GlobalLoad:
-        """Routed counts, tokens and sequences summed over the expert-parallel group (see
+        """Routed counts, tokens and sequences summed over the batch group (see
         all_reduced_load): one all_reduce, the layer's only one per forward."""
-        return all_reduced_load(routing, routing.num_experts, self.group, sequence_T, num_sequences)
+        return all_reduced_load(routing, routing.num_experts, self.batch_group, sequence_T,
+                                num_sequences)
 
     def plan(self, routing: Routing, sequence_T: torch.Tensor | None = None,
              num_sequences: int = 1) -> DispatchPlan:
-        """The local dispatch plan, rows and counts_E in slot order; with capacity, of
+        """The local dispatch plan, rows and counts_E in slot order (each choice of an
+        expert with copies to one copy, see split_between_copies); with capacity, of
         the assignments that survive capacity over every rank's tokens (per-sequence
         capacity is local: a sequence lives on one rank)."""
         global_capacity = isinstance(self.local, CapacityDispatcher) and not self.local.per_sequence
         kept_TK = self._global_keep_mask(routing) if global_capacity \
             else self.local.keep_mask(routing, sequence_T, num_sequences)
         ids_TK = routing.expert_indices
-        if self.slot_of_expert is not None:
+        if self.has_copies:
+            device = ids_TK.device
+            ids_TK = split_between_copies(ids_TK, self.slots_EC.to(device), self.copies_E.to(device),
+                                          kept_TK)
+        elif self.slot_of_expert is not None:
             ids_TK = self.slot_of_expert.to(ids_TK.device)[ids_TK]
-        return plan_dispatch(ids_TK, routing.expert_weights, self.num_experts, kept_TK,
+        return plan_dispatch(ids_TK, routing.expert_weights, self.num_slots, kept_TK,
                              routing.assignment_mask, self.local.renormalize_kept)
 
     def _global_keep_mask(self, routing: Routing) -> torch.Tensor:
-        """bool [T, K]: this rank's rows of capacity_keep_mask over all ranks' tokens."""
+        """bool [T, K]: this rank's rows of capacity_keep_mask over the batch group's tokens."""
         ids_TK, weights_TK, mask_TK = (routing.expert_indices, routing.expert_weights.detach(),
                                        routing.assignment_mask)
         packed_TX = torch.cat((token_scores(routing).double().unsqueeze(1), ids_TK.double(),
                                weights_TK.double()), 1)
         if mask_TK is not None:
             packed_TX = torch.cat((packed_TX, mask_TK.double()), 1)
-        all_TX, start = gather_rows(packed_TX, self.group)
+        all_TX, start = gather_rows(packed_TX, self.batch_group)
         scores_T, all_TX = all_TX[:, 0], all_TX[:, 1:]
         top_k = ids_TK.shape[1]
         all_mask = None if mask_TK is None else all_TX[:, 2 * top_k:].bool()
@@ -113,8 +164,7 @@ class AllToAllDispatcher:
         """combine(remote experts(dispatch(x_TD))) -> (y_TD [T, D], plan)."""
         plan = self.plan(routing, sequence_T, num_sequences)
         rows_RD = dispatch_rows(x_TD, plan)
-        W, E_l = self.world_size, self.num_local_experts
-        counts_WE = plan.counts_E.view(W, E_l)
+        counts_WE = plan.counts_E.view(self.world_size, self.num_local_experts)
         received_WE = torch.empty_like(counts_WE)
         dist.all_to_all_single(received_WE, counts_WE, group=self.group)
         send_sizes = counts_WE.sum(1).tolist()
@@ -128,7 +178,9 @@ class AllToAllDispatcher:
         returned_RD = self._exchange(out_RD, send_sizes, recv_sizes)
         y_TD = combine_rows(returned_RD, plan)
         if self.slot_of_expert is not None:  # report counts per expert id, not per slot
-            plan = plan.with_counts(plan.counts_E[self.slot_of_expert.to(plan.counts_E.device)])
+            counts_E = plan.counts_E.new_zeros(self.num_experts).index_add(
+                0, self.expert_of_slot.to(plan.counts_E.device), plan.counts_E)
+            plan = plan.with_counts(counts_E)
         return y_TD, plan
 
     def _exchange(self, rows_RD: torch.Tensor, recv_sizes: list[int], send_sizes: list[int]

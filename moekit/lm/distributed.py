@@ -103,7 +103,14 @@ class DataExpertParallel(SingleProcess):
 
         if not getattr(model, "moe_layers", None):
             return model
-        return apply_expert_parallel(model, placement=self.placement)
+        apply_expert_parallel(model, placement=self.placement)
+        copied = [name for name, m in model.named_modules()
+                  if getattr(getattr(m, "dispatcher", None), "has_copies", False)]
+        if copied:  # clip_grad_norm would count a replicated expert once per copy
+            raise ValueError(f"the placement gives copies of experts in {copied}: the trainer does "
+                             "not support replicated experts yet (apply_expert_parallel does); plan "
+                             "with --replicas 0")
+        return model
 
     def local_rows(self, batch: torch.Tensor) -> torch.Tensor:
         per_rank = batch.shape[0] // self.world_size

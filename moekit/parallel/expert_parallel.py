@@ -10,7 +10,9 @@ routed to it, i.e. what one process would compute on the concatenated tokens
 of every rank. Replicated parameters (router, shared experts, everything
 outside the MoE layers) get only this rank's tokens' gradient and need the
 usual data-parallel sum (all-reduce) before the optimizer step; do not let DDP
-average the sharded expert weights (see docs/parallel.md).
+average the sharded expert weights (see docs/parallel.md). A copy of a
+replicated expert gets only its share of the tokens' gradient; the copies'
+gradients are summed (all_reduce_replicated_grads does both).
 """
 
 from __future__ import annotations
@@ -25,7 +27,17 @@ from moekit.dispatch.alltoall import AllToAllDispatcher, expert_placement, gathe
 from moekit.dispatch.capacity import CapacityDispatcher
 from moekit.dispatch.local import LocalDispatcher
 from moekit.layer import MoE
-from moekit.routers import ExpertChoiceRouter
+from moekit.routers import BatchWideRouter
+
+# How each router's choice is kept exactly that of one process on all ranks' tokens.
+# "per token": a token's experts depend on that token alone (and on replicated state
+# such as the aux-loss-free bias, whose counts router_step sums over the group), so
+# each rank routes its own tokens. "whole batch": a BatchWideRouter; every rank gets
+# every rank's scores (gather_batch) and solves the same problem. A router not listed
+# here is refused until its behaviour under expert parallelism is decided and tested
+# (e.g. expert_threshold: its thresholds must see the same tokens on every rank).
+EXPERT_PARALLEL_ROUTING = {"topk": "per token", "hash": "per token", "dense": "per token",
+                           "expert_choice": "whole batch", "balanced": "whole batch"}
 
 
 def expert_shard(num_experts: int, group: dist.ProcessGroup | None = None,
@@ -41,9 +53,9 @@ def _check_supported(moe: MoE) -> None:
     if cfg.router == "sparsemixer":
         raise ValueError("expert parallelism does not support router='sparsemixer' yet (not "
                          "tested: its training samples would be drawn per rank)")
-    if cfg.router not in ("topk", "hash", "expert_choice"):
-        raise ValueError(f"expert parallelism supports router='topk', 'hash' or 'expert_choice', not "
-                         f"router={cfg.router!r} (its assignment is solved over the whole batch)")
+    if cfg.router not in EXPERT_PARALLEL_ROUTING:
+        raise ValueError(f"expert parallelism supports router in {sorted(EXPERT_PARALLEL_ROUTING)}, "
+                         f"not router={cfg.router!r} (not yet made exact under expert parallelism)")
     if cfg.combine_weights_on != "output":
         raise ValueError(f"expert parallelism applies the combine weights on the token's own rank, "
                          f"after the experts: combine_weights_on={cfg.combine_weights_on!r} is not "
@@ -56,15 +68,21 @@ def _check_supported(moe: MoE) -> None:
 
 
 def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None,
-                          placement=None) -> nn.Module:
+                          placement=None, batch_group: dist.ProcessGroup | None = None) -> nn.Module:
     """Shard the experts of every MoE layer in ``module`` (in place) over ``group``
     (default: the world). ``placement`` lists for each rank the expert ids it holds
-    (every expert once, E / W each, any order; default contiguous blocks), or is a
-    moekit.placement.Placement without copies, e.g. plan_placement(measured loads,
-    W), or a dict of those by MoE layer name (as in module.named_modules(), the
-    layers of a `moekit plan-placement` file); outputs do not depend on it. Every
+    (the same number on every rank, any order, every expert at least once; default
+    contiguous blocks of E / W), or is a moekit.placement.Placement, e.g.
+    plan_placement(measured loads, W, num_replicas), or a dict of those by MoE layer
+    name (as in module.named_modules(), the layers of a `moekit plan-placement`
+    file); outputs do not depend on it. An expert with copies on several ranks has
+    its tokens split between them (see moekit.dispatch.alltoall); call
+    all_reduce_replicated_grads after backward, which also sums the copies' gradients. Every
     rank must hold the same full weights before the call (e.g. the same seed, or a
-    broadcast). Returns ``module``."""
+    broadcast). ``batch_group`` (default ``group``): the ranks whose tokens make one
+    batch for capacity, the aux losses and the whole-batch routers, when ``group`` is
+    one of several expert-parallel groups over data-parallel ranks (moekit.parallel.fsdp).
+    Returns ``module``."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("apply_expert_parallel needs torch.distributed initialised "
                          "(torch.distributed.init_process_group)")
@@ -84,8 +102,9 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
             setattr(experts, name, nn.Parameter(local, requires_grad=param.requires_grad))
         experts.expert_ids = shard
         moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group, layer_placement)
-        if isinstance(moe.router, ExpertChoiceRouter):
-            moe.router.gather_batch = functools.partial(gather_rows, group=group)
+        moe.dispatcher.batch_group = group if batch_group is None else batch_group
+        if isinstance(moe.router, BatchWideRouter):
+            moe.router.gather_batch = functools.partial(gather_rows, group=moe.dispatcher.batch_group)
     return module
 
 
@@ -97,7 +116,30 @@ def is_expert_parallel(param_name: str) -> bool:
 @torch.no_grad()
 def all_reduce_replicated_grads(module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
     """Sum the gradients of the replicated (non-expert) parameters over the group:
-    the data-parallel step the sharded experts must not get."""
+    the data-parallel step the sharded experts must not get; and, in layers whose
+    placement has copies of an expert, sum the copies' gradients (sum_expert_copy_grads)."""
     for name, param in module.named_parameters():
         if param.grad is not None and not is_expert_parallel(name):
             dist.all_reduce(param.grad, group=group)
+    sum_expert_copy_grads(module)
+
+
+@torch.no_grad()
+def sum_expert_copy_grads(module: nn.Module) -> None:
+    """Give every copy of an expert the sum of its copies' gradients, so the logical
+    expert is trained as one (the copies start equal and stay equal under any
+    optimizer that updates each element from its gradient alone). One all_reduce of a
+    full-size [E, ...] gradient per expert parameter of each layer with copies, over
+    the layer's group: E / S times the memory of the local shard."""
+    for moe in module.modules():
+        dispatcher = getattr(moe, "dispatcher", None)
+        if not (isinstance(moe, MoE) and isinstance(dispatcher, AllToAllDispatcher)
+                and dispatcher.has_copies):
+            continue
+        local_ids = torch.tensor(moe.experts.expert_ids)
+        for param in moe.experts.parameters(recurse=False):
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            full = grad.new_zeros(moe.config.num_experts, *grad.shape[1:])
+            full.index_add_(0, local_ids.to(grad.device), grad)
+            dist.all_reduce(full, group=dispatcher.group)
+            param.grad = full.index_select(0, local_ids.to(grad.device))

@@ -35,8 +35,8 @@ def _sharded_parameters(module: nn.Module) -> dict[int, MoE]:
 
 
 def _gather_experts(local: torch.Tensor, moe: MoE) -> torch.Tensor:
-    """[E_l, ...] on every rank of the layer's group -> [E, ...] in expert order
-    (all ranks call it)."""
+    """[S, ...] on every rank of the layer's group -> [E, ...] in expert order, one
+    copy of each expert (its first; the copies are equal) (all ranks call it)."""
     dispatcher = moe.dispatcher
     local = local.detach().contiguous()
     pieces = [torch.empty_like(local) for _ in range(dispatcher.world_size)]
@@ -135,8 +135,9 @@ def sharded_state_dict(module: nn.Module) -> dict[str, Any]:
     state = module.state_dict()
     for prefix, moe in _sharded_experts(module):
         if moe.dispatcher.slot_of_expert is not None:
-            raise ValueError(f"{prefix}: sharded_state_dict needs contiguous expert blocks, not the "
-                             f"placement {moe.dispatcher.placement}; save full_state_dict instead")
+            raise ValueError(f"{prefix}: sharded_state_dict needs contiguous expert blocks without "
+                             f"copies, not the placement {moe.dispatcher.placement}; save "
+                             "full_state_dict instead")
         group = moe.dispatcher.group if moe.dispatcher.group is not None else dist.group.WORLD
         for name, param in moe.experts.named_parameters(recurse=False):
             mesh = DeviceMesh.from_group(group, param.device.type)

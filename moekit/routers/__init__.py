@@ -12,7 +12,7 @@ from torch import nn
 
 from moekit.config import MoEConfig
 from moekit.routers.balanced import BalancedRouter, balanced_assignment
-from moekit.routers.base import LinearRouter
+from moekit.routers.base import BatchWideRouter, LinearRouter
 from moekit.routers.dense import DenseRouter
 from moekit.routers.expert_choice import ExpertChoiceRouter
 from moekit.routers.expert_threshold import ExpertThresholdRouter
@@ -36,6 +36,6 @@ def build_router(config: MoEConfig) -> nn.Module:
     return ROUTERS[config.router](config)
 
 
-__all__ = ["ROUTERS", "BalancedRouter", "DenseRouter", "ExpertChoiceRouter",
+__all__ = ["ROUTERS", "BalancedRouter", "BatchWideRouter", "DenseRouter", "ExpertChoiceRouter",
            "ExpertThresholdRouter", "HashRouter", "LinearRouter", "SparseMixerRouter",
            "TopKRouter", "balanced_assignment", "build_router", "hash_experts", "route_topk"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.routers.base import LinearRouter
+from moekit.routers.base import BatchWideRouter
 from moekit.routers.scores import router_scores, selected_weights
 from moekit.routers.topk import route_topk
 from moekit.routing import Routing
@@ -182,7 +182,10 @@ def balanced_assignment(scores_TE: torch.Tensor, top_k: int,
     return ids_TK.to(device)
 
 
-class BalancedRouter(LinearRouter):
+class BalancedRouter(BatchWideRouter):
+    """Balanced over the whole batch's tokens (all ranks' under expert parallelism, see
+    BatchWideRouter): every rank solves the same assignment and keeps its own rows."""
+
     cannot_replay = ("solves one assignment for the whole batch in training, so a token has no "
                      "choice of its own to replay")
 
@@ -193,6 +196,7 @@ class BalancedRouter(LinearRouter):
         if not self.training:
             return route_topk(logits_TE, c.top_k, c.score_func, c.normalize_topk, c.route_scale)
         scores_TE, probs_TE = router_scores(logits_TE, c.score_func)
-        ids_TK = balanced_assignment(scores_TE, c.top_k)
+        all_scores_TE, start = self.whole_batch(scores_TE.detach())
+        ids_TK = balanced_assignment(all_scores_TE, c.top_k)[start:start + x_TD.shape[0]]
         weights_TK = selected_weights(scores_TE, ids_TK, c.normalize_topk, c.route_scale)
         return Routing(ids_TK, weights_TK, probs_TE, logits_TE)

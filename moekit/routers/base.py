@@ -10,6 +10,7 @@ whatever the input dtype; the weights are cast to that dtype on the fly. Noise a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,3 +89,22 @@ class LinearRouter(nn.Module):
     def apply_step(self, record: torch.Tensor) -> None:
         """Move the balancing state from ``record`` (step_record summed over the ranks) and
         start the records again; called once per optimizer step by moekit.router_step."""
+
+
+class BatchWideRouter(LinearRouter):
+    """A learned router whose choice for a token depends on the other tokens of the batch
+    (expert choice, balanced assignment).
+
+    gather_batch: None (the batch is this process's tokens) or, under expert parallelism
+    (set by moekit.parallel.apply_expert_parallel), a function rows [T, X] -> (every
+    rank's rows [T_all, X], this rank's first row), so that the choice is made over all
+    ranks' tokens as one process would make it on their concatenation.
+    """
+
+    gather_batch: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
+
+    def whole_batch(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(scores of the whole batch [T_all, E], index of this process's first row)."""
+        if self.gather_batch is None:
+            return scores_TE, 0
+        return self.gather_batch(scores_TE)

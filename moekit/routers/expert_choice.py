@@ -13,26 +13,20 @@ mode applies the same rule to the eval batch (no separate top-k fallback).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from moekit.capacity import expert_capacity
-from moekit.routers.base import LinearRouter
+from moekit.routers.base import BatchWideRouter
 from moekit.routers.scores import router_scores
 from moekit.routing import Routing
 
 
-class ExpertChoiceRouter(LinearRouter):
-    """gather_batch: None (the experts choose among this process's tokens) or, under
-    expert parallelism (set by moekit.parallel.apply_expert_parallel), a function
-    scores [T, E] -> (every rank's scores [T_all, E], this rank's first row), so the
-    experts choose among all ranks' tokens as one process would."""
+class ExpertChoiceRouter(BatchWideRouter):
+    """The experts choose among the whole batch's tokens (all ranks' under expert
+    parallelism, see BatchWideRouter)."""
 
     cannot_replay = ("lets each expert pick its tokens, so a token has no k choices of its own "
                      "to replay")
-
-    gather_batch: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
 
     def capacity(self, num_tokens: int) -> int:
         c = self.config
@@ -53,9 +47,8 @@ class ExpertChoiceRouter(LinearRouter):
 
     def _chosen(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """bool [T, E]: the tokens each expert chose (its top C scores in the batch)."""
-        start, num_tokens = 0, scores_TE.shape[0]
-        if self.gather_batch is not None:
-            scores_TE, start = self.gather_batch(scores_TE)
+        num_tokens = scores_TE.shape[0]
+        scores_TE, start = self.whole_batch(scores_TE)
         chosen_CE = scores_TE.topk(self.capacity(scores_TE.shape[0]), dim=0).indices
         mask_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter_(0, chosen_CE, True)
         return mask_TE[start:start + num_tokens]
