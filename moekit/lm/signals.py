@@ -45,12 +45,17 @@ class StopRequests:
         self.signum: int | None = None
         self.count = 0
         self._previous: dict[int, object] = {}
+        self._closing = False
+        self._while_closing: list[int] = []
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._closing:  # the run has ended: the previous handler gets it after __exit__
+            self._while_closing.append(signum)
+            return
         self.count += 1
         self.signum = self.signum or signum
         name = signal.Signals(signum).name
@@ -69,9 +74,14 @@ class StopRequests:
         return self
 
     def __exit__(self, *exc) -> None:
+        # A signal handled while the handlers are being restored must not raise here (that
+        # would leave the others installed): it is kept and sent again once they are back.
+        self._closing = True
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        for signum in self._while_closing:
+            signal.raise_signal(signum)
 
     def stopped(self, message: str) -> TrainingStopped:
         """The exception that ends the run after its checkpoint is saved."""

@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 
-from tests.hf.tiny import OTHER_CONFIGS, transformers
+from tests.hf.tiny import OTHER_CONFIGS, assert_same_gradients, transformers
 
 from moekit.hf import family_of, from_hf, patch, record_aux, to_hf, unpatch
 from moekit.hf.convert import config_from_hf
@@ -88,26 +88,6 @@ def _eager_routing(model, inputs: dict, seed: int) -> list[tuple[torch.Tensor, t
     return records
 
 
-def _grad(parameter: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
-
-
-def _grads(model) -> dict[str, torch.Tensor]:
-    """Every gradient, the sparse layers' in moekit's layout (experts stacked)."""
-    grads = {n: _grad(p) for n, p in model.named_parameters()
-             if not any(n.startswith(s + ".") for s in SPARSE)}
-    for name in SPARSE:
-        block = model.get_submodule(name)
-        if hasattr(block, "moe"):
-            grads.update({f"{name}.{n}": _grad(p) for n, p in block.moe.named_parameters()})
-            continue
-        parameters = dict(block.named_parameters())
-        for ours, theirs in family_of(block).parameter_names(block).items():
-            grads[f"{name}.{ours}"] = torch.stack([_grad(parameters[k]) for k in theirs]) \
-                if isinstance(theirs, tuple) else _grad(parameters[theirs])
-    return grads
-
-
 def _run(model, mode: str, inputs: dict, seed: int = 3):
     getattr(model, mode)()
     torch.manual_seed(seed)
@@ -130,10 +110,7 @@ def test_patched_model_matches_eager_logits_losses_every_gradient_and_expert_ids
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
     for loss in ("loss", "encoder_aux_loss", "decoder_aux_loss"):
         torch.testing.assert_close(getattr(got, loss), getattr(want, loss), atol=1e-5, rtol=1e-5)
-    want_grads, got_grads = _grads(eager), _grads(patched)
-    assert want_grads.keys() == got_grads.keys()
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert_same_gradients(eager, patched, SPARSE)
     # the routing: first choices, and which assignments survive capacity
     fresh = _model(moe_token_dropout=token_dropout)
     records = _eager_routing(getattr(fresh, mode)(), inputs, seed=3)
@@ -181,8 +158,7 @@ def test_normalizing_before_dropping_ignoring_padding_and_batch_priority_match_e
     want, _ = _run(eager, "train", _inputs())
     got, _ = _run(patched, "train", _inputs())
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
-    for name, grad in _grads(eager).items():
-        torch.testing.assert_close(_grads(patched)[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert_same_gradients(eager, patched, SPARSE)
 
 
 def test_activation_dropout_draws_what_eager_draws(routed_eager):
@@ -195,8 +171,7 @@ def test_activation_dropout_draws_what_eager_draws(routed_eager):
     want, _ = _run(eager, "train", _inputs())
     got, _ = _run(patched, "train", _inputs())
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
-    for name, grad in _grads(eager).items():
-        torch.testing.assert_close(_grads(patched)[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert_same_gradients(eager, patched, SPARSE)
 
 
 def test_transformers_experts_forward_indexes_experts_by_mask_value():

@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from tests.hf.tiny import OTHER_CONFIGS, VOCAB, transformers
+from tests.hf.tiny import OTHER_CONFIGS, VOCAB, assert_same_gradients, transformers
 
-from moekit.hf import family_of, from_hf, patch, record_aux, to_hf, unpatch
+from moekit.hf import from_hf, patch, record_aux, to_hf, unpatch
 from moekit.hf.convert import config_from_hf
 
 BLOCKS = ["model.layers.0.mlp", "model.layers.1.mlp"]
@@ -49,20 +49,6 @@ def _eager_expert_ids(model, ids: torch.Tensor, seed: int) -> list[torch.Tensor]
     return chosen
 
 
-def _grads(model) -> dict[str, torch.Tensor]:
-    """Every gradient, by transformers' names (a patched block's under moekit's mapping)."""
-    grads = {}
-    for name, parameter in model.named_parameters():
-        grads[name] = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
-    for name in BLOCKS:
-        block = model.get_submodule(name)
-        if hasattr(block, "moe"):
-            mapping = family_of(block.to_hf()).parameter_names()
-            for ours, theirs in mapping.items():
-                grads[f"{name}.{theirs}"] = grads.pop(f"{name}.moe.{ours}")
-    return grads
-
-
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_patched_model_matches_eager_logits_aux_loss_every_gradient_and_expert_ids(mode):
     eager = _model()
@@ -88,10 +74,7 @@ def test_patched_model_matches_eager_logits_aux_loss_every_gradient_and_expert_i
         with torch.no_grad():
             greedy = _eager_expert_ids(eager.eval(), ids, seed=0)
         assert any(not torch.equal(a, b) for a, b in zip(expected_ids, greedy))
-    want_grads, got_grads = _grads(eager), _grads(patched)
-    assert want_grads.keys() == got_grads.keys()
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert_same_gradients(eager, patched, BLOCKS)
 
 
 def test_from_hf_to_hf_round_trip_is_bitwise_and_unpatch_restores_the_blocks():

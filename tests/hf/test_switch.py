@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from tests.hf.tiny import OTHER_CONFIGS, moekit_layout_gradients, transformers
+from tests.hf.tiny import OTHER_CONFIGS, assert_same_gradients, transformers
 
 from moekit.hf import family_of, from_hf, patch, record_aux, to_hf, unpatch
 from moekit.hf.convert import config_from_hf
@@ -86,11 +86,7 @@ def test_patched_model_matches_eager_logits_losses_every_gradient_and_expert_ids
     for aux, expected in zip(auxes, expected_ids):
         assert torch.equal(aux.expert_indices.reshape(-1), expected)
     assert sum(a.expert_indices.numel() - int(a.tokens_per_expert.sum()) for a in auxes) == dropped
-    want_grads = moekit_layout_gradients(eager, SPARSE)
-    got_grads = moekit_layout_gradients(patched, SPARSE)
-    assert want_grads.keys() == got_grads.keys()
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert_same_gradients(eager, patched, SPARSE)
 
 
 def test_from_hf_to_hf_round_trip_is_bitwise_and_unpatch_restores_the_blocks():
@@ -171,10 +167,7 @@ def test_dropout_inside_the_experts_draws_what_eager_draws():
         (out.loss + out.logits.square().mean()).backward()
         logits[name] = out.logits
     torch.testing.assert_close(logits["patched"], logits["eager"], atol=1e-5, rtol=1e-5)
-    want_grads = moekit_layout_gradients(eager, SPARSE)
-    got_grads = moekit_layout_gradients(patched, SPARSE)
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert_same_gradients(eager, patched, SPARSE)
     x = torch.randn(2, 9, 32)
     torch.manual_seed(4)
     first = moe(x)[0]

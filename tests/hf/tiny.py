@@ -168,3 +168,13 @@ def moekit_layout_gradients(model, blocks: list[str]) -> dict[str, torch.Tensor]
         for ours, theirs in family_of(block).parameter_names(block).items():
             grads[f"{name}.{ours}"] = mapped_tensor(block_grads, theirs)
     return grads
+
+
+def assert_same_gradients(eager, patched, blocks: list[str], tol: float = 1e-5) -> dict[str, torch.Tensor]:
+    """Every gradient of ``patched`` equals ``eager``'s in moekit's layout (the same names;
+    atol and rtol ``tol``); returns the patched model's, by name."""
+    want, got = moekit_layout_gradients(eager, blocks), moekit_layout_gradients(patched, blocks)
+    assert want.keys() == got.keys()
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, atol=tol, rtol=tol, msg=name)
+    return got

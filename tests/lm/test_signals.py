@@ -49,6 +49,36 @@ def test_first_signal_sets_the_flag_second_is_ignored_third_aborts():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_a_signal_while_the_handlers_are_restored_reaches_the_previous_handler(monkeypatch):
+    """A third signal that lands while __exit__ restores the handlers (a real race: the run
+    has just ended) neither raises there, leaving the other handler installed, nor is lost:
+    it goes to the previous handler once both are back."""
+    got = []
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in
+                (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = StopRequests().__enter__()
+        stop.count = 2  # the next one would abort
+        restore = signal.signal
+
+        def restore_with_a_signal_between(signum, handler):
+            result = restore(signum, handler)
+            if signum == signal.SIGINT:  # SIGINT restored, SIGTERM not yet
+                stop._handle(signal.SIGTERM, None)
+            return result
+
+        monkeypatch.setattr(signal, "signal", restore_with_a_signal_between)
+        stop.__exit__(None, None, None)
+        monkeypatch.setattr(signal, "signal", restore)
+        assert signal.getsignal(signal.SIGTERM) is not stop._handle
+        assert signal.getsignal(signal.SIGINT) is not stop._handle
+        time.sleep(0.01)
+        assert got == [signal.SIGTERM]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _signal_self_during(monkeypatch, count: int, signum=signal.SIGINT, at_step: int = 4):
     """Send ``count`` signals to this process from inside the trainer_state.pt write of at_step."""
     original = ckpt.torch.save
