@@ -105,3 +105,15 @@ def test_a_small_comparison_runs_every_stage_and_continues_after_a_stop(tmp_path
     calls.clear()
     assert run_comparison(folder, corpus, progress=False, log=lambda message: None) == summary
     assert calls == []  # everything done: nothing trains again
+
+
+def test_folders_that_are_not_a_fresh_or_readable_comparison_are_refused(tmp_path):
+    from moekit.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"{tmp_path} is not a comparison folder"):
+        read_plan(tmp_path)
+    (tmp_path / "compare.json").write_text('{"moe_name": "tiny"}')
+    with pytest.raises(UsageError, match="is not a readable comparison plan"):
+        read_plan(tmp_path)
+    with pytest.raises(UsageError, match="exists and is not empty; choose another --out"):
+        start_comparison(tmp_path, _plan())
