@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from tests.hf.tiny import OTHER_CONFIGS, assert_same_gradients, transformers
+from tests.hf.tiny import OTHER_CONFIGS, assert_same_gradients, assert_same_states, transformers
 
 from moekit.hf import (Flattened, family_of, from_hf, patch, record_aux, to_hf, transfer,
                        unpatch)
@@ -101,16 +101,14 @@ def test_experts_are_copied_into_moekit_layout_and_the_round_trip_is_bitwise():
         for parameter in fresh.parameters():
             parameter.zero_()
     to_hf(moe, fresh)
-    for (name, a), (_, b) in zip(block.state_dict().items(), fresh.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_states(block, fresh)
     x = torch.randn(2, 9, 32)
     assert torch.equal(fresh(x.clone()), block(x.clone()))
 
     eager, patched = _model(), _model()
     patch(patched)
     assert unpatch(patched) == BLOCKS
-    for (name, a), (_, b) in zip(eager.state_dict().items(), patched.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_states(eager, patched)
 
 
 def test_from_hf_matches_the_block_forward_and_backward_with_gelu():

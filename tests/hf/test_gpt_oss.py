@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from tests.hf.tiny import OTHER_CONFIGS, assert_same_gradients, token_ids, transformers
+from tests.hf.tiny import OTHER_CONFIGS, assert_same_gradients, assert_same_states, token_ids, transformers
 
 from moekit.hf import family_of, from_hf, patch, record_aux, to_hf, unpatch
 from moekit.hf.families import Relaid
@@ -115,8 +115,7 @@ def test_from_hf_to_hf_round_trip_is_bitwise_and_unpatch_restores_the_blocks():
     eager, patched = _model(), _model()
     patch(patched)
     assert unpatch(patched) == SPARSE
-    for (name, a), (_, b) in zip(eager.state_dict().items(), patched.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_states(eager, patched)
     ids = token_ids()
     with torch.no_grad():
         assert torch.equal(patched(ids).logits, eager(ids).logits)

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from tests.hf.tiny import OTHER_CONFIGS, assert_same_gradients, transformers
+from tests.hf.tiny import OTHER_CONFIGS, assert_same_gradients, assert_same_states, transformers
 
 from moekit.hf import family_of, from_hf, patch, record_aux, to_hf, unpatch
 from moekit.hf.convert import config_from_hf
@@ -105,16 +105,14 @@ def test_weights_are_shared_and_the_round_trip_is_bitwise():
         for parameter in fresh.parameters():
             parameter.zero_()
     to_hf(copied, fresh)
-    for (name, a), (_, b) in zip(block.state_dict().items(), fresh.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_states(block, fresh)
     x = torch.randn(2, 9, 32)
     assert torch.equal(fresh(x), block(x))
 
     eager, patched = _model(), _model()
     patch(patched)
     assert unpatch(patched) == BLOCKS
-    for (name, a), (_, b) in zip(eager.state_dict().items(), patched.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_states(eager, patched)
 
 
 def test_from_hf_matches_the_block_forward_and_backward_with_gelu():

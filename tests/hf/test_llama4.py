@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from tests.hf.tiny import OTHER_CONFIGS, assert_same_gradients, token_ids, transformers
+from tests.hf.tiny import OTHER_CONFIGS, assert_same_gradients, assert_same_states, token_ids, transformers
 
 from moekit.hf import family_of, from_hf, patch, record_aux, to_hf, unpatch
 from moekit.hf.convert import config_from_hf
@@ -112,8 +112,7 @@ def test_from_hf_to_hf_round_trip_is_bitwise_and_unpatch_restores_the_blocks():
     eager, patched = _model(), _model()
     patch(patched)
     assert unpatch(patched) == SPARSE
-    for (name, a), (_, b) in zip(eager.state_dict().items(), patched.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_states(eager, patched)
 
 
 def test_an_activation_without_a_gated_moekit_form_is_refused_by_name():

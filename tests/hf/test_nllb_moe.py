@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 
-from tests.hf.tiny import OTHER_CONFIGS, assert_same_gradients, transformers
+from tests.hf.tiny import OTHER_CONFIGS, assert_same_gradients, assert_same_states, transformers
 
 from moekit.hf import family_of, from_hf, patch, record_aux, to_hf, unpatch
 from moekit.hf.convert import config_from_hf
@@ -205,15 +205,13 @@ def test_from_hf_to_hf_round_trip_is_bitwise_and_unpatch_restores_the_blocks():
         for parameter in fresh.parameters():
             parameter.zero_()
     to_hf(moe, fresh)
-    for (name, a), (_, b) in zip(block.state_dict().items(), fresh.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_states(block, fresh)
 
     eager, patched = _model(), _model()
     patch(patched)
     assert unpatch(patched) == SPARSE
     assert type(patched.get_submodule(SPARSE[1])).__name__ == "NllbMoeSparseMLP"
-    for (name, a), (_, b) in zip(eager.state_dict().items(), patched.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_states(eager, patched)
 
 
 def test_bf16_forward_matches_eager(routed_eager):

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from tests.hf.tiny import OTHER_CONFIGS, VOCAB, assert_same_gradients, transformers
+from tests.hf.tiny import OTHER_CONFIGS, VOCAB, assert_same_gradients, assert_same_states, transformers
 
 from moekit.hf import from_hf, patch, record_aux, to_hf, unpatch
 from moekit.hf.convert import config_from_hf
@@ -85,16 +85,14 @@ def test_from_hf_to_hf_round_trip_is_bitwise_and_unpatch_restores_the_blocks():
     assert moe.config.top_k == 2 and moe.config.activation == "swiglu"
     fresh = _model(seed=1).get_submodule(BLOCKS[0])
     to_hf(moe, fresh)
-    for (name, a), (_, b) in zip(block.state_dict().items(), fresh.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_states(block, fresh)
     x = torch.randn(2, 9, 32)
     assert torch.equal(fresh.eval()(x), block.eval()(x))
 
     eager, patched = _model(), _model()
     patch(patched)
     assert unpatch(patched) == BLOCKS
-    for (name, a), (_, b) in zip(eager.state_dict().items(), patched.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_states(eager, patched)
 
 
 def test_block_forward_backward_in_training_equal_eager_from_one_seed():

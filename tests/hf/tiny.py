@@ -170,6 +170,12 @@ def moekit_layout_gradients(model, blocks: list[str]) -> dict[str, torch.Tensor]
     return grads
 
 
+def assert_same_states(first, second) -> None:
+    """The two modules' state dicts, side by side in order, hold bitwise equal tensors."""
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def assert_same_gradients(eager, patched, blocks: list[str], tol: float = 1e-5) -> dict[str, torch.Tensor]:
     """Every gradient of ``patched`` equals ``eager``'s in moekit's layout (the same names;
     atol and rtol ``tol``); returns the patched model's, by name."""
