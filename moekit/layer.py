@@ -90,9 +90,12 @@ class MoE(nn.Module):
             sequence_T = None if sequence_T is None else sequence_T.index_select(0, real_T)
         with autocast_off(x):  # routing math stays float32
             routing = self._route(x_TD, token_ids_T, expert_indices)
-        y_TD, plan = self._run_experts(x_TD, routing, sequence_T, num_sequences)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        shared = []  # the shared experts' output, computed by the dispatcher's side work
+        side_work = None if self.shared_experts is None \
+            else (lambda: shared.append(self.shared_experts(x_TD)))
+        y_TD, plan = self._run_experts(x_TD, routing, sequence_T, num_sequences, side_work)
+        if shared:
+            y_TD = y_TD + shared[0]
         if self.output_bias is not None:
             y_TD = y_TD + self.output_bias.to(y_TD.dtype)  # autocast: y's dtype, as nn.Linear's bias
         if padding_mask is not None:
@@ -124,16 +127,18 @@ class MoE(nn.Module):
         return self.router.replay(x_TD, ids_TK)
 
     def _run_experts(self, x_TD: torch.Tensor, routing: Routing, sequence_T: torch.Tensor | None,
-                     num_sequences: int) -> tuple[torch.Tensor, DispatchPlan]:
+                     num_sequences: int, side_work=None) -> tuple[torch.Tensor, DispatchPlan]:
         """(y_TD [T, D], plan): the dispatcher (the eval one of eval_capacity_fraction in eval
         mode) and the experts on the real experts' assignments, scaled by 1 -
         expert_output_dropout in eval mode, plus the copy experts' share with null experts of
-        kind "copy"."""
+        kind "copy". side_work: called once by the dispatcher (while its rows travel, under
+        expert parallelism)."""
         c = self.config
         dispatcher = self.dispatcher if self.training or self.eval_dispatcher is None \
             else self.eval_dispatcher
         real = real_expert_routing(routing, c.num_experts) if c.num_null_experts else routing
-        y_TD, plan = dispatcher.run_experts(x_TD, real, self.experts, sequence_T, num_sequences)
+        y_TD, plan = dispatcher.run_experts(x_TD, real, self.experts, sequence_T, num_sequences,
+                                            side_work)
         if not self.training and c.expert_output_dropout > 0:
             y_TD = y_TD * (1 - c.expert_output_dropout)  # its expectation in training
         if c.num_null_experts and c.null_expert_kind == "copy":

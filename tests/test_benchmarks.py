@@ -69,8 +69,9 @@ def test_gpu_moe_tables_build_at_a_tiny_shape_on_cpu():
 
 def test_expert_parallel_speed_runs_at_a_tiny_shape():
     report = report_of("expert_parallel_speed", "--world-sizes", "1", "2", "--repeats", "1",
-                       "--dims", "16,32,16,4,2")
-    assert "| 1 | 16 |" in report and "| 2 | 8 |" in report and "1.00x" in report
+                       "--dims", "16,32,16,4,2", "--overlap-chunks", "1", "2", "--shared-experts", "1")
+    assert "| 1 | 1 | 16 |" in report and "1.00x" in report
+    assert "| 2 | 1 | 8 |" in report and "| 2 | 2 | 8 |" in report
 
 
 def test_placement_zipf_runs_at_a_small_size():
@@ -122,6 +123,28 @@ def test_expert_scaling_runs_and_continues(tmp_path):
     assert "| 1x512 (top-1) |" in report and "| 4x128 (top-4) |" in report
     assert (tmp_path / "scaling" / "4x128-seed0" / "result.json").is_file()
     assert report_of("expert_scaling", *args).splitlines()[-2:] == report.splitlines()[-2:]
+
+
+def test_routing_lm_trains_each_variant_and_reads_finished_runs(tmp_path):
+    data = write_text_files(tmp_path / "data", count=40, size=600)
+    args = ("--out", str(tmp_path / "lm"), "--seeds", "0", "1", "--variants", "null4",
+            "expert_threshold", "--repeats", "1", "--train-flags", "--steps", "3", "--batch-size", "2",
+            "--seq-len", "16", "--eval-every", "3", "--data", str(data))
+    report = report_of("routing_lm", *args)
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in report.splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")}
+    assert set(rows) == {"| default", "| null4", "| expert_threshold"}
+    assert rows["| default"][1] == "2" and rows["| default"][3] == "+0.0000"
+    assert rows["| default"][5] == "3.00"  # top-3: exactly k real experts per token
+    assert rows["| null4"][6].endswith("%") and rows["| default"][6] == "-"
+    assert rows["| default"][8].strip(" |") == "1.00"
+    for variant in ("default", "null4", "expert_threshold"):
+        for seed in (0, 1):
+            assert (tmp_path / "lm" / f"{variant}-s{seed}" / "model.safetensors").is_file()
+    # finished runs are read, not trained again: the same losses
+    again = report_of("routing_lm", *args)
+    assert [line.split(" | ")[2] for line in again.splitlines() if line.startswith("| null4")] == \
+        [rows["| null4"][2]]
 
 
 def test_placement_tokens_counts_rows_per_rank():

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from moekit.config import BALANCE_SCOPES, SCORE_FUNCS
+from moekit.config import BALANCE_SCOPES, NULL_EXPERT_KINDS, SCORE_FUNCS
 from moekit.lm.config import AUTOCAST_DTYPES
 from moekit.routers import ROUTERS
 from moekit.errors import UsageError, usage_errors
@@ -22,7 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Override flags of `train` and `compare`, each named as the config field it sets.
 MOE_FLAGS = ("num_experts", "top_k", "expert_dim", "router", "score_func", "capacity_factor",
              "balance_loss_weight", "balance_scope", "z_loss_weight", "bias_update_rate", "num_shared_experts",
-             "num_null_experts",
+             "num_null_experts", "null_expert_kind", "batch_invariant",
              "threshold_decay", "min_experts_per_token", "max_experts_per_token")
 LAYOUT_FLAGS = ("moe_every", "first_dense_layers")  # LMConfig fields that need an MoE preset
 TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "seed", "eval_every", "save_every",
@@ -72,6 +72,11 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     moe.add_argument("--num-null-experts", type=int,
                      help="zero-computation experts (MoE++) the router may pick besides the "
                           "real ones (router topk); the balance loss covers them too")
+    moe.add_argument("--null-expert-kind", choices=NULL_EXPERT_KINDS,
+                     help="what a null expert returns: zero (default) or a copy of the token")
+    moe.add_argument("--batch-invariant", action="store_const", const=True,
+                     help="a token's output does not depend on the other tokens of the batch "
+                          "(bitwise; docs/routing.md)")
     moe.add_argument("--threshold-decay", type=float,
                      help="--router expert_threshold: decay of the running thresholds per step")
     moe.add_argument("--min-experts-per-token", type=int,

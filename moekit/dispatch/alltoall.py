@@ -23,11 +23,22 @@ One layer call issues, on every rank and in this order whatever its data:
    (global_load), for the losses (the aux-loss-free bias all-reduces its counts once per
    optimizer step, in moekit.balancing.router_step)
 
+With ``overlap_chunks`` N > 1 the rank's tokens are cut into N consecutive chunks and
+steps 1-5 are pipelined: one counts exchange for all chunks, every
+chunk's rows sent at once (asynchronous functional collectives, not waited yet), then the
+layer's side work (the shared experts) while they travel, then per chunk: wait for its rows,
+run its experts, send its outputs back without waiting, so a chunk's return trip overlaps
+the next chunk's experts; the outputs are waited for only at the combine. Every rank issues
+the same collectives in the same order whatever its data. Outputs equal N = 1 up to the
+rounding of the experts' products on other row groupings.
+
 Shapes: T local tokens, K choices, R rows this rank sends, R_in rows it receives,
 S slots per rank, C most copies of one expert.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -41,6 +52,8 @@ from moekit.dispatch.permute import combine_rows, dispatch_rows
 from moekit.placement import contiguous_placement, validate_placement
 from moekit.routing import Routing
 
+SideWork = Callable[[], None]
+
 
 def expert_placement(num_experts: int, world_size: int, placement=None) -> list[list[int]]:
     """The validated placement: for each rank the expert ids it holds. None gives
@@ -52,6 +65,13 @@ def expert_placement(num_experts: int, world_size: int, placement=None) -> list[
         placement = contiguous_placement(num_experts, world_size)
     placement = getattr(placement, "experts_per_device", placement)
     return validate_placement(placement, num_experts, world_size, allow_copies=True)
+
+
+def check_overlap_chunks(overlap_chunks: int) -> int:
+    """overlap_chunks itself, or a ValueError naming it unless it is an int >= 1."""
+    if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int) or overlap_chunks < 1:
+        raise ValueError(f"overlap_chunks must be an int >= 1, got {overlap_chunks!r}")
+    return overlap_chunks
 
 
 def slot_tables(placement: list[list[int]], num_experts: int
@@ -93,8 +113,9 @@ class AllToAllDispatcher:
     group, with the experts placed as ``placement`` says (see expert_placement)."""
 
     def __init__(self, local: LocalDispatcher, group: dist.ProcessGroup | None = None,
-                 placement=None) -> None:
+                 placement=None, overlap_chunks: int = 1) -> None:
         self.local = local
+        self.overlap_chunks = check_overlap_chunks(overlap_chunks)
         self.group = group
         # the ranks whose tokens make one batch (capacity, losses): the expert-parallel group,
         # or more when it is replicated over data-parallel ranks (moekit.parallel.fsdp)
@@ -159,37 +180,71 @@ class AllToAllDispatcher:
         return kept[start:start + ids_TK.shape[0]]
 
     def run_experts(self, x_TD: torch.Tensor, routing: Routing, experts: ExpertsContract,
-                    sequence_T: torch.Tensor | None = None, num_sequences: int = 1
-                    ) -> tuple[torch.Tensor, DispatchPlan]:
-        """combine(remote experts(dispatch(x_TD))) -> (y_TD [T, D], plan)."""
+                    sequence_T: torch.Tensor | None = None, num_sequences: int = 1,
+                    side_work: SideWork | None = None) -> tuple[torch.Tensor, DispatchPlan]:
+        """combine(remote experts(dispatch(x_TD))) -> (y_TD [T, D], plan). ``side_work`` (the
+        layer's shared experts) is called once, while the first rows travel."""
         plan = self.plan(routing, sequence_T, num_sequences)
-        rows_RD = dispatch_rows(x_TD, plan)
-        counts_WE = plan.counts_E.view(self.world_size, self.num_local_experts)
-        received_WE = torch.empty_like(counts_WE)
-        dist.all_to_all_single(received_WE, counts_WE, group=self.group)
-        send_sizes = counts_WE.sum(1).tolist()
-        recv_sizes = received_WE.sum(1).tolist()
-        received_RD = self._exchange(rows_RD, recv_sizes, send_sizes)
-        # received rows come grouped by source rank, then local expert: regroup by expert
-        by_expert = _source_major_to_expert_major(received_WE)
-        out_RD = experts(received_RD.index_select(0, by_expert),
-                         rows_plan(received_WE.sum(0), by_expert.shape[0]))
-        out_RD = torch.empty_like(out_RD).index_copy(0, by_expert, out_RD)
-        returned_RD = self._exchange(out_RD, send_sizes, recv_sizes)
-        y_TD = combine_rows(returned_RD, plan)
+        chunks = token_chunks(plan, self.overlap_chunks)
+        rows = [dispatch_rows(x_TD[start:stop], chunk) for (start, stop), chunk in chunks]
+        counts_NWS = torch.stack([chunk.counts_E for _, chunk in chunks]).view(
+            len(chunks), self.world_size, self.num_local_experts)
+        received_NWS = self._exchange_counts(counts_NWS)
+        sent = [self._send(rows_RD, received_WS.sum(1).tolist(), counts_WS.sum(1).tolist())
+                for rows_RD, counts_WS, received_WS in zip(rows, counts_NWS, received_NWS)]
+        if side_work is not None:
+            side_work()
+        returned = []
+        for in_flight, counts_WS, received_WS in zip(sent, counts_NWS, received_NWS):
+            received_RD = funcol.wait_tensor(in_flight)
+            # received rows come grouped by source rank, then local expert: regroup by expert
+            by_expert = _source_major_to_expert_major(received_WS)
+            out_RD = experts(received_RD.index_select(0, by_expert),
+                             rows_plan(received_WS.sum(0), by_expert.shape[0]))
+            out_RD = torch.empty_like(out_RD).index_copy(0, by_expert, out_RD)
+            returned.append(self._send(out_RD, counts_WS.sum(1).tolist(), received_WS.sum(1).tolist()))
+        y_TD = torch.cat([combine_rows(funcol.wait_tensor(back_RD), chunk)
+                          for back_RD, (_, chunk) in zip(returned, chunks)])
         if self.slot_of_expert is not None:  # report counts per expert id, not per slot
             counts_E = plan.counts_E.new_zeros(self.num_experts).index_add(
                 0, self.expert_of_slot.to(plan.counts_E.device), plan.counts_E)
             plan = plan.with_counts(counts_E)
         return y_TD, plan
 
-    def _exchange(self, rows_RD: torch.Tensor, recv_sizes: list[int], send_sizes: list[int]
-                  ) -> torch.Tensor:
-        """Differentiable all_to_all_single of rows with uneven splits (the
-        backward sends the gradients back along the same routes)."""
+    def _exchange_counts(self, counts_NWS: torch.Tensor) -> torch.Tensor:
+        """[N, W, S] rows this rank sends per chunk, destination rank and slot -> [N, W, S]
+        rows it receives per chunk, source rank and local slot: one all_to_all_single."""
+        send_WNS = counts_NWS.transpose(0, 1).contiguous()
+        received_WNS = torch.empty_like(send_WNS)
+        dist.all_to_all_single(received_WNS, send_WNS, group=self.group)
+        return received_WNS.transpose(0, 1)
+
+    def _send(self, rows_RD: torch.Tensor, recv_sizes: list[int], send_sizes: list[int]
+              ) -> torch.Tensor:
+        """Differentiable all_to_all_single of rows with uneven splits, issued and not
+        waited for (funcol.wait_tensor waits); the backward sends the gradients back along
+        the same routes."""
         group = self.group if self.group is not None else dist.group.WORLD
-        received = funcol.all_to_all_single_autograd(rows_RD.contiguous(), recv_sizes, send_sizes, group)
-        return funcol.wait_tensor(received)
+        return funcol.all_to_all_single_autograd(rows_RD.contiguous(), recv_sizes, send_sizes, group)
+
+
+def token_chunks(plan: DispatchPlan, num_chunks: int
+                 ) -> list[tuple[tuple[int, int], DispatchPlan]]:
+    """The plan of T tokens cut into num_chunks consecutive token ranges (sizes within one
+    of each other, some empty when T < num_chunks): [((start, stop), plan of tokens
+    [start, stop))], the plan itself when num_chunks == 1."""
+    num_tokens = plan.ids_TK.shape[0]
+    if num_chunks == 1:
+        return [((0, num_tokens), plan)]
+    bounds = [num_tokens * i // num_chunks for i in range(num_chunks + 1)]
+
+    def part(tensor_TK: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+        return None if tensor_TK is None else tensor_TK[start:stop]
+
+    return [((start, stop), DispatchPlan(plan.ids_TK[start:stop], plan.weights_TK[start:stop],
+                                         plan.num_experts, part(plan.kept_TK, start, stop),
+                                         part(plan.assigned_TK, start, stop)))
+            for start, stop in zip(bounds, bounds[1:])]
 
 
 def gather_rows(x_TX: torch.Tensor, group: dist.ProcessGroup | None = None

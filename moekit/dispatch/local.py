@@ -8,6 +8,7 @@ dispatch / combine: the row form, x_TD -> rows_RD [R, D] grouped by expert and b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -61,11 +62,16 @@ class LocalDispatcher:
         return routing.assignment_mask
 
     def run_experts(self, x_TD: torch.Tensor, routing: Routing, experts: ExpertsContract,
-                    sequence_T: torch.Tensor | None = None, num_sequences: int = 1
-                    ) -> tuple[torch.Tensor, DispatchPlan]:
-        """experts(x_TD, plan) -> (y_TD [T, D], plan)."""
+                    sequence_T: torch.Tensor | None = None, num_sequences: int = 1,
+                    side_work: Callable[[], None] | None = None) -> tuple[torch.Tensor, DispatchPlan]:
+        """experts(x_TD, plan) -> (y_TD [T, D], plan). ``side_work`` (the layer's shared
+        experts) is called once, after the experts: there is no communication to hide it
+        behind here (see AllToAllDispatcher)."""
         plan = self.plan(routing, sequence_T, num_sequences)
-        return experts(x_TD, plan), plan
+        y_TD = experts(x_TD, plan)
+        if side_work is not None:
+            side_work()
+        return y_TD, plan
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing,
                  sequence_T: torch.Tensor | None = None, num_sequences: int = 1

@@ -25,13 +25,21 @@ def training_step(model_cfg: LMConfig, train_cfg: TrainConfig, device: torch.dev
                   dtype: torch.dtype = torch.float32) -> Callable[[], int]:
     """A function running one optimizer step of a fresh model (seed 0) on random bytes and
     returning the tokens it trained on."""
-    from .train import build_optimizer  # train imports this module's users
-
     torch.manual_seed(0)
     model = MoETransformer(model_cfg).to(device=device, dtype=dtype).train()
-    optimizer = build_optimizer(model, train_cfg)
     tokens = torch.randint(0, model_cfg.vocab_size, (train_cfg.batch_size, train_cfg.seq_len + 1),
                            device=device)
+    return model_training_step(model, train_cfg, tokens)
+
+
+def model_training_step(model: MoETransformer, train_cfg: TrainConfig, tokens: torch.Tensor
+                        ) -> Callable[[], int]:
+    """A function running one optimizer step of ``model`` (put in training mode, with a fresh
+    AdamW) on tokens [batch_size, seq_len + 1] and returning the tokens it trained on."""
+    from .train import build_optimizer  # train imports this module's users
+
+    model.train()
+    optimizer = build_optimizer(model, train_cfg)
     clip = train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf
 
     def step() -> int:
@@ -53,9 +61,16 @@ def median_step_seconds(configs: dict[str, tuple[LMConfig, TrainConfig]], repeat
                         warmup: int = 2) -> dict[str, float]:
     """{name: median seconds of one optimizer step} over ``repeats`` rounds, each round
     running every config's step once in turn, after ``warmup`` steps of each."""
+    steps = {name: training_step(*cfgs, device=device, dtype=dtype) for name, cfgs in configs.items()}
+    return round_robin_seconds(steps, repeats, device, warmup)
+
+
+def round_robin_seconds(steps: dict[str, Callable[[], int]], repeats: int = 10,
+                        device: torch.device | str = "cpu", warmup: int = 2) -> dict[str, float]:
+    """{name: median seconds of one call of steps[name]} over ``repeats`` rounds, each round
+    calling every step once in turn, after ``warmup`` calls of each."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    steps = {name: training_step(*cfgs, device=device, dtype=dtype) for name, cfgs in configs.items()}
     for step in steps.values():
         for _ in range(warmup):
             step()

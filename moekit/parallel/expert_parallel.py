@@ -23,20 +23,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.dispatch.alltoall import AllToAllDispatcher, expert_placement, gather_rows
+from moekit.dispatch.alltoall import (AllToAllDispatcher, check_overlap_chunks, expert_placement,
+                                      gather_rows)
 from moekit.dispatch.capacity import CapacityDispatcher
 from moekit.dispatch.local import LocalDispatcher
 from moekit.layer import MoE
-from moekit.routers import BatchWideRouter
 
 # How each router's choice is kept exactly that of one process on all ranks' tokens.
 # "per token": a token's experts depend on that token alone (and on replicated state
 # such as the aux-loss-free bias, whose counts router_step sums over the group), so
 # each rank routes its own tokens. "whole batch": a BatchWideRouter; every rank gets
 # every rank's scores (gather_batch) and solves the same problem. A router not listed
-# here is refused until its behaviour under expert parallelism is decided and tested
-# (e.g. expert_threshold: its thresholds must see the same tokens on every rank).
+# here is refused until its behaviour under expert parallelism is decided and tested.
+# "per token, whole-batch thresholds": expert_threshold routes each token by the stored
+# thresholds, and records its cutoffs over every rank's scores (gather_batch).
 EXPERT_PARALLEL_ROUTING = {"topk": "per token", "hash": "per token", "dense": "per token",
+                           "expert_threshold": "per token, whole-batch thresholds",
                            "expert_choice": "whole batch", "balanced": "whole batch"}
 
 
@@ -68,7 +70,8 @@ def _check_supported(moe: MoE) -> None:
 
 
 def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None,
-                          placement=None, batch_group: dist.ProcessGroup | None = None) -> nn.Module:
+                          placement=None, batch_group: dist.ProcessGroup | None = None,
+                          overlap_chunks: int = 1) -> nn.Module:
     """Shard the experts of every MoE layer in ``module`` (in place) over ``group``
     (default: the world). ``placement`` lists for each rank the expert ids it holds
     (the same number on every rank, any order, every expert at least once; default
@@ -82,10 +85,14 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
     broadcast). ``batch_group`` (default ``group``): the ranks whose tokens make one
     batch for capacity, the aux losses and the whole-batch routers, when ``group`` is
     one of several expert-parallel groups over data-parallel ranks (moekit.parallel.fsdp).
+    ``overlap_chunks`` N > 1: each layer cuts its tokens into N chunks whose all-to-alls
+    overlap the other chunks' experts, and the shared experts run while the first rows
+    travel (see moekit.dispatch.alltoall); with 1 only the shared experts overlap.
     Returns ``module``."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("apply_expert_parallel needs torch.distributed initialised "
                          "(torch.distributed.init_process_group)")
+    check_overlap_chunks(overlap_chunks)
     layers = {name: m for name, m in module.named_modules() if isinstance(m, MoE)}
     if not layers:
         raise ValueError(f"{type(module).__name__} holds no moekit.MoE layer")
@@ -101,9 +108,9 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
             local = param.detach()[shard].clone()
             setattr(experts, name, nn.Parameter(local, requires_grad=param.requires_grad))
         experts.expert_ids = shard
-        moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group, layer_placement)
+        moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group, layer_placement, overlap_chunks)
         moe.dispatcher.batch_group = group if batch_group is None else batch_group
-        if isinstance(moe.router, BatchWideRouter):
+        if hasattr(moe.router, "gather_batch"):  # BatchWideRouter, ExpertThresholdRouter
             moe.router.gather_batch = functools.partial(gather_rows, group=moe.dispatcher.batch_group)
     return module
 

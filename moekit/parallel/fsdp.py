@@ -26,11 +26,13 @@ from moekit.parallel.expert_parallel import apply_expert_parallel
 MESH_DIMS = ("dp", "ep")
 
 
-def apply_fsdp_expert_parallel(module: nn.Module, mesh, placement=None) -> nn.Module:
+def apply_fsdp_expert_parallel(module: nn.Module, mesh, placement=None,
+                               overlap_chunks: int = 1) -> nn.Module:
     """Shard ``module`` (in place) on ``mesh``, a DeviceMesh with dims ("dp", "ep") over
     every rank (e.g. init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))):
     experts over "ep" then "dp", the rest over all ranks (see the module docstring).
-    ``placement`` as apply_expert_parallel takes it, without copies. Every rank must hold
+    ``placement`` as apply_expert_parallel takes it, without copies; ``overlap_chunks`` as
+    apply_expert_parallel takes it. Every rank must hold
     the same full weights before the call. Returns ``module``, whose parameters are now
     DTensors (read the full weights with DTensor.full_tensor)."""
     from torch.distributed.device_mesh import DeviceMesh
@@ -42,7 +44,7 @@ def apply_fsdp_expert_parallel(module: nn.Module, mesh, placement=None) -> nn.Mo
         raise ValueError(f"mesh must cover every rank: it has {mesh.size()}, the world "
                          f"{dist.get_world_size()}")
     apply_expert_parallel(module, group=mesh["ep"].get_group(), placement=placement,
-                          batch_group=dist.group.WORLD)
+                          batch_group=dist.group.WORLD, overlap_chunks=overlap_chunks)
     layers = [m for m in module.modules() if isinstance(m, MoE)]
     for moe in layers:
         if moe.dispatcher.has_copies:

@@ -24,6 +24,8 @@ first step sets c to that cutoff. Until then every token goes to its top_k exper
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moekit.config import MoEConfig
@@ -70,7 +72,13 @@ class ExpertThresholdRouter(LinearRouter):
     warmed up, tokens go to their top_k). Not saved, empty at every optimizer step:
     ``cutoff_sum`` [E] float32, the recorded cutoffs times each forward's token count, and
     ``recorded_tokens`` 0-dim int64.
+
+    gather_batch: None, or under expert parallelism (set by apply_expert_parallel) a function
+    rows [T, X] -> (every rank's rows [T_all, X], this rank's first row): the routing stays per
+    token, but the cutoffs are recorded over the whole batch, as one process would record them.
     """
+
+    gather_batch: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
@@ -107,11 +115,16 @@ class ExpertThresholdRouter(LinearRouter):
     @torch.no_grad()
     def record_routing(self, routing: Routing) -> None:
         """Add this training forward's expert-choice cutoffs (times its token count) to
-        cutoff_sum. A recomputation (activation checkpointing) records nothing."""
-        num_tokens = routing.num_tokens
-        if num_tokens == 0 or recomputing():
+        cutoff_sum, over every rank's tokens under expert parallelism (gather_batch). A
+        recomputation (activation checkpointing) records nothing."""
+        if recomputing():
             return
         scores_TE, _ = router_scores(routing.router_logits.detach(), self.config.score_func)
+        if self.gather_batch is not None:  # every rank gathers, even one without tokens
+            scores_TE, _ = self.gather_batch(scores_TE)
+        num_tokens = scores_TE.shape[0]
+        if num_tokens == 0:
+            return
         cutoffs_E = capacity_cutoffs(scores_TE, self.capacity(num_tokens))
         self.cutoff_sum += cutoffs_E.to(self.cutoff_sum.dtype) * num_tokens
         self.recorded_tokens += num_tokens

@@ -47,6 +47,14 @@ def test_train_with_null_experts_logs_their_share(tmp_path, data_dir, capsys):
     assert shares and all(0 <= share <= 1 for share in shares)
 
 
+def test_train_takes_null_expert_kind_and_batch_invariant(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert main(["train", "--data", data_dir, "--out", str(out), "--num-null-experts", "1",
+                 "--null-expert-kind", "copy", "--batch-invariant", *SMALL]) == 0
+    moe = json.loads((out / "config.json").read_text())["model"]["moe"]
+    assert moe["null_expert_kind"] == "copy" and moe["batch_invariant"] is True
+
+
 def test_stop_and_resume_from_the_command_line(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     main(["train", "--data", data_dir, "--out", str(out), "--stop-after", "2", *SMALL])

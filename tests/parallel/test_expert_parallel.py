@@ -57,11 +57,11 @@ def _global_tokens(sizes: list[int], dim: int, all_to_one: bool, case: str = "")
     return x, grad
 
 
-def _worker(rank, world_size, result_dir, case, sizes, all_to_one, placement=None):
+def _worker(rank, world_size, result_dir, case, sizes, all_to_one, placement=None, overlap_chunks=1):
     fields = {**CASES[case], "balance_loss_weight": 0.1, "z_loss_weight": 0.01}
     reference = randomized_moe(seed=0, **fields)
     sharded = randomized_moe(seed=0, **fields)
-    apply_expert_parallel(sharded, placement=placement)
+    apply_expert_parallel(sharded, placement=placement, overlap_chunks=overlap_chunks)
     x_all, grad_all = _global_tokens(sizes, fields["dim"], all_to_one, case)
     start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
     # reference: one process on every rank's tokens
@@ -73,15 +73,9 @@ def _worker(rank, world_size, result_dir, case, sizes, all_to_one, placement=Non
     y, aux = sharded(x)
     ((y * grad_all[start:stop]).sum() + aux.loss).backward()
     all_reduce_replicated_grads(sharded)
-    shard = expert_shard(fields["num_experts"], placement=placement)
     torch.testing.assert_close(y, y_ref[start:stop], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, x_ref.grad[start:stop], rtol=1e-5, atol=1e-6)
-    ref_params = dict(reference.named_parameters())
-    for name, param in sharded.named_parameters():
-        expected = ref_params[name].grad
-        if name.startswith("experts."):
-            expected = expected[shard]
-        torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-5, msg=name)
+    _assert_same_parameter_grads(sharded, reference, expert_shard(fields["num_experts"], placement=placement))
     if fields.get("bias_update_rate"):
         moekit.router_step(sharded)  # this rank's counts summed over the group
         reference.router.apply_bias_update(reference.router.routed_load)  # all tokens already
@@ -94,6 +88,56 @@ def _worker(rank, world_size, result_dir, case, sizes, all_to_one, placement=Non
                 "dropped": _dropped(aux), "reference_dropped": _dropped(aux_ref),
                 "aux_loss": aux.loss.detach(), "reference_aux_loss": aux_ref.loss.detach()},
                os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def _assert_same_parameter_grads(sharded, reference, shard: list[int]) -> None:
+    """Every parameter gradient of the expert-parallel layer equals the one-process one (its
+    experts' rows ``shard`` for the expert weights)."""
+    ref_params = dict(reference.named_parameters())
+    for name, param in sharded.named_parameters():
+        expected = ref_params[name].grad
+        if name.startswith("experts."):
+            expected = expected[shard]
+        torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _threshold_worker(rank, world_size, result_dir, sizes, overlap_chunks):
+    """Expert-threshold routing over three training steps: per-token routing, cutoffs
+    recorded over every rank's tokens, thresholds moved by router_step."""
+    fields = dict(dim=8, expert_dim=12, num_experts=8, top_k=2, router="expert_threshold",
+                  threshold_decay=0.5, balance_loss_weight=0.1, num_shared_experts=1)
+    reference = randomized_moe(seed=0, **fields)
+    sharded = apply_expert_parallel(randomized_moe(seed=0, **fields), overlap_chunks=overlap_chunks)
+    start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    counts = []
+    for step in range(3):
+        torch.manual_seed(100 + step)
+        x_all, grad_all = torch.randn(sum(sizes), fields["dim"]), torch.randn(sum(sizes), fields["dim"])
+        x_ref = x_all.clone().requires_grad_()
+        y_ref, aux_ref = reference(x_ref)
+        ((y_ref * grad_all).sum() + aux_ref.loss).backward()
+        x = x_all[start:stop].clone().requires_grad_()
+        y, aux = sharded(x)
+        ((y * grad_all[start:stop]).sum() + aux.loss).backward()
+        all_reduce_replicated_grads(sharded)
+        torch.testing.assert_close(y, y_ref[start:stop], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad, x_ref.grad[start:stop], rtol=1e-5, atol=1e-6)
+        _assert_same_parameter_grads(sharded, reference, expert_shard(fields["num_experts"]))
+        moekit.router_step(sharded)
+        moekit.router_step(reference)  # every rank's reference records the same: a mean of equals
+        torch.testing.assert_close(sharded.router.thresholds, reference.router.thresholds, rtol=0, atol=0)
+        counts.append(int(aux_ref.tokens_per_expert.sum()))
+        for model in (sharded, reference):
+            model.zero_grad(set_to_none=True)
+    torch.save({"assignments": counts}, os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("sizes,chunks", [([6, 19], 1), ([0, 3, 17, 30], 2)])
+def test_expert_threshold_equals_one_process_over_training_steps(tmp_path, sizes, chunks):
+    results = run_distributed(_threshold_worker, len(sizes), tmp_path, sizes, chunks, timeout_s=240)
+    tokens = sum(sizes)
+    assert results[0]["assignments"][0] == 2 * tokens  # top_k before the first router_step
+    assert results[0]["assignments"][1:] != [2 * tokens] * 2, "the thresholds must route"
 
 
 def _dropped(aux) -> int:
@@ -139,6 +183,21 @@ def test_any_expert_placement_gives_the_same_layer(tmp_path, case, placement):
     assert sum(r["tokens_per_expert"] for r in results).tolist() == results[0]["reference"].tolist()
 
 
+@pytest.mark.parametrize("case,sizes,placement,chunks", [
+    pytest.param("sigmoid-bias-shared", [5, 11], None, 2, id="world2-sigmoid-bias-shared-2"),
+    pytest.param("capacity-score-shared", [5, 11], None, 3, id="world2-capacity-score-shared-3"),
+    pytest.param("topk", [7, 12], [[0, 1, 2, 3, 4], [4, 5, 6, 7, 0]], 2, id="world2-copies-topk-2"),
+    pytest.param("expert-choice", [0, 3, 17, 64], None, 2, id="world4-uneven-expert-choice-2"),
+    pytest.param("balance-sequence", [0, 3, 17, 64], None, 4, id="world4-uneven-balance-sequence-4"),
+    pytest.param("topk", [1, 0, 2, 9], None, 5, id="world4-fewer-tokens-than-chunks")])
+def test_overlapped_chunks_equal_one_process(tmp_path, case, sizes, placement, chunks):
+    world_size = len(sizes)
+    results = run_distributed(_worker, world_size, tmp_path, case, sizes, False, placement, chunks,
+                              timeout_s=240)
+    assert sum(r["tokens_per_expert"] for r in results).tolist() == results[0]["reference"].tolist()
+    assert sum(r["dropped"] for r in results) == results[0]["reference_dropped"]
+
+
 def test_all_tokens_to_one_expert_and_ranks_without_tokens(tmp_path):
     run_distributed(_worker, 2, tmp_path, "switch-geglu", [0, 9], True)
 
@@ -166,6 +225,10 @@ def _bad_world_worker(rank, world_size, result_dir):
         with pytest.raises(ValueError, match=message):
             apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4,
                                                               **fields)))
+    for chunks in (0, True, 1.5):
+        with pytest.raises(ValueError, match=f"overlap_chunks must be an int >= 1, got {chunks!r}"):
+            apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)),
+                                  overlap_chunks=chunks)
     twice = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
     with pytest.raises(ValueError, match="already uses AllToAllDispatcher"):
         apply_expert_parallel(twice)
@@ -204,7 +267,7 @@ def test_unsupported_layouts_raise_clear_errors(tmp_path):
         apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))
 
 
-def _sequence_worker(rank, world_size, result_dir, sizes, case):
+def _sequence_worker(rank, world_size, result_dir, sizes, case, overlap_chunks=1):
     from moekit.dispatch import alltoall
 
     calls = []
@@ -219,7 +282,7 @@ def _sequence_worker(rank, world_size, result_dir, sizes, case):
 
         setattr(owner, name, recorded)
     fields = {**CASES[case], "balance_loss_weight": 0.1}
-    moe = apply_expert_parallel(randomized_moe(seed=0, **fields))
+    moe = apply_expert_parallel(randomized_moe(seed=0, **fields), overlap_chunks=overlap_chunks)
     torch.manual_seed(rank)
     x = torch.randn(sizes[rank], fields["dim"], requires_grad=True)
     for _ in range(2):
@@ -231,15 +294,17 @@ def _sequence_worker(rank, world_size, result_dir, sizes, case):
     torch.save({"calls": calls}, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("case", ["sigmoid-bias-shared", "capacity-score-shared", "expert-choice"])
-def test_every_rank_issues_the_same_collectives_whatever_its_data(tmp_path, case):
-    results = run_distributed(_sequence_worker, 2, tmp_path, [0, 17], case)
+@pytest.mark.parametrize("case,chunks", [("sigmoid-bias-shared", 1), ("capacity-score-shared", 1),
+                                         ("expert-choice", 1), ("sigmoid-bias-shared", 3)])
+def test_every_rank_issues_the_same_collectives_whatever_its_data(tmp_path, case, chunks):
+    results = run_distributed(_sequence_worker, 2, tmp_path, [0, 17], case, chunks)
     assert results[0]["calls"] == results[1]["calls"]
     calls = results[0]["calls"]
     assert calls.count("all_to_all_single") == 3  # the counts exchange, once per layer call
     if case != "sigmoid-bias-shared":  # capacity or expert choice over every rank's tokens
         assert calls.count("all_gather") == 2 * 3
-    assert calls.count("all_to_all_single_autograd") == 3 * 2  # rows there and back
+    # rows there and back, per chunk
+    assert calls.count("all_to_all_single_autograd") == 3 * 2 * chunks
     assert calls.count("all_reduce") >= 2  # global load for the losses (and bias counts)
 
 
@@ -305,3 +370,40 @@ def test_one_counts_all_reduce_per_layer_and_one_per_step_for_the_bias(tmp_path)
         assert result["step_calls"] == [(4,)]  # every layer's counts in one tensor
     assert torch.equal(results[0]["bias"], results[1]["bias"])
     assert results[0]["bias"].abs().sum() > 0
+
+
+def _schedule_worker(rank, world_size, result_dir):
+    from moekit.dispatch import alltoall
+
+    events = []
+    send, wait = alltoall.funcol.all_to_all_single_autograd, alltoall.funcol.wait_tensor
+
+    def recorded_send(*args, **kwargs):
+        events.append("send")
+        return send(*args, **kwargs)
+
+    def recorded_wait(tensor, _depth=[0]):  # a wait from inside a wait is the same wait
+        if not _depth[0]:
+            events.append("wait")
+        _depth[0] += 1
+        try:
+            return wait(tensor)
+        finally:
+            _depth[0] -= 1
+
+    alltoall.funcol.all_to_all_single_autograd = recorded_send
+    alltoall.funcol.wait_tensor = recorded_wait
+    fields = {**CASES["sigmoid-bias-shared"], "balance_loss_weight": 0.1}
+    moe = apply_expert_parallel(randomized_moe(seed=0, **fields), overlap_chunks=2)
+    moe.shared_experts.register_forward_hook(lambda *_: events.append("shared"))
+    torch.manual_seed(rank)
+    moe(torch.randn(6, fields["dim"]))
+    torch.save({"events": events}, os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_overlap_schedule_sends_every_chunk_before_waiting_and_runs_shared_experts_meanwhile(tmp_path):
+    """Both chunks' rows leave before the first wait, the shared experts run before it,
+    and chunk 0's outputs leave before chunk 1's rows are waited for."""
+    results = run_distributed(_schedule_worker, 2, tmp_path)
+    assert results[0]["events"] == ["send", "send", "shared", "wait", "send", "wait", "send",
+                                    "wait", "wait"]
