@@ -120,8 +120,7 @@ class DataExpertParallel(SingleProcess):
         finish_gradients its copies hold the same summed gradient), the replicated
         parameters once."""
         from moekit.layer import MoE
-        from moekit.parallel import is_expert_parallel
-        from moekit.parallel.state import first_copy_rows
+        from moekit.parallel import first_copy_rows, is_expert_parallel
 
         counted_rows = {id(param): first_copy_rows(moe) for moe in model.modules() if isinstance(moe, MoE)
                         for param in moe.experts.parameters(recurse=False)}
