@@ -67,6 +67,9 @@ def _dcp_load_worker(rank, world_size, result_dir, checkpoint, expert_parallel, 
     if expert_parallel:  # every copy, not only the first one that full_state_dict gathers
         for name, param in moe.experts.named_parameters():
             assert torch.equal(param, reference[f"experts.{name}"][moe.experts.expert_ids]), name
+    if placement is not None:  # a full state dict is not this rank's block of experts
+        with pytest.raises(ValueError, match=r"expected \[\d, \.\.\.\] \(its block of experts\)"):
+            load_sharded_state_dict(moe, reference)
 
 
 @pytest.fixture(scope="module", params=[None, SAVED_WITH_COPIES], ids=["saved-contiguous", "saved-copies"])
