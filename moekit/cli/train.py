@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "batch over them (data + expert parallel; docs/parallel.md)")
     parser.add_argument("--placement", metavar="FILE",
                         help="with --expert-parallel: which experts each process holds, from "
-                             "`moekit plan-placement --devices N` (no --replicas)")
+                             "`moekit plan-placement --devices N` (copies from --replicas included)")
     add_training_flags(parser)
 
 

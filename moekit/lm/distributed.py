@@ -103,14 +103,7 @@ class DataExpertParallel(SingleProcess):
 
         if not getattr(model, "moe_layers", None):
             return model
-        apply_expert_parallel(model, placement=self.placement)
-        copied = [name for name, m in model.named_modules()
-                  if getattr(getattr(m, "dispatcher", None), "has_copies", False)]
-        if copied:  # clip_grad_norm would count a replicated expert once per copy
-            raise ValueError(f"the placement gives copies of experts in {copied}: the trainer does "
-                             "not support replicated experts yet (apply_expert_parallel does); plan "
-                             "with --replicas 0")
-        return model
+        return apply_expert_parallel(model, placement=self.placement)
 
     def local_rows(self, batch: torch.Tensor) -> torch.Tensor:
         per_rank = batch.shape[0] // self.world_size
@@ -122,11 +115,18 @@ class DataExpertParallel(SingleProcess):
         all_reduce_replicated_grads(model)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
-        from moekit.parallel import is_expert_parallel
+        """Clip by the norm of the one-process gradient: each rank's sharded expert rows
+        counted once over the ranks (of a replicated expert, only the first copy: after
+        finish_gradients its copies hold the same summed gradient), the replicated
+        parameters once."""
+        from moekit.layer import MoE
+        from moekit.parallel import first_copy_rows, is_expert_parallel
 
-        grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
-        sharded = [g for name, g in grads if is_expert_parallel(name)]
-        replicated = [g for name, g in grads if not is_expert_parallel(name)]
+        counted_rows = {id(param): first_copy_rows(moe) for moe in model.modules() if isinstance(moe, MoE)
+                        for param in moe.experts.parameters(recurse=False)}
+        named = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
+        sharded = [p.grad[counted_rows[id(p)]] for name, p in named if is_expert_parallel(name)]
+        replicated = [p.grad for name, p in named if not is_expert_parallel(name)]
         sharded_sq = torch.nn.utils.get_total_norm(sharded).square() if sharded else torch.zeros(())
         dist.all_reduce(sharded_sq)
         replicated_sq = torch.nn.utils.get_total_norm(replicated).square() if replicated \

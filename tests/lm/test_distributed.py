@@ -75,22 +75,60 @@ def test_checkpoint_written_at_two_processes_resumes_at_one_and_at_two(tmp_path)
         _assert_same_run(run_dir, tmp_path / "straight")
 
 
-def test_torchrun_expert_parallel_cli_equals_one_process(tmp_path):
+def _cli_flags(tmp_path: Path) -> list[str]:
+    """Flags of a short CLI run of the tiny preset with 4 experts on a small data folder."""
     text = tmp_path / "data"
     text.mkdir()
     for i in range(12):
         (text / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 20)
-    flags = ["--preset", "tiny", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
-             "--num-experts", "4", "--data", str(text), "--no-progress"]
+    return ["--preset", "tiny", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
+            "--num-experts", "4", "--data", str(text), "--no-progress"]
+
+
+def _torchrun_train(*args: str) -> subprocess.CompletedProcess:
+    """`moekit train --expert-parallel *args` on 2 torchrun processes; asserts it succeeded."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "moekit", "train", "--expert-parallel", "--out", str(tmp_path / "two"), *flags],
-        env=env, capture_output=True, text=True, timeout=240)
+         "-m", "moekit", "train", "--expert-parallel", *args],
+        env=env, capture_output=True, text=True, timeout=240, check=False)
     assert launched.returncode == 0, launched.stderr[-3000:]
+    return launched
+
+
+def test_torchrun_expert_parallel_cli_equals_one_process(tmp_path):
+    flags = _cli_flags(tmp_path)
+    launched = _torchrun_train("--out", str(tmp_path / "two"), *flags)
     assert launched.stdout.count("step 4: validation loss") == 1  # only rank 0 logs
     assert main(["train", "--out", str(tmp_path / "one"), *flags]) == 0
     _assert_same_run(tmp_path / "two", tmp_path / "one")
+
+
+def _grad_norms(run_dir: Path) -> list[float]:
+    records = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return [r["grad_norm"] for r in records if "grad_norm" in r]
+
+
+def test_torchrun_with_copies_of_experts_equals_one_process_and_resumes(tmp_path):
+    flags = _cli_flags(tmp_path)
+    for name, experts_per_device in [("copies-a", [[0, 1, 2], [3, 0, 1]]), ("copies-b", [[2, 3, 1], [0, 3, 2]])]:
+        layers = {f"blocks.{i}.ffn": {"num_experts": 4, "experts_per_device": experts_per_device}
+                  for i in (1, 2, 3)}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"layers": layers}))
+    _torchrun_train("--out", str(tmp_path / "two"), "--placement", str(tmp_path / "copies-a.json"),
+                    "--stop-after", "2", *flags)
+    # resumed with other experts copied: the checkpoint holds one copy of each expert
+    _torchrun_train("--resume", str(tmp_path / "two"), "--placement", str(tmp_path / "copies-b.json"),
+                    "--no-progress")
+    # one process, stopped and resumed alike (a stop logs the steps since the last record)
+    assert main(["train", "--out", str(tmp_path / "one"), "--stop-after", "2", *flags]) == 0
+    assert main(["train", "--resume", str(tmp_path / "one"), "--no-progress"]) == 0
+    _assert_same_run(tmp_path / "two", tmp_path / "one")
+    # the clipped norm counts each expert once, not once per copy
+    got, want = _grad_norms(tmp_path / "two"), _grad_norms(tmp_path / "one")
+    assert len(got) == len(want) > 0
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
 
 
 def test_expert_parallel_flag_outside_torchrun_says_how_to_launch(monkeypatch, capsys):

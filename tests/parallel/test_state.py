@@ -44,15 +44,18 @@ def test_full_state_dict_gathers_and_load_full_state_dict_shards(tmp_path):
     run_distributed(_state_worker, 2, tmp_path)
 
 
-def _dcp_save_worker(rank, world_size, result_dir, checkpoint):
-    moe = apply_expert_parallel(randomized_moe(seed=0, **FIELDS))
+SAVED_WITH_COPIES = [[3, 6, 0, 1, 5], [2, 7, 4, 6, 3]]  # 2 processes, experts 3 and 6 twice, out of order
+
+
+def _dcp_save_worker(rank, world_size, result_dir, checkpoint, placement):
+    moe = apply_expert_parallel(randomized_moe(seed=0, **FIELDS), placement=placement)
     dcp.save(sharded_state_dict(moe), checkpoint_id=checkpoint)
 
 
-def _dcp_load_worker(rank, world_size, result_dir, checkpoint, expert_parallel):
+def _dcp_load_worker(rank, world_size, result_dir, checkpoint, expert_parallel, placement):
     moe = randomized_moe(seed=5, **FIELDS)  # other weights, overwritten by the load
     if expert_parallel:
-        apply_expert_parallel(moe)
+        apply_expert_parallel(moe, placement=placement)
     state = sharded_state_dict(moe)
     dcp.load(state, checkpoint_id=checkpoint)
     load_sharded_state_dict(moe, state)
@@ -61,15 +64,41 @@ def _dcp_load_worker(rank, world_size, result_dir, checkpoint, expert_parallel):
     assert full.keys() == reference.keys()
     for key, value in reference.items():
         assert torch.equal(full[key], value), key
+    if expert_parallel:  # every copy, not only the first one that full_state_dict gathers
+        for name, param in moe.experts.named_parameters():
+            assert torch.equal(param, reference[f"experts.{name}"][moe.experts.expert_ids]), name
+    if placement is not None:  # a full state dict is not this rank's block of experts
+        with pytest.raises(ValueError, match=r"expected \[\d, \.\.\.\] \(its block of experts\)"):
+            load_sharded_state_dict(moe, reference)
 
 
-@pytest.mark.parametrize("world_size,expert_parallel", [(1, False), (1, True), (2, True), (4, True)])
-def test_dcp_checkpoint_saved_at_two_processes_loads_exactly_at_any_size(tmp_path, world_size,
-                                                                         expert_parallel):
-    checkpoint = str(tmp_path / "dcp")
-    run_distributed(_dcp_save_worker, 2, tmp_path / "save", checkpoint)
-    assert len([f for f in os.listdir(checkpoint) if f.endswith(".distcp")]) == 2  # one file per rank
-    run_distributed(_dcp_load_worker, world_size, tmp_path / "load", checkpoint, expert_parallel)
+@pytest.fixture(scope="module", params=[None, SAVED_WITH_COPIES], ids=["saved-contiguous", "saved-copies"])
+def saved_checkpoint(request, tmp_path_factory):
+    """A DCP checkpoint of the seed-0 layer saved at 2 processes with the given placement."""
+    folder = tmp_path_factory.mktemp("dcp")
+    checkpoint = str(folder / "dcp")
+    run_distributed(_dcp_save_worker, 2, folder / "save", checkpoint, request.param)
+    return checkpoint
+
+
+def test_dcp_checkpoint_holds_each_expert_once(saved_checkpoint):
+    assert len([f for f in os.listdir(saved_checkpoint) if f.endswith(".distcp")]) == 2  # one file per rank
+    metadata = dcp.FileSystemReader(saved_checkpoint).read_metadata().state_dict_metadata
+    for name, param in randomized_moe(seed=0, **FIELDS).experts.named_parameters():
+        entry = metadata[f"experts.{name}"]
+        assert tuple(entry.size) == tuple(param.shape)
+        # the chunks tile [E, ...] in expert order, no expert twice
+        assert sorted((c.offsets[0], c.sizes[0]) for c in entry.chunks) == [(0, 4), (4, 4)], name
+
+
+@pytest.mark.parametrize("world_size,expert_parallel,placement", [
+    (1, False, None), (1, True, None), (2, True, None),
+    (2, True, [[7, 2, 5, 0], [1, 3, 6, 4]]),  # another placement, out of order
+    (3, True, [[5, 0, 3], [1, 7, 6], [4, 2, 0]]),  # uneven expert-order blocks: 3, 3, 2
+    (4, True, [[0, 1, 2], [3, 4, 5], [6, 7, 0], [1, 2, 3]])])
+def test_dcp_checkpoint_saved_at_two_processes_loads_exactly_at_any_size(
+        tmp_path, saved_checkpoint, world_size, expert_parallel, placement):
+    run_distributed(_dcp_load_worker, world_size, tmp_path, saved_checkpoint, expert_parallel, placement)
 
 
 def _adamw_step(moe, x, grad):
