@@ -197,10 +197,10 @@ class FullyShardedExpertParallel(DataExpertParallel):
             raise UsageError(f"--expert-parallel-size {ep} must divide the number of processes "
                              f"({self.world_size}): the experts of a layer are sharded over ep "
                              "processes, repeated over processes / ep")
-        copied = [name for name, layer in (placement or {}).items() if max(layer.replicas()) > 1]
-        if copied:
-            raise UsageError(f"the placement gives copies of experts in {copied}: --fsdp needs a "
-                             "placement without copies; plan with --replicas 0")
+        layers = placement if isinstance(placement, dict) else {"every layer": placement}
+        for name, layer in layers.items():
+            if layer is not None:
+                _check_fsdp_placement(name, getattr(layer, "experts_per_device", layer), ep)
         from torch.distributed.device_mesh import init_device_mesh
 
         from moekit.parallel.fsdp import MESH_DIMS
@@ -255,6 +255,19 @@ class FullyShardedExpertParallel(DataExpertParallel):
         from moekit.parallel import load_fsdp_full_optimizer_state_dict
 
         load_fsdp_full_optimizer_state_dict(model, optimizer, state)
+
+
+def _check_fsdp_placement(layer: str, experts_per_device: Any, expert_parallel_size: int) -> None:
+    """UsageError unless the placement (expert ids per device) is over expert_parallel_size
+    devices, without copies (each expert id once)."""
+    devices = [list(experts) for experts in experts_per_device]
+    if len(devices) != expert_parallel_size:
+        raise UsageError(f"the placement of {layer} is over {len(devices)} devices, the experts over "
+                         f"--expert-parallel-size {expert_parallel_size} processes")
+    ids = [e for experts in devices for e in experts]
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"the placement of {layer} gives copies of experts ({devices}): --fsdp "
+                         "needs a placement without copies; plan with --replicas 0")
 
 
 def join_torchrun_group(device: torch.device) -> torch.device:
