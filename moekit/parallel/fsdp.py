@@ -13,6 +13,13 @@ concatenated tokens. Gradients are summed, not averaged, as under apply_expert_p
 each rank back-propagates its share of the global loss; FSDP's reduce-scatter then sums the
 experts' gradients over "dp" (the all-to-all already summed them over "ep") and the other
 gradients over every rank. Do not call all_reduce_replicated_grads.
+
+fsdp_full_state_dict / fsdp_full_optimizer_state_dict gather such a module's weights and
+optimizer state into the form one process has (every DTensor over its mesh, then the experts
+over "ep"), as moekit.parallel.full_state_dict does for plain expert parallelism;
+load_fsdp_full_state_dict / load_fsdp_full_optimizer_state_dict cut that form back, each rank
+taking its shard without communication. So a checkpoint moves between one process, plain
+expert parallelism and any (dp, ep) mesh.
 """
 
 from __future__ import annotations
