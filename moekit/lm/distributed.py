@@ -211,6 +211,9 @@ class FullyShardedExpertParallel(DataExpertParallel):
     def prepare(self, model: nn.Module) -> nn.Module:
         from moekit.parallel import apply_fsdp_expert_parallel
 
+        if not getattr(model, "moe_layers", None):
+            raise UsageError("--fsdp shards the experts of MoE blocks, and this model has none; "
+                             "train a dense model with --expert-parallel alone (data parallel)")
         return apply_fsdp_expert_parallel(model, self.mesh, placement=self.placement)
 
     def local_shard(self, tensor: torch.Tensor) -> torch.Tensor:

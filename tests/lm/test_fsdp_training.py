@@ -3,6 +3,7 @@ checkpoints that resume in one process without FSDP."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from moekit.cli import main
 from moekit.errors import UsageError
 from moekit.lm.distributed import FullyShardedExpertParallel
+from moekit.lm.model import MoETransformer
 from moekit.lm.train import train
 from moekit.placement import Placement
 
@@ -89,7 +91,10 @@ def _refusals_worker(rank, world_size, result_dir):
     with pytest.raises(UsageError, match="placement of every layer is over 2 devices, the experts over "
                                          "--expert-parallel-size 1 processes"):
         FullyShardedExpertParallel(1, [[0, 1], [2, 3]])
+    dense = MoETransformer(dataclasses.replace(_configs()[0], moe=None))
+    with pytest.raises(UsageError, match="--fsdp shards the experts of MoE blocks, and this model has none"):
+        FullyShardedExpertParallel(2).prepare(dense)
 
 
-def test_fsdp_refuses_sizes_that_do_not_divide_and_placements_with_copies(tmp_path):
+def test_fsdp_refuses_sizes_that_do_not_divide_placements_with_copies_and_dense_models(tmp_path):
     run_distributed(_refusals_worker, 2, tmp_path, timeout_s=120)
