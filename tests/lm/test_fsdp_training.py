@@ -9,11 +9,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from moekit.cli import main
 from moekit.errors import UsageError
 from moekit.lm.distributed import FullyShardedExpertParallel
+from moekit.lm.divergence import weights_problem
 from moekit.lm.model import MoETransformer
 from moekit.lm.train import train
 from moekit.placement import Placement
@@ -98,3 +100,18 @@ def _refusals_worker(rank, world_size, result_dir):
 
 def test_fsdp_refuses_sizes_that_do_not_divide_placements_with_copies_and_dense_models(tmp_path):
     run_distributed(_refusals_worker, 2, tmp_path, timeout_s=120)
+
+
+def _weights_problem_worker(rank, world_size, result_dir):
+    parallel = FullyShardedExpertParallel(2)
+    model = parallel.prepare(MoETransformer(_configs()[0]))
+    assert weights_problem(model, parallel) is None
+    if rank == 1:  # a NaN in this rank's experts only
+        with torch.no_grad():
+            parallel.local_shard(model.blocks[1].ffn.experts.down_proj)[0, 0, 0] = float("nan")
+    expected = "blocks.1.ffn.experts.down_proj" if rank == 1 else "a parameter on another rank"
+    assert weights_problem(model, parallel) == f"{expected} holds non-finite values after the optimizer step"
+
+
+def test_non_finite_weights_are_found_in_any_rank_shard(tmp_path):
+    run_distributed(_weights_problem_worker, 2, tmp_path, timeout_s=120)
