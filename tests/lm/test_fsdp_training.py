@@ -25,10 +25,11 @@ from .helpers import synthetic_corpus, write_text_files
 from .test_distributed import QUIET, REPO, _assert_same_run, _configs
 
 
-def _fsdp_train_worker(rank, world_size, result_dir, run_dir, expert_parallel_size, stop_after, resume):
+def _fsdp_train_worker(rank, world_size, result_dir, run_dir, expert_parallel_size, stop_after, resume,
+                       placement=None):
     model_cfg, train_cfg = _configs()
     train(model_cfg, train_cfg, synthetic_corpus(), run_dir, stop_after=stop_after, resume=resume,
-          parallel=FullyShardedExpertParallel(expert_parallel_size), **QUIET)
+          parallel=FullyShardedExpertParallel(expert_parallel_size, placement), **QUIET)
 
 
 @pytest.mark.parametrize("world_size,expert_parallel_size", [pytest.param(2, 1, id="dp2-ep1"),
@@ -46,13 +47,15 @@ def test_fsdp_training_equals_one_process(tmp_path, world_size, expert_parallel_
 
 
 def test_runs_move_between_one_process_and_fsdp(tmp_path):
-    """One process to step 2, FSDP at dp1/ep2 to step 4, one process to the end: the same
-    losses and weights as a run that never stopped."""
+    """One process to step 2, FSDP at dp1/ep2 (experts placed out of order) to step 4, one
+    process to the end: the same losses and weights as a run that never stopped."""
     model_cfg, train_cfg = _configs()
     assert train(model_cfg, train_cfg, synthetic_corpus(), tmp_path / "straight", **QUIET).finished
     run_dir = tmp_path / "moved"
     train(model_cfg, train_cfg, synthetic_corpus(), run_dir, stop_after=2, **QUIET)
-    run_distributed(_fsdp_train_worker, 2, tmp_path / "work", str(run_dir), 2, 4, True, timeout_s=240)
+    placement = {"blocks.0.ffn": [[3, 0], [2, 1]], "blocks.1.ffn": [[1, 2], [0, 3]]}
+    run_distributed(_fsdp_train_worker, 2, tmp_path / "work", str(run_dir), 2, 4, True, placement,
+                    timeout_s=240)
     assert train(model_cfg, train_cfg, synthetic_corpus(), run_dir, resume=True, **QUIET).finished
     _assert_same_run(run_dir, tmp_path / "straight")
 
