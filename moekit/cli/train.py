@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--placement", metavar="FILE",
                         help="with --expert-parallel: which experts each process holds, from "
                              "`moekit plan-placement --devices N` (copies from --replicas included)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="with --expert-parallel: also shard every parameter, gradient and "
+                             "optimizer state with FSDP2 on a 2-D (dp, ep) process mesh")
+    parser.add_argument("--expert-parallel-size", type=int, metavar="N",
+                        help="with --fsdp: shard each layer's experts over N processes (default "
+                             "all), repeated over processes / N; N must divide the processes")
     add_training_flags(parser)
 
 
@@ -45,19 +51,34 @@ def run(args: argparse.Namespace, log=print) -> int:
     if not args.expert_parallel:
         if args.placement:
             raise UsageError("--placement places experts over processes: it needs --expert-parallel")
+        if args.fsdp:
+            raise UsageError("--fsdp shards the model over processes: it needs --expert-parallel, "
+                             "e.g. torchrun --nproc-per-node 2 -m moekit train --expert-parallel --fsdp")
         return _train(args, device, None, log)
+    if args.expert_parallel_size is not None and not args.fsdp:
+        raise UsageError(f"--expert-parallel-size {args.expert_parallel_size} needs --fsdp: without "
+                         "it the experts are sharded over every process")
     import torch.distributed as dist
 
-    parallel, device = _start_expert_parallel(device, args.placement)
+    parallel, device = _start_expert_parallel(device, args.placement, args.fsdp,
+                                              args.expert_parallel_size)
     try:
         return _train(args, device, parallel, log if parallel.is_main else (lambda message: None))
     finally:
         dist.destroy_process_group()
 
 
-def _start_expert_parallel(device: torch.device, placement_file: str | None):
-    """Join the torchrun process group -> (DataExpertParallel, this rank's device)."""
-    from moekit.lm.distributed import DataExpertParallel, join_torchrun_group
+def _start_expert_parallel(device: torch.device, placement_file: str | None, fsdp: bool,
+                           expert_parallel_size: int | None):
+    """Join the torchrun process group -> (DataExpertParallel, or FullyShardedExpertParallel
+    with ``fsdp``; this rank's device)."""
+    import torch.distributed as dist
+
+    from moekit.lm.distributed import (
+        DataExpertParallel,
+        FullyShardedExpertParallel,
+        join_torchrun_group,
+    )
     from moekit.placement import read_placement_file
 
     if "WORLD_SIZE" not in os.environ:
@@ -68,7 +89,13 @@ def _start_expert_parallel(device: torch.device, placement_file: str | None):
         with usage_errors():
             placement = read_placement_file(placement_file)
     device = join_torchrun_group(device)
-    return DataExpertParallel(placement), device
+    try:
+        if fsdp:
+            return FullyShardedExpertParallel(expert_parallel_size, placement, device.type), device
+        return DataExpertParallel(placement), device
+    except BaseException:
+        dist.destroy_process_group()
+        raise
 
 
 def _train(args: argparse.Namespace, device: torch.device, parallel, log) -> int:

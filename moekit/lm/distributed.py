@@ -41,6 +41,10 @@ class SingleProcess:
         """This rank's rows [B / W, ...] of a global batch [B, ...]."""
         return batch
 
+    def local_shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a parameter or gradient (all of it unless FSDP shards it)."""
+        return tensor
+
     def finish_gradients(self, model: nn.Module) -> None:
         """Make every gradient the gradient of the global batch's loss."""
 
@@ -177,11 +181,103 @@ class DataExpertParallel(SingleProcess):
         dist.barrier()
 
 
+class FullyShardedExpertParallel(DataExpertParallel):
+    """Data + expert parallel with FSDP2 on a 2-D ("dp", "ep") mesh of the default process
+    group (moekit.parallel.fsdp): every rank trains on its 1/W of each batch; the experts
+    are sharded over ``expert_parallel_size`` ranks (default all W) and that shard over the
+    W / ep "dp" ranks; every other parameter is sharded over all W ranks. Parameters,
+    gradients and optimizer state are DTensors; checkpoints hold one-process tensors as
+    DataExpertParallel's do. ``placement`` as DataExpertParallel's, without copies."""
+
+    def __init__(self, expert_parallel_size: int | None = None, placement: Any = None,
+                 device_type: str = "cpu") -> None:
+        super().__init__(placement)
+        ep = self.world_size if expert_parallel_size is None else expert_parallel_size
+        if ep < 1 or self.world_size % ep:
+            raise UsageError(f"--expert-parallel-size {ep} must divide the number of processes "
+                             f"({self.world_size}): the experts of a layer are sharded over ep "
+                             "processes, repeated over processes / ep")
+        layers = placement if isinstance(placement, dict) else {"every layer": placement}
+        for name, layer in layers.items():
+            if layer is not None:
+                _check_fsdp_placement(name, getattr(layer, "experts_per_device", layer), ep)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from moekit.parallel.fsdp import MESH_DIMS
+
+        self.expert_parallel_size = ep
+        self.mesh = init_device_mesh(device_type, (self.world_size // ep, ep), mesh_dim_names=MESH_DIMS)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        from moekit.parallel import apply_fsdp_expert_parallel
+
+        if not getattr(model, "moe_layers", None):
+            raise UsageError("--fsdp shards the experts of MoE blocks, and this model has none; "
+                             "train a dense model with --expert-parallel alone (data parallel)")
+        return apply_fsdp_expert_parallel(model, self.mesh, placement=self.placement)
+
+    def local_shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+    def finish_gradients(self, model: nn.Module) -> None:
+        """Nothing: FSDP's reduce-scatter has already summed every gradient."""
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        # every element of every parameter lives on exactly one rank (no copies), so the
+        # squared norms of the local shards sum over all ranks to the global squared norm
+        grads = [self.local_shard(p.grad) for p in model.parameters() if p.grad is not None]
+        squared = torch.nn.utils.get_total_norm(grads).square() if grads else torch.zeros(())
+        dist.all_reduce(squared)
+        total = squared.sqrt()
+        if math.isfinite(max_norm):
+            coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as clip_grads_with_norm_
+            for grad in grads:
+                grad.mul_(coefficient.to(grad.device))
+        return float(total)
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        from moekit.parallel import fsdp_full_state_dict
+
+        return fsdp_full_state_dict(model, rank0_only=True)
+
+    def full_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer
+                                  ) -> dict[str, Any] | None:
+        from moekit.parallel import fsdp_full_optimizer_state_dict
+
+        return fsdp_full_optimizer_state_dict(model, optimizer, rank0_only=True)
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        from moekit.parallel import load_fsdp_full_state_dict
+
+        load_fsdp_full_state_dict(model, state)
+
+    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                                  state: dict[str, Any]) -> None:
+        from moekit.parallel import load_fsdp_full_optimizer_state_dict
+
+        load_fsdp_full_optimizer_state_dict(model, optimizer, state)
+
+
+def _check_fsdp_placement(layer: str, experts_per_device: Any, expert_parallel_size: int) -> None:
+    """UsageError unless the placement (expert ids per device) is over expert_parallel_size
+    devices, without copies (each expert id once)."""
+    devices = [list(experts) for experts in experts_per_device]
+    if len(devices) != expert_parallel_size:
+        raise UsageError(f"the placement of {layer} is over {len(devices)} devices, the experts over "
+                         f"--expert-parallel-size {expert_parallel_size} processes")
+    ids = [e for experts in devices for e in experts]
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"the placement of {layer} gives copies of experts ({devices}): --fsdp "
+                         "needs a placement without copies; plan with --replicas 0")
+
+
 def join_torchrun_group(device: torch.device) -> torch.device:
     """Join the process group torchrun set up: gloo on CPU, NCCL on CUDA with one GPU
     per local rank -> this rank's device. Call under torchrun (WORLD_SIZE is set)."""
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device

@@ -32,7 +32,10 @@ def step_problem(losses: list[float], grad_norm: float, parallel: SingleProcess)
 
 def weights_problem(model: torch.nn.Module, parallel: SingleProcess) -> str | None:
     """The first parameter that holds a non-finite value (on any rank), or None."""
-    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    # each rank checks its own shard, explicitly: bool() of a reduced FSDP DTensor happens to
+    # read this rank's partial value (torch 2.13), a detail not to rely on
+    bad = next((name for name, p in model.named_parameters()
+                if not torch.isfinite(parallel.local_shard(p)).all()), None)
     if _any_rank(bad is not None, parallel) and bad is None:
         bad = "a parameter on another rank"
     return None if bad is None else f"{bad} holds non-finite values after the optimizer step"

@@ -13,15 +13,32 @@ concatenated tokens. Gradients are summed, not averaged, as under apply_expert_p
 each rank back-propagates its share of the global loss; FSDP's reduce-scatter then sums the
 experts' gradients over "dp" (the all-to-all already summed them over "ep") and the other
 gradients over every rank. Do not call all_reduce_replicated_grads.
+
+fsdp_full_state_dict / fsdp_full_optimizer_state_dict gather such a module's weights and
+optimizer state into the form one process has (every DTensor over its mesh, then the experts
+over "ep"), as moekit.parallel.full_state_dict does for plain expert parallelism;
+load_fsdp_full_state_dict / load_fsdp_full_optimizer_state_dict cut that form back, each rank
+taking its shard without communication. So a checkpoint moves between one process, plain
+expert parallelism and any (dp, ep) mesh.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import torch.distributed as dist
 from torch import nn
 
 from moekit.layer import MoE
 from moekit.parallel.expert_parallel import apply_expert_parallel
+from moekit.parallel.state import (
+    _gather_experts,
+    _local_experts,
+    _optimizer_parameters,
+    _sharded_experts,
+    _sharded_parameters,
+)
 
 MESH_DIMS = ("dp", "ep")
 
@@ -58,3 +75,103 @@ def apply_fsdp_expert_parallel(module: nn.Module, mesh, placement=None,
             sharded.set_gradient_divide_factor(1.0)
             sharded.set_force_sum_reduction_for_comms(True)
     return module
+
+
+def _full(value):
+    """A DTensor's full tensor (a collective over its mesh); anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _shard_like(full: torch.Tensor, like) -> torch.Tensor:
+    """``full`` laid out as the DTensor ``like`` (each rank keeps its own shard, without
+    communication: every rank holds the same ``full``); a plain ``like`` gives ``full``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(device=like.device, dtype=like.dtype), like.device_mesh,
+                             like.placements, src_data_rank=None)
+
+
+def _expert_keys(module: nn.Module) -> dict[str, MoE]:
+    """State-dict key -> its layer, for every expert weight apply_expert_parallel sharded."""
+    return {f"{prefix}.{name}": moe for prefix, moe in _sharded_experts(module)
+            for name, _ in moe.experts.named_parameters(recurse=False)}
+
+
+def fsdp_full_state_dict(module: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """The state dict one process would have, from a module sharded by
+    apply_fsdp_expert_parallel: every parameter gathered over its mesh, and the expert
+    weights [E / ep, ...] also over "ep" to [E, ...]. Every rank must call it; with
+    ``rank0_only`` the other ranks get None."""
+    experts = _expert_keys(module)
+    state = {}
+    for key, value in module.state_dict().items():
+        value = _full(value).detach()
+        state[key] = _gather_experts(value, experts[key]) if key in experts else value
+    if rank0_only and dist.get_rank() != 0:
+        return None
+    return state
+
+
+def load_fsdp_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a one-process state dict (full expert weights) into a module sharded by
+    apply_fsdp_expert_parallel: each rank keeps its experts' rows, then its shard of
+    them over "dp" (and of every other parameter over all ranks). Strict."""
+    experts = _expert_keys(module)
+    local = dict(state)
+    for key, like in module.state_dict().items():
+        if key not in local:
+            continue  # load_state_dict names it
+        if key in experts:
+            local[key] = _local_experts(local[key], experts[key], key)
+        local[key] = _shard_like(local[key], like)
+    module.load_state_dict(local, strict=True)
+
+
+def fsdp_full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer,
+                                   rank0_only: bool = False) -> dict[str, Any] | None:
+    """optimizer.state_dict() as one process would have it, for an optimizer built over
+    a module after apply_fsdp_expert_parallel: every per-parameter state tensor (e.g.
+    AdamW's exp_avg, exp_avg_sq) gathered as fsdp_full_state_dict gathers its parameter.
+    Every rank must call it; with ``rank0_only`` the other ranks get None."""
+    sharded = _sharded_parameters(module)
+    state = optimizer.state_dict()
+    for index, param in enumerate(_optimizer_parameters(optimizer)):
+        if index not in state["state"]:
+            continue
+        moe = sharded.get(id(param))
+        entries = {}
+        for key, value in state["state"][index].items():
+            value = _full(value)
+            if moe is not None and torch.is_tensor(value) and value.shape == param.shape:
+                value = _gather_experts(value, moe)
+            entries[key] = value
+        state["state"][index] = entries
+    if rank0_only and dist.get_rank() != 0:
+        return None
+    return state
+
+
+def load_fsdp_full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer,
+                                        state: dict[str, Any]) -> None:
+    """Load a one-process optimizer state dict into the optimizer of a module sharded by
+    apply_fsdp_expert_parallel: each state tensor of a parameter's shape is cut as that
+    parameter is."""
+    sharded = _sharded_parameters(module)
+    per_param = dict(state["state"])
+    for index, param in enumerate(_optimizer_parameters(optimizer)):
+        if index not in per_param:
+            continue
+        moe = sharded.get(id(param))
+        entries = {}
+        for key, value in per_param[index].items():
+            if torch.is_tensor(value) and value.dim() == param.dim() and value.dim() > 0:
+                if moe is not None:
+                    value = _local_experts(value, moe, f"optimizer state {index}.{key}")
+                value = _shard_like(value, param)
+            entries[key] = value
+        per_param[index] = entries
+    optimizer.load_state_dict({**state, "state": per_param})

@@ -1,5 +1,6 @@
 """FSDP2 + expert parallelism on a 2-D (dp, ep) mesh over gloo: outputs, aux losses and every
-gradient equal one process on all tokens."""
+gradient equal one process on all tokens; weights and optimizer state gathered to one-process
+form and cut back."""
 
 from __future__ import annotations
 
@@ -9,11 +10,18 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from moekit.parallel.fsdp import apply_fsdp_expert_parallel
+from moekit.parallel.fsdp import (
+    apply_fsdp_expert_parallel,
+    fsdp_full_optimizer_state_dict,
+    fsdp_full_state_dict,
+    load_fsdp_full_optimizer_state_dict,
+    load_fsdp_full_state_dict,
+)
 
 from ..conftest import randomized_moe
 from ..distributed import run_distributed
 from .test_expert_parallel import CASES, _global_tokens
+from .test_state import _adamw_step
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -64,3 +72,59 @@ def test_fsdp_with_expert_parallel_equals_one_process(tmp_path, case, sizes, mes
     torch.testing.assert_close(sum(r["aux_loss"] for r in results), results[0]["reference_aux_loss"])
     # every rank counts its own tokens: they sum to one process's counts
     assert sum(r["tokens_per_expert"] for r in results).tolist() == results[0]["reference"].tolist()
+
+
+def _state_worker(rank, world_size, result_dir, sizes, mesh_shape, placement):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fields = CASES["sigmoid-bias-shared"]
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "ep"))
+    reference = randomized_moe(seed=0, **fields)
+    sharded = apply_fsdp_expert_parallel(randomized_moe(seed=0, **fields), mesh, placement)
+    full = fsdp_full_state_dict(sharded)
+    assert full.keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(full[key], value), key
+    assert (fsdp_full_state_dict(sharded, rank0_only=True) is None) == (rank != 0)
+    # two AdamW steps on every rank's tokens: the gathered state is one process's
+    torch.manual_seed(11)
+    x_all, grad_all = torch.randn(sum(sizes), fields["dim"]), torch.randn(sum(sizes), fields["dim"])
+    start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    for ref_optimizer in _adamw_step(reference, x_all, grad_all):
+        pass
+    for optimizer in _adamw_step(sharded, x_all[start:stop], grad_all[start:stop]):
+        pass
+    full, expected = fsdp_full_optimizer_state_dict(sharded, optimizer), ref_optimizer.state_dict()
+    assert full["param_groups"] == expected["param_groups"]
+    assert full["state"].keys() == expected["state"].keys()
+    for index, entry in expected["state"].items():
+        assert full["state"][index].keys() == entry.keys()
+        for key, value in entry.items():
+            torch.testing.assert_close(full["state"][index][key], value, rtol=1e-5, atol=1e-7,
+                                       msg=f"{index}.{key}")
+    assert (fsdp_full_optimizer_state_dict(sharded, optimizer, rank0_only=True) is None) == (rank != 0)
+    # the full state cut back into a fresh optimizer: this rank's shards, bitwise
+    fresh = torch.optim.AdamW(sharded.parameters(), lr=0.01)
+    load_fsdp_full_optimizer_state_dict(sharded, fresh, full)
+    mine, restored = optimizer.state_dict()["state"], fresh.state_dict()["state"]
+    for index, entry in mine.items():
+        for key, value in entry.items():
+            assert torch.equal(_full(restored[index][key]), _full(value)), f"{index}.{key}"
+    # other full weights into the sharded layer: it computes as they do
+    other = randomized_moe(seed=1, **fields)
+    load_fsdp_full_state_dict(sharded, other.state_dict())
+    for key, value in fsdp_full_state_dict(sharded).items():
+        assert torch.equal(value, other.state_dict()[key]), key
+    torch.manual_seed(3 + rank)
+    x = torch.randn(6, fields["dim"])
+    other.eval(), sharded.eval()
+    with torch.no_grad():
+        y = sharded(x)[0]
+    torch.testing.assert_close(y, other(x)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sizes,mesh_shape,placement", [
+    pytest.param([5, 9], (2, 1), None, id="world2-dp2-ep1"),
+    pytest.param([5, 0, 9, 3], (2, 2), [[7, 0, 2, 5], [1, 3, 4, 6]], id="world4-dp2-ep2-placed")])
+def test_fsdp_full_state_equals_one_process_and_shards_back(tmp_path, sizes, mesh_shape, placement):
+    run_distributed(_state_worker, len(sizes), tmp_path, sizes, mesh_shape, placement, timeout_s=240)
