@@ -22,7 +22,7 @@ from moekit.memory import check_layer_fits
 from moekit.null_experts import copy_expert_output, real_expert_routing
 from moekit.replay import check_expert_indices
 from moekit.routers import build_router
-from moekit.dispatch.local import GlobalLoad
+from moekit.dispatch.local import GlobalLoad, SideWork
 from moekit.routers.bias import recomputing
 from moekit.routing import Routing, autocast_off, expert_counts
 
@@ -94,8 +94,9 @@ class MoE(nn.Module):
         side_work = None if self.shared_experts is None \
             else (lambda: shared.append(self.shared_experts(x_TD)))
         y_TD, plan = self._run_experts(x_TD, routing, sequence_T, num_sequences, side_work)
-        if shared:
-            y_TD = y_TD + shared[0]
+        if self.shared_experts is not None:
+            (shared_TD,) = shared  # the dispatcher calls side_work exactly once
+            y_TD = y_TD + shared_TD
         if self.output_bias is not None:
             y_TD = y_TD + self.output_bias.to(y_TD.dtype)  # autocast: y's dtype, as nn.Linear's bias
         if padding_mask is not None:
@@ -127,7 +128,8 @@ class MoE(nn.Module):
         return self.router.replay(x_TD, ids_TK)
 
     def _run_experts(self, x_TD: torch.Tensor, routing: Routing, sequence_T: torch.Tensor | None,
-                     num_sequences: int, side_work=None) -> tuple[torch.Tensor, DispatchPlan]:
+                     num_sequences: int, side_work: SideWork | None = None
+                     ) -> tuple[torch.Tensor, DispatchPlan]:
         """(y_TD [T, D], plan): the dispatcher (the eval one of eval_capacity_fraction in eval
         mode) and the experts on the real experts' assignments, scaled by 1 -
         expert_output_dropout in eval mode, plus the copy experts' share with null experts of

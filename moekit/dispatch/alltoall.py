@@ -38,8 +38,6 @@ S slots per rank, C most copies of one expert.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -47,12 +45,10 @@ import torch.distributed._functional_collectives as funcol
 from moekit.capacity import capacity_keep_mask
 from moekit.dispatch.capacity import CapacityDispatcher, token_scores
 from moekit.contract import DispatchPlan, ExpertsContract, rows_plan
-from moekit.dispatch.local import GlobalLoad, LocalDispatcher, all_reduced_load, plan_dispatch
+from moekit.dispatch.local import GlobalLoad, LocalDispatcher, SideWork, all_reduced_load, plan_dispatch
 from moekit.dispatch.permute import combine_rows, dispatch_rows
 from moekit.placement import contiguous_placement, validate_placement
 from moekit.routing import Routing
-
-SideWork = Callable[[], None]
 
 
 def expert_placement(num_experts: int, world_size: int, placement=None) -> list[list[int]]:
@@ -68,8 +64,10 @@ def expert_placement(num_experts: int, world_size: int, placement=None) -> list[
 
 
 def check_overlap_chunks(overlap_chunks: int) -> int:
-    """overlap_chunks itself, or a ValueError naming it unless it is an int >= 1."""
-    if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int) or overlap_chunks < 1:
+    """overlap_chunks itself; a TypeError unless it is an int, a ValueError unless >= 1."""
+    if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int):
+        raise TypeError(f"overlap_chunks must be an int >= 1, got {overlap_chunks!r}")
+    if overlap_chunks < 1:
         raise ValueError(f"overlap_chunks must be an int >= 1, got {overlap_chunks!r}")
     return overlap_chunks
 
@@ -190,21 +188,23 @@ class AllToAllDispatcher:
         counts_NWS = torch.stack([chunk.counts_E for _, chunk in chunks]).view(
             len(chunks), self.world_size, self.num_local_experts)
         received_NWS = self._exchange_counts(counts_NWS)
-        sent = [self._send(rows_RD, received_WS.sum(1).tolist(), counts_WS.sum(1).tolist())
-                for rows_RD, counts_WS, received_WS in zip(rows, counts_NWS, received_NWS)]
+        # rows per chunk and rank, read on the host once (the uneven splits of every exchange)
+        send_NW, recv_NW = counts_NWS.sum(2).tolist(), received_NWS.sum(2).tolist()
+        sent = [self._send(rows_RD, recv_W, send_W) for rows_RD, send_W, recv_W in zip(rows, send_NW, recv_NW)]
         if side_work is not None:
             side_work()
         returned = []
-        for in_flight, counts_WS, received_WS in zip(sent, counts_NWS, received_NWS):
+        for in_flight, received_WS, send_W, recv_W in zip(sent, received_NWS, send_NW, recv_NW):
             received_RD = funcol.wait_tensor(in_flight)
             # received rows come grouped by source rank, then local expert: regroup by expert
             by_expert = _source_major_to_expert_major(received_WS)
             out_RD = experts(received_RD.index_select(0, by_expert),
                              rows_plan(received_WS.sum(0), by_expert.shape[0]))
             out_RD = torch.empty_like(out_RD).index_copy(0, by_expert, out_RD)
-            returned.append(self._send(out_RD, counts_WS.sum(1).tolist(), received_WS.sum(1).tolist()))
-        y_TD = torch.cat([combine_rows(funcol.wait_tensor(back_RD), chunk)
-                          for back_RD, (_, chunk) in zip(returned, chunks)])
+            returned.append(self._send(out_RD, send_W, recv_W))
+        pieces = [combine_rows(funcol.wait_tensor(back_RD), chunk)
+                  for back_RD, (_, chunk) in zip(returned, chunks)]
+        y_TD = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         if self.slot_of_expert is not None:  # report counts per expert id, not per slot
             counts_E = plan.counts_E.new_zeros(self.num_experts).index_add(
                 0, self.expert_of_slot.to(plan.counts_E.device), plan.counts_E)

@@ -19,6 +19,10 @@ from moekit.losses import nonempty_sequences
 from moekit.dispatch.permute import combine_rows, dispatch_rows
 from moekit.routing import Routing, expert_counts
 
+# Work a dispatcher runs once per call while its communication is in flight (the layer's
+# shared experts), or after its experts when it has none.
+SideWork = Callable[[], None]
+
 
 class GlobalLoad(NamedTuple):
     """Routing totals over every rank sharing the experts (expert parallel).
@@ -63,7 +67,7 @@ class LocalDispatcher:
 
     def run_experts(self, x_TD: torch.Tensor, routing: Routing, experts: ExpertsContract,
                     sequence_T: torch.Tensor | None = None, num_sequences: int = 1,
-                    side_work: Callable[[], None] | None = None) -> tuple[torch.Tensor, DispatchPlan]:
+                    side_work: SideWork | None = None) -> tuple[torch.Tensor, DispatchPlan]:
         """experts(x_TD, plan) -> (y_TD [T, D], plan). ``side_work`` (the layer's shared
         experts) is called once, after the experts: there is no communication to hide it
         behind here (see AllToAllDispatcher)."""

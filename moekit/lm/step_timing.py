@@ -61,6 +61,8 @@ def median_step_seconds(configs: dict[str, tuple[LMConfig, TrainConfig]], repeat
                         warmup: int = 2) -> dict[str, float]:
     """{name: median seconds of one optimizer step} over ``repeats`` rounds, each round
     running every config's step once in turn, after ``warmup`` steps of each."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     steps = {name: training_step(*cfgs, device=device, dtype=dtype) for name, cfgs in configs.items()}
     return round_robin_seconds(steps, repeats, device, warmup)
 

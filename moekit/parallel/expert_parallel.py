@@ -28,6 +28,8 @@ from moekit.dispatch.alltoall import (AllToAllDispatcher, check_overlap_chunks, 
 from moekit.dispatch.capacity import CapacityDispatcher
 from moekit.dispatch.local import LocalDispatcher
 from moekit.layer import MoE
+from moekit.routers import BatchWideRouter
+from moekit.routers.expert_threshold import ExpertThresholdRouter
 
 # How each router's choice is kept exactly that of one process on all ranks' tokens.
 # "per token": a token's experts depend on that token alone (and on replicated state
@@ -110,7 +112,7 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
         experts.expert_ids = shard
         moe.dispatcher = AllToAllDispatcher(moe.dispatcher, group, layer_placement, overlap_chunks)
         moe.dispatcher.batch_group = group if batch_group is None else batch_group
-        if hasattr(moe.router, "gather_batch"):  # BatchWideRouter, ExpertThresholdRouter
+        if isinstance(moe.router, (BatchWideRouter, ExpertThresholdRouter)):
             moe.router.gather_batch = functools.partial(gather_rows, group=moe.dispatcher.batch_group)
     return module
 

@@ -41,6 +41,8 @@ CASES = {
                               capacity_scope="sequence"),
     "balance-sequence": dict(dim=8, expert_dim=12, num_experts=4, top_k=2, balance_scope="sequence",
                              capacity_factor=1.0),
+    "null-copy-shared": dict(dim=8, expert_dim=12, num_experts=4, top_k=3, num_null_experts=2,
+                             null_expert_kind="copy", num_shared_experts=1),
 }
 SEQ_LEN = 5
 
@@ -188,7 +190,8 @@ def test_any_expert_placement_gives_the_same_layer(tmp_path, case, placement):
     pytest.param("topk", [7, 12], [[0, 1, 2, 3, 4], [4, 5, 6, 7, 0]], 2, id="world2-copies-topk-2"),
     pytest.param("expert-choice", [0, 3, 17, 64], None, 2, id="world4-uneven-expert-choice-2"),
     pytest.param("balance-sequence", [0, 3, 17, 64], None, 4, id="world4-uneven-balance-sequence-4"),
-    pytest.param("topk", [1, 0, 2, 9], None, 5, id="world4-fewer-tokens-than-chunks")])
+    pytest.param("topk", [1, 0, 2, 9], None, 5, id="world4-fewer-tokens-than-chunks"),
+    pytest.param("null-copy-shared", [0, 3, 17, 9], None, 3, id="world4-null-copy-shared-3")])
 def test_overlapped_chunks_equal_one_process(tmp_path, case, sizes, placement, chunks):
     world_size = len(sizes)
     results = run_distributed(_worker, world_size, tmp_path, case, sizes, False, placement, chunks,
@@ -224,8 +227,8 @@ def _bad_world_worker(rank, world_size, result_dir):
         with pytest.raises(ValueError, match=message):
             apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4,
                                                               **fields)))
-    for chunks in (0, True, 1.5):
-        with pytest.raises(ValueError, match=f"overlap_chunks must be an int >= 1, got {chunks!r}"):
+    for chunks, error in ((0, ValueError), (True, TypeError), (1.5, TypeError)):
+        with pytest.raises(error, match=f"overlap_chunks must be an int >= 1, got {chunks!r}"):
             apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)),
                                   overlap_chunks=chunks)
     twice = apply_expert_parallel(moekit.MoE(moekit.MoEConfig(dim=8, expert_dim=8, num_experts=4)))

@@ -28,14 +28,14 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def _fsdp_worker(rank, world_size, result_dir, case, sizes, mesh_shape):
+def _fsdp_worker(rank, world_size, result_dir, case, sizes, mesh_shape, overlap_chunks=1):
     from torch.distributed.device_mesh import init_device_mesh
 
     fields = {**CASES[case], "balance_loss_weight": 0.1, "z_loss_weight": 0.01}
     reference = randomized_moe(seed=0, **fields)
     sharded = randomized_moe(seed=0, **fields)
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "ep"))
-    apply_fsdp_expert_parallel(sharded, mesh)
+    apply_fsdp_expert_parallel(sharded, mesh, overlap_chunks=overlap_chunks)
     x_all, grad_all = _global_tokens(sizes, fields["dim"], False, case)
     start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
     x_ref = x_all.clone().requires_grad_()
@@ -68,7 +68,18 @@ def _fsdp_worker(rank, world_size, result_dir, case, sizes, mesh_shape):
     pytest.param("capacity-score-shared", [6, 3, 17, 9], (2, 2), id="world4-dp2-ep2-capacity"),
     pytest.param("expert-choice", [6, 3, 17, 9], (2, 2), id="world4-dp2-ep2-expert-choice")])
 def test_fsdp_with_expert_parallel_equals_one_process(tmp_path, case, sizes, mesh_shape):
-    results = run_distributed(_fsdp_worker, len(sizes), tmp_path, case, sizes, mesh_shape, timeout_s=240)
+    _check_fsdp_results(run_distributed(_fsdp_worker, len(sizes), tmp_path, case, sizes, mesh_shape,
+                                        timeout_s=240))
+
+
+@pytest.mark.parametrize("case,sizes,chunks", [("sigmoid-bias-shared", [0, 3, 17, 9], 3),
+                                               ("capacity-score-shared", [6, 3, 17, 9], 2)])
+def test_fsdp_with_overlapped_chunks_equals_one_process(tmp_path, case, sizes, chunks):
+    _check_fsdp_results(run_distributed(_fsdp_worker, len(sizes), tmp_path, case, sizes, (2, 2), chunks,
+                                        timeout_s=240))
+
+
+def _check_fsdp_results(results) -> None:
     torch.testing.assert_close(sum(r["aux_loss"] for r in results), results[0]["reference_aux_loss"])
     # every rank counts its own tokens: they sum to one process's counts
     assert sum(r["tokens_per_expert"] for r in results).tolist() == results[0]["reference"].tolist()
