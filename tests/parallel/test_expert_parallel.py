@@ -65,17 +65,8 @@ def _worker(rank, world_size, result_dir, case, sizes, all_to_one, placement=Non
     apply_expert_parallel(sharded, placement=placement, overlap_chunks=overlap_chunks)
     x_all, grad_all = _global_tokens(sizes, fields["dim"], all_to_one, case)
     start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
-    # reference: one process on every rank's tokens
-    x_ref = x_all.clone().requires_grad_()
-    y_ref, aux_ref = reference(x_ref)
-    ((y_ref * grad_all).sum() + aux_ref.loss).backward()
-    # expert parallel: this rank's tokens only
-    x = x_all[start:stop].clone().requires_grad_()
-    y, aux = sharded(x)
-    ((y * grad_all[start:stop]).sum() + aux.loss).backward()
+    aux, aux_ref = forward_backward_both(reference, sharded, x_all, grad_all, start, stop)
     all_reduce_replicated_grads(sharded)
-    torch.testing.assert_close(y, y_ref[start:stop], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad, x_ref.grad[start:stop], rtol=1e-5, atol=1e-6)
     _assert_same_parameter_grads(sharded, reference, expert_shard(fields["num_experts"], placement=placement))
     if fields.get("bias_update_rate"):
         moekit.router_step(sharded)  # this rank's counts summed over the group
@@ -89,6 +80,21 @@ def _worker(rank, world_size, result_dir, case, sizes, all_to_one, placement=Non
                 "dropped": _dropped(aux), "reference_dropped": _dropped(aux_ref),
                 "aux_loss": aux.loss.detach(), "reference_aux_loss": aux_ref.loss.detach()},
                os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def forward_backward_both(reference, sharded, x_all, grad_all, start: int, stop: int):
+    """The one-process layer on every rank's tokens x_all and the sharded one on this rank's
+    rows [start, stop), each back-propagating sum(y * grad) + its aux loss; asserts equal
+    outputs and input gradients and returns (aux, aux_ref)."""
+    x_ref = x_all.clone().requires_grad_()
+    y_ref, aux_ref = reference(x_ref)
+    ((y_ref * grad_all).sum() + aux_ref.loss).backward()
+    x = x_all[start:stop].clone().requires_grad_()
+    y, aux = sharded(x)
+    ((y * grad_all[start:stop]).sum() + aux.loss).backward()
+    torch.testing.assert_close(y, y_ref[start:stop], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad[start:stop], rtol=1e-5, atol=1e-6)
+    return aux, aux_ref
 
 
 def _assert_same_parameter_grads(sharded, reference, shard: list[int]) -> None:
@@ -114,15 +120,8 @@ def _threshold_worker(rank, world_size, result_dir, sizes, overlap_chunks):
     for step in range(3):
         torch.manual_seed(100 + step)
         x_all, grad_all = torch.randn(sum(sizes), fields["dim"]), torch.randn(sum(sizes), fields["dim"])
-        x_ref = x_all.clone().requires_grad_()
-        y_ref, aux_ref = reference(x_ref)
-        ((y_ref * grad_all).sum() + aux_ref.loss).backward()
-        x = x_all[start:stop].clone().requires_grad_()
-        y, aux = sharded(x)
-        ((y * grad_all[start:stop]).sum() + aux.loss).backward()
+        _, aux_ref = forward_backward_both(reference, sharded, x_all, grad_all, start, stop)
         all_reduce_replicated_grads(sharded)
-        torch.testing.assert_close(y, y_ref[start:stop], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(x.grad, x_ref.grad[start:stop], rtol=1e-5, atol=1e-6)
         _assert_same_parameter_grads(sharded, reference, expert_shard(fields["num_experts"]))
         moekit.router_step(sharded)
         moekit.router_step(reference)  # every rank's reference records the same: a mean of equals

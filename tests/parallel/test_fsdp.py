@@ -20,7 +20,7 @@ from moekit.parallel.fsdp import (
 
 from ..conftest import randomized_moe
 from ..distributed import run_distributed
-from .test_expert_parallel import CASES, _global_tokens
+from .test_expert_parallel import CASES, _global_tokens, forward_backward_both
 from .test_state import _adamw_step
 
 
@@ -38,14 +38,7 @@ def _fsdp_worker(rank, world_size, result_dir, case, sizes, mesh_shape, overlap_
     apply_fsdp_expert_parallel(sharded, mesh, overlap_chunks=overlap_chunks)
     x_all, grad_all = _global_tokens(sizes, fields["dim"], False, case)
     start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
-    x_ref = x_all.clone().requires_grad_()
-    y_ref, aux_ref = reference(x_ref)
-    ((y_ref * grad_all).sum() + aux_ref.loss).backward()
-    x = x_all[start:stop].clone().requires_grad_()
-    y, aux = sharded(x)
-    ((y * grad_all[start:stop]).sum() + aux.loss).backward()
-    torch.testing.assert_close(y, y_ref[start:stop], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad, x_ref.grad[start:stop], rtol=1e-5, atol=1e-6)
+    aux, aux_ref = forward_backward_both(reference, sharded, x_all, grad_all, start, stop)
     ref_params = dict(reference.named_parameters())
     shard = sharded.experts.expert_ids
     checked = 0
