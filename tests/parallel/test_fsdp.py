@@ -21,6 +21,7 @@ from moekit.parallel.fsdp import (
 from ..conftest import randomized_moe
 from ..distributed import run_distributed
 from .test_expert_parallel import CASES, _global_tokens, forward_backward_both
+from .test_state import assert_optimizer_state_close, assert_optimizer_state_equal
 from .test_state import _adamw_step
 
 
@@ -98,22 +99,13 @@ def _state_worker(rank, world_size, result_dir, sizes, mesh_shape, placement):
         pass
     for optimizer in _adamw_step(sharded, x_all[start:stop], grad_all[start:stop]):
         pass
-    full, expected = fsdp_full_optimizer_state_dict(sharded, optimizer), ref_optimizer.state_dict()
-    assert full["param_groups"] == expected["param_groups"]
-    assert full["state"].keys() == expected["state"].keys()
-    for index, entry in expected["state"].items():
-        assert full["state"][index].keys() == entry.keys()
-        for key, value in entry.items():
-            torch.testing.assert_close(full["state"][index][key], value, rtol=1e-5, atol=1e-7,
-                                       msg=f"{index}.{key}")
+    full = fsdp_full_optimizer_state_dict(sharded, optimizer)
+    assert_optimizer_state_close(full, ref_optimizer.state_dict())
     assert (fsdp_full_optimizer_state_dict(sharded, optimizer, rank0_only=True) is None) == (rank != 0)
     # the full state cut back into a fresh optimizer: this rank's shards, bitwise
     fresh = torch.optim.AdamW(sharded.parameters(), lr=0.01)
     load_fsdp_full_optimizer_state_dict(sharded, fresh, full)
-    mine, restored = optimizer.state_dict()["state"], fresh.state_dict()["state"]
-    for index, entry in mine.items():
-        for key, value in entry.items():
-            assert torch.equal(_full(restored[index][key]), _full(value)), f"{index}.{key}"
+    assert_optimizer_state_equal(fresh.state_dict(), optimizer.state_dict(), _full)
     # other full weights into the sharded layer: it computes as they do
     other = randomized_moe(seed=1, **fields)
     load_fsdp_full_state_dict(sharded, other.state_dict())

@@ -123,21 +123,33 @@ def _optimizer_worker(rank, world_size, result_dir, sizes):
     sharded = apply_expert_parallel(randomized_moe(seed=0, **FIELDS))
     for optimizer in _adamw_step(sharded, x_all[start:stop], grad_all[start:stop]):
         all_reduce_replicated_grads(sharded)
-    full, expected = full_optimizer_state_dict(sharded, optimizer), ref_optimizer.state_dict()
-    assert full["param_groups"] == expected["param_groups"]
-    assert full["state"].keys() == expected["state"].keys()
-    for index, entry in expected["state"].items():
-        for key, value in entry.items():
-            torch.testing.assert_close(full["state"][index][key], value, rtol=1e-5, atol=1e-7,
-                                       msg=f"{index}.{key}")
+    full = full_optimizer_state_dict(sharded, optimizer)
+    assert_optimizer_state_close(full, ref_optimizer.state_dict())
     assert (full_optimizer_state_dict(sharded, optimizer, rank0_only=True) is None) == (rank != 0)
     # loading the full state into a fresh sharded optimizer restores this rank's rows
     fresh = torch.optim.AdamW(sharded.parameters(), lr=0.01)
     load_full_optimizer_state_dict(sharded, fresh, full)
-    mine, restored = optimizer.state_dict()["state"], fresh.state_dict()["state"]
-    for index, entry in mine.items():
+    assert_optimizer_state_equal(fresh.state_dict(), optimizer.state_dict())
+
+
+def assert_optimizer_state_close(full: dict, expected: dict) -> None:
+    """A gathered optimizer state dict equals the one-process one: the same param groups,
+    parameter indices and state keys, every state tensor to rtol 1e-5, atol 1e-7."""
+    assert full["param_groups"] == expected["param_groups"]
+    assert full["state"].keys() == expected["state"].keys()
+    for index, entry in expected["state"].items():
+        assert full["state"][index].keys() == entry.keys()
         for key, value in entry.items():
-            assert torch.equal(restored[index][key], value), f"{index}.{key}"
+            torch.testing.assert_close(full["state"][index][key], value, rtol=1e-5, atol=1e-7,
+                                       msg=f"{index}.{key}")
+
+
+def assert_optimizer_state_equal(restored: dict, original: dict, view=lambda tensor: tensor) -> None:
+    """Every state tensor of ``original`` (a state dict) is bitwise that of ``restored``,
+    compared through ``view`` (e.g. a DTensor's full tensor)."""
+    for index, entry in original["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(view(restored["state"][index][key]), view(value)), f"{index}.{key}"
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
