@@ -60,12 +60,15 @@ def main(out: Path, layouts: list[str], seeds: int, timing_repeats: int, data: s
         timing_path.write_text(json.dumps(seconds, indent=2))
     corpus = load_corpus(data, train.seq_len)
     _, test = corpus.held_out_halves(train.seq_len)
+    # trained in the order given (an E = 1 run copied in from a comparison can come last),
+    # reported in LAYOUTS order
     results = {name: [finished_run(out / f"{name}-seed{seed}", f"{name} seed {seed}", model,
                                    dataclasses.replace(train, seed=seed), test, device="cpu",
                                    dtype=torch.float32, progress=progress, log=print,
                                    extra={"scaling": name})
                       for seed in range(seeds)]
                for name, model in models.items()}
+    results = {name: results[name] for name in LAYOUTS if name in results}
     dense_name = next((n for n in layouts if LAYOUTS[n][0] == 1), None)
     header = (f"{train.steps} steps of {train.tokens_per_step} tokens, lr {train.lr:g}, {seeds} seed(s), "
               f"{torch.get_num_threads()} threads; test-half validation loss in nats/byte")

@@ -50,7 +50,7 @@ def plot_report(report: dict, out_dir: str | Path) -> list[Path]:
 def _plot_specialisation(plt, names: list[str], layers: list[dict], classes: list[str],
                          out_dir: Path) -> Path:
     """Per layer, expert x class: log2 of the lift (red: the expert takes more of the class
-    than its share, blue: less)."""
+    than its share, blue: less); each class labelled with its share of the layer's assignments."""
     import math
 
     fig, axes = plt.subplots(1, len(names), figsize=(0.55 * len(classes) * len(names) + 2.5,
@@ -60,7 +60,10 @@ def _plot_specialisation(plt, names: list[str], layers: list[dict], classes: lis
         log_lift = [[math.log2(v) if v > 0 else -3.0 for v in row] for row in s["class_lift"]]
         image = ax.imshow(log_lift, aspect="auto", cmap="RdBu_r", vmin=-3, vmax=3)
         ax.set(title=name, xticks=range(len(classes)), ylabel="expert")
-        ax.set_xticklabels(classes, rotation=60, ha="right")
+        shares = s.get("class_share")
+        ax.set_xticklabels(classes if shares is None else
+                           [f"{c} ({share:.1%})" for c, share in zip(classes, shares)],
+                           rotation=60, ha="right")
     fig.colorbar(image, ax=list(axes[0]), label="log2 lift (share of the class vs overall)")
     fig.suptitle("what each expert takes: byte classes in context")
     fig.savefig(out_dir / SPECIALISATION_PLOT, dpi=120, bbox_inches="tight")

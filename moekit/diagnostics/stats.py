@@ -128,7 +128,8 @@ class LayerStats:
         router_entropy (mean per token, nats; at most log E), dropped_fraction,
         coactivation (fraction of the tokens choosing both i and j) and, when
         token ids were counted, specialisation (see ``specialisation``); when classes
-        were, class_lift (see ``class_lift``)."""
+        were, class_lift (see ``class_lift``) and class_share (each class's share of all
+        assignments)."""
         max_over_mean, cv = load_imbalance(self.tokens_per_expert)
         routed = int(self.routed_per_expert.sum())
         kept = int(self.tokens_per_expert.sum())
@@ -146,6 +147,8 @@ class LayerStats:
             result["specialisation"] = specialisation(self.token_counts, top_tokens)
         if self.class_counts is not None and self.class_counts.sum() > 0:
             result["class_lift"] = class_lift(self.class_counts)
+            result["class_share"] = (self.class_counts.sum(0).double()
+                                     / self.class_counts.sum()).tolist()
         return result
 
 
@@ -182,7 +185,9 @@ def specialisation(token_counts_EV: torch.Tensor, top_tokens: int = 3) -> list[d
     Each entry: expert, assignments, top_tokens (up to ``top_tokens`` of
     [token id, assignments, lift] with lift > 1, most assignments beyond the
     expert's fair share first) and, for byte vocabularies (V <= 256),
-    top_class / class_share / class_lift over BYTE_CLASSES.
+    top_class / class_share / class_lift over BYTE_CLASSES: the class whose share of the
+    expert's assignments most exceeds its share of all assignments (so a class the expert
+    barely sees cannot win on lift alone), its share and its lift.
     """
     counts = token_counts_EV.double()
     total_V = counts.sum(0)
@@ -203,7 +208,7 @@ def specialisation(token_counts_EV: torch.Tensor, top_tokens: int = 3) -> list[d
                 share_C = torch.zeros(len(BYTE_CLASSES), dtype=torch.float64).index_add_(0, classes, share_V)
                 overall_C = torch.zeros_like(share_C).index_add_(0, classes, overall_V)
                 lift_C = torch.where(overall_C > 0, share_C / overall_C.clamp_min(1e-30), 0.0)
-                best = int(lift_C.argmax())
+                best = int((share_C - overall_C).argmax())
                 entry.update(top_class=BYTE_CLASSES[best], class_share=round(share_C[best].item(), 4),
                              class_lift=round(lift_C[best].item(), 3))
         entries.append(entry)

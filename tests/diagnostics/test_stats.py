@@ -111,6 +111,30 @@ def test_specialisation_on_a_hand_built_table():
     assert len(BYTE_CLASSES) == 8
 
 
+def test_top_class_is_the_largest_excess_share_not_the_largest_lift():
+    counts = torch.zeros(2, 256, dtype=torch.int64)
+    counts[0, ord("a")], counts[0, ord("7")] = 90, 1   # expert 0: one digit, all of them
+    counts[1, ord("a")], counts[1, ord(" ")] = 40, 60  # expert 1: all the spaces
+    entries = specialisation(counts)
+    # Expert 0's digit lift is 2.1 (1/91 over 1/191), its lowercase lift 1.45 (90/91 over
+    # 130/191): lowercase is the class it takes beyond its share, the digit is one byte.
+    assert entries[0]["top_class"] == "lowercase"
+    assert entries[0]["class_lift"] == pytest.approx((90 / 91) / (130 / 191), abs=1e-3)
+    assert entries[1]["top_class"] == "space"
+    assert entries[1]["class_share"] == pytest.approx(0.6)
+
+
+def test_class_share_is_each_class_share_of_all_assignments():
+    moe = randomized_moe(seed=1, dim=8, expert_dim=4, num_experts=4, top_k=2)
+    class_ids = torch.randint(0, 3, (50,))
+    class_ids[:2] = torch.tensor([0, 1])  # no class empty
+    stats = LayerStats(4, num_classes=3)
+    stats.update(moe(torch.randn(50, 8))[1], class_ids_T=class_ids)
+    # Every token makes top_k assignments, none dropped: a class's share is its share of tokens.
+    expected = (torch.bincount(class_ids, minlength=3).double() / 50).tolist()
+    assert stats.summary()["class_share"] == pytest.approx(expected)
+
+
 def test_specialisation_without_byte_classes_for_large_vocabularies():
     counts = torch.zeros(2, 1000, dtype=torch.int64)
     counts[0, 999], counts[1, 5] = 4, 4
