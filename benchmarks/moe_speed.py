@@ -1,6 +1,7 @@
 """MoE layer speed on CPU against the active-FLOPs limit and peers: see moekit/bench/.
 
 Run: python benchmarks/moe_speed.py [--shapes S1 S2 S3] [--repeats N] [--no-compile]
+     [--shape T,D,F,E,K] [--isolated]
 (the same as `moekit bench`).
 """
 

@@ -1,6 +1,7 @@
 """MoE layer speed on CPU: ratios to the active-FLOPs limit and to peers, measured in one run.
 
 Run: moekit bench [--shapes S1 S2 S3] [--repeats N] [--no-compile]
+     [--shape T,D,F,E,K] [--isolated]
  (or python benchmarks/moe_speed.py with the same flags)
 
 Modules: ``shapes`` (the cases), ``harness`` (``Row``, interleaved timing, /proc
@@ -12,8 +13,10 @@ For each shape (SwiGLU experts, float32 unless the row says otherwise, all
 cores) every row is timed forward (under no_grad) and forward+backward
 (upstream gradient random, gradients reset to None each time), interleaved
 round-robin over --repeats rounds after two warm-up calls; the table gives the
-median and the spread ((max - min) / median). Ratios divide by the limit of the
-same run:
+median and the spread ((max - min) / median). With --isolated each row is
+timed in its own rounds beside the limit rows only (their times pooled), so no
+heavy row (the naive loop, eager's backward) shares its rounds. Ratios divide
+by the limit of the same run:
   limit: exactly the active FLOPs, the T*k rows through one expert's SwiGLU
          weights, as one chain and as E equal chunks, whichever is faster;
   decode-size batches (at most 64 tokens, S3) also get the weight-streaming

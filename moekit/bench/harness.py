@@ -53,6 +53,18 @@ def time_rows(rows: list[Row], repeats: int) -> dict[tuple[str, str], list[float
     return times
 
 
+def time_rows_isolated(limits: list[Row], rows: list[Row], repeats: int
+                       ) -> dict[tuple[str, str], list[float]]:
+    """time_rows for each of ``rows`` alone beside the limit rows, so that no heavy row
+    (a per-expert loop taking seconds, whose freed memory makes the next allocation slow)
+    shares its rounds; the limit rows' times are pooled over all of these runs."""
+    times: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        for key, seconds in time_rows(limits + [row], repeats).items():
+            times.setdefault(key, []).extend(seconds)
+    return times
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:

@@ -31,4 +31,6 @@ def parse_shape(text: str) -> Shape:
         tokens, dim, expert_dim, num_experts, top_k = (int(part) for part in text.split(","))
     except ValueError:
         raise ValueError(f"a shape is five integers T,D,F,E,K, got {text!r}") from None
+    if min(tokens, dim, expert_dim, num_experts, top_k) < 1 or top_k > num_experts:
+        raise ValueError(f"a shape needs T, D, F, E, K >= 1 and K <= E, got {text!r}")
     return Shape("custom", tokens, dim, expert_dim, num_experts, top_k)

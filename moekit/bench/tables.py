@@ -7,7 +7,7 @@ import statistics
 import torch
 
 import moekit
-from moekit.bench.harness import peak_memory_mib, read_bandwidth_gbs, time_rows
+from moekit.bench.harness import peak_memory_mib, read_bandwidth_gbs, time_rows, time_rows_isolated
 from moekit.bench.limits import limit_rows, streaming_row
 from moekit.bench.peers import DECODE_TOKENS, candidate_rows
 from moekit.bench.shapes import SHAPES, Shape
@@ -15,8 +15,11 @@ from moekit.experts.cpu import skinny
 from moekit.experts.cpu.isa import cpu_isa
 
 
-def shape_report(key: str, shape: Shape, repeats: int, compile_rows: bool) -> str:
-    """One shape's section: its title, the limits, and a row of ratios for every candidate."""
+def shape_report(key: str, shape: Shape, repeats: int, compile_rows: bool,
+                 isolated: bool = False) -> str:
+    """One shape's section: its title, the limits, and a row of ratios for every candidate.
+    isolated: each candidate timed in its own rounds beside the limit rows only
+    (harness.time_rows_isolated), instead of all rows interleaved in one set of rounds."""
     rows, moe, x = candidate_rows(shape, compile_rows)
     limits = [row for dtype in dict.fromkeys(row.limit_dtype for row in rows)
               for row in limit_rows(shape, dtype)]
@@ -24,7 +27,7 @@ def shape_report(key: str, shape: Shape, repeats: int, compile_rows: bool) -> st
     if decode:
         stream, stream_bytes = streaming_row(moe, x)
         rows.insert(0, stream)
-    times = time_rows(limits + rows, repeats)
+    times = time_rows_isolated(limits, rows, repeats) if isolated else time_rows(limits + rows, repeats)
     median = {k: statistics.median(v) for k, v in times.items()}
     spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()}
     limit_of = {dtype: {kind: min(median[(row.name, kind)] for row in limits
@@ -68,15 +71,18 @@ def shape_report(key: str, shape: Shape, repeats: int, compile_rows: bool) -> st
 
 
 def main(shapes: list[str], repeats: int = 5, compile_rows: bool = True,
-         custom: Shape | None = None) -> str:
-    """The report of the named shapes (or of ``custom`` alone), printed and returned."""
+         custom: Shape | None = None, isolated: bool = False) -> str:
+    """The report of the named shapes (or of ``custom`` alone), printed and returned;
+    isolated: see shape_report."""
     torch.manual_seed(0)
     kernel = skinny.unavailable_reason()
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"moekit {moekit.__version__}, CPU {cpu_isa().describe()}, skinny decode kernel "
-              + ("on" if kernel is None else f"off ({kernel})"))
+              + ("on" if kernel is None else f"off ({kernel})")
+              + ("; every row timed alone beside the limit rows" if isolated else
+                 "; all rows interleaved in the same rounds"))
     targets = {"custom": custom} if custom else {k: SHAPES[k] for k in shapes}
-    report = "\n\n".join([header] + [shape_report(k, s, repeats, compile_rows)
+    report = "\n\n".join([header] + [shape_report(k, s, repeats, compile_rows, isolated)
                                      for k, s in targets.items()])
     print(report)
     return report

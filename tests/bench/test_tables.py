@@ -26,3 +26,10 @@ def test_moe_speed_runs_at_a_tiny_shape():
         assert "1.00" in {c[2] for c in cells} and "1.00" in {c[5] for c in cells}  # own limit
     else:
         assert "bfloat16 |" not in report.split("| moekit bf16")[0]
+
+
+def test_isolated_report_says_so_and_keeps_every_row():
+    tiny = bench.Shape("tiny", tokens=16, dim=32, expert_dim=16, num_experts=4, top_k=2)
+    report = bench.main([], repeats=1, compile_rows=False, custom=tiny, isolated=True)
+    assert "every row timed alone beside the limit rows" in report.splitlines()[0]
+    assert "| moekit dropless (backend fused) |" in report and "| naive per-expert loop |" in report

@@ -157,6 +157,8 @@ def test_bench_is_a_subcommand_with_the_benchmark_flags(capsys):
     (["generate", "--run", "/no/such/run"], "not a run folder"),
     (["params", "gpt-5"], "unknown preset or architecture"),
     (["bench", "--repeats", "0"], "--repeats must be >= 1"),
+    (["bench", "--shape", "16,1024,896,8"], "five integers T,D,F,E,K, got '16,1024,896,8'"),
+    (["bench", "--shape", "16,1024,896,2,4"], "K <= E, got '16,1024,896,2,4'"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
