@@ -95,6 +95,9 @@ class DataExpertParallel(SingleProcess):
                              "launch with torchrun --nproc-per-node N -m moekit train --expert-parallel")
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.is_main = self.rank == 0
+        for name, layer in _placement_layers(placement):
+            _check_device_count(name, getattr(layer, "experts_per_device", layer), self.world_size,
+                                f"{self.world_size} processes")
         self.placement = placement
 
     def check_batch_size(self, batch_size: int) -> None:
@@ -197,10 +200,8 @@ class FullyShardedExpertParallel(DataExpertParallel):
             raise UsageError(f"--expert-parallel-size {ep} must divide the number of processes "
                              f"({self.world_size}): the experts of a layer are sharded over ep "
                              "processes, repeated over processes / ep")
-        layers = placement if isinstance(placement, dict) else {"every layer": placement}
-        for name, layer in layers.items():
-            if layer is not None:
-                _check_fsdp_placement(name, getattr(layer, "experts_per_device", layer), ep)
+        for name, layer in _placement_layers(placement):
+            _check_fsdp_placement(name, getattr(layer, "experts_per_device", layer), ep)
         from torch.distributed.device_mesh import init_device_mesh
 
         from moekit.parallel.fsdp import MESH_DIMS
@@ -260,13 +261,27 @@ class FullyShardedExpertParallel(DataExpertParallel):
         load_fsdp_full_optimizer_state_dict(model, optimizer, state)
 
 
+def _placement_layers(placement: Any) -> list[tuple[str, Any]]:
+    """[(layer name, its placement)] of a placement given per layer (a dict) or for all."""
+    layers = placement if isinstance(placement, dict) else {"every layer": placement}
+    return [(name, layer) for name, layer in layers.items() if layer is not None]
+
+
+def _check_device_count(layer: str, experts_per_device: Any, count: int, over: str) -> None:
+    """UsageError unless the placement (expert ids per device) is over ``count`` devices
+    (``over`` says what they are: "4 processes", "--expert-parallel-size 2")."""
+    devices = len(list(experts_per_device))
+    if devices != count:
+        raise UsageError(f"the placement of {layer} is over {devices} devices, the experts over "
+                         f"{over}; plan it with `moekit plan-placement --devices {count}`")
+
+
 def _check_fsdp_placement(layer: str, experts_per_device: Any, expert_parallel_size: int) -> None:
     """UsageError unless the placement (expert ids per device) is over expert_parallel_size
     devices, without copies (each expert id once)."""
     devices = [list(experts) for experts in experts_per_device]
-    if len(devices) != expert_parallel_size:
-        raise UsageError(f"the placement of {layer} is over {len(devices)} devices, the experts over "
-                         f"--expert-parallel-size {expert_parallel_size} processes")
+    _check_device_count(layer, devices, expert_parallel_size,
+                        f"--expert-parallel-size {expert_parallel_size}")
     ids = [e for experts in devices for e in experts]
     if len(set(ids)) != len(ids):
         raise UsageError(f"the placement of {layer} gives copies of experts ({devices}): --fsdp "

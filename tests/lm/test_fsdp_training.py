@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from moekit.cli import main
 from moekit.errors import UsageError
-from moekit.lm.distributed import FullyShardedExpertParallel
+from moekit.lm.distributed import DataExpertParallel, FullyShardedExpertParallel
 from moekit.lm.divergence import weights_problem
 from moekit.lm.model import MoETransformer
 from moekit.lm.train import train
@@ -94,8 +94,12 @@ def _refusals_worker(rank, world_size, result_dir):
     with pytest.raises(UsageError, match=r"placement of blocks.0.ffn gives copies of experts \(\[\[0, 1\], \[1, 2\]\]\)"):
         FullyShardedExpertParallel(2, {"blocks.0.ffn": Placement(((0, 1), (1, 2)), 3)})
     with pytest.raises(UsageError, match="placement of every layer is over 2 devices, the experts over "
-                                         "--expert-parallel-size 1 processes"):
+                                         "--expert-parallel-size 1; plan it with "
+                                         "`moekit plan-placement --devices 1`"):
         FullyShardedExpertParallel(1, [[0, 1], [2, 3]])
+    with pytest.raises(UsageError, match="placement of blocks.1.ffn is over 3 devices, the experts over "
+                                         "2 processes; plan it with `moekit plan-placement --devices 2`"):
+        DataExpertParallel({"blocks.1.ffn": Placement(((0,), (1,), (2,)), 3)})
     dense = MoETransformer(dataclasses.replace(_configs()[0], moe=None))
     with pytest.raises(UsageError, match="--fsdp shards the experts of MoE blocks, and this model has none"):
         FullyShardedExpertParallel(2).prepare(dense)
