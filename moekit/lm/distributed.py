@@ -194,7 +194,7 @@ class FullyShardedExpertParallel(DataExpertParallel):
 
     def __init__(self, expert_parallel_size: int | None = None, placement: Any = None,
                  device_type: str = "cpu") -> None:
-        super().__init__(placement)
+        super().__init__()  # the placement is over ep devices, checked below, not over all W
         ep = self.world_size if expert_parallel_size is None else expert_parallel_size
         if ep < 1 or self.world_size % ep:
             raise UsageError(f"--expert-parallel-size {ep} must divide the number of processes "
@@ -202,6 +202,7 @@ class FullyShardedExpertParallel(DataExpertParallel):
                              "processes, repeated over processes / ep")
         for name, layer in _placement_layers(placement):
             _check_fsdp_placement(name, getattr(layer, "experts_per_device", layer), ep)
+        self.placement = placement
         from torch.distributed.device_mesh import init_device_mesh
 
         from moekit.parallel.fsdp import MESH_DIMS

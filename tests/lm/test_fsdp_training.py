@@ -100,6 +100,9 @@ def _refusals_worker(rank, world_size, result_dir):
     with pytest.raises(UsageError, match="placement of blocks.1.ffn is over 3 devices, the experts over "
                                          "2 processes; plan it with `moekit plan-placement --devices 2`"):
         DataExpertParallel({"blocks.1.ffn": Placement(((0,), (1,), (2,)), 3)})
+    # Under FSDP the placement is over the ep ranks, not over every process.
+    one_rank = {"blocks.0.ffn": [[2, 0, 3, 1]]}
+    assert FullyShardedExpertParallel(1, one_rank).placement == one_rank
     dense = MoETransformer(dataclasses.replace(_configs()[0], moe=None))
     with pytest.raises(UsageError, match="--fsdp shards the experts of MoE blocks, and this model has none"):
         FullyShardedExpertParallel(2).prepare(dense)
