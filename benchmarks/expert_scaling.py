@@ -54,10 +54,13 @@ def main(out: Path, layouts: list[str], seeds: int, timing_repeats: int, data: s
     out.mkdir(parents=True, exist_ok=True)
     timing_path = out / "timing.json"
     if timing_path.is_file():
-        seconds = json.loads(timing_path.read_text())
+        timing = json.loads(timing_path.read_text())
     else:
-        seconds = median_step_seconds({n: (m, train) for n, m in models.items()}, timing_repeats)
-        timing_path.write_text(json.dumps(seconds, indent=2))
+        timing = {"seconds_per_step": median_step_seconds({n: (m, train) for n, m in models.items()},
+                                                          timing_repeats),
+                  "threads": torch.get_num_threads()}
+        timing_path.write_text(json.dumps(timing, indent=2))
+    seconds = timing["seconds_per_step"]
     corpus = load_corpus(data, train.seq_len)
     _, test = corpus.held_out_halves(train.seq_len)
     # trained in the order given (an E = 1 run copied in from a comparison can come last),
@@ -71,7 +74,8 @@ def main(out: Path, layouts: list[str], seeds: int, timing_repeats: int, data: s
     results = {name: results[name] for name in LAYOUTS if name in results}
     dense_name = next((n for n in layouts if LAYOUTS[n][0] == 1), None)
     header = (f"{train.steps} steps of {train.tokens_per_step} tokens, lr {train.lr:g}, {seeds} seed(s), "
-              f"{torch.get_num_threads()} threads; test-half validation loss in nats/byte")
+              f"trained at {torch.get_num_threads()} thread(s), s/step timed at {timing['threads']}; "
+              "test-half validation loss in nats/byte")
     columns = ("| layout (E x expert_dim, top-k) | total params | active params | s/step | "
                "loss (mean ± std) | speedup to dense quality, steps / seconds |")
     lines = [header, "", columns, "|---|---|---|---|---|---|"]
@@ -109,11 +113,12 @@ def _plot(models: dict, losses: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_experts, by_params) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for name in models:
+    for name in losses:  # LAYOUTS order: E grows
         total = count_parameters(spec_from_lm_config(models[name], name)).total
         mean, std = losses[name]["mean"], losses[name]["std"]
-        by_experts.errorbar(LAYOUTS[name][0], mean, yerr=std, fmt="o", capsize=3, label=name)
-        by_params.errorbar(total / 1e6, mean, yerr=std, fmt="o", capsize=3, label=name)
+        label = f"{name} top-{LAYOUTS[name][2]}" + (" (dense)" if LAYOUTS[name][0] == 1 else "")
+        by_experts.errorbar(LAYOUTS[name][0], mean, yerr=std, fmt="o", capsize=3, label=label)
+        by_params.errorbar(total / 1e6, mean, yerr=std, fmt="o", capsize=3, label=label)
     by_experts.set(xscale="log", xlabel="experts E (log)", ylabel="validation loss (nats/byte)")
     by_params.set(xscale="log", xlabel="total parameters, millions (log)")
     by_experts.legend()
