@@ -4,9 +4,7 @@
  * w first (reading it twice); these loops stream each row of w once, two rows at a time, and
  * reuse the pair from L1 for every group of up to six x rows. Built at run time with the host's
  * compiler and -march=native (moekit/experts/cpu/build.py); the vector type is a GCC/Clang
- * extension, so the same source compiles to AVX2, AVX-512 or NEON. Vectors are 64 bytes where the
- * CPU has AVX-512 (16 lanes: half the instructions per weight, which the half-size weights'
- * widening needs: at S3 their kernel went from 2.2-2.5 to 2.0 ms on AMD Zen 4), else 32.
+ * extension, so the same source compiles to AVX2, AVX-512 or NEON.
  *
  * moekit_skinny_grouped_nn is the same for out[r, n] = sum_k x[r, k] * w[k, n] (the products of
  * the backward pass, x @ W without a transpose): it streams the rows of w in order, adding each
@@ -18,7 +16,7 @@
  *   out [R, N]
  *
  * The forward products of moekit_skinny_ffn also read half-size weights (bfloat16 or float16,
- * WEIGHTS_BF16 / WEIGHTS_F16): each vector's worth is widened to float32 in registers as it is
+ * WEIGHTS_BF16 / WEIGHTS_F16): each group of eight is widened to float32 in registers as it is
  * loaded (bfloat16: its 16 bits become the top half of a float; float16: F16C's vcvtph2ps where
  * the compiler targets it, else an exact conversion in C), and every product and sum is float32,
  * so the result is the float32 product with the weights converted exactly.
@@ -28,30 +26,25 @@
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
-#if (defined(__F16C__) && defined(__AVX__)) || defined(__AVX2__) || defined(__AVX512F__)
+#if (defined(__F16C__) && defined(__AVX__)) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-#if defined(__AVX512F__)
-#define VECTOR_BYTES 64
-#else
-#define VECTOR_BYTES 32
-#endif
-typedef float vecf __attribute__((vector_size(VECTOR_BYTES)));
+typedef float vec8 __attribute__((vector_size(32)));
 
 /* An empty asm that claims to change v: the compiler keeps v in a register rather than folding
- * a fresh load of it into every multiply-add. Only where vecf is one register (x86 with AVX);
+ * a fresh load of it into every multiply-add. Only where vec8 is one register (x86 with AVX);
  * elsewhere the compiler's own choice stands. */
 #if defined(__AVX__)
-#define KEEP_IN_REGISTER(v) __asm__("" : "+v"(v))
+#define KEEP_IN_REGISTER(v) __asm__("" : "+x"(v))
 #else
 #define KEEP_IN_REGISTER(v) ((void)0)
 #endif
 
-enum { LANES = VECTOR_BYTES / 4, ROW_PAIR = 2, ROW_GROUP = 6, PREFETCH_AHEAD = 32 * 1024 };
+enum { LANES = 8, ROW_PAIR = 2, ROW_GROUP = 6, PREFETCH_AHEAD = 32 * 1024 };
 
-static inline vecf load_lanes(const float *p) {
-    vecf v;
+static inline vec8 load8(const float *p) {
+    vec8 v;
     memcpy(&v, p, sizeof v);
     return v;
 }
@@ -59,8 +52,8 @@ static inline vecf load_lanes(const float *p) {
 /* How an expert's weights are stored (moekit/experts/cpu/decode.py passes the same numbers). */
 enum { WEIGHTS_F32 = 0, WEIGHTS_BF16 = 1, WEIGHTS_F16 = 2 };
 
-typedef uint16_t bits16_lanes __attribute__((vector_size(VECTOR_BYTES / 2)));
-typedef uint32_t bits32_lanes __attribute__((vector_size(VECTOR_BYTES)));
+typedef uint16_t bits16x8 __attribute__((vector_size(16)));
+typedef uint32_t bits32x8 __attribute__((vector_size(32)));
 
 static inline float bf16_to_float(uint16_t bits) {
     uint32_t wide = (uint32_t)bits << 16;
@@ -90,30 +83,24 @@ static inline float f16_to_float(uint16_t bits) {
 #endif
 }
 
-static inline vecf load_lanes_bf16(const uint16_t *p) {
-    vecf v;
-#if defined(__AVX512F__)
-    __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
-    memcpy(&v, &wide, sizeof v);
-#elif defined(__AVX2__)
+static inline vec8 load8_bf16(const uint16_t *p) {
+    vec8 v;
+#if defined(__AVX2__)
     /* one widening load and one shift (GCC splits the generic form below into six) */
     __m256i wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
     memcpy(&v, &wide, sizeof v);
 #else
-    bits16_lanes narrow;
+    bits16x8 narrow;
     memcpy(&narrow, p, sizeof narrow);
-    bits32_lanes wide = __builtin_convertvector(narrow, bits32_lanes) << 16;
+    bits32x8 wide = __builtin_convertvector(narrow, bits32x8) << 16;
     memcpy(&v, &wide, sizeof v);
 #endif
     return v;
 }
 
-static inline vecf load_lanes_f16(const uint16_t *p) {
-    vecf v;
-#if defined(__AVX512F__)
-    __m512 wide = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-    memcpy(&v, &wide, sizeof v);
-#elif defined(__F16C__) && defined(__AVX__)
+static inline vec8 load8_f16(const uint16_t *p) {
+    vec8 v;
+#if defined(__F16C__) && defined(__AVX__)
     __m256 wide = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
     memcpy(&v, &wide, sizeof v);
 #else
@@ -122,12 +109,12 @@ static inline vecf load_lanes_f16(const uint16_t *p) {
     return v;
 }
 
-/* LANES weights from element i of w, or one, as float32; kind is a constant after inlining. */
-static inline __attribute__((always_inline)) vecf load_lanes_weights(const void *w, int64_t i,
+/* Eight weights from element i of w, or one, as float32; kind is a constant after inlining. */
+static inline __attribute__((always_inline)) vec8 load8_weights(const void *w, int64_t i,
                                                                  const int kind) {
-    if (kind == WEIGHTS_BF16) return load_lanes_bf16((const uint16_t *)w + i);
-    if (kind == WEIGHTS_F16) return load_lanes_f16((const uint16_t *)w + i);
-    return load_lanes((const float *)w + i);
+    if (kind == WEIGHTS_BF16) return load8_bf16((const uint16_t *)w + i);
+    if (kind == WEIGHTS_F16) return load8_f16((const uint16_t *)w + i);
+    return load8((const float *)w + i);
 }
 
 static inline __attribute__((always_inline)) float load1_weight(const void *w, int64_t i,
@@ -141,7 +128,7 @@ static inline const char *weight_address(const void *w, int64_t i, const int kin
     return (const char *)w + i * (kind == WEIGHTS_F32 ? 4 : 2);
 }
 
-static inline float sum_lanes(vecf v) {
+static inline float sum8(vec8 v) {
     float s = 0.0f;
     for (int l = 0; l < LANES; ++l) s += v[l];
     return s;
@@ -149,19 +136,19 @@ static inline float sum_lanes(vecf v) {
 
 /* out[r, o] and out[r, o + 1] for r < rows (rows <= ROW_GROUP): two weight rows against the group.
  * Inlined with a constant rows, so the 2 * rows accumulators stay in registers (12 of the 16 of
- * AVX2, or of the 32 of AVX-512, at six rows, with the two weight vectors and one x vector). */
+ * AVX2 at six rows, with the two weight vectors and one x vector). */
 static inline __attribute__((always_inline)) void pair_times_group(
     const float *x, const void *w, float *out, int64_t K, int64_t N, int64_t o, const int rows,
     const int kind) {
     int64_t row0 = o * K, row1 = row0 + K;  /* element offsets of the two weight rows */
-    vecf acc0[ROW_GROUP], acc1[ROW_GROUP];
+    vec8 acc0[ROW_GROUP], acc1[ROW_GROUP];
     for (int r = 0; r < rows; ++r) {
-        acc0[r] = (vecf){0};
-        acc1[r] = (vecf){0};
+        acc0[r] = (vec8){0};
+        acc1[r] = (vec8){0};
     }
     int64_t i = 0;
     for (; i + LANES <= K; i += LANES) {
-        vecf a = load_lanes_weights(w, row0 + i, kind), b = load_lanes_weights(w, row1 + i, kind);
+        vec8 a = load8_weights(w, row0 + i, kind), b = load8_weights(w, row1 + i, kind);
         /* PREFETCH_AHEAD bytes down each row's stream, into L2 only: at S3 this is 1.4x faster
          * than the same into L1 (where the lines evicted the x rows) and than no prefetch */
         __builtin_prefetch(weight_address(w, row0 + i, kind) + PREFETCH_AHEAD, 0, 2);
@@ -169,14 +156,14 @@ static inline __attribute__((always_inline)) void pair_times_group(
         KEEP_IN_REGISTER(a);
         KEEP_IN_REGISTER(b);
         for (int r = 0; r < rows; ++r) {
-            vecf xv = load_lanes(x + r * K + i);
+            vec8 xv = load8(x + r * K + i);
             KEEP_IN_REGISTER(xv);
             acc0[r] += a * xv;
             acc1[r] += b * xv;
         }
     }
     for (int r = 0; r < rows; ++r) {
-        float s0 = sum_lanes(acc0[r]), s1 = sum_lanes(acc1[r]);
+        float s0 = sum8(acc0[r]), s1 = sum8(acc1[r]);
         for (int64_t j = i; j < K; ++j) {
             s0 += load1_weight(w, row0 + j, kind) * x[r * K + j];
             s1 += load1_weight(w, row1 + j, kind) * x[r * K + j];
@@ -237,7 +224,7 @@ static void expert_rows_f16(const float *x, const void *w, float *out, int64_t n
 
 enum { AXPY_GROUP = 4, COLUMN_UNIT = 16 };
 
-static inline void store_lanes(float *p, vecf v) { memcpy(p, &v, sizeof v); }
+static inline void store8(float *p, vec8 v) { memcpy(p, &v, sizeof v); }
 
 /* out[r, lo:hi] += x[r, k] * w[k, lo:hi] (+ x[r, k + 1] * w[k + 1, lo:hi] when pair == 2) for
  * r < rows (rows <= AXPY_GROUP): weight rows streamed contiguously, two at a time, into the
@@ -246,20 +233,20 @@ static inline __attribute__((always_inline)) void group_axpy(
     const float *x, const float *w, float *out, int64_t K, int64_t N, int64_t k, int64_t lo,
     int64_t hi, const int rows, const int pair) {
     const float *w0 = w + k * N, *w1 = pair == 2 ? w0 + N : w0;
-    vecf xa[AXPY_GROUP], xb[AXPY_GROUP];
+    vec8 xa[AXPY_GROUP], xb[AXPY_GROUP];
     for (int r = 0; r < rows; ++r) {
-        xa[r] = (vecf){0} + x[r * K + k];
-        xb[r] = (vecf){0} + (pair == 2 ? x[r * K + k + 1] : 0.0f);
+        xa[r] = (vec8){0} + x[r * K + k];
+        xb[r] = (vec8){0} + (pair == 2 ? x[r * K + k + 1] : 0.0f);
     }
     int64_t j = lo;
     for (; j + LANES <= hi; j += LANES) {
-        vecf a = load_lanes(w0 + j), b = load_lanes(w1 + j);
+        vec8 a = load8(w0 + j), b = load8(w1 + j);
         __builtin_prefetch(w0 + 4 * N + j, 0, 3);
         if (pair == 2) __builtin_prefetch(w1 + 4 * N + j, 0, 3);
         for (int r = 0; r < rows; ++r) {
-            vecf o = load_lanes(out + r * N + j) + a * xa[r];
+            vec8 o = load8(out + r * N + j) + a * xa[r];
             if (pair == 2) o += b * xb[r];
-            store_lanes(out + r * N + j, o);
+            store8(out + r * N + j, o);
         }
     }
     for (; j < hi; ++j)
