@@ -1,8 +1,9 @@
 /* Skinny products for decode on CPU: out[r, o] = sum_i x[r, i] * w[o, i] for a few rows r.
  *
  * At a few rows per expert the product is bound by reading w once from memory. BLAS GEMMs pack
- * w first (reading it twice); these loops stream each row of w once, two rows at a time, and
- * reuse the pair from L1 for every group of up to six x rows. Built at run time with the host's
+ * w first (reading it twice); these loops stream each row of w once, four rows at a time (two
+ * where the CPU has only 16 vector registers), and reuse them from L1 for every group of up to
+ * six x rows. Built at run time with the host's
  * compiler and -march=native (moekit/experts/cpu/build.py); the vector type is a GCC/Clang
  * extension, so the same source compiles to AVX2, AVX-512 or NEON.
  *
@@ -41,7 +42,17 @@ typedef float vec8 __attribute__((vector_size(32)));
 #define KEEP_IN_REGISTER(v) ((void)0)
 #endif
 
-enum { LANES = 8, ROW_PAIR = 2, ROW_GROUP = 6, PREFETCH_AHEAD = 32 * 1024 };
+enum { LANES = 8, ROW_GROUP = 6, PREFETCH_AHEAD = 32 * 1024 };
+
+/* Weight rows streamed together: four where the CPU has 32 vector registers (AVX-512VL lets the
+ * compiler use ymm16-31; at S3 the bfloat16-weight decode is 5-12% faster than with two), else
+ * two. Either way each output keeps its own accumulator, summed over i in the same order, so the
+ * results are the same bits on every machine kind. Also the width of a thread's work unit. */
+#if defined(__AVX512VL__)
+enum { WEIGHT_ROWS = 4 };
+#else
+enum { WEIGHT_ROWS = 2 };
+#endif
 
 static inline vec8 load8(const float *p) {
     vec8 v;
@@ -134,42 +145,55 @@ static inline float sum8(vec8 v) {
     return s;
 }
 
-/* out[r, o] and out[r, o + 1] for r < rows (rows <= ROW_GROUP): two weight rows against the group.
- * Inlined with a constant rows, so the 2 * rows accumulators stay in registers (12 of the 16 of
- * AVX2 at six rows, with the two weight vectors and one x vector). */
-static inline __attribute__((always_inline)) void pair_times_group(
-    const float *x, const void *w, float *out, int64_t K, int64_t N, int64_t o, const int rows,
-    const int kind) {
-    int64_t row0 = o * K, row1 = row0 + K;  /* element offsets of the two weight rows */
-    vec8 acc0[ROW_GROUP], acc1[ROW_GROUP];
-    for (int r = 0; r < rows; ++r) {
-        acc0[r] = (vec8){0};
-        acc1[r] = (vec8){0};
-    }
+/* out[r, o + q] for q < wrows (wrows <= WEIGHT_ROWS) and r < rows (rows <= ROW_GROUP): wrows weight
+ * rows against the group. Inlined with constant wrows and rows, so the wrows * rows accumulators
+ * stay in registers (24 of the 32 of AVX-512VL at four weight rows and six x rows, with the four
+ * weight vectors and one x vector; 12 of the 16 of AVX2 at two weight rows). */
+static inline __attribute__((always_inline)) void weight_rows_times_group(
+    const float *x, const void *w, float *out, int64_t K, int64_t N, int64_t o, const int wrows,
+    const int rows, const int kind) {
+    vec8 acc[WEIGHT_ROWS][ROW_GROUP];
+    for (int q = 0; q < wrows; ++q)
+        for (int r = 0; r < rows; ++r) acc[q][r] = (vec8){0};
     int64_t i = 0;
     for (; i + LANES <= K; i += LANES) {
-        vec8 a = load8_weights(w, row0 + i, kind), b = load8_weights(w, row1 + i, kind);
-        /* PREFETCH_AHEAD bytes down each row's stream, into L2 only: at S3 this is 1.4x faster
-         * than the same into L1 (where the lines evicted the x rows) and than no prefetch */
-        __builtin_prefetch(weight_address(w, row0 + i, kind) + PREFETCH_AHEAD, 0, 2);
-        __builtin_prefetch(weight_address(w, row1 + i, kind) + PREFETCH_AHEAD, 0, 2);
-        KEEP_IN_REGISTER(a);
-        KEEP_IN_REGISTER(b);
+        vec8 wv[WEIGHT_ROWS];
+        for (int q = 0; q < wrows; ++q) {
+            wv[q] = load8_weights(w, (o + q) * K + i, kind);
+            /* PREFETCH_AHEAD bytes down each row's stream, into L2 only: at S3 this is 1.4x
+             * faster than the same into L1 (where the lines evicted the x rows) and than none */
+            __builtin_prefetch(weight_address(w, (o + q) * K + i, kind) + PREFETCH_AHEAD, 0, 2);
+            KEEP_IN_REGISTER(wv[q]);
+        }
         for (int r = 0; r < rows; ++r) {
             vec8 xv = load8(x + r * K + i);
             KEEP_IN_REGISTER(xv);
-            acc0[r] += a * xv;
-            acc1[r] += b * xv;
+            for (int q = 0; q < wrows; ++q) acc[q][r] += wv[q] * xv;
         }
     }
-    for (int r = 0; r < rows; ++r) {
-        float s0 = sum8(acc0[r]), s1 = sum8(acc1[r]);
-        for (int64_t j = i; j < K; ++j) {
-            s0 += load1_weight(w, row0 + j, kind) * x[r * K + j];
-            s1 += load1_weight(w, row1 + j, kind) * x[r * K + j];
+    for (int q = 0; q < wrows; ++q)
+        for (int r = 0; r < rows; ++r) {
+            float s = sum8(acc[q][r]);
+            for (int64_t j = i; j < K; ++j)
+                s = fmaf(load1_weight(w, (o + q) * K + j, kind), x[r * K + j], s);
+            out[r * N + o + q] = s;
         }
-        out[r * N + o] = s0;
-        out[r * N + o + 1] = s1;
+}
+
+static inline __attribute__((always_inline)) void weight_rows_times_all(
+    const float *x, const void *w, float *out, int64_t n, int64_t K, int64_t N, int64_t o,
+    const int wrows, const int kind) {
+    for (int64_t r0 = 0; r0 < n; r0 += ROW_GROUP) {
+        const float *xr = x + r0 * K;
+        float *outr = out + r0 * N;
+        switch (n - r0 < ROW_GROUP ? n - r0 : ROW_GROUP) {
+            case 1: weight_rows_times_group(xr, w, outr, K, N, o, wrows, 1, kind); break;
+            case 2: weight_rows_times_group(xr, w, outr, K, N, o, wrows, 2, kind); break;
+            case 3: weight_rows_times_group(xr, w, outr, K, N, o, wrows, 3, kind); break;
+            case 4: weight_rows_times_group(xr, w, outr, K, N, o, wrows, 4, kind); break;
+            case 5: weight_rows_times_group(xr, w, outr, K, N, o, wrows, 5, kind); break;
+            default: weight_rows_times_group(xr, w, outr, K, N, o, wrows, 6, kind); break;
+        }
     }
 }
 
@@ -178,7 +202,7 @@ static inline __attribute__((always_inline)) void single_row_dot(
     const int kind) {
     for (int64_t r = 0; r < n; ++r) {
         float s = 0.0f;
-        for (int64_t j = 0; j < K; ++j) s += load1_weight(w, o * K + j, kind) * x[r * K + j];
+        for (int64_t j = 0; j < K; ++j) s = fmaf(load1_weight(w, o * K + j, kind), x[r * K + j], s);
         out[r * N + o] = s;
     }
 }
@@ -188,20 +212,9 @@ static inline __attribute__((always_inline)) void expert_rows_of(
     const float *x, const void *w, float *out, int64_t n, int64_t K, int64_t N, int64_t o0,
     int64_t o1, const int kind) {
     int64_t o = o0;
-    for (; o + ROW_PAIR <= o1; o += ROW_PAIR) {
-        for (int64_t r0 = 0; r0 < n; r0 += ROW_GROUP) {
-            const float *xr = x + r0 * K;
-            float *outr = out + r0 * N;
-            switch (n - r0 < ROW_GROUP ? n - r0 : ROW_GROUP) {
-                case 1: pair_times_group(xr, w, outr, K, N, o, 1, kind); break;
-                case 2: pair_times_group(xr, w, outr, K, N, o, 2, kind); break;
-                case 3: pair_times_group(xr, w, outr, K, N, o, 3, kind); break;
-                case 4: pair_times_group(xr, w, outr, K, N, o, 4, kind); break;
-                case 5: pair_times_group(xr, w, outr, K, N, o, 5, kind); break;
-                default: pair_times_group(xr, w, outr, K, N, o, 6, kind); break;
-            }
-        }
-    }
+    for (; o + WEIGHT_ROWS <= o1; o += WEIGHT_ROWS)
+        weight_rows_times_all(x, w, out, n, K, N, o, WEIGHT_ROWS, kind);
+    for (; o + 2 <= o1; o += 2) weight_rows_times_all(x, w, out, n, K, N, o, 2, kind);
     if (o < o1) single_row_dot(x, w, out, n, K, N, o, kind);
 }
 
@@ -250,8 +263,10 @@ static inline __attribute__((always_inline)) void group_axpy(
         }
     }
     for (; j < hi; ++j)
-        for (int r = 0; r < rows; ++r)
-            out[r * N + j] += x[r * K + k] * w0[j] + (pair == 2 ? x[r * K + k + 1] * w1[j] : 0.0f);
+        for (int r = 0; r < rows; ++r) {  /* as the vectors above: w0's product, then w1's */
+            float o = fmaf(w0[j], x[r * K + k], out[r * N + j]);
+            out[r * N + j] = pair == 2 ? fmaf(w1[j], x[r * K + k + 1], o) : o;
+        }
 }
 
 static inline __attribute__((always_inline)) void rows_axpy(
@@ -337,7 +352,7 @@ static void grouped(expert_part part, int64_t width, const float *x, const float
 /* x @ w[e]^T for w [E, N, K] */
 void moekit_skinny_grouped(const float *x, const float *w, int64_t w_expert_stride, float *out,
                            const int64_t *counts, int64_t E, int64_t K, int64_t N, int num_threads) {
-    grouped(expert_rows, ROW_PAIR, x, w, w_expert_stride, out, counts, E, K, N, num_threads);
+    grouped(expert_rows, WEIGHT_ROWS, x, w, w_expert_stride, out, counts, E, K, N, num_threads);
 }
 
 /* x @ w[e] for w [E, K, N] */
@@ -439,14 +454,14 @@ int moekit_skinny_ffn(const float *x, const int64_t *ids, const float *weights,
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; ++r)
             memcpy(x_rows + r * D, x + order[r] / K * D, (size_t)D * sizeof(float));
-        grouped_share(part, ROW_PAIR, x_rows, w1, h, counts, first_row, E, D, H, t, nt);
+        grouped_share(part, WEIGHT_ROWS, x_rows, w1, h, counts, first_row, E, D, H, t, nt);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; ++r) {
             int64_t e = ids[order[r]];
             activate_row(gated, elementwise, h + r * H, b1 ? b1[e] : NULL, weights[order[r]], a + r * F, F);
         }
-        grouped_share(part, ROW_PAIR, a, w2, out, counts, first_row, E, F, D, t, nt);
+        grouped_share(part, WEIGHT_ROWS, a, w2, out, counts, first_row, E, F, D, t, nt);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t token = 0; token < T; ++token) {
