@@ -3,7 +3,9 @@
 Every batch can run through the fused autograd op (moekit/experts/fused.py). A decode-size
 batch with no gradient to record (decode.applies_to) instead runs as one native call that
 sorts, gathers, computes and combines (moekit/experts/cpu/decode.py); its sort is handed to
-the plan, so nothing is sorted twice. Both give the same bits.
+the plan, so nothing is sorted twice. In float32 both give the same bits; a layer held in
+bfloat16 or float16 gets the one call too, computed in float32 and rounded once (the autograd op
+rounds h and the activation as well), so there the two agree to that dtype's rounding.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class FusedBackend:
         config = experts.config
         activation, cpu_kernels = config.activation, config.cpu_kernels
         if not config.batch_invariant and activation in KERNEL_ACTIVATIONS and decode.applies_to(
-                x_TD, plan, *(t for t in (w1, w2, b1, b2) if t is not None), cpu_kernels=cpu_kernels):
+                x_TD, plan, *(t for t in (w1, w2, b1, b2) if t is not None),
+                cpu_kernels=cpu_kernels, count_rows=False):
             decoded = decode.skinny_ffn(x_TD, plan.ids_TK, plan.weights_TK, w1, w2, activation,
                                         b1, b2, kept_TK=plan.kept_TK)
             if decoded is not None:  # None only if it declined after all: the general path

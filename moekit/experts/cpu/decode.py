@@ -15,9 +15,15 @@ stay float32: the kernel widens each weight to float32 in registers as it loads 
 in float32, so the result is the float32 computation with the half weights converted exactly
 (the biases are converted to float32 before the call; they are small).
 
-Numerically it is the fused backend's forward: the same products, the activation in float32 with
-libm's expf/erff, the combine weight applied to the activation, and each token's outputs summed
-in the order of its choices j.
+A layer held in bfloat16 or float16 (x and the expert weights of that dtype) takes the same
+call: x is widened exactly to float32, every product, the activation and the combine run in
+float32, and y is rounded once to x's dtype.
+
+Numerically, for float32 x, it is the fused backend's forward: the same products, the
+activation in float32 with libm's expf/erff, the combine weight applied to the activation, and
+each token's outputs summed in the order of its choices j. For half x it is more precise than
+the fused autograd op, which rounds h and the activation to x's dtype: the two agree to that
+dtype's rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class DecodedExperts(NamedTuple):
-    """y_TD [T, D] float32; order_R [R] int64, the assignment t * K + j of each kept row with
+    """y_TD [T, D] in x's dtype; order_R [R] int64, the assignment t * K + j of each kept row with
     rows grouped by expert (stable: by token, then j); counts_E [E] int64 rows per expert."""
 
     y_TD: torch.Tensor
@@ -47,7 +53,7 @@ class DecodedExperts(NamedTuple):
 
 
 def applies_to(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor,
-               cpu_kernels: str = "auto") -> bool:
+               cpu_kernels: str = "auto", count_rows: bool = True) -> bool:
     """Whether the one-call path may run the plan on x_TD [T, D] with these expert weights: the
     plan has the routing's choices (not a rows plan), no gradient to record for any tensor, no
     torch tool watching (compile, FlopCounterMode, the profiler; they would not see the C call),
@@ -58,7 +64,7 @@ def applies_to(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor,
 
 
 def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor,
-                     cpu_kernels: str = "auto") -> str | None:
+                     cpu_kernels: str = "auto", count_rows: bool = True) -> str | None:
     """Why the one-call path does not run this plan (see applies_to), or None when it does."""
     if plan.ids_TK is None:
         return "rows already grouped by expert (a rows plan)"
@@ -70,8 +76,22 @@ def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Ten
     reason = _weights_declined(weights)
     if reason is not None:
         return reason
-    return skinny.not_small_batch(lambda: int(plan.counts_E.max()), x_TD, plan.weights_TK,
-                                  cpu_kernels=cpu_kernels)
+    # x of the weights' half dtype is widened in the call: the batch test sees float32 in its place
+    x_as_read = _FLOAT32_STANDIN if weights and _half_layer(x_TD.dtype, weights[0].dtype) \
+        and x_TD.device.type == "cpu" else x_TD
+    if count_rows or plan.kept_TK is not None:
+        most_rows = lambda: int(plan.counts_E.max())  # noqa: E731
+    else:  # every assignment a row: their mean per expert is at most the largest count
+        most_rows = -(-plan.ids_TK.numel() // plan.num_experts)
+    return skinny.not_small_batch(most_rows, x_as_read, plan.weights_TK, cpu_kernels=cpu_kernels)
+
+
+_FLOAT32_STANDIN = torch.empty(0)
+
+
+def _half_layer(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether x and the expert weights share one half dtype: a layer held in bf16 or f16."""
+    return x_dtype in (torch.bfloat16, torch.float16) and weight_dtype == x_dtype
 
 
 def _weights_declined(weights: tuple[torch.Tensor, ...]) -> str | None:
@@ -96,8 +116,11 @@ def _check_tokens(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Te
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, "
                          f"got {activation!r}")
     for name, tensor in (("x_TD", x_TD), ("weights_TK", weights_TK)):
-        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
-            raise TypeError(f"{name} must be a float32 CPU tensor, got {tensor.dtype} on "
+        allowed = (torch.float32, torch.bfloat16, torch.float16) if name == "x_TD" \
+            else (torch.float32,)
+        if tensor.dtype not in allowed or tensor.device.type != "cpu":
+            kinds = "float32, bfloat16 or float16" if name == "x_TD" else "float32"
+            raise TypeError(f"{name} must be a {kinds} CPU tensor, got {tensor.dtype} on "
                             f"{tensor.device}")
     if ids_TK.dtype != torch.int64 or ids_TK.device.type != "cpu":
         raise TypeError(f"ids_TK must be an int64 CPU tensor, got {ids_TK.dtype} on "
@@ -136,6 +159,14 @@ def _check_weights(names: tuple[str, ...], weights: ExpertWeights,
         raise ValueError(f"give both {names[2]} and {names[3]} or neither")
 
 
+def _check_x_dtype(x_TD: torch.Tensor, weight_dtype: torch.dtype) -> None:
+    """x float32 with weights of any kind, or x of the weights' half dtype."""
+    if x_TD.dtype != torch.float32 and not _half_layer(x_TD.dtype, weight_dtype):
+        raise TypeError(f"x_TD must be float32, or have the expert weights' dtype (a layer held "
+                        f"in bfloat16 or float16); got x_TD {x_TD.dtype} and weights "
+                        f"{weight_dtype}")
+
+
 def _float32_biases(weights: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """(w1, w2, b1, b2) with the biases float32, as the kernel reads them."""
     return [t if i < 2 or t is None else t.float() for i, t in enumerate(weights)]
@@ -164,7 +195,9 @@ def _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, weight_dtype, num_experts,
     """The C call; pointers = (w1, w2, b1, b2) ctypes arrays of E addresses (b1, b2 may be None;
     float32), w1 and w2 of weight_dtype."""
     num_tokens, top_k = ids_TK.shape
-    x_TD, ids_TK, weights_TK = x_TD.contiguous(), ids_TK.contiguous(), weights_TK.contiguous()
+    out_dtype = x_TD.dtype
+    x_TD = x_TD.to(torch.float32).contiguous()  # half x (a half layer): widened exactly
+    ids_TK, weights_TK = ids_TK.contiguous(), weights_TK.contiguous()
     kept_TK = None if kept_TK is None else kept_TK.contiguous()
     y_TD = torch.empty(num_tokens, dim)
     order_R = torch.empty(num_tokens * top_k, dtype=torch.int64)
@@ -183,7 +216,7 @@ def _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, weight_dtype, num_experts,
         raise MemoryError(f"moekit_skinny_ffn could not allocate its rows (status {status})")
     if kept_TK is not None:
         order_R = order_R[:int(counts_E.sum())]
-    return DecodedExperts(y_TD, order_R, counts_E)
+    return DecodedExperts(y_TD.to(out_dtype), order_R, counts_E)
 
 
 def _addresses(tensors: list[torch.Tensor | None]) -> ctypes.Array:
@@ -204,7 +237,7 @@ def skinny_ffn(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tenso
                max_rows: int = skinny.MAX_ROWS,
                kept_TK: torch.Tensor | None = None) -> DecodedExperts | None:
     """The experts' combined output for every token, or None when an expert would get more than
-    max_rows rows. On CPU: x_TD [T, D] float32, ids_TK [T, K] int64 expert of each choice,
+    max_rows rows. On CPU: x_TD [T, D] float32 (or the weights' half dtype: y in it too), ids_TK [T, K] int64 expert of each choice,
     weights_TK [T, K] float32 its combine weight, w1_EHD [E, H, D] (H = 2F for gated
     activations: gate rows then up rows) and w2_EDF [E, D, F] both float32, both bfloat16 or
     both float16 (y float32 all the same), biases [E, H] and [E, D] or None;
@@ -218,6 +251,7 @@ def skinny_ffn(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tenso
                          f"{tuple(w1_EHD.shape)} and {tuple(w2_EDF.shape)}")
     num_experts, dim, expert_dim = w2_EDF.shape
     stacks = [w1_EHD, w2_EDF, b1_EH, b2_ED]
+    _check_x_dtype(x_TD, w1_EHD.dtype)
     # Every stack in full, every expert: the C code reads E experts from each.
     _check_stacks(stacks, num_experts, x_TD.shape[1], expert_dim, activation)
     # Each expert's matrix must be row-major and contiguous; the stack may be strided.
@@ -259,6 +293,8 @@ def skinny_ffn_fetched(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: tor
         raise TypeError(f"every expert's weights must have one dtype, got {sorted(map(str, dtypes))}")
     pointers = [_addresses([w[i] for w in fetched]) if i < 2 or has_bias else None
                 for i in range(4)]
-    weight_dtype = dtypes.pop() if dtypes else torch.float32
+    weight_dtype = next(iter(dtypes), torch.float32)  # no expert with rows: nothing is read
+    if dtypes:
+        _check_x_dtype(x_TD, weight_dtype)
     return _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, weight_dtype, num_experts,
                 x_TD.shape[1], expert_dim, activation, max_rows)

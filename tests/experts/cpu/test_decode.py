@@ -135,7 +135,8 @@ def test_bad_inputs_are_named():
         decode.skinny_ffn(x, torch.tensor([[0, -1], [1, 2], [3, 0]]), weights, w1, w2, "swiglu")
     with pytest.raises(ValueError, match="activation must be one of"):
         decode.skinny_ffn(x, ids, weights, w1, w2, "tanh")
-    with pytest.raises(TypeError, match="x_TD must be a float32 CPU tensor, got torch.float64"):
+    with pytest.raises(TypeError, match="x_TD must be a float32, bfloat16 or float16 CPU tensor, got "
+                                        "torch.float64"):
         decode.skinny_ffn(x.double(), ids, weights, w1, w2, "swiglu")
     with pytest.raises(TypeError, match="ids_TK must be an int64 CPU tensor, got torch.int32"):
         decode.skinny_ffn(x, ids.int(), weights, w1, w2, "swiglu")
@@ -359,6 +360,56 @@ def test_grouped_products_same_bits_as_an_avx2_build(transpose, tmp_path, monkey
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_half_layer_is_widened_computed_in_float32_and_rounded_once(dtype, bias):
+    """x and the weights both bfloat16 (or float16), a layer held in that dtype: y is the float32
+    computation on x widened exactly, rounded once to the dtype (bit for bit), and so within
+    one rounding of the float64 loop."""
+    generator = torch.Generator().manual_seed(21 + bias)
+    x, ids, weights, w1, w2, b1, b2 = _problem(7, 2, 5, 37, 19, "swiglu", bias, generator)
+    half = [None if t is None else t.to(dtype) for t in (x, w1, w2, b1, b2)]
+    result = decode.skinny_ffn(half[0], ids, weights, half[1], half[2], "swiglu", *half[3:])
+    assert result.y_TD.dtype == dtype
+    widened = decode.skinny_ffn(half[0].float(), ids, weights, half[1], half[2], "swiglu",
+                                *half[3:])
+    assert torch.equal(result.y_TD, widened.y_TD.to(dtype))
+    reference = _reference(half[0], ids, weights, half[1], half[2], "swiglu", *half[3:])
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(result.y_TD.double(), reference, rtol=eps, atol=eps)
+    fetched = decode.skinny_ffn_fetched(half[0], ids, weights, lambda e: tuple(
+        None if t is None else t[e] for t in half[1:]), 5, 19, "swiglu")
+    assert torch.equal(fetched.y_TD, result.y_TD)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_layer_inference_takes_one_call(dtype, monkeypatch):
+    """A layer cast to bfloat16 (or float16) decodes through the one call under no_grad; its
+    output agrees with the autograd path (which rounds h and the activation to the dtype) to
+    the dtype's rounding, and is at least as close to the float64 layer."""
+    moe = randomized_moe(4, dim=48, expert_dim=24, num_experts=6, top_k=2)
+    x = torch.randn(7, 48)
+    with torch.no_grad():
+        exact, _ = moe.double()(x.double())
+    moe.to(dtype)
+    calls = count_calls(monkeypatch, decode, "skinny_ffn")
+    with torch.no_grad():
+        y_fast, _ = moe(x.to(dtype))
+    assert calls and y_fast.dtype == dtype
+    calls.clear()
+    y_grad, _ = moe(x.to(dtype))
+    assert not calls and y_grad.requires_grad
+    scale = float(exact.abs().max())
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y_fast.double(), y_grad.detach().double(), rtol=4 * eps,
+                               atol=4 * eps * scale)
+    fast_error = float((y_fast.double() - exact).abs().max())
+    grad_error = float((y_grad.detach().double() - exact).abs().max())
+    assert fast_error <= grad_error + eps * scale
+
+
+@needs_kernel
 def test_half_weights_bad_combinations_are_named():
     generator = torch.Generator().manual_seed(4)
     x, ids, weights, w1, w2, _, _ = _problem(3, 2, 4, 8, 6, "swiglu", False, generator)
@@ -368,8 +419,12 @@ def test_half_weights_bad_combinations_are_named():
     with pytest.raises(TypeError, match="w1_EHD must be a float32, bfloat16 or float16 CPU "
                                         "tensor, got torch.float64"):
         decode.skinny_ffn(x, ids, weights, w1.double(), w2.double(), "swiglu")
-    with pytest.raises(TypeError, match="x_TD must be a float32 CPU tensor, got torch.bfloat16"):
-        decode.skinny_ffn(x.bfloat16(), ids, weights, w1.bfloat16(), w2.bfloat16(), "swiglu")
+    with pytest.raises(TypeError, match="x_TD must be float32, or have the expert weights' dtype "
+                                        r"\(a layer held in bfloat16 or float16\); got x_TD "
+                                        "torch.bfloat16 and weights torch.float16"):
+        decode.skinny_ffn(x.bfloat16(), ids, weights, w1.half(), w2.half(), "swiglu")
+    with pytest.raises(TypeError, match="got x_TD torch.float16 and weights torch.float32"):
+        decode.skinny_ffn(x.half(), ids, weights, w1, w2, "swiglu")
     plan = DispatchPlan(ids, weights, 4)
     assert decode.declined_because(x, plan, w1.bfloat16(), w2.bfloat16()) is None
     assert "not torch.bfloat16, torch.float16" in decode.declined_because(
