@@ -109,6 +109,17 @@ def test_skinny_kernel_runs_at_a_tiny_shape():
         assert "nothing was measured" in report
 
 
+def test_half_weight_decode_runs_one_round():
+    done = run_script("half_weight_decode", "--repeats", "1")
+    if not skinny.available():
+        assert done.returncode == 1 and "nothing was measured" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    for dtype in ("float32", "bfloat16 expert weights", "float16 expert weights",
+                  "bfloat16 layer"):
+        assert f"| layer, {dtype} | " in done.stdout and f"| native call, {dtype} | " in done.stdout
+
+
 def test_batch_invariance_benchmark_runs():
     report = report_of("batch_invariance", "--shapes", "S3", "--repeats", "1")
     assert report.count("| S3 ") == 3 and "| fused | float32 |" in report

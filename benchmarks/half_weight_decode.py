@@ -1,0 +1,123 @@
+"""S3 decode with half-size expert weights: the layer and its one native call, each dtype beside
+float32, with the caches emptied before every call.
+
+Run: python benchmarks/half_weight_decode.py [--repeats N] [--seed S]
+
+One MoE layer of S3's shape (T=16 tokens, dim=1024, expert_dim=896, E=8, top-2, SwiGLU), and
+copies of it with the same weights:
+- float32: the reference every ratio divides by;
+- bfloat16 / float16 expert weights: only the experts cast, float32 x and y (docs/inference.md);
+- bfloat16 layer: the whole layer cast, bfloat16 x and y.
+Each is timed as the layer under no_grad (what a decode step pays), and its experts alone as the
+one native call (moekit.experts.cpu.decode.skinny_ffn on the same routing), so the table shows
+how much of a step is the kernel and how much is the rest of the layer. A decode step streams
+every touched expert's weights (88 MB in float32 here), more than the last-level cache, so
+before each call a 128 MiB sum empties the caches, as a real step finds them. Every row is
+timed in the same rounds, round-robin; cells are medians, with the spread (max - min) /
+median. The bytes and the weight time are noisier between processes (where the weights land
+in physical memory) than within one: compare ratios of one run, and run it more than once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+import moekit
+from moekit.bench.shapes import SHAPES
+from moekit.experts.cpu import decode, isa, skinny
+
+
+def _layers(seed: int) -> dict[str, tuple[moekit.MoE, torch.dtype]]:
+    """name -> (layer in eval mode, x's dtype), all with the float32 layer's weights."""
+    shape = SHAPES["S3"]
+    torch.manual_seed(seed)
+    config = moekit.MoEConfig(dim=shape.dim, expert_dim=shape.expert_dim,
+                              num_experts=shape.num_experts, top_k=shape.top_k)
+    base = moekit.MoE(config).eval()
+    layers = {"float32": (base, torch.float32)}
+    for name, dtype in (("bfloat16 expert weights", torch.bfloat16),
+                        ("float16 expert weights", torch.float16)):
+        layer = copy.deepcopy(base)
+        layer.experts.to(dtype)
+        layers[name] = (layer, torch.float32)
+    layers["bfloat16 layer"] = (copy.deepcopy(base).to(torch.bfloat16), torch.bfloat16)
+    return layers
+
+
+def _kernel_call(layer: moekit.MoE, x_TD: torch.Tensor):
+    """The layer's experts as the one native call, on the layer's own routing of x_TD."""
+    with torch.no_grad():
+        routing = layer.router(x_TD)
+    experts = layer.experts
+    ids, weights = routing.expert_indices, routing.expert_weights.float()
+    w1, w2 = experts.first_proj.detach(), experts.down_proj.detach()
+    activation = experts.config.activation
+
+    def call():
+        decoded = decode.skinny_ffn(x_TD, ids, weights, w1, w2, activation)
+        assert decoded is not None, "S3 is decode-size: the call must not decline"
+    return call
+
+
+def measure(repeats: int, seed: int) -> dict[str, list[float]]:
+    """Seconds of every row in every round (after two warm-up calls each)."""
+    shape = SHAPES["S3"]
+    x = torch.randn(shape.tokens, shape.dim, generator=torch.Generator().manual_seed(seed))
+    rows = {}
+    for name, (layer, x_dtype) in _layers(seed).items():
+        x_in = x.to(x_dtype)
+        rows[f"layer, {name}"] = lambda layer=layer, x_in=x_in: layer(x_in)
+        rows[f"native call, {name}"] = _kernel_call(layer, x_in)
+    flush = torch.randn(32 * 1024 * 1024)  # 128 MiB
+    times = {name: [] for name in rows}
+    with torch.no_grad():
+        for call in rows.values():
+            call()
+            call()
+        for _ in range(repeats):
+            for name, call in rows.items():
+                flush.sum()
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def table(times: dict[str, list[float]]) -> str:
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    lines = ["| row | ms | spread | / float32 (same kind of row) | outside the call ms |",
+             "|---|---|---|---|---|"]
+    for name, seconds in medians.items():
+        kind, dtype = name.split(", ", 1)
+        reference = medians[f"{kind}, float32"]
+        outside = "" if kind != "layer" else f"{(seconds - medians[f'native call, {dtype}']) * 1e3:.2f}"
+        spread = (max(times[name]) - min(times[name])) / seconds
+        lines.append(f"| {name} | {seconds * 1e3:.2f} | ±{spread:.0%} | {seconds / reference:.2f} "
+                     f"| {outside} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=30, help="rounds (default 30)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    if not skinny.available():
+        raise SystemExit(f"the native decode call is what this measures, and it is unavailable "
+                         f"({skinny.unavailable_reason()}): nothing was measured")
+    cpu = isa.cpu_isa()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu.model}, "
+          f"{cpu.vector_isa}{', ' + ', '.join(cpu.native_bf16) if cpu.native_bf16 else ''}; "
+          f"S3 decode, caches emptied before each call, {args.repeats} rounds\n")
+    print(table(measure(args.repeats, args.seed)))
+
+
+if __name__ == "__main__":
+    main()
