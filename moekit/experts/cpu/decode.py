@@ -16,8 +16,11 @@ in float32, so the result is the float32 computation with the half weights conve
 (the biases are converted to float32 before the call; they are small).
 
 A layer held in bfloat16 or float16 (x and the expert weights of that dtype) takes the same
-call: x is widened exactly to float32, every product, the activation and the combine run in
-float32, and y is rounded once to x's dtype.
+call: the activation, the second product and the combine run in float32 and y is rounded once
+to x's dtype. The first product: where the CPU has a bf16 dot product (AVX512-BF16;
+skinny.native_bf16_dot()) bfloat16 x meets the bfloat16 weights on it, exact products summed in
+float32 in another order (and denormals flushed); elsewhere, and for float16, x is widened
+exactly to float32 as in the float32 path.
 
 Numerically, for float32 x, it is the fused backend's forward: the same products, the
 activation in float32 with libm's expf/erff, the combine weight applied to the activation, and
@@ -41,6 +44,8 @@ from moekit.experts.fused import ExpertWeights
 
 # How the kernel reads w1 and w2: skinny.c's WEIGHTS_F32, WEIGHTS_BF16, WEIGHTS_F16.
 WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# How it reads x: skinny.c's X_F32, X_BF16 (with bfloat16 weights only).
+X_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 
 
 class DecodedExperts(NamedTuple):
@@ -196,7 +201,9 @@ def _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, weight_dtype, num_experts,
     float32), w1 and w2 of weight_dtype."""
     num_tokens, top_k = ids_TK.shape
     out_dtype = x_TD.dtype
-    x_TD = x_TD.to(torch.float32).contiguous()  # half x (a half layer): widened exactly
+    # bfloat16 x (a bfloat16 layer) goes in as it is; float16 x is widened exactly here
+    x_kind = X_KINDS[torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32]
+    x_TD = (x_TD if x_kind else x_TD.to(torch.float32)).contiguous()
     ids_TK, weights_TK = ids_TK.contiguous(), weights_TK.contiguous()
     kept_TK = None if kept_TK is None else kept_TK.contiguous()
     y_TD = torch.empty(num_tokens, dim)
@@ -206,12 +213,15 @@ def _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, weight_dtype, num_experts,
         x_TD.data_ptr(), ids_TK.data_ptr(), weights_TK.data_ptr(),
         None if kept_TK is None else kept_TK.data_ptr(), num_tokens, top_k, *pointers,
         num_experts, dim, expert_dim, *kernel_codes(activation), WEIGHT_KINDS[weight_dtype],
-        max_rows, y_TD.data_ptr(),
+        x_kind, max_rows, y_TD.data_ptr(),
         order_R.data_ptr(), counts_E.data_ptr(), torch.get_num_threads())
     if status == 1:
         return None
     if status == -1:
         raise _ids_out_of_range(ids_TK, num_experts)
+    if status == -3:  # the checks above prevent it
+        raise TypeError(f"the kernel takes bfloat16 x only with bfloat16 weights, got "
+                        f"{weight_dtype}")
     if status != 0:
         raise MemoryError(f"moekit_skinny_ffn could not allocate its rows (status {status})")
     if kept_TK is not None:

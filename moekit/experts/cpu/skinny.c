@@ -62,6 +62,8 @@ static inline vec8 load8(const float *p) {
 
 /* How an expert's weights are stored (moekit/experts/cpu/decode.py passes the same numbers). */
 enum { WEIGHTS_F32 = 0, WEIGHTS_BF16 = 1, WEIGHTS_F16 = 2 };
+/* How x is stored: float32, or bfloat16 (only with WEIGHTS_BF16: a layer held in bfloat16). */
+enum { X_F32 = 0, X_BF16 = 1 };
 
 typedef uint16_t bits16x8 __attribute__((vector_size(16)));
 typedef uint32_t bits32x8 __attribute__((vector_size(32)));
@@ -218,20 +220,93 @@ static inline __attribute__((always_inline)) void expert_rows_of(
     if (o < o1) single_row_dot(x, w, out, n, K, N, o, kind);
 }
 
-static void expert_rows(const float *x, const void *w, float *out, int64_t n, int64_t K, int64_t N,
+static void expert_rows(const void *x, const void *w, float *out, int64_t n, int64_t K, int64_t N,
                         int64_t o0, int64_t o1) {
     expert_rows_of(x, w, out, n, K, N, o0, o1, WEIGHTS_F32);
 }
 
-static void expert_rows_bf16(const float *x, const void *w, float *out, int64_t n, int64_t K,
+static void expert_rows_bf16(const void *x, const void *w, float *out, int64_t n, int64_t K,
                              int64_t N, int64_t o0, int64_t o1) {
     expert_rows_of(x, w, out, n, K, N, o0, o1, WEIGHTS_BF16);
 }
 
-static void expert_rows_f16(const float *x, const void *w, float *out, int64_t n, int64_t K,
+static void expert_rows_f16(const void *x, const void *w, float *out, int64_t n, int64_t K,
                             int64_t N, int64_t o0, int64_t o1) {
     expert_rows_of(x, w, out, n, K, N, o0, o1, WEIGHTS_F16);
 }
+
+/* ---- bfloat16 x against bfloat16 weights on the CPU's bf16 dot product (AVX512-BF16) ----
+ *
+ * vdpbf16ps adds two products of bfloat16 pairs to each float32 lane: twice the multiply-adds of
+ * an FMA per instruction, and no widening. The products are exact (8-bit significands); each
+ * lane sums float32 in pairs (elements 2l + 1, then 2l, of every 16), so the order differs from
+ * the widening loops above, and the instruction treats denormal inputs and results as zero. Used
+ * only where x itself is bfloat16 (a layer held in bfloat16), for its first product. */
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#define NATIVE_BF16_DOT 1
+enum { DOT_LANES = 16 };
+
+static inline __attribute__((always_inline)) void dot_rows_times_group(
+    const uint16_t *x, const uint16_t *w, float *out, int64_t K, int64_t N, int64_t o,
+    const int wrows, const int rows) {
+    __m256 acc[WEIGHT_ROWS][ROW_GROUP];
+    for (int q = 0; q < wrows; ++q)
+        for (int r = 0; r < rows; ++r) acc[q][r] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + DOT_LANES <= K; i += DOT_LANES) {
+        __m256i wv[WEIGHT_ROWS];
+        for (int q = 0; q < wrows; ++q) {
+            wv[q] = _mm256_loadu_si256((const __m256i *)(w + (o + q) * K + i));
+            __builtin_prefetch((const char *)(w + (o + q) * K + i) + PREFETCH_AHEAD, 0, 2);
+        }
+        for (int r = 0; r < rows; ++r) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + r * K + i));
+            for (int q = 0; q < wrows; ++q)
+                acc[q][r] = _mm256_dpbf16_ps(acc[q][r], (__m256bh)wv[q], (__m256bh)xv);
+        }
+    }
+    for (int q = 0; q < wrows; ++q)
+        for (int r = 0; r < rows; ++r) {
+            vec8 lanes;
+            memcpy(&lanes, &acc[q][r], sizeof lanes);
+            float s = sum8(lanes);
+            for (int64_t j = i; j < K; ++j)
+                s = fmaf(bf16_to_float(w[(o + q) * K + j]), bf16_to_float(x[r * K + j]), s);
+            out[r * N + o + q] = s;
+        }
+}
+
+static inline __attribute__((always_inline)) void dot_rows_times_all(
+    const uint16_t *x, const uint16_t *w, float *out, int64_t n, int64_t K, int64_t N, int64_t o,
+    const int wrows) {
+    for (int64_t r0 = 0; r0 < n; r0 += ROW_GROUP) {
+        const uint16_t *xr = x + r0 * K;
+        float *outr = out + r0 * N;
+        switch (n - r0 < ROW_GROUP ? n - r0 : ROW_GROUP) {
+            case 1: dot_rows_times_group(xr, w, outr, K, N, o, wrows, 1); break;
+            case 2: dot_rows_times_group(xr, w, outr, K, N, o, wrows, 2); break;
+            case 3: dot_rows_times_group(xr, w, outr, K, N, o, wrows, 3); break;
+            case 4: dot_rows_times_group(xr, w, outr, K, N, o, wrows, 4); break;
+            case 5: dot_rows_times_group(xr, w, outr, K, N, o, wrows, 5); break;
+            default: dot_rows_times_group(xr, w, outr, K, N, o, wrows, 6); break;
+        }
+    }
+}
+
+/* expert_rows_bf16 for bfloat16 x rows, on the dot product */
+static void expert_rows_dot(const void *x, const void *w, float *out, int64_t n, int64_t K,
+                            int64_t N, int64_t o0, int64_t o1) {
+    int64_t o = o0;
+    for (; o + WEIGHT_ROWS <= o1; o += WEIGHT_ROWS)
+        dot_rows_times_all(x, w, out, n, K, N, o, WEIGHT_ROWS);
+    for (; o < o1; ++o) dot_rows_times_all(x, w, out, n, K, N, o, 1);
+}
+#else
+#define NATIVE_BF16_DOT 0
+#endif
+
+/* Whether this build multiplies bfloat16 x by bfloat16 weights on the CPU's dot product. */
+int moekit_skinny_native_bf16_dot(void) { return NATIVE_BF16_DOT; }
 
 /* ---- x @ W: out[r, n] = sum_k x[r, k] * w[k, n] ---- */
 
@@ -282,9 +357,9 @@ static inline __attribute__((always_inline)) void rows_axpy(
 
 /* Columns [lo, hi) of one expert's x @ w for all its n rows: the weight rows are read once, in
  * order, each pair applied to every group of up to four x rows while it is in L1. */
-static void expert_columns(const float *x, const void *w_any, float *out, int64_t n, int64_t K,
-                           int64_t N, int64_t lo, int64_t hi) {
-    const float *w = w_any;
+static void expert_columns(const void *x_any, const void *w_any, float *out, int64_t n,
+                           int64_t K, int64_t N, int64_t lo, int64_t hi) {
+    const float *x = x_any, *w = w_any;
     for (int64_t r = 0; r < n; ++r) memset(out + r * N + lo, 0, (size_t)(hi - lo) * sizeof(float));
     int64_t k = 0;
     for (; k + 2 <= K; k += 2)
@@ -297,14 +372,15 @@ static void expert_columns(const float *x, const void *w_any, float *out, int64_
                       n - r0 < AXPY_GROUP ? n - r0 : AXPY_GROUP, 1);
 }
 
-typedef void (*expert_part)(const float *x, const void *w, float *out, int64_t n, int64_t K,
+typedef void (*expert_part)(const void *x, const void *w, float *out, int64_t n, int64_t K,
                             int64_t N, int64_t lo, int64_t hi);
 
 /* A grouped product over all experts, for the calling thread of a team of nt (inside a parallel
  * region). Work units are (expert with rows, `width` output columns), split into equal contiguous
  * ranges over the threads, so experts of any size share the cores evenly; part() computes columns
- * [lo, hi) of one expert's product. first_row[e] is expert e's first row of x and out. */
-static void grouped_share(expert_part part, int64_t width, const float *x,
+ * [lo, hi) of one expert's product. first_row[e] is expert e's first row of x (x_bytes per
+ * element) and out. */
+static void grouped_share(expert_part part, int64_t width, const void *x, int64_t x_bytes,
                           const void *const *w_of, float *out, const int64_t *counts,
                           const int64_t *first_row, int64_t E, int64_t K, int64_t N, int64_t t,
                           int64_t nt) {
@@ -321,8 +397,8 @@ static void grouped_share(expert_part part, int64_t width, const float *x,
         int64_t unit0 = begin % per_expert;
         int64_t left = end - wanted * per_expert, unit1 = left < per_expert ? left : per_expert;
         int64_t hi = unit1 * width < N ? unit1 * width : N;
-        part(x + first_row[e] * K, w_of[e], out + first_row[e] * N, counts[e], K, N, unit0 * width,
-             hi);
+        part((const char *)x + first_row[e] * K * x_bytes, w_of[e], out + first_row[e] * N, counts[e],
+             K, N, unit0 * width, hi);
         begin = wanted * per_expert + unit1;
     }
 }
@@ -345,8 +421,8 @@ static void grouped(expert_part part, int64_t width, const float *x, const float
     }
     if (active == 0) return;
 #pragma omp parallel num_threads(team_size(num_threads, active * ((N + width - 1) / width)))
-    grouped_share(part, width, x, w_of, out, counts, first_row, E, K, N, omp_get_thread_num(),
-                  omp_get_num_threads());
+    grouped_share(part, width, x, sizeof(float), w_of, out, counts, first_row, E, K, N,
+                  omp_get_thread_num(), omp_get_num_threads());
 }
 
 /* x @ w[e]^T for w [E, N, K] */
@@ -379,11 +455,14 @@ void moekit_skinny_grouped_nn(const float *x, const float *w, int64_t w_expert_s
  *   gated: act(gate) * up, else act(h); elementwise: the MOEKIT_ACT_* code of act
  *   weight_kind: WEIGHTS_F32, WEIGHTS_BF16 or WEIGHTS_F16, how w1 and w2 are stored (the biases
  *   are float32 in every case)
+ *   x_kind: X_F32, or X_BF16 with WEIGHTS_BF16 (x bfloat16: the first product on the CPU's bf16
+ *   dot product where it has one, else x widened exactly; the rest float32 as always)
  *   y [T, D]; order [R] int64 (the assignment t * K + j of each of the R kept rows, grouped by
  *   expert); counts [E] int64 kept rows per expert
  * Returns 0 when y is written; 1 when an expert would get more than max_rows rows (order and
  * counts are written, y is not); -1 when an id is outside [0, E) (nothing else is written
- * reliably); -2 when scratch memory could not be allocated.
+ * reliably); -2 when scratch memory could not be allocated; -3 for an x_kind the weights do not
+ * allow (nothing is written).
  */
 /* The elementwise activation codes come from moekit/experts/activations.py (build.py passes them). */
 #if !defined(MOEKIT_ACT_SILU) || !defined(MOEKIT_ACT_GELU) || !defined(MOEKIT_ACT_RELU)
@@ -412,13 +491,14 @@ static void activate_row(int gated, int elementwise, const float *h, const float
     }
 }
 
-int moekit_skinny_ffn(const float *x, const int64_t *ids, const float *weights,
+int moekit_skinny_ffn(const void *x, const int64_t *ids, const float *weights,
                       const uint8_t *kept, int64_t T, int64_t K, const void *const *w1,
                       const void *const *w2, const float *const *b1, const float *const *b2,
                       int64_t E, int64_t D, int64_t F, int gated, int elementwise, int weight_kind,
-                      int64_t max_rows,
+                      int x_kind, int64_t max_rows,
                       float *y, int64_t *order, int64_t *counts, int num_threads) {
     int64_t A = T * K, R = 0, H = gated ? 2 * F : F;
+    if (x_kind != X_F32 && (x_kind != X_BF16 || weight_kind != WEIGHTS_BF16)) return -3;
     for (int64_t e = 0; e < E; ++e) counts[e] = 0;
     for (int64_t i = 0; i < A; ++i) {
         if (ids[i] < 0 || ids[i] >= E) return -1;
@@ -448,20 +528,41 @@ int moekit_skinny_ffn(const float *x, const int64_t *ids, const float *weights,
     float *x_rows = rows, *h = x_rows + R * D, *a = h + R * H, *out = a + R * F;
     expert_part part = weight_kind == WEIGHTS_BF16 ? expert_rows_bf16
                        : weight_kind == WEIGHTS_F16 ? expert_rows_f16 : expert_rows;
+    /* bfloat16 x: its rows kept in bfloat16 for the dot product (in x_rows' first half), or
+     * widened exactly to float32 where the CPU has none */
+    const int dot = x_kind == X_BF16 && NATIVE_BF16_DOT;
+    uint16_t *x16_rows = (uint16_t *)x_rows;
+#if NATIVE_BF16_DOT
+    expert_part first_part = dot ? expert_rows_dot : part;
+#else
+    expert_part first_part = part;
+#endif
 #pragma omp parallel num_threads(team_size(num_threads, R * H))
     {
         int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < R; ++r)
-            memcpy(x_rows + r * D, x + order[r] / K * D, (size_t)D * sizeof(float));
-        grouped_share(part, WEIGHT_ROWS, x_rows, w1, h, counts, first_row, E, D, H, t, nt);
+        for (int64_t r = 0; r < R; ++r) {
+            int64_t token = order[r] / K;
+            if (x_kind == X_F32) {
+                memcpy(x_rows + r * D, (const float *)x + token * D, (size_t)D * sizeof(float));
+            } else if (dot) {
+                memcpy(x16_rows + r * D, (const uint16_t *)x + token * D, (size_t)D * sizeof(uint16_t));
+            } else {
+                for (int64_t d = 0; d < D; ++d)
+                    x_rows[r * D + d] = bf16_to_float(((const uint16_t *)x)[token * D + d]);
+            }
+        }
+        grouped_share(first_part, WEIGHT_ROWS, dot ? (const void *)x16_rows : x_rows,
+                      dot ? sizeof(uint16_t) : sizeof(float), w1, h, counts, first_row, E, D, H,
+                      t, nt);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; ++r) {
             int64_t e = ids[order[r]];
             activate_row(gated, elementwise, h + r * H, b1 ? b1[e] : NULL, weights[order[r]], a + r * F, F);
         }
-        grouped_share(part, WEIGHT_ROWS, a, w2, out, counts, first_row, E, F, D, t, nt);
+        grouped_share(part, WEIGHT_ROWS, a, sizeof(float), w2, out, counts, first_row, E, F, D, t,
+                      nt);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t token = 0; token < T; ++token) {

@@ -75,9 +75,18 @@ def _declare(library: ctypes.CDLL) -> None:
         function.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
         function.restype = None
     library.moekit_skinny_ffn.argtypes = [p, p, p, p, i64, i64, p, p, p, p, i64, i64, i64,
-                                          ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, p, p, p,
-                                          ctypes.c_int]
+                                          ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                          i64, p, p, p, ctypes.c_int]
     library.moekit_skinny_ffn.restype = ctypes.c_int
+    library.moekit_skinny_native_bf16_dot.argtypes = []
+    library.moekit_skinny_native_bf16_dot.restype = ctypes.c_int
+
+
+def native_bf16_dot() -> bool:
+    """Whether the kernel multiplies bfloat16 x by bfloat16 weights on the CPU's bf16 dot product
+    (AVX512-BF16, decided when it was compiled for this CPU); False without the kernel."""
+    loaded = _load()
+    return loaded is not None and bool(loaded.moekit_skinny_native_bf16_dot())
 
 
 def available() -> bool:

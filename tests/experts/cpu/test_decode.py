@@ -345,6 +345,34 @@ def test_same_bits_as_an_avx2_build(dtype, tokens, dim, expert_dim, tmp_path, mo
 
 
 @needs_kernel
+def test_bf16_dot_product_follows_the_cpu_flags():
+    """The native build takes the bf16 dot product exactly where the CPU lists AVX512-BF16 (and
+    AVX512-VL), so the bfloat16-layer tests above exercise it on such machines."""
+    from moekit.experts.cpu import isa
+    flags = isa.cpu_isa().flags
+    assert skinny.native_bf16_dot() == ({"avx512_bf16", "avx512vl"} <= flags)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens,dim,expert_dim", [(1, 37, 19), (13, 64, 30)])
+def test_bf16_layer_near_an_avx2_build(tokens, dim, expert_dim, tmp_path, monkeypatch):
+    """bfloat16 x and weights: the native build (the bf16 dot product where the CPU has it) and an
+    AVX2-only build (x widened) agree to the output's bfloat16 rounding; up to 13 rows per
+    expert, tails after the vectors of sixteen."""
+    generator = torch.Generator().manual_seed(tokens + dim)
+    x, ids, weights, w1, w2, b1, b2 = _problem(tokens, 2, 2, dim, expert_dim, "swiglu", True,
+                                               generator)
+    half = [t.bfloat16() for t in (x, w1, w2, b1, b2)]
+    native = decode.skinny_ffn(half[0], ids, weights, *half[1:3], "swiglu", *half[3:], max_rows=16)
+    avx2 = _avx2_build(tmp_path)
+    monkeypatch.setattr(skinny, "library", lambda: avx2)
+    other = decode.skinny_ffn(half[0], ids, weights, *half[1:3], "swiglu", *half[3:], max_rows=16)
+    torch.testing.assert_close(native.y_TD, other.y_TD, rtol=2 ** -7, atol=2 ** -7)
+    reference = _reference(*half[:1], ids, weights, *half[1:3], "swiglu", *half[3:])
+    torch.testing.assert_close(native.y_TD.double(), reference, rtol=2 ** -7, atol=2 ** -7)
+
+
+@needs_kernel
 @pytest.mark.parametrize("transpose", [True, False])
 def test_grouped_products_same_bits_as_an_avx2_build(transpose, tmp_path, monkeypatch):
     """The forward (x @ W^T) and backward (x @ W) grouped products, with tails after the vectors
@@ -364,8 +392,9 @@ def test_grouped_products_same_bits_as_an_avx2_build(transpose, tmp_path, monkey
 @pytest.mark.parametrize("bias", [False, True])
 def test_half_layer_is_widened_computed_in_float32_and_rounded_once(dtype, bias):
     """x and the weights both bfloat16 (or float16), a layer held in that dtype: y is the float32
-    computation on x widened exactly, rounded once to the dtype (bit for bit), and so within
-    one rounding of the float64 loop."""
+    computation on x widened exactly, rounded once to the dtype (bit for bit; for bfloat16 on a
+    CPU with a bf16 dot product, within one rounding, its sums taken in another order), and so
+    within one rounding of the float64 loop."""
     generator = torch.Generator().manual_seed(21 + bias)
     x, ids, weights, w1, w2, b1, b2 = _problem(7, 2, 5, 37, 19, "swiglu", bias, generator)
     half = [None if t is None else t.to(dtype) for t in (x, w1, w2, b1, b2)]
@@ -373,7 +402,10 @@ def test_half_layer_is_widened_computed_in_float32_and_rounded_once(dtype, bias)
     assert result.y_TD.dtype == dtype
     widened = decode.skinny_ffn(half[0].float(), ids, weights, half[1], half[2], "swiglu",
                                 *half[3:])
-    assert torch.equal(result.y_TD, widened.y_TD.to(dtype))
+    if dtype == torch.float16 or not skinny.native_bf16_dot():
+        assert torch.equal(result.y_TD, widened.y_TD.to(dtype))
+    else:  # the first product on the bf16 dot product: another order of float32 sums
+        torch.testing.assert_close(result.y_TD, widened.y_TD.to(dtype), rtol=2 ** -7, atol=2 ** -7)
     reference = _reference(half[0], ids, weights, half[1], half[2], "swiglu", *half[3:])
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(result.y_TD.double(), reference, rtol=eps, atol=eps)
