@@ -64,6 +64,23 @@ def _kernel_call(layer: moekit.MoE, x_TD: torch.Tensor):
     return call
 
 
+def _check_layers_take_the_call(rows: dict) -> None:
+    """Each layer row must run its experts as the one native call, or its figures would not be
+    what the table says."""
+    real = decode.skinny_ffn
+    calls = []
+    decode.skinny_ffn = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
+    try:
+        with torch.no_grad():
+            for name, call in rows.items():
+                if name.startswith("layer"):
+                    calls.clear()
+                    call()
+                    assert calls, f"{name}: the layer did not take the native call"
+    finally:
+        decode.skinny_ffn = real
+
+
 def measure(repeats: int, seed: int) -> dict[str, list[float]]:
     """Seconds of every row in every round (after two warm-up calls each)."""
     shape = SHAPES["S3"]
@@ -73,6 +90,7 @@ def measure(repeats: int, seed: int) -> dict[str, list[float]]:
         x_in = x.to(x_dtype)
         rows[f"layer, {name}"] = lambda layer=layer, x_in=x_in: layer(x_in)
         rows[f"native call, {name}"] = _kernel_call(layer, x_in)
+    _check_layers_take_the_call(rows)
     flush = torch.randn(32 * 1024 * 1024)  # 128 MiB
     times = {name: [] for name in rows}
     with torch.no_grad():

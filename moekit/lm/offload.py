@@ -184,7 +184,8 @@ class OffloadedExperts(nn.Module):
         invariant = self.config.batch_invariant
         if not invariant and self.config.activation in KERNEL_ACTIVATIONS \
                 and applies_to(x_TD, plan, cpu_kernels=self.config.cpu_kernels,
-                               count_rows=False):  # skinny_ffn_fetched counts them
+                               count_rows=False,  # skinny_ffn_fetched counts them
+                               weight_dtype=self.dtype or x_TD.dtype):
             decoded = skinny_ffn_fetched(x_TD, plan.ids_TK, plan.weights_TK, fetch,
                                          self.config.num_experts, self.config.expert_dim,
                                          self.config.activation, kept_TK=plan.kept_TK)

@@ -205,3 +205,28 @@ def test_half_size_expert_weights_offload_exactly(dtype, cpu_kernels):
         for tokens, logits in zip(batches, expected):
             result = model(tokens).logits
             assert result.dtype == torch.float32 and torch.equal(result, logits)
+
+
+def test_a_bfloat16_model_offloaded_takes_the_native_call_too(monkeypatch):
+    """A model cast wholly to bfloat16, offloaded with a bfloat16 cache: decode-size batches go
+    through skinny_ffn_fetched, and the logits equal the resident bfloat16 model's."""
+    from moekit.experts.cpu import decode, skinny
+    from moekit.lm import offload
+    if not skinny.available():
+        pytest.skip(f"no skinny kernel: {skinny.unavailable_reason()}")
+    torch.manual_seed(2)
+    model = MoETransformer(tiny_model_config()).eval().to(torch.bfloat16)
+    tokens = torch.randint(0, 256, (1, 1))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    stacked = {name: (moe.experts.first_proj.detach().clone(), moe.experts.down_proj.detach().clone(),
+                      None, None) for name, moe in moe_layers(model).items()}
+    cache = offload_experts(model, MemoryExpertStore(stacked), max_resident=3)
+    assert cache.dtype == torch.bfloat16
+    calls = []
+    real = decode.skinny_ffn_fetched
+    monkeypatch.setattr(offload, "skinny_ffn_fetched", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        result = model(tokens).logits
+    assert len(calls) == len(stacked)
+    assert result.dtype == torch.bfloat16 and torch.equal(result, expected)

@@ -58,18 +58,28 @@ class DecodedExperts(NamedTuple):
 
 
 def applies_to(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor,
-               cpu_kernels: str = "auto", count_rows: bool = True) -> bool:
+               cpu_kernels: str = "auto", count_rows: bool = True,
+               weight_dtype: torch.dtype | None = None) -> bool:
     """Whether the one-call path may run the plan on x_TD [T, D] with these expert weights: the
     plan has the routing's choices (not a rows plan), no gradient to record for any tensor, no
     torch tool watching (compile, FlopCounterMode, the profiler; they would not see the C call),
     and a decode-size batch (skinny.small_batch: x and the combine weights float32 on CPU,
     cpu_kernels not "off", the kernel available, at most skinny.MAX_ROWS rows for every expert),
-    with expert weights on CPU of one dtype among WEIGHT_KINDS."""
-    return declined_because(x_TD, plan, *weights, cpu_kernels=cpu_kernels) is None
+    with expert weights on CPU of one dtype among WEIGHT_KINDS. x may also be bfloat16 or
+    float16 when the expert weights have its dtype (a layer held in that dtype); a caller
+    without the weight tensors (offloaded experts) names their dtype in weight_dtype.
+
+    count_rows=False, for the call that follows at once: without a kept mask the rows are not
+    counted (two torch ops); only batches whose assignments average more than MAX_ROWS per
+    expert are declined here, and the call itself returns None when some expert has more than
+    max_rows."""
+    return declined_because(x_TD, plan, *weights, cpu_kernels=cpu_kernels, count_rows=count_rows,
+                            weight_dtype=weight_dtype) is None
 
 
 def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor,
-                     cpu_kernels: str = "auto", count_rows: bool = True) -> str | None:
+                     cpu_kernels: str = "auto", count_rows: bool = True,
+                     weight_dtype: torch.dtype | None = None) -> str | None:
     """Why the one-call path does not run this plan (see applies_to), or None when it does."""
     if plan.ids_TK is None:
         return "rows already grouped by expert (a rows plan)"
@@ -81,14 +91,17 @@ def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Ten
     reason = _weights_declined(weights)
     if reason is not None:
         return reason
-    # x of the weights' half dtype is widened in the call: the batch test sees float32 in its place
-    x_as_read = _FLOAT32_STANDIN if weights and _half_layer(x_TD.dtype, weights[0].dtype) \
-        and x_TD.device.type == "cpu" else x_TD
+    weight_dtype = weights[0].dtype if weights else weight_dtype
+    if x_TD.dtype in (torch.bfloat16, torch.float16) and x_TD.device.type == "cpu":
+        if not _half_layer(x_TD.dtype, weight_dtype):
+            return (f"the kernel takes x in float32, or in the expert weights' half dtype, not "
+                    f"{x_TD.dtype} with {weight_dtype} weights")
+        x_TD = _FLOAT32_STANDIN  # the call reads half x as it is: the batch test sees float32
     if count_rows or plan.kept_TK is not None:
-        most_rows = lambda: int(plan.counts_E.max())  # noqa: E731
+        most_rows = lambda: int(plan.counts_E.max())
     else:  # every assignment a row: their mean per expert is at most the largest count
         most_rows = -(-plan.ids_TK.numel() // plan.num_experts)
-    return skinny.not_small_batch(most_rows, x_as_read, plan.weights_TK, cpu_kernels=cpu_kernels)
+    return skinny.not_small_batch(most_rows, x_TD, plan.weights_TK, cpu_kernels=cpu_kernels)
 
 
 _FLOAT32_STANDIN = torch.empty(0)
@@ -247,10 +260,11 @@ def skinny_ffn(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tenso
                max_rows: int = skinny.MAX_ROWS,
                kept_TK: torch.Tensor | None = None) -> DecodedExperts | None:
     """The experts' combined output for every token, or None when an expert would get more than
-    max_rows rows. On CPU: x_TD [T, D] float32 (or the weights' half dtype: y in it too), ids_TK [T, K] int64 expert of each choice,
+    max_rows rows. On CPU: x_TD [T, D] float32, ids_TK [T, K] int64 expert of each choice,
     weights_TK [T, K] float32 its combine weight, w1_EHD [E, H, D] (H = 2F for gated
     activations: gate rows then up rows) and w2_EDF [E, D, F] both float32, both bfloat16 or
-    both float16 (y float32 all the same), biases [E, H] and [E, D] or None;
+    both float16 (y float32 all the same; x may also have the weights' half dtype, and y then
+    has it too), biases [E, H] and [E, D] or None;
     kept_TK [T, K] bool leaves out the choices it marks False (dropped by capacity, or not
     assignments), None keeps all. Not differentiable. ValueError for an id outside [0, E)."""
     skinny.library()
@@ -303,8 +317,10 @@ def skinny_ffn_fetched(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: tor
         raise TypeError(f"every expert's weights must have one dtype, got {sorted(map(str, dtypes))}")
     pointers = [_addresses([w[i] for w in fetched]) if i < 2 or has_bias else None
                 for i in range(4)]
-    weight_dtype = next(iter(dtypes), torch.float32)  # no expert with rows: nothing is read
     if dtypes:
+        weight_dtype = dtypes.pop()
         _check_x_dtype(x_TD, weight_dtype)
+    else:  # no expert with rows: nothing is read, and x's own dtype needs no widening
+        weight_dtype = x_TD.dtype if x_TD.dtype in WEIGHT_KINDS else torch.float32
     return _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, weight_dtype, num_experts,
                 x_TD.shape[1], expert_dim, activation, max_rows)

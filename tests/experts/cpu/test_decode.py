@@ -345,12 +345,56 @@ def test_same_bits_as_an_avx2_build(dtype, tokens, dim, expert_dim, tmp_path, mo
 
 
 @needs_kernel
-def test_bf16_dot_product_follows_the_cpu_flags():
-    """The native build takes the bf16 dot product exactly where the CPU lists AVX512-BF16 (and
-    AVX512-VL), so the bfloat16-layer tests above exercise it on such machines."""
-    from moekit.experts.cpu import isa
-    flags = isa.cpu_isa().flags
-    assert skinny.native_bf16_dot() == ({"avx512_bf16", "avx512vl"} <= flags)
+def test_the_hot_path_does_not_count_rows(monkeypatch):
+    """applies_to(count_rows=False) decides without counting rows per expert (the call counts
+    them), declining only batches whose assignments average more than MAX_ROWS per expert;
+    count_rows=True (describe) counts."""
+    from moekit import contract
+    generator = torch.Generator().manual_seed(6)
+    x, ids, weights, w1, w2, _, _ = _problem(5, 2, 4, 8, 6, "swiglu", False, generator)
+    counted = count_calls(monkeypatch, contract, "expert_counts")
+    assert decode.applies_to(x, DispatchPlan(ids, weights, 4), w1, w2, count_rows=False)
+    assert not counted
+    assert decode.applies_to(x, DispatchPlan(ids, weights, 4), w1, w2)
+    assert counted
+    crowded = torch.zeros(skinny.MAX_ROWS * 4 + 4, 1, dtype=torch.int64)
+    assert "more than the kernel's" in decode.declined_because(
+        torch.randn(crowded.shape[0], 8), DispatchPlan(crowded, torch.rand(crowded.shape), 4),
+        w1, w2, count_rows=False)
+
+
+@needs_kernel
+def test_fetched_half_x_without_rows_gives_zeros():
+    """bfloat16 x through skinny_ffn_fetched when no expert has rows (no tokens, or every choice
+    dropped): zeros in x's dtype, nothing fetched."""
+    generator = torch.Generator().manual_seed(8)
+    x, ids, weights, w1, w2, _, _ = _problem(2, 2, 4, 8, 6, "swiglu", False, generator)
+    fetched = []
+
+    def expert_weights(e):
+        fetched.append(e)
+        return w1[e].bfloat16(), w2[e].bfloat16(), None, None
+    for tokens, kept in ((0, None), (2, torch.zeros(2, 2, dtype=torch.bool))):
+        result = decode.skinny_ffn_fetched(x[:tokens].bfloat16(), ids[:tokens], weights[:tokens],
+                                           expert_weights, 4, 6, "swiglu", kept_TK=kept)
+        assert result.y_TD.dtype == torch.bfloat16 and not result.y_TD.any()
+    assert not fetched
+
+
+@needs_kernel
+def test_bf16_dot_product_follows_the_cpu():
+    """The native build takes the bf16 dot product exactly where the compiler, targeting this
+    CPU, offers AVX512-BF16 and AVX512-VL, and only where the CPU lists them, so the
+    bfloat16-layer tests above exercise it on such machines."""
+    import subprocess
+
+    from moekit.experts.cpu import build, isa
+    macros = subprocess.run([build.find_compiler(), "-march=native", "-dM", "-E", "-x", "c",
+                             "/dev/null"], capture_output=True, text=True, check=True).stdout
+    targeted = "__AVX512BF16__" in macros and "__AVX512VL__" in macros
+    assert skinny.native_bf16_dot() == targeted
+    if targeted:
+        assert {"avx512_bf16", "avx512vl"} <= isa.cpu_isa().flags
 
 
 @needs_kernel
