@@ -308,14 +308,16 @@ def test_half_weights_without_f16c_or_avx(dtype, tmp_path, monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
-def _avx2_build(tmp_path) -> ctypes.CDLL:
-    """skinny.c built for AVX2 + FMA + F16C only: 16 vector registers, so two weight rows at a
-    time (the native build on an AVX-512VL CPU streams four)."""
+@pytest.fixture(scope="module")
+def avx2_build(tmp_path_factory) -> ctypes.CDLL:
+    """skinny.c built for AVX2 + FMA + F16C only, once per module: 16 vector registers, so two
+    weight rows at a time (the native build on an AVX-512VL CPU streams four), and no bf16 dot
+    product."""
     from moekit.experts.cpu import build, isa
     flags = isa.cpu_isa().flags
     if not {"avx2", "fma", "f16c"} <= flags:
         pytest.skip("this CPU cannot run an AVX2 + FMA + F16C build")
-    target = tmp_path / "skinny-avx2.so"
+    target = tmp_path_factory.mktemp("avx2") / "skinny-avx2.so"
     avx2_flags = [f for f in build.NATIVE_FLAGS if f != "-march=native"] + ["-mavx2", "-mfma",
                                                                              "-mf16c"]
     build._compile(build.find_compiler(), avx2_flags + build.ACTIVATION_DEFINES, skinny._SOURCE,
@@ -328,7 +330,7 @@ def _avx2_build(tmp_path) -> ctypes.CDLL:
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens,dim,expert_dim", [(1, 37, 19), (7, 64, 30), (13, 45, 33)])
-def test_same_bits_as_an_avx2_build(dtype, tokens, dim, expert_dim, tmp_path, monkeypatch):
+def test_same_bits_as_an_avx2_build(dtype, tokens, dim, expert_dim, avx2_build, monkeypatch):
     """The native build equals an AVX2-only build bit for bit: however many weight rows stream
     together, each output sums over the same i in the same order, so machine kinds agree. Odd
     hidden sizes leave rows outside the groups of four and two; up to 13 rows per expert
@@ -338,8 +340,7 @@ def test_same_bits_as_an_avx2_build(dtype, tokens, dim, expert_dim, tmp_path, mo
                                                generator)
     stacks = [t.to(dtype) for t in (w1, w2, b1, b2)]
     native = decode.skinny_ffn(x, ids, weights, *stacks[:2], "swiglu", *stacks[2:], max_rows=16)
-    avx2 = _avx2_build(tmp_path)
-    monkeypatch.setattr(skinny, "library", lambda: avx2)
+    monkeypatch.setattr(skinny, "library", lambda: avx2_build)
     other = decode.skinny_ffn(x, ids, weights, *stacks[:2], "swiglu", *stacks[2:], max_rows=16)
     assert torch.equal(native.y_TD, other.y_TD)
 
@@ -399,7 +400,7 @@ def test_bf16_dot_product_follows_the_cpu():
 
 @needs_kernel
 @pytest.mark.parametrize("tokens,dim,expert_dim", [(1, 37, 19), (13, 64, 30)])
-def test_bf16_layer_near_an_avx2_build(tokens, dim, expert_dim, tmp_path, monkeypatch):
+def test_bf16_layer_near_an_avx2_build(tokens, dim, expert_dim, avx2_build, monkeypatch):
     """bfloat16 x and weights: the native build (the bf16 dot product where the CPU has it) and an
     AVX2-only build (x widened) agree to the output's bfloat16 rounding; up to 13 rows per
     expert, tails after the vectors of sixteen."""
@@ -408,8 +409,7 @@ def test_bf16_layer_near_an_avx2_build(tokens, dim, expert_dim, tmp_path, monkey
                                                generator)
     half = [t.bfloat16() for t in (x, w1, w2, b1, b2)]
     native = decode.skinny_ffn(half[0], ids, weights, *half[1:3], "swiglu", *half[3:], max_rows=16)
-    avx2 = _avx2_build(tmp_path)
-    monkeypatch.setattr(skinny, "library", lambda: avx2)
+    monkeypatch.setattr(skinny, "library", lambda: avx2_build)
     other = decode.skinny_ffn(half[0], ids, weights, *half[1:3], "swiglu", *half[3:], max_rows=16)
     torch.testing.assert_close(native.y_TD, other.y_TD, rtol=2 ** -7, atol=2 ** -7)
     reference = _reference(*half[:1], ids, weights, *half[1:3], "swiglu", *half[3:])
@@ -418,7 +418,7 @@ def test_bf16_layer_near_an_avx2_build(tokens, dim, expert_dim, tmp_path, monkey
 
 @needs_kernel
 @pytest.mark.parametrize("transpose", [True, False])
-def test_grouped_products_same_bits_as_an_avx2_build(transpose, tmp_path, monkeypatch):
+def test_grouped_products_same_bits_as_an_avx2_build(transpose, avx2_build, monkeypatch):
     """The forward (x @ W^T) and backward (x @ W) grouped products, with tails after the vectors
     of eight in both dimensions, equal an AVX2-only build bit for bit."""
     generator = torch.Generator().manual_seed(11)
@@ -426,8 +426,7 @@ def test_grouped_products_same_bits_as_an_avx2_build(transpose, tmp_path, monkey
     x = torch.randn(sum(counts), 29, generator=generator)
     w = torch.randn((4, 35, 29) if transpose else (4, 29, 35), generator=generator)
     native = skinny.skinny_grouped(x, w, counts, transpose=transpose)
-    avx2 = _avx2_build(tmp_path)
-    monkeypatch.setattr(skinny, "library", lambda: avx2)
+    monkeypatch.setattr(skinny, "library", lambda: avx2_build)
     assert torch.equal(native, skinny.skinny_grouped(x, w, counts, transpose=transpose))
 
 
