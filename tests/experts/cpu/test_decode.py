@@ -502,6 +502,9 @@ def test_half_weights_bad_combinations_are_named():
         decode.skinny_ffn(x.half(), ids, weights, w1, w2, "swiglu")
     plan = DispatchPlan(ids, weights, 4)
     assert decode.declined_because(x, plan, w1.bfloat16(), w2.bfloat16()) is None
+    assert ("the kernel takes x in float32, or in the expert weights' half dtype, not "
+            "torch.bfloat16 with torch.float16 weights") == decode.declined_because(
+        x.bfloat16(), plan, w1.half(), w2.half())
     assert "not torch.bfloat16, torch.float16" in decode.declined_because(
         x, plan, w1.bfloat16(), w2.half())
 
