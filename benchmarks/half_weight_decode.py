@@ -7,6 +7,9 @@ One MoE layer of S3's shape (T=16 tokens, dim=1024, expert_dim=896, E=8, top-2, 
 copies of it with the same weights:
 - float32: the reference every ratio divides by;
 - bfloat16 / float16 expert weights: only the experts cast, float32 x and y (docs/inference.md);
+- bfloat16 expert weights at float32 matmul precision "bf16" (torch.set_float32_matmul_precision(
+  "medium")): where the CPU has AVX512-BF16, x and the activation rounded to bfloat16 and both
+  products on its dot product (elsewhere the same as the row above);
 - bfloat16 layer: the whole layer cast, bfloat16 x and y.
 Each is timed as the layer under no_grad (what a decode step pays), and its experts alone as the
 one native call (moekit.experts.cpu.decode.skinny_ffn on the same routing), so the table shows
@@ -21,6 +24,7 @@ in physical memory) than within one: compare ratios of one run, and run it more 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -30,6 +34,10 @@ import torch
 import moekit
 from moekit.bench.shapes import SHAPES
 from moekit.experts.cpu import decode, isa, skinny
+
+
+# The rows that run at float32 matmul precision "bf16" (all others at the default, "ieee").
+ROUNDED = "bfloat16 expert weights, fp32 precision bf16"
 
 
 def _layers(seed: int) -> dict[str, tuple[moekit.MoE, torch.dtype]]:
@@ -45,6 +53,7 @@ def _layers(seed: int) -> dict[str, tuple[moekit.MoE, torch.dtype]]:
         layer = copy.deepcopy(base)
         layer.experts.to(dtype)
         layers[name] = (layer, torch.float32)
+    layers[ROUNDED] = layers["bfloat16 expert weights"]
     layers["bfloat16 layer"] = (copy.deepcopy(base).to(torch.bfloat16), torch.bfloat16)
     return layers
 
@@ -62,6 +71,29 @@ def _kernel_call(layer: moekit.MoE, x_TD: torch.Tensor):
         decoded = decode.skinny_ffn(x_TD, ids, weights, w1, w2, activation)
         assert decoded is not None, "S3 is decode-size: the call must not decline"
     return call
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    """torch's float32 matmul precision on CPU ("ieee" or "bf16") inside the block."""
+    matmul = torch.backends.mkldnn.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
+def _at_precision(name: str, call):
+    """The call, at float32 matmul precision "bf16" for the ROUNDED rows."""
+    if not name.endswith(ROUNDED):
+        return call
+
+    def rounded():
+        with float32_matmul_precision("bf16"):
+            return call()
+    return rounded
 
 
 def _check_layers_take_the_call(rows: dict) -> None:
@@ -88,8 +120,8 @@ def measure(repeats: int, seed: int) -> dict[str, list[float]]:
     rows = {}
     for name, (layer, x_dtype) in _layers(seed).items():
         x_in = x.to(x_dtype)
-        rows[f"layer, {name}"] = lambda layer=layer, x_in=x_in: layer(x_in)
-        rows[f"native call, {name}"] = _kernel_call(layer, x_in)
+        rows[f"layer, {name}"] = _at_precision(name, lambda layer=layer, x_in=x_in: layer(x_in))
+        rows[f"native call, {name}"] = _at_precision(name, _kernel_call(layer, x_in))
     _check_layers_take_the_call(rows)
     flush = torch.randn(32 * 1024 * 1024)  # 128 MiB
     times = {name: [] for name in rows}

@@ -16,17 +16,24 @@ in float32, so the result is the float32 computation with the half weights conve
 (the biases are converted to float32 before the call; they are small).
 
 A layer held in bfloat16 or float16 (x and the expert weights of that dtype) takes the same
-call: the activation, the second product and the combine run in float32 and y is rounded once
-to x's dtype. The first product: where the CPU has a bf16 dot product (AVX512-BF16;
-skinny.native_bf16_dot()) bfloat16 x meets the bfloat16 weights on it, exact products summed in
-float32 in another order (and denormals flushed); elsewhere, and for float16, x is widened
-exactly to float32 as in the float32 path.
+call: the activation and the combine run in float32 and y is rounded once to x's dtype. Where
+the CPU has a bf16 dot product (AVX512-BF16; skinny.native_bf16_dot()) and the layer is
+bfloat16, both products run on it: bfloat16 x, and the activation rounded to bfloat16 (as the
+autograd path rounds it), meet the bfloat16 weights, exact products summed in float32 in
+another order (and denormals flushed). Elsewhere, and for float16, x is widened exactly to
+float32 as in the float32 path and the activation stays float32.
 
-Numerically, for float32 x, it is the fused backend's forward: the same products, the
-activation in float32 with libm's expf/erff, the combine weight applied to the activation, and
-each token's outputs summed in the order of its choices j. For half x it is more precise than
-the fused autograd op, which rounds h and the activation to x's dtype: the two agree to that
-dtype's rounding, not bit for bit.
+float32 x with bfloat16 weights takes the dot product too where torch's float32 matmul
+precision allows bfloat16 inside float32 products (float32_may_use_bf16():
+torch.set_float32_matmul_precision("medium"), or torch.backends.mkldnn.matmul.fp32_precision =
+"bf16"): x and the activation are rounded to bfloat16 (to nearest even) for the two products.
+At the default precision nothing is rounded.
+
+Numerically, for float32 x at the default precision, it is the fused backend's forward: the
+same products, the activation in float32 with libm's expf/erff, the combine weight applied to
+the activation, and each token's outputs summed in the order of its choices j. For half x it is
+at least as precise as the fused autograd op, which rounds h and the activation to x's dtype:
+the two agree to that dtype's rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -44,8 +51,20 @@ from moekit.experts.fused import ExpertWeights
 
 # How the kernel reads w1 and w2: skinny.c's WEIGHTS_F32, WEIGHTS_BF16, WEIGHTS_F16.
 WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# How it reads x: skinny.c's X_F32, X_BF16 (with bfloat16 weights only).
-X_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+# How it reads x: skinny.c's X_F32, X_BF16 (with bfloat16 weights only), and X_F32_AS_BF16:
+# float32 x that may be rounded to bfloat16 (bfloat16 weights, float32_may_use_bf16()).
+X_F32, X_BF16, X_F32_AS_BF16 = 0, 1, 2
+
+
+def float32_may_use_bf16() -> bool:
+    """Whether torch's float32 matmul precision on CPU lets float32 products compute in bfloat16
+    inside: torch.backends.mkldnn.matmul.fp32_precision "bf16", which
+    torch.set_float32_matmul_precision("medium") also sets (torch before 2.9: that call's
+    "medium"). The default ("ieee", "highest") does not."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if matmul is not None and hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "bf16"
+    return torch.get_float32_matmul_precision() == "medium"
 
 
 class DecodedExperts(NamedTuple):
@@ -215,8 +234,13 @@ def _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, weight_dtype, num_experts,
     num_tokens, top_k = ids_TK.shape
     out_dtype = x_TD.dtype
     # bfloat16 x (a bfloat16 layer) goes in as it is; float16 x is widened exactly here
-    x_kind = X_KINDS[torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32]
-    x_TD = (x_TD if x_kind else x_TD.to(torch.float32)).contiguous()
+    if out_dtype == torch.bfloat16:
+        x_kind = X_BF16
+    elif weight_dtype == torch.bfloat16 and out_dtype == torch.float32 and float32_may_use_bf16():
+        x_kind = X_F32_AS_BF16
+    else:
+        x_kind = X_F32
+    x_TD = (x_TD if x_kind == X_BF16 else x_TD.to(torch.float32)).contiguous()
     ids_TK, weights_TK = ids_TK.contiguous(), weights_TK.contiguous()
     kept_TK = None if kept_TK is None else kept_TK.contiguous()
     y_TD = torch.empty(num_tokens, dim)

@@ -21,6 +21,10 @@
  * loaded (bfloat16: its 16 bits become the top half of a float; float16: F16C's vcvtph2ps where
  * the compiler targets it, else an exact conversion in C), and every product and sum is float32,
  * so the result is the float32 product with the weights converted exactly.
+ *
+ * Where the CPU has AVX512-BF16, bfloat16 x meets bfloat16 weights on its dot product instead
+ * (BF16_DOT below): a layer held in bfloat16, or float32 x that torch's float32 matmul precision
+ * lets the kernel round to bfloat16.
  */
 #include <stdint.h>
 #include <string.h>
@@ -62,8 +66,25 @@ static inline vec8 load8(const float *p) {
 
 /* How an expert's weights are stored (moekit/experts/cpu/decode.py passes the same numbers). */
 enum { WEIGHTS_F32 = 0, WEIGHTS_BF16 = 1, WEIGHTS_F16 = 2 };
-/* How x is stored: float32, or bfloat16 (only with WEIGHTS_BF16: a layer held in bfloat16). */
-enum { X_F32 = 0, X_BF16 = 1 };
+/* How x is stored: float32, or bfloat16 (only with WEIGHTS_BF16: a layer held in bfloat16);
+ * X_F32_AS_BF16 is float32 x the caller lets the kernel round to bfloat16 (only with
+ * WEIGHTS_BF16; torch's float32 matmul precision "bf16", moekit/experts/cpu/decode.py). */
+enum { X_F32 = 0, X_BF16 = 1, X_F32_AS_BF16 = 2 };
+
+/* ---- bfloat16 x against bfloat16 weights on the CPU's bf16 dot product (AVX512-BF16) ----
+ *
+ * vdpbf16ps adds two products of bfloat16 pairs to each float32 lane: twice the multiply-adds of
+ * an FMA per instruction, and no widening. The products are exact (8-bit significands); each
+ * lane sums float32 in pairs (elements 2l + 1, then 2l, of every 16), so the order differs from
+ * the widening loops, and the instruction treats denormal inputs and results as zero. The loops
+ * below take it as one more kind of product, BF16_DOT: x and w both bfloat16, sixteen elements
+ * of K per step. */
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#define NATIVE_BF16_DOT 1
+#else
+#define NATIVE_BF16_DOT 0
+#endif
+enum { BF16_DOT = 3 };
 
 typedef uint16_t bits16x8 __attribute__((vector_size(16)));
 typedef uint32_t bits32x8 __attribute__((vector_size(32)));
@@ -122,9 +143,21 @@ static inline vec8 load8_f16(const uint16_t *p) {
     return v;
 }
 
-/* Eight weights from element i of w, or one, as float32; kind is a constant after inlining. */
+/* Elements of K per step: eight float32 lanes, or sixteen bfloat16 (BF16_DOT, as they are). */
+static inline int step_of(const int kind) { return kind == BF16_DOT ? 2 * LANES : LANES; }
+
+/* 32 bytes from element i of a bfloat16 array, as they are (BF16_DOT's operands). */
+static inline vec8 load_bf16_pairs(const uint16_t *p) {
+    vec8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* One step of weights from element i of w: eight as float32, or sixteen bfloat16 pairs for
+ * BF16_DOT; kind is a constant after inlining. */
 static inline __attribute__((always_inline)) vec8 load8_weights(const void *w, int64_t i,
                                                                  const int kind) {
+    if (kind == BF16_DOT) return load_bf16_pairs((const uint16_t *)w + i);
     if (kind == WEIGHTS_BF16) return load8_bf16((const uint16_t *)w + i);
     if (kind == WEIGHTS_F16) return load8_f16((const uint16_t *)w + i);
     return load8((const float *)w + i);
@@ -132,9 +165,44 @@ static inline __attribute__((always_inline)) vec8 load8_weights(const void *w, i
 
 static inline __attribute__((always_inline)) float load1_weight(const void *w, int64_t i,
                                                                 const int kind) {
-    if (kind == WEIGHTS_BF16) return bf16_to_float(((const uint16_t *)w)[i]);
+    if (kind == WEIGHTS_BF16 || kind == BF16_DOT) return bf16_to_float(((const uint16_t *)w)[i]);
     if (kind == WEIGHTS_F16) return f16_to_float(((const uint16_t *)w)[i]);
     return ((const float *)w)[i];
+}
+
+/* x is float32 for every kind but BF16_DOT, where it is bfloat16. */
+static inline size_t x_bytes_of(const int kind) {
+    return kind == BF16_DOT ? sizeof(uint16_t) : sizeof(float);
+}
+
+static inline __attribute__((always_inline)) vec8 load8_x(const void *x, int64_t i,
+                                                           const int kind) {
+    if (kind == BF16_DOT) return load_bf16_pairs((const uint16_t *)x + i);
+    return load8((const float *)x + i);
+}
+
+static inline __attribute__((always_inline)) float load1_x(const void *x, int64_t i,
+                                                           const int kind) {
+    if (kind == BF16_DOT) return bf16_to_float(((const uint16_t *)x)[i]);
+    return ((const float *)x)[i];
+}
+
+/* acc + w * x lane by lane, or for BF16_DOT each lane plus its two bfloat16 products. */
+static inline __attribute__((always_inline)) vec8 multiply_add(vec8 acc, vec8 w, vec8 x,
+                                                               const int kind) {
+#if NATIVE_BF16_DOT
+    if (kind == BF16_DOT) {
+        __m256 sums;
+        __m256bh w_pairs, x_pairs;
+        memcpy(&sums, &acc, sizeof sums);
+        memcpy(&w_pairs, &w, sizeof w_pairs);
+        memcpy(&x_pairs, &x, sizeof x_pairs);
+        sums = _mm256_dpbf16_ps(sums, w_pairs, x_pairs);
+        memcpy(&acc, &sums, sizeof acc);
+        return acc;
+    }
+#endif
+    return acc + w * x;
 }
 
 static inline const char *weight_address(const void *w, int64_t i, const int kind) {
@@ -152,13 +220,13 @@ static inline float sum8(vec8 v) {
  * stay in registers (24 of the 32 of AVX-512VL at four weight rows and six x rows, with the four
  * weight vectors and one x vector; 12 of the 16 of AVX2 at two weight rows). */
 static inline __attribute__((always_inline)) void weight_rows_times_group(
-    const float *x, const void *w, float *out, int64_t K, int64_t N, int64_t o, const int wrows,
+    const void *x, const void *w, float *out, int64_t K, int64_t N, int64_t o, const int wrows,
     const int rows, const int kind) {
     vec8 acc[WEIGHT_ROWS][ROW_GROUP];
     for (int q = 0; q < wrows; ++q)
         for (int r = 0; r < rows; ++r) acc[q][r] = (vec8){0};
     int64_t i = 0;
-    for (; i + LANES <= K; i += LANES) {
+    for (; i + step_of(kind) <= K; i += step_of(kind)) {
         vec8 wv[WEIGHT_ROWS];
         for (int q = 0; q < wrows; ++q) {
             wv[q] = load8_weights(w, (o + q) * K + i, kind);
@@ -168,25 +236,25 @@ static inline __attribute__((always_inline)) void weight_rows_times_group(
             KEEP_IN_REGISTER(wv[q]);
         }
         for (int r = 0; r < rows; ++r) {
-            vec8 xv = load8(x + r * K + i);
+            vec8 xv = load8_x(x, r * K + i, kind);
             KEEP_IN_REGISTER(xv);
-            for (int q = 0; q < wrows; ++q) acc[q][r] += wv[q] * xv;
+            for (int q = 0; q < wrows; ++q) acc[q][r] = multiply_add(acc[q][r], wv[q], xv, kind);
         }
     }
     for (int q = 0; q < wrows; ++q)
         for (int r = 0; r < rows; ++r) {
             float s = sum8(acc[q][r]);
             for (int64_t j = i; j < K; ++j)
-                s = fmaf(load1_weight(w, (o + q) * K + j, kind), x[r * K + j], s);
+                s = fmaf(load1_weight(w, (o + q) * K + j, kind), load1_x(x, r * K + j, kind), s);
             out[r * N + o + q] = s;
         }
 }
 
 static inline __attribute__((always_inline)) void weight_rows_times_all(
-    const float *x, const void *w, float *out, int64_t n, int64_t K, int64_t N, int64_t o,
+    const void *x, const void *w, float *out, int64_t n, int64_t K, int64_t N, int64_t o,
     const int wrows, const int kind) {
     for (int64_t r0 = 0; r0 < n; r0 += ROW_GROUP) {
-        const float *xr = x + r0 * K;
+        const char *xr = (const char *)x + r0 * K * x_bytes_of(kind);
         float *outr = out + r0 * N;
         switch (n - r0 < ROW_GROUP ? n - r0 : ROW_GROUP) {
             case 1: weight_rows_times_group(xr, w, outr, K, N, o, wrows, 1, kind); break;
@@ -199,6 +267,7 @@ static inline __attribute__((always_inline)) void weight_rows_times_all(
     }
 }
 
+/* One weight row in scalar multiply-adds (float32 x): the last row of an odd count. */
 static inline __attribute__((always_inline)) void single_row_dot(
     const float *x, const void *w, float *out, int64_t n, int64_t K, int64_t N, int64_t o,
     const int kind) {
@@ -209,15 +278,17 @@ static inline __attribute__((always_inline)) void single_row_dot(
     }
 }
 
-/* Weight rows [o0, o1) of one expert against all its n rows; kind: how w is stored. */
+/* Weight rows [o0, o1) of one expert against all its n rows; kind: how w (and x) are stored. On
+ * the dot product every row takes the vector loop, so all rows sum in one order. */
 static inline __attribute__((always_inline)) void expert_rows_of(
-    const float *x, const void *w, float *out, int64_t n, int64_t K, int64_t N, int64_t o0,
+    const void *x, const void *w, float *out, int64_t n, int64_t K, int64_t N, int64_t o0,
     int64_t o1, const int kind) {
     int64_t o = o0;
     for (; o + WEIGHT_ROWS <= o1; o += WEIGHT_ROWS)
         weight_rows_times_all(x, w, out, n, K, N, o, WEIGHT_ROWS, kind);
     for (; o + 2 <= o1; o += 2) weight_rows_times_all(x, w, out, n, K, N, o, 2, kind);
-    if (o < o1) single_row_dot(x, w, out, n, K, N, o, kind);
+    if (o < o1 && kind == BF16_DOT) weight_rows_times_all(x, w, out, n, K, N, o, 1, kind);
+    else if (o < o1) single_row_dot(x, w, out, n, K, N, o, kind);
 }
 
 static void expert_rows(const void *x, const void *w, float *out, int64_t n, int64_t K, int64_t N,
@@ -235,74 +306,29 @@ static void expert_rows_f16(const void *x, const void *w, float *out, int64_t n,
     expert_rows_of(x, w, out, n, K, N, o0, o1, WEIGHTS_F16);
 }
 
-/* ---- bfloat16 x against bfloat16 weights on the CPU's bf16 dot product (AVX512-BF16) ----
- *
- * vdpbf16ps adds two products of bfloat16 pairs to each float32 lane: twice the multiply-adds of
- * an FMA per instruction, and no widening. The products are exact (8-bit significands); each
- * lane sums float32 in pairs (elements 2l + 1, then 2l, of every 16), so the order differs from
- * the widening loops above, and the instruction treats denormal inputs and results as zero. Used
- * only where x itself is bfloat16 (a layer held in bfloat16), for its first product. */
-#if defined(__AVX512BF16__) && defined(__AVX512VL__)
-#define NATIVE_BF16_DOT 1
-enum { DOT_LANES = 16 };
-
-static inline __attribute__((always_inline)) void dot_rows_times_group(
-    const uint16_t *x, const uint16_t *w, float *out, int64_t K, int64_t N, int64_t o,
-    const int wrows, const int rows) {
-    __m256 acc[WEIGHT_ROWS][ROW_GROUP];
-    for (int q = 0; q < wrows; ++q)
-        for (int r = 0; r < rows; ++r) acc[q][r] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + DOT_LANES <= K; i += DOT_LANES) {
-        __m256i wv[WEIGHT_ROWS];
-        for (int q = 0; q < wrows; ++q) {
-            wv[q] = _mm256_loadu_si256((const __m256i *)(w + (o + q) * K + i));
-            __builtin_prefetch((const char *)(w + (o + q) * K + i) + PREFETCH_AHEAD, 0, 2);
-        }
-        for (int r = 0; r < rows; ++r) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + r * K + i));
-            for (int q = 0; q < wrows; ++q)
-                acc[q][r] = _mm256_dpbf16_ps(acc[q][r], (__m256bh)wv[q], (__m256bh)xv);
-        }
-    }
-    for (int q = 0; q < wrows; ++q)
-        for (int r = 0; r < rows; ++r) {
-            vec8 lanes;
-            memcpy(&lanes, &acc[q][r], sizeof lanes);
-            float s = sum8(lanes);
-            for (int64_t j = i; j < K; ++j)
-                s = fmaf(bf16_to_float(w[(o + q) * K + j]), bf16_to_float(x[r * K + j]), s);
-            out[r * N + o + q] = s;
-        }
-}
-
-static inline __attribute__((always_inline)) void dot_rows_times_all(
-    const uint16_t *x, const uint16_t *w, float *out, int64_t n, int64_t K, int64_t N, int64_t o,
-    const int wrows) {
-    for (int64_t r0 = 0; r0 < n; r0 += ROW_GROUP) {
-        const uint16_t *xr = x + r0 * K;
-        float *outr = out + r0 * N;
-        switch (n - r0 < ROW_GROUP ? n - r0 : ROW_GROUP) {
-            case 1: dot_rows_times_group(xr, w, outr, K, N, o, wrows, 1); break;
-            case 2: dot_rows_times_group(xr, w, outr, K, N, o, wrows, 2); break;
-            case 3: dot_rows_times_group(xr, w, outr, K, N, o, wrows, 3); break;
-            case 4: dot_rows_times_group(xr, w, outr, K, N, o, wrows, 4); break;
-            case 5: dot_rows_times_group(xr, w, outr, K, N, o, wrows, 5); break;
-            default: dot_rows_times_group(xr, w, outr, K, N, o, wrows, 6); break;
-        }
-    }
-}
-
-/* expert_rows_bf16 for bfloat16 x rows, on the dot product */
+#if NATIVE_BF16_DOT
+/* bfloat16 x rows against bfloat16 weights, on the dot product */
 static void expert_rows_dot(const void *x, const void *w, float *out, int64_t n, int64_t K,
                             int64_t N, int64_t o0, int64_t o1) {
-    int64_t o = o0;
-    for (; o + WEIGHT_ROWS <= o1; o += WEIGHT_ROWS)
-        dot_rows_times_all(x, w, out, n, K, N, o, WEIGHT_ROWS);
-    for (; o < o1; ++o) dot_rows_times_all(x, w, out, n, K, N, o, 1);
+    expert_rows_of(x, w, out, n, K, N, o0, o1, BF16_DOT);
 }
-#else
-#define NATIVE_BF16_DOT 0
+
+/* dst[i] = src[i] rounded to bfloat16 (to nearest, ties to even; denormals to zero and NaN
+ * quiet, as vcvtneps2bf16 does), eight at a time on the instruction. */
+static void round_to_bf16(const float *src, uint16_t *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        __m128bh rounded = _mm256_cvtneps_pbh(_mm256_loadu_ps(src + i));
+        memcpy(dst + i, &rounded, sizeof rounded);
+    }
+    for (; i < n; ++i) {
+        uint32_t bits;
+        memcpy(&bits, src + i, sizeof bits);
+        if ((bits & 0x7fffffffu) > 0x7f800000u) dst[i] = (uint16_t)((bits >> 16) | 0x40u);
+        else if ((bits & 0x7f800000u) == 0) dst[i] = (uint16_t)((bits >> 16) & 0x8000u);
+        else dst[i] = (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+    }
+}
 #endif
 
 /* Whether this build multiplies bfloat16 x by bfloat16 weights on the CPU's dot product. */
@@ -455,8 +481,11 @@ void moekit_skinny_grouped_nn(const float *x, const float *w, int64_t w_expert_s
  *   gated: act(gate) * up, else act(h); elementwise: the MOEKIT_ACT_* code of act
  *   weight_kind: WEIGHTS_F32, WEIGHTS_BF16 or WEIGHTS_F16, how w1 and w2 are stored (the biases
  *   are float32 in every case)
- *   x_kind: X_F32, or X_BF16 with WEIGHTS_BF16 (x bfloat16: the first product on the CPU's bf16
- *   dot product where it has one, else x widened exactly; the rest float32 as always)
+ *   x_kind: X_F32; X_BF16 with WEIGHTS_BF16 (x bfloat16); X_F32_AS_BF16 with WEIGHTS_BF16 (x
+ *   float32 that may be rounded to bfloat16). Where the CPU has the bf16 dot product, both
+ *   products of those two run on it: x (rounded to bfloat16 if float32) and the activation
+ *   rounded to bfloat16 meet the bfloat16 weights. Where it has none, bfloat16 x is widened
+ *   exactly and X_F32_AS_BF16 is X_F32: float32 as always.
  *   y [T, D]; order [R] int64 (the assignment t * K + j of each of the R kept rows, grouped by
  *   expert); counts [E] int64 kept rows per expert
  * Returns 0 when y is written; 1 when an expert would get more than max_rows rows (order and
@@ -498,7 +527,9 @@ int moekit_skinny_ffn(const void *x, const int64_t *ids, const float *weights,
                       int x_kind, int64_t max_rows,
                       float *y, int64_t *order, int64_t *counts, int num_threads) {
     int64_t A = T * K, R = 0, H = gated ? 2 * F : F;
-    if (x_kind != X_F32 && (x_kind != X_BF16 || weight_kind != WEIGHTS_BF16)) return -3;
+    if (x_kind != X_F32 && ((x_kind != X_BF16 && x_kind != X_F32_AS_BF16)
+                            || weight_kind != WEIGHTS_BF16))
+        return -3;
     for (int64_t e = 0; e < E; ++e) counts[e] = 0;
     for (int64_t i = 0; i < A; ++i) {
         if (ids[i] < 0 || ids[i] >= E) return -1;
@@ -520,7 +551,8 @@ int moekit_skinny_ffn(const void *x, const int64_t *ids, const float *weights,
         free(row_of);
         return 1;
     }
-    float *rows = malloc((size_t)(R * (D + H + F + D) + 1) * sizeof(float));
+    /* float32 x, h, activation and out rows, then the activation in bfloat16 (for the dot) */
+    float *rows = malloc((size_t)(R * (D + H + F + D) + (R * F + 1) / 2 + 1) * sizeof(float));
     if (!rows) {
         free(row_of);
         return -2;
@@ -528,14 +560,14 @@ int moekit_skinny_ffn(const void *x, const int64_t *ids, const float *weights,
     float *x_rows = rows, *h = x_rows + R * D, *a = h + R * H, *out = a + R * F;
     expert_part part = weight_kind == WEIGHTS_BF16 ? expert_rows_bf16
                        : weight_kind == WEIGHTS_F16 ? expert_rows_f16 : expert_rows;
-    /* bfloat16 x: its rows kept in bfloat16 for the dot product (in x_rows' first half), or
-     * widened exactly to float32 where the CPU has none */
-    const int dot = x_kind == X_BF16 && NATIVE_BF16_DOT;
-    uint16_t *x16_rows = (uint16_t *)x_rows;
+    /* On the dot product the rows of x and of the activation are bfloat16 (x's in x_rows' first
+     * half, the activation's after out); without it bfloat16 x is widened exactly to float32 */
+    const int dot = x_kind != X_F32 && NATIVE_BF16_DOT;
+    uint16_t *x16_rows = (uint16_t *)x_rows, *a16 = (uint16_t *)(out + R * D);
 #if NATIVE_BF16_DOT
-    expert_part first_part = dot ? expert_rows_dot : part;
+    expert_part dot_part = expert_rows_dot;
 #else
-    expert_part first_part = part;
+    expert_part dot_part = part;  /* not called: dot is 0 */
 #endif
 #pragma omp parallel num_threads(team_size(num_threads, R * H))
     {
@@ -543,26 +575,40 @@ int moekit_skinny_ffn(const void *x, const int64_t *ids, const float *weights,
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; ++r) {
             int64_t token = order[r] / K;
-            if (x_kind == X_F32) {
+            if (x_kind != X_BF16 && !dot) {
                 memcpy(x_rows + r * D, (const float *)x + token * D, (size_t)D * sizeof(float));
-            } else if (dot) {
+            } else if (x_kind == X_BF16 && dot) {
                 memcpy(x16_rows + r * D, (const uint16_t *)x + token * D, (size_t)D * sizeof(uint16_t));
-            } else {
+            } else if (x_kind == X_BF16) {
                 for (int64_t d = 0; d < D; ++d)
                     x_rows[r * D + d] = bf16_to_float(((const uint16_t *)x)[token * D + d]);
+            } else {
+#if NATIVE_BF16_DOT
+                round_to_bf16((const float *)x + token * D, x16_rows + r * D, D);
+#endif
             }
         }
-        grouped_share(first_part, WEIGHT_ROWS, dot ? (const void *)x16_rows : x_rows,
-                      dot ? sizeof(uint16_t) : sizeof(float), w1, h, counts, first_row, E, D, H,
-                      t, nt);
+        if (dot)
+            grouped_share(dot_part, WEIGHT_ROWS, x16_rows, sizeof(uint16_t), w1, h, counts,
+                          first_row, E, D, H, t, nt);
+        else
+            grouped_share(part, WEIGHT_ROWS, x_rows, sizeof(float), w1, h, counts, first_row, E,
+                          D, H, t, nt);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; ++r) {
             int64_t e = ids[order[r]];
             activate_row(gated, elementwise, h + r * H, b1 ? b1[e] : NULL, weights[order[r]], a + r * F, F);
+#if NATIVE_BF16_DOT
+            if (dot) round_to_bf16(a + r * F, a16 + r * F, F);
+#endif
         }
-        grouped_share(part, WEIGHT_ROWS, a, sizeof(float), w2, out, counts, first_row, E, F, D, t,
-                      nt);
+        if (dot)
+            grouped_share(dot_part, WEIGHT_ROWS, a16, sizeof(uint16_t), w2, out, counts, first_row,
+                          E, F, D, t, nt);
+        else
+            grouped_share(part, WEIGHT_ROWS, a, sizeof(float), w2, out, counts, first_row, E, F,
+                          D, t, nt);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t token = 0; token < T; ++token) {

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import types
 
 import pytest
 import torch
@@ -520,3 +522,101 @@ def test_fetched_half_weights_give_the_same_bits():
                                        "swiglu")
     stacked = decode.skinny_ffn(x, ids, weights, half[0], half[1], "swiglu", half[2], half[3])
     assert torch.equal(result.y_TD, stacked.y_TD)
+
+
+@pytest.fixture
+def float32_precision_bf16():
+    """torch's float32 matmul precision on CPU at "bf16" for the test (what
+    torch.set_float32_matmul_precision("medium") sets), restored after."""
+    matmul = torch.backends.mkldnn.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    yield
+    matmul.fp32_precision = previous
+
+
+def _rounded_reference(x, ids, weights, w1, w2, b1, b2) -> torch.Tensor:
+    """float64 swiglu experts on x rounded to bfloat16, each activation row (times its combine
+    weight) rounded to bfloat16 before the second product: the rounded mode's arithmetic."""
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = w1[e].double() @ x[t].bfloat16().double() + b1[e].double()
+            a = (weights[t, j].double() * apply_activation(h, "swiglu")).bfloat16().double()
+            y[t] += w2[e].double() @ a + weights[t, j].double() * b2[e].double()
+    return y
+
+
+def test_float32_precision_setting_is_read(float32_precision_bf16, monkeypatch):
+    assert decode.float32_may_use_bf16()
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    assert not decode.float32_may_use_bf16()
+    # torch before 2.9 has no per-backend setting: its float32_matmul_precision decides
+    monkeypatch.setattr(torch.backends, "mkldnn", types.SimpleNamespace())
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
+    assert decode.float32_may_use_bf16()
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert not decode.float32_may_use_bf16()
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens,dim,expert_dim", [(1, 37, 19), (9, 64, 30), (13, 45, 33)])
+def test_float32_precision_bf16_rounds_x_and_the_activation(tokens, dim, expert_dim,
+                                                            float32_precision_bf16):
+    """float32 x, bfloat16 weights, float32 matmul precision "bf16": where the CPU has the bf16
+    dot product, x and the activation are rounded to bfloat16 and both products run on it, so
+    y is the float64 computation on those rounded values (to float32 sums in another order, and
+    a rounding of the activation that the float32 h may tip) and far from the unrounded one;
+    elsewhere nothing is rounded (the same bits as the default precision). Tails after the
+    vectors of eight and sixteen, odd weight-row counts, up to 13 rows per expert."""
+    generator = torch.Generator().manual_seed(tokens * 5 + dim)
+    x, ids, weights, w1, w2, b1, b2 = _problem(tokens, 2, 2, dim, expert_dim, "swiglu", True,
+                                               generator)
+    half = [t.bfloat16() for t in (w1, w2)]
+    result = decode.skinny_ffn(x, ids, weights, *half, "swiglu", b1, b2, max_rows=16).y_TD
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    exact = decode.skinny_ffn(x, ids, weights, *half, "swiglu", b1, b2, max_rows=16).y_TD
+    if not skinny.native_bf16_dot():
+        assert torch.equal(result, exact)
+        return
+    rounded = _rounded_reference(x, ids, weights, *half, b1, b2)
+    unrounded = _reference(x, ids, weights, *half, "swiglu", b1, b2)
+    to_rounded = float((result.double() - rounded).abs().max())
+    assert to_rounded < 1e-5 * float(rounded.abs().max()) + 2 ** -9 * float(
+        (rounded - unrounded).abs().max())
+    assert to_rounded * 10 < float((result.double() - unrounded).abs().max())
+    torch.testing.assert_close(result, exact, rtol=2 ** -6, atol=2 ** -6)
+
+
+@needs_kernel
+def test_float32_precision_bf16_on_an_avx2_build_rounds_nothing(float32_precision_bf16,
+                                                               avx2_build, monkeypatch):
+    """Without the bf16 dot product the setting changes nothing: float32 as always."""
+    generator = torch.Generator().manual_seed(17)
+    x, ids, weights, w1, w2, b1, b2 = _problem(7, 2, 3, 40, 24, "swiglu", True, generator)
+    half = [t.bfloat16() for t in (w1, w2)]
+    monkeypatch.setattr(skinny, "library", lambda: avx2_build)
+    result = decode.skinny_ffn(x, ids, weights, *half, "swiglu", b1, b2).y_TD
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    assert torch.equal(result, decode.skinny_ffn(x, ids, weights, *half, "swiglu", b1, b2).y_TD)
+
+
+@needs_kernel
+def test_layer_with_bf16_experts_at_float32_precision_bf16(float32_precision_bf16, monkeypatch):
+    """A float32 layer whose experts are bfloat16, at float32 matmul precision "bf16", decodes
+    through the one call and stays within bfloat16 rounding of the float64 layer. The float64
+    layer's choices are replayed: where torch's own float32 products take bfloat16 too (the
+    router's, on AMX), a near-tie could otherwise choose another expert."""
+    moe = randomized_moe(9, dim=48, expert_dim=24, num_experts=6, top_k=2)
+    x = torch.randn(7, 48)
+    with torch.no_grad():
+        reference = copy.deepcopy(moe).double()
+        ids = reference.router(x.double()).expert_indices
+        exact, _ = reference(x.double(), expert_indices=ids)
+        moe.experts.to(torch.bfloat16)
+        calls = count_calls(monkeypatch, decode, "skinny_ffn")
+        y, _ = moe(x, expert_indices=ids)
+    assert calls and y.dtype == torch.float32
+    scale = float(exact.abs().max())
+    torch.testing.assert_close(y.double(), exact, rtol=2 ** -6, atol=2 ** -6 * scale)
