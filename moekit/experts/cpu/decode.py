@@ -111,19 +111,17 @@ def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Ten
     if reason is not None:
         return reason
     weight_dtype = weights[0].dtype if weights else weight_dtype
+    float32_tensors = (x_TD, plan.weights_TK)
     if x_TD.dtype in (torch.bfloat16, torch.float16) and x_TD.device.type == "cpu":
         if not _half_layer(x_TD.dtype, weight_dtype):
             return (f"the kernel takes x in float32, or in the expert weights' half dtype, not "
                     f"{x_TD.dtype} with {weight_dtype} weights")
-        x_TD = _FLOAT32_STANDIN  # the call reads half x as it is: the batch test sees float32
+        float32_tensors = (plan.weights_TK,)  # the call reads half x as it is
     if count_rows or plan.kept_TK is not None:
         most_rows = lambda: int(plan.counts_E.max())
     else:  # every assignment a row: their mean per expert is at most the largest count
         most_rows = -(-plan.ids_TK.numel() // plan.num_experts)
-    return skinny.not_small_batch(most_rows, x_TD, plan.weights_TK, cpu_kernels=cpu_kernels)
-
-
-_FLOAT32_STANDIN = torch.empty(0)
+    return skinny.not_small_batch(most_rows, *float32_tensors, cpu_kernels=cpu_kernels)
 
 
 def _half_layer(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
@@ -256,7 +254,7 @@ def _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, weight_dtype, num_experts,
         return None
     if status == -1:
         raise _ids_out_of_range(ids_TK, num_experts)
-    if status == -3:  # the checks above prevent it
+    if status == -3:  # the callers check first (see the test that reaches it)
         raise TypeError(f"the kernel takes bfloat16 x only with bfloat16 weights, got "
                         f"{weight_dtype}")
     if status != 0:

@@ -620,3 +620,16 @@ def test_layer_with_bf16_experts_at_float32_precision_bf16(float32_precision_bf1
     assert calls and y.dtype == torch.float32
     scale = float(exact.abs().max())
     torch.testing.assert_close(y.double(), exact, rtol=2 ** -6, atol=2 ** -6 * scale)
+
+
+@needs_kernel
+def test_the_kernel_itself_refuses_half_x_with_float32_weights():
+    """Behind the Python checks the C call checks x's kind against the weights' too (status
+    -3): reached only through the private _run, it gives a TypeError, and y is not written."""
+    generator = torch.Generator().manual_seed(12)
+    x, ids, weights, w1, w2, _, _ = _problem(3, 2, 4, 8, 6, "swiglu", False, generator)
+    pointers = [decode._stack_addresses(w1), decode._stack_addresses(w2), None, None]
+    with pytest.raises(TypeError, match="bfloat16 x only with bfloat16 weights, got "
+                                        "torch.float32"):
+        decode._run(x.bfloat16(), ids, weights, None, pointers, torch.float32, 4, 8, 6,
+                    "swiglu", skinny.MAX_ROWS)
