@@ -85,15 +85,10 @@ def float32_matmul_precision(precision: str):
         matmul.fp32_precision = previous
 
 
-def _at_precision(name: str, call):
-    """The call, at float32 matmul precision "bf16" for the ROUNDED rows."""
-    if not name.endswith(ROUNDED):
-        return call
-
-    def rounded():
-        with float32_matmul_precision("bf16"):
-            return call()
-    return rounded
+def _precision(name: str) -> str:
+    """The float32 matmul precision a row runs at (set before its timer starts, as a program
+    sets it once)."""
+    return "bf16" if name.endswith(ROUNDED) else "ieee"
 
 
 def _check_layers_take_the_call(rows: dict) -> None:
@@ -107,7 +102,8 @@ def _check_layers_take_the_call(rows: dict) -> None:
             for name, call in rows.items():
                 if name.startswith("layer"):
                     calls.clear()
-                    call()
+                    with float32_matmul_precision(_precision(name)):
+                        call()
                     assert calls, f"{name}: the layer did not take the native call"
     finally:
         decode.skinny_ffn = real
@@ -120,21 +116,23 @@ def measure(repeats: int, seed: int) -> dict[str, list[float]]:
     rows = {}
     for name, (layer, x_dtype) in _layers(seed).items():
         x_in = x.to(x_dtype)
-        rows[f"layer, {name}"] = _at_precision(name, lambda layer=layer, x_in=x_in: layer(x_in))
-        rows[f"native call, {name}"] = _at_precision(name, _kernel_call(layer, x_in))
+        rows[f"layer, {name}"] = lambda layer=layer, x_in=x_in: layer(x_in)
+        rows[f"native call, {name}"] = _kernel_call(layer, x_in)
     _check_layers_take_the_call(rows)
     flush = torch.randn(32 * 1024 * 1024)  # 128 MiB
     times = {name: [] for name in rows}
     with torch.no_grad():
-        for call in rows.values():
-            call()
-            call()
+        for name, call in rows.items():
+            with float32_matmul_precision(_precision(name)):
+                call()
+                call()
         for _ in range(repeats):
             for name, call in rows.items():
-                flush.sum()
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
+                with float32_matmul_precision(_precision(name)):
+                    flush.sum()
+                    start = time.perf_counter()
+                    call()
+                    times[name].append(time.perf_counter() - start)
     return times
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import types
 
 import pytest
 import torch
@@ -552,8 +551,16 @@ def test_float32_precision_setting_is_read(float32_precision_bf16, monkeypatch):
     assert decode.float32_may_use_bf16()
     torch.backends.mkldnn.matmul.fp32_precision = "ieee"
     assert not decode.float32_may_use_bf16()
+    torch.backends.mkldnn.matmul.fp32_precision = "none"  # the default: inherits
+    previous = torch.backends.fp32_precision
+    torch.backends.fp32_precision = "bf16"  # every backend's, mkldnn's matmul included
+    try:
+        assert decode.float32_may_use_bf16()
+    finally:
+        torch.backends.fp32_precision = previous
+    assert not decode.float32_may_use_bf16()
     # torch before 2.9 has no per-backend setting: its float32_matmul_precision decides
-    monkeypatch.setattr(torch.backends, "mkldnn", types.SimpleNamespace())
+    monkeypatch.delattr(torch._C, "_get_fp32_precision_getter")
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
     assert decode.float32_may_use_bf16()
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
