@@ -582,6 +582,9 @@ def test_float32_precision_bf16_rounds_x_and_the_activation(tokens, dim, expert_
                                                generator)
     half = [t.bfloat16() for t in (w1, w2)]
     result = decode.skinny_ffn(x, ids, weights, *half, "swiglu", b1, b2, max_rows=16).y_TD
+    fetched = decode.skinny_ffn_fetched(x, ids, weights, lambda e: (half[0][e], half[1][e], b1[e],
+                                        b2[e]), 2, expert_dim, "swiglu", max_rows=16).y_TD
+    assert torch.equal(fetched, result)  # offloaded experts: the same call
     torch.backends.mkldnn.matmul.fp32_precision = "ieee"
     exact = decode.skinny_ffn(x, ids, weights, *half, "swiglu", b1, b2, max_rows=16).y_TD
     if not skinny.native_bf16_dot():
