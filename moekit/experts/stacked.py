@@ -135,8 +135,9 @@ class Experts(nn.Module):
         else:
             words = describe(_CastExperts(self, dtype), x_TD.to(dtype), plan)
         if dtype is None and holds_half_weights(self, x_TD.dtype):
-            converted = ("converted to float32 inside" if self._weights_for(x_TD, plan, backend)
-                         is self else "cast to float32 (a gradient to record, or not 'fused')")
+            converted = ("read as they are (no float32 copy of the stacks)"
+                         if self._weights_for(x_TD, plan, backend) is self
+                         else "cast to float32 (a gradient to record, or not 'fused')")
             return f"{words}; {self.dtype} expert weights {converted}"
         return words if dtype is None else f"{words}; under autocast in {dtype}"
 

@@ -83,7 +83,15 @@ def test_explain_backend_says_how_half_weights_are_read():
     with torch.no_grad():
         assert moe.experts.explain_backend(x, plan) == (
             "fused: one native call for the whole FFN (decode-size, no gradient); "
-            "torch.bfloat16 expert weights converted to float32 inside")
+            "torch.bfloat16 expert weights read as they are (no float32 copy of the stacks)")
+        previous = torch.backends.mkldnn.matmul.fp32_precision
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        try:
+            words = moe.experts.explain_backend(x, plan)
+        finally:
+            torch.backends.mkldnn.matmul.fp32_precision = previous
+        rounded = "x and the activation rounded to bfloat16 for the CPU's bf16 dot product"
+        assert (rounded in words) == skinny.native_bf16_dot()
     assert moe.experts.explain_backend(x, plan).endswith(
         "torch.bfloat16 expert weights cast to float32 (a gradient to record, or not 'fused')")
 

@@ -46,6 +46,10 @@ class FusedBackend:
                    experts.down_proj_bias)
         reason = native_activation_declined(experts.config.activation) or decode.declined_because(
             x_TD, plan, *(t for t in weights if t is not None), cpu_kernels=experts.config.cpu_kernels)
+        if reason is None and decode.rounds_float32_x(x_TD.dtype, experts.down_proj.dtype):
+            return ("fused: one native call for the whole FFN (decode-size, no gradient; float32 "
+                    "matmul precision 'bf16': x and the activation rounded to bfloat16 for the "
+                    "CPU's bf16 dot product)")
         if reason is None:
             return "fused: one native call for the whole FFN (decode-size, no gradient)"
         return f"fused: the autograd op (not the one native call: {reason})"

@@ -129,6 +129,14 @@ def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Ten
     return skinny.not_small_batch(most_rows, *float32_tensors, cpu_kernels=cpu_kernels)
 
 
+def rounds_float32_x(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether the call rounds float32 x (and the activation) to bfloat16 for the CPU's bf16 dot
+    product: bfloat16 weights, float32 matmul precision "bf16", and a kernel built with the dot
+    product (skinny.native_bf16_dot())."""
+    return (x_dtype == torch.float32 and weight_dtype == torch.bfloat16
+            and skinny.native_bf16_dot() and float32_may_use_bf16())
+
+
 def _half_layer(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
     """Whether x and the expert weights share one half dtype: a layer held in bf16 or f16."""
     return x_dtype in (torch.bfloat16, torch.float16) and weight_dtype == x_dtype
