@@ -60,16 +60,23 @@ def float32_may_use_bf16() -> bool:
     """Whether torch's float32 matmul precision on CPU lets float32 products compute in bfloat16
     inside: torch.backends.mkldnn.matmul.fp32_precision "bf16", which
     torch.set_float32_matmul_precision("medium") also sets (torch before 2.9: that call's
-    "medium"). The default ("ieee", "highest") does not.
+    "medium"), set there or inherited from torch.backends.mkldnn or torch.backends. torch's
+    default ("none" everywhere: float32 inside) does not.
 
     Read on every decode call with bfloat16 weights, so through the getter behind that
     property: with cold caches 27 us against 68 us for the property (the public
     torch.get_float32_matmul_precision is cheaper still but answers "medium" after a later
-    per-backend setting of "ieee")."""
-    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
-    if getter is not None:
-        return getter("mkldnn", "matmul") == "bf16"
+    per-backend setting of "ieee"). The getter is private: should it change, the property."""
+    if _PRECISION_GETTER is not None:
+        try:
+            return _PRECISION_GETTER("mkldnn", "matmul") == "bf16"
+        except (TypeError, RuntimeError):
+            return torch.backends.mkldnn.matmul.fp32_precision == "bf16"
     return torch.get_float32_matmul_precision() == "medium"
+
+
+# torch >= 2.9: the function behind torch.backends.mkldnn.matmul.fp32_precision
+_PRECISION_GETTER = getattr(torch._C, "_get_fp32_precision_getter", None)
 
 
 class DecodedExperts(NamedTuple):

@@ -201,6 +201,8 @@ static inline __attribute__((always_inline)) vec8 multiply_add(vec8 acc, vec8 w,
         memcpy(&acc, &sums, sizeof acc);
         return acc;
     }
+#else
+    (void)kind;
 #endif
     return acc + w * x;
 }

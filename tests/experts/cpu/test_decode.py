@@ -434,11 +434,12 @@ def test_grouped_products_same_bits_as_an_avx2_build(transpose, avx2_build, monk
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_half_layer_is_widened_computed_in_float32_and_rounded_once(dtype, bias):
+def test_half_layer_is_computed_in_float32_and_rounded_once(dtype, bias):
     """x and the weights both bfloat16 (or float16), a layer held in that dtype: y is the float32
     computation on x widened exactly, rounded once to the dtype (bit for bit; for bfloat16 on a
-    CPU with a bf16 dot product, within one rounding, its sums taken in another order), and so
-    within one rounding of the float64 loop."""
+    CPU with a bf16 dot product, within one rounding: its sums are taken in another order and
+    the activation is rounded to bfloat16 for the second product), and so within one rounding
+    of the float64 loop."""
     generator = torch.Generator().manual_seed(21 + bias)
     x, ids, weights, w1, w2, b1, b2 = _problem(7, 2, 5, 37, 19, "swiglu", bias, generator)
     half = [None if t is None else t.to(dtype) for t in (x, w1, w2, b1, b2)]
@@ -448,7 +449,7 @@ def test_half_layer_is_widened_computed_in_float32_and_rounded_once(dtype, bias)
                                 *half[3:])
     if dtype == torch.float16 or not skinny.native_bf16_dot():
         assert torch.equal(result.y_TD, widened.y_TD.to(dtype))
-    else:  # the first product on the bf16 dot product: another order of float32 sums
+    else:  # both products on the bf16 dot product: the activation rounded, sums reordered
         torch.testing.assert_close(result.y_TD, widened.y_TD.to(dtype), rtol=2 ** -7, atol=2 ** -7)
     reference = _reference(half[0], ids, weights, half[1], half[2], "swiglu", *half[3:])
     eps = torch.finfo(dtype).eps
@@ -560,10 +561,16 @@ def test_float32_precision_setting_is_read(float32_precision_bf16, monkeypatch):
         torch.backends.fp32_precision = previous
     assert not decode.float32_may_use_bf16()
     # torch before 2.9 has no per-backend setting: its float32_matmul_precision decides
-    monkeypatch.delattr(torch._C, "_get_fp32_precision_getter")
+    monkeypatch.setattr(decode, "_PRECISION_GETTER", None)
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
     assert decode.float32_may_use_bf16()
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert not decode.float32_may_use_bf16()
+    # a private getter that changed its signature: the public property decides
+    monkeypatch.setattr(decode, "_PRECISION_GETTER", lambda: "bf16")
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    assert decode.float32_may_use_bf16()
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
     assert not decode.float32_may_use_bf16()
 
 
@@ -643,3 +650,41 @@ def test_the_kernel_itself_refuses_half_x_with_float32_weights():
                                         "torch.float32"):
         decode._run(x.bfloat16(), ids, weights, None, pointers, torch.float32, 4, 8, 6,
                     "swiglu", skinny.MAX_ROWS)
+
+
+def _ties_and_denormals(rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """float32 [rows, dim]: a third exactly halfway between two bfloat16 numbers (ties, which
+    round to the even one), a third one float32 ulp above halfway, a third bfloat16
+    denormals and random values, in every position (the vectors of eight and the tail)."""
+    mantissa = torch.randint(0, 2 ** 7, (rows, dim), generator=generator) << 16
+    exponent = torch.randint(125, 130, (rows, dim), generator=generator) << 23  # 0.25 to 8
+    bits = exponent | mantissa | 0x8000  # halfway below the 16 bits bfloat16 keeps
+    kind = torch.arange(rows * dim).reshape(rows, dim) % 3
+    bits = torch.where(kind == 1, bits + 1, bits)
+    x = bits.to(torch.int32).view(torch.float32) * torch.where(
+        torch.rand(rows, dim, generator=generator) < 0.5, -1.0, 1.0)
+    other = torch.randn(rows, dim, generator=generator)
+    other[:, ::5] = 1e-39  # a bfloat16 (and float32) denormal: the dot product reads it as zero
+    return torch.where(kind == 2, other, x)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim", [37, 64])
+def test_rounded_float32_x_equals_the_bfloat16_layer(dim, float32_precision_bf16):
+    """At float32 matmul precision "bf16", where the CPU has the dot product, float32 x through
+    bfloat16 weights gives the bits of x.bfloat16() widened back to float32 (so the kernel's
+    rounding of x, vector and scalar tail, is torch's round to nearest even, on ties and
+    denormals too), and, rounded to bfloat16, the bits of the bfloat16 layer on x.bfloat16()
+    (both round the activation the same way before the second product)."""
+    if not skinny.native_bf16_dot():
+        pytest.skip("no bf16 dot product here: nothing is rounded (tested above)")
+    generator = torch.Generator().manual_seed(dim)
+    _, ids, weights, w1, w2, _, _ = _problem(9, 2, 3, dim, 21, "swiglu", False, generator)
+    x = _ties_and_denormals(9, dim, generator)
+    assert not torch.equal(x.bfloat16().float(), x)  # the ties do round
+    half = [t.bfloat16() for t in (w1, w2)]
+    from_float32 = decode.skinny_ffn(x, ids, weights, *half, "swiglu").y_TD
+    rounded_by_torch = decode.skinny_ffn(x.bfloat16().float(), ids, weights, *half, "swiglu").y_TD
+    assert torch.equal(from_float32, rounded_by_torch)
+    from_bfloat16 = decode.skinny_ffn(x.bfloat16(), ids, weights, *half, "swiglu").y_TD
+    assert torch.equal(from_float32.bfloat16(), from_bfloat16)
