@@ -39,6 +39,7 @@ the two agree to that dtype's rounding, not bit for bit.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -124,7 +125,7 @@ def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Ten
         return reason
     weight_dtype = weights[0].dtype if weights else weight_dtype
     float32_tensors = (x_TD, plan.weights_TK)
-    if x_TD.dtype in (torch.bfloat16, torch.float16) and x_TD.device.type == "cpu":
+    if x_TD.dtype in (torch.bfloat16, torch.float16) and x_TD.is_cpu:
         if not _half_layer(x_TD.dtype, weight_dtype):
             return (f"the kernel takes x in float32, or in the expert weights' half dtype, not "
                     f"{x_TD.dtype} with {weight_dtype} weights")
@@ -152,7 +153,7 @@ def _half_layer(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
 def _weights_declined(weights: tuple[torch.Tensor, ...]) -> str | None:
     """Why the kernel cannot read these expert weights (and biases), or None when it can."""
     dtypes = sorted({str(t.dtype) for t in weights})
-    if any(t.device.type != "cpu" for t in weights):
+    if not all(t.is_cpu for t in weights):
         return "the kernel runs on CPU, and some expert weights are not there"
     if len(dtypes) > 1 or not all(t.dtype in WEIGHT_KINDS for t in weights):
         return (f"the kernel reads expert weights of one dtype among float32, bfloat16 and "
@@ -173,11 +174,11 @@ def _check_tokens(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Te
     for name, tensor in (("x_TD", x_TD), ("weights_TK", weights_TK)):
         allowed = (torch.float32, torch.bfloat16, torch.float16) if name == "x_TD" \
             else (torch.float32,)
-        if tensor.dtype not in allowed or tensor.device.type != "cpu":
+        if tensor.dtype not in allowed or not tensor.is_cpu:
             kinds = "float32, bfloat16 or float16" if name == "x_TD" else "float32"
             raise TypeError(f"{name} must be a {kinds} CPU tensor, got {tensor.dtype} on "
                             f"{tensor.device}")
-    if ids_TK.dtype != torch.int64 or ids_TK.device.type != "cpu":
+    if ids_TK.dtype != torch.int64 or not ids_TK.is_cpu:
         raise TypeError(f"ids_TK must be an int64 CPU tensor, got {ids_TK.dtype} on "
                         f"{ids_TK.device}")
     if x_TD.dim() != 2 or ids_TK.dim() != 2 or weights_TK.shape != ids_TK.shape \
@@ -185,7 +186,7 @@ def _check_tokens(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Te
         raise ValueError(f"expected x_TD [T, D], ids_TK and weights_TK [T, K]; got "
                          f"{tuple(x_TD.shape)}, {tuple(ids_TK.shape)}, {tuple(weights_TK.shape)}")
     if kept_TK is not None:
-        if kept_TK.dtype != torch.bool or kept_TK.device.type != "cpu":
+        if kept_TK.dtype != torch.bool or not kept_TK.is_cpu:
             raise TypeError(f"kept_TK must be a bool CPU tensor, got {kept_TK.dtype} on "
                             f"{kept_TK.device}")
         if kept_TK.shape != ids_TK.shape:
@@ -201,7 +202,7 @@ def _check_weights(names: tuple[str, ...], weights: ExpertWeights,
     for name, tensor, shape in zip(names, weights, expected):
         if tensor is None:
             continue
-        if tensor.dtype not in WEIGHT_KINDS or tensor.device.type != "cpu":
+        if tensor.dtype not in WEIGHT_KINDS or not tensor.is_cpu:
             raise TypeError(f"{name} must be a float32, bfloat16 or float16 CPU tensor, got "
                             f"{tensor.dtype} on {tensor.device}")
         if tuple(tensor.shape) != shape:
@@ -291,9 +292,16 @@ def _addresses(tensors: list[torch.Tensor | None]) -> ctypes.Array:
 
 def _stack_addresses(stack: torch.Tensor) -> ctypes.Array:
     """A C array of the address of each expert's slice of a stack [E, ...], without building
-    the slices (this runs on every decode step)."""
-    base, step = stack.data_ptr(), stack.stride(0) * stack.element_size()
-    return (ctypes.c_void_p * stack.shape[0])(*(base + e * step for e in range(stack.shape[0])))
+    the slices (this runs on every decode step: the arrays are kept, as they depend only on
+    the three numbers)."""
+    return _addresses_from(stack.data_ptr(), stack.stride(0) * stack.element_size(),
+                           stack.shape[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _addresses_from(base: int, step: int, count: int) -> ctypes.Array:
+    """The C array base, base + step, ..., base + (count - 1) * step (read only)."""
+    return (ctypes.c_void_p * count)(*(base + e * step for e in range(count)))
 
 
 def skinny_ffn(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,

@@ -114,7 +114,7 @@ def not_small_batch(rows_per_expert: int | Callable[[], int], *tensors: torch.Te
                     cpu_kernels: str = "auto") -> str | None:
     """Why a batch is not decode-size (see small_batch), or None when it is."""
     for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu":
+        if t.dtype != torch.float32 or not t.is_cpu:
             return f"the kernel takes float32 on CPU, not {t.dtype} on {t.device.type}"
     if cpu_kernels == "off":
         return "turned off by cpu_kernels='off'"
@@ -147,7 +147,7 @@ def _check_grouped(x_RK: torch.Tensor, w: torch.Tensor, counts_E: list[int],
     """Every shape the C code relies on, for skinny_grouped and the operator alike."""
     if x_RK.dtype != torch.float32 or w.dtype != torch.float32:
         raise TypeError(f"skinny_grouped takes float32, got x {x_RK.dtype} and w {w.dtype}")
-    if x_RK.device.type != "cpu" or w.device.type != "cpu":
+    if not (x_RK.is_cpu and w.is_cpu):
         raise ValueError(f"skinny_grouped runs on CPU, got x on {x_RK.device}, w on {w.device}")
     k_axis = 2 if transpose else 1
     if x_RK.dim() != 2 or w.dim() != 3 or x_RK.shape[1] != w.shape[k_axis]:
