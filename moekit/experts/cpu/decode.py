@@ -255,7 +255,7 @@ def _run(x_TD, ids_TK, weights_TK, kept_TK, pointers, weight_dtype, num_experts,
     # bfloat16 x (a bfloat16 layer) goes in as it is; float16 x is widened exactly here
     if out_dtype == torch.bfloat16:
         x_kind = X_BF16
-    elif weight_dtype == torch.bfloat16 and out_dtype == torch.float32 and float32_may_use_bf16():
+    elif rounds_float32_x(out_dtype, weight_dtype):
         x_kind = X_F32_AS_BF16
     else:
         x_kind = X_F32

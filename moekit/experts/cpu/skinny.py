@@ -15,6 +15,7 @@ callers pass it the layer's ``MoEConfig.cpu_kernels`` ("auto", or "off": never).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 import warnings
@@ -85,7 +86,11 @@ def _declare(library: ctypes.CDLL) -> None:
 def native_bf16_dot() -> bool:
     """Whether the kernel multiplies bfloat16 x by bfloat16 weights on the CPU's bf16 dot product
     (AVX512-BF16, decided when it was compiled for this CPU); False without the kernel."""
-    loaded = _load()
+    return _native_bf16_dot(_load())
+
+
+@functools.lru_cache(maxsize=None)
+def _native_bf16_dot(loaded: ctypes.CDLL | None) -> bool:
     return loaded is not None and bool(loaded.moekit_skinny_native_bf16_dot())
 
 
