@@ -190,17 +190,29 @@ class MoE(nn.Module):
             raise ValueError(f"x is on {x.device} but the layer's weights are on {weight_device}")
         half_weights = holds_half_weights(self.experts, x.dtype)
         if x.dtype != weight_dtype and not half_weights:
+            if weight_dtype in (torch.bfloat16, torch.float16):
+                raise TypeError(f"x has dtype {x.dtype} but the layer's expert weights are "
+                                f"{weight_dtype}: half-size experts take float32 x (with the rest "
+                                f"of the layer float32), or x of their dtype with the whole layer "
+                                f"in it (moe.to({weight_dtype})); cast x")
             raise TypeError(f"x has dtype {x.dtype} but the layer's weights are {weight_dtype}; "
                             f"cast one to the other (e.g. moe.to({x.dtype})), or for half-size "
                             "expert weights keep the layer and x float32 and cast only the "
                             "experts (moe.experts.to(torch.bfloat16))")
-        if half_weights:
+        if half_weights or x.dtype in (torch.bfloat16, torch.float16):
+            # half experts with float32 x: the rest float32; half x: the whole layer in its dtype
             others = {name: p.dtype for name, p in self.named_parameters()
                       if not name.startswith("experts.") and p.dtype != x.dtype}
-            if others:
+            if others and half_weights:
                 raise TypeError(f"with half-size expert weights ({weight_dtype}) the rest of the "
-                                f"layer must have x's dtype {x.dtype}, got {others}; cast only "
-                                "the experts (moe.experts.to(...))")
+                                f"layer must have x's dtype {x.dtype}, got {others}; cast it back "
+                                f"(moe.float(), then moe.experts.to({weight_dtype})), or give x "
+                                f"in {weight_dtype} to run a layer held wholly in it")
+            if others:
+                raise TypeError(f"x and the experts have dtype {x.dtype}, so the rest of the "
+                                f"layer must too (a layer held in {x.dtype}: moe.to({x.dtype})), "
+                                f"got {others}; or keep x and the rest float32 and cast only "
+                                f"the experts (moe.experts.to({x.dtype}))")
         if self.config.batch_invariant and x.device.type != "cpu":
             raise ValueError(f"batch_invariant=True is verified on CPU only (moekit/batch_invariance.py), "
                              f"got x on {x.device}")

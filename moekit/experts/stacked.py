@@ -36,8 +36,13 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 def holds_half_weights(experts: nn.Module, x_dtype: torch.dtype) -> bool:
     """Whether ``experts`` (stacked, or offloaded: moekit.lm.offload) hold half-size weights
     (bfloat16 or float16) for inputs of x_dtype: float32 inputs with every expert parameter in
-    one half dtype. TypeError for parameters of mixed dtypes in that case."""
-    if x_dtype != torch.float32 or getattr(experts, "dtype", None) not in HALF_DTYPES:
+    one half dtype. TypeError for parameters of mixed dtypes in that case (looked for when
+    either stack of a stacked module is half: its dtype is down_proj's)."""
+    if x_dtype != torch.float32:
+        return False
+    first_proj = getattr(experts, "first_proj", None)
+    if getattr(experts, "dtype", None) not in HALF_DTYPES \
+            and getattr(first_proj, "dtype", None) not in HALF_DTYPES:
         return False
     dtypes = {name: p.dtype for name, p in experts.named_parameters()}
     if len(set(dtypes.values())) > 1:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import moekit
+
 from moekit.experts.cpu import decode, skinny
 from moekit.experts.fused import fused_experts
 from tests.conftest import assert_rel_close, needs, randomized_moe
@@ -92,26 +94,50 @@ def test_explain_backend_says_how_half_weights_are_read():
             torch.backends.mkldnn.matmul.fp32_precision = previous
         rounded = "x and the activation rounded to bfloat16 for the CPU's bf16 dot product"
         assert (rounded in words) == skinny.native_bf16_dot()
+        whole = moe.to(torch.bfloat16).experts.explain_backend(x.bfloat16(), plan)
+        assert ("both products on the CPU's bf16 dot product" in whole) == \
+            skinny.native_bf16_dot()
     assert moe.experts.explain_backend(x, plan).endswith(
         "torch.bfloat16 expert weights cast to float32 (a gradient to record, or not 'fused')")
 
 
 def test_bad_combinations_are_clear_errors():
     moe = half_moe(torch.bfloat16)
-    with pytest.raises(TypeError, match="x has dtype torch.float64 but the layer's weights are "
-                                        r"torch.bfloat16; .*moe.experts.to\(torch.bfloat16\)"):
+    with pytest.raises(TypeError, match="x has dtype torch.float64 but the layer's expert "
+                                        "weights are torch.bfloat16: half-size experts take "
+                                        r"float32 x .*moe.to\(torch.bfloat16\)\); cast x"):
         moe(torch.randn(3, 24, dtype=torch.float64))
-    with pytest.raises(TypeError, match="x has dtype torch.float16 but the layer's weights are "
-                                        "torch.bfloat16"):
+    with pytest.raises(TypeError, match="x has dtype torch.float16 but the layer's expert "
+                                        "weights are torch.bfloat16"):
         moe(torch.randn(3, 24, dtype=torch.float16))
     whole = randomized_moe(0, dim=24, expert_dim=16, num_experts=5, top_k=2).to(torch.bfloat16)
     with pytest.raises(TypeError, match=r"the rest of the layer must have x's dtype "
-                                        r"torch.float32, got \{'router.weight': torch.bfloat16"):
+                                        r"torch.float32, got \{'router.weight': torch.bfloat16.*"
+                                        r"moe.float\(\), then moe.experts.to\(torch.bfloat16\)"):
         whole(torch.randn(3, 24))
-    mixed = half_moe(torch.bfloat16)
-    mixed.experts.down_proj.data = mixed.experts.down_proj.data.half()
-    with pytest.raises(TypeError, match="half-size expert weights must all have one dtype"):
-        mixed(torch.randn(3, 24))
+    for half in (torch.bfloat16, torch.float16):  # either stack the odd one out
+        for odd in ("down_proj", "gate_up_proj"):
+            mixed = half_moe(torch.bfloat16)
+            stack = getattr(mixed.experts, odd)
+            stack.data = stack.data.to(torch.float32 if half == torch.bfloat16 else half)
+            for grad in (False, True):
+                with torch.set_grad_enabled(grad), pytest.raises(
+                        TypeError, match="half-size expert weights must all have one dtype"):
+                    mixed(torch.randn(3, 24))
+
+
+def test_half_x_needs_the_whole_layer_in_its_dtype():
+    """x in the experts' half dtype runs a layer held wholly in that dtype; a part left float32
+    (here the shared experts, which would fail inside torch) is named."""
+    moe = moekit.MoE(moekit.MoEConfig(dim=24, expert_dim=16, num_experts=5, top_k=2,
+                                      num_shared_experts=1)).eval()
+    moe.experts.to(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"x and the experts have dtype torch.bfloat16, so the rest "
+                                        r"of the layer must too .*got \{'router.weight': "
+                                        r"torch.float32, 'shared_experts"):
+        moe(torch.randn(3, 24).bfloat16())
+    y, _ = moe.to(torch.bfloat16)(torch.randn(3, 24).bfloat16())
+    assert y.dtype == torch.bfloat16
 
 
 def test_fused_experts_refuses_to_differentiate_half_weights():

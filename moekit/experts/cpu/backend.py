@@ -50,6 +50,9 @@ class FusedBackend:
             return ("fused: one native call for the whole FFN (decode-size, no gradient; float32 "
                     "matmul precision 'bf16': x and the activation rounded to bfloat16 for the "
                     "CPU's bf16 dot product)")
+        if reason is None and x_TD.dtype == torch.bfloat16 and decode.skinny.native_bf16_dot():
+            return ("fused: one native call for the whole FFN (decode-size, no gradient; both "
+                    "products on the CPU's bf16 dot product, the activation rounded to bfloat16)")
         if reason is None:
             return "fused: one native call for the whole FFN (decode-size, no gradient)"
         return f"fused: the autograd op (not the one native call: {reason})"
