@@ -14,7 +14,7 @@ import torch
 
 from moekit.contract import DispatchPlan
 from moekit.experts.activations import KERNEL_ACTIVATIONS
-from moekit.experts.cpu import decode
+from moekit.experts.cpu import decode, skinny
 from moekit.experts.fused import fused_experts
 from moekit.experts.rows import expert_dropout_refusal
 from moekit.func_transforms import active_func_transforms
@@ -46,16 +46,16 @@ class FusedBackend:
                    experts.down_proj_bias)
         reason = native_activation_declined(experts.config.activation) or decode.declined_because(
             x_TD, plan, *(t for t in weights if t is not None), cpu_kernels=experts.config.cpu_kernels)
-        if reason is None and decode.rounds_float32_x(x_TD.dtype, experts.down_proj.dtype):
-            return ("fused: one native call for the whole FFN (decode-size, no gradient; float32 "
-                    "matmul precision 'bf16': x and the activation rounded to bfloat16 for the "
-                    "CPU's bf16 dot product)")
-        if reason is None and x_TD.dtype == torch.bfloat16 and decode.skinny.native_bf16_dot():
-            return ("fused: one native call for the whole FFN (decode-size, no gradient; both "
-                    "products on the CPU's bf16 dot product, the activation rounded to bfloat16)")
-        if reason is None:
-            return "fused: one native call for the whole FFN (decode-size, no gradient)"
-        return f"fused: the autograd op (not the one native call: {reason})"
+        if reason is not None:
+            return f"fused: the autograd op (not the one native call: {reason})"
+        detail = ""
+        if decode.rounds_float32_x(x_TD.dtype, experts.down_proj.dtype):
+            detail = ("; float32 matmul precision 'bf16': x and the activation rounded to bfloat16 "
+                      "for the CPU's bf16 dot product")
+        elif x_TD.dtype == torch.bfloat16 and skinny.native_bf16_dot():
+            detail = ("; both products on the CPU's bf16 dot product, the activation rounded to "
+                      "bfloat16")
+        return f"fused: one native call for the whole FFN (decode-size, no gradient{detail})"
 
     def __call__(self, experts, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         w1, w2, b1, b2 = experts.first_proj, experts.down_proj, experts.first_proj_bias, \

@@ -566,11 +566,13 @@ int moekit_skinny_ffn(const void *x, const int64_t *ids, const float *weights,
      * half, the activation's after out); without it bfloat16 x is widened exactly to float32 */
     const int dot = x_kind != X_F32 && NATIVE_BF16_DOT;
     uint16_t *x16_rows = (uint16_t *)x_rows, *a16 = (uint16_t *)(out + R * D);
+    expert_part product = part;
 #if NATIVE_BF16_DOT
-    expert_part dot_part = expert_rows_dot;
-#else
-    expert_part dot_part = part;  /* not called: dot is 0 */
+    if (dot) product = expert_rows_dot;
 #endif
+    /* what the two products read: x's rows, then the activation's, in float32 or bfloat16 */
+    const void *x_in = dot ? (const void *)x16_rows : x_rows, *a_in = dot ? (const void *)a16 : a;
+    const int64_t in_bytes = dot ? sizeof(uint16_t) : sizeof(float);
 #pragma omp parallel num_threads(team_size(num_threads, R * H))
     {
         int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -590,12 +592,8 @@ int moekit_skinny_ffn(const void *x, const int64_t *ids, const float *weights,
 #endif
             }
         }
-        if (dot)
-            grouped_share(dot_part, WEIGHT_ROWS, x16_rows, sizeof(uint16_t), w1, h, counts,
-                          first_row, E, D, H, t, nt);
-        else
-            grouped_share(part, WEIGHT_ROWS, x_rows, sizeof(float), w1, h, counts, first_row, E,
-                          D, H, t, nt);
+        grouped_share(product, WEIGHT_ROWS, x_in, in_bytes, w1, h, counts, first_row, E, D, H, t,
+                      nt);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; ++r) {
@@ -605,12 +603,8 @@ int moekit_skinny_ffn(const void *x, const int64_t *ids, const float *weights,
             if (dot) round_to_bf16(a + r * F, a16 + r * F, F);
 #endif
         }
-        if (dot)
-            grouped_share(dot_part, WEIGHT_ROWS, a16, sizeof(uint16_t), w2, out, counts, first_row,
-                          E, F, D, t, nt);
-        else
-            grouped_share(part, WEIGHT_ROWS, a, sizeof(float), w2, out, counts, first_row, E, F,
-                          D, t, nt);
+        grouped_share(product, WEIGHT_ROWS, a_in, in_bytes, w2, out, counts, first_row, E, F, D,
+                      t, nt);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t token = 0; token < T; ++token) {
