@@ -65,7 +65,7 @@ def float32_may_use_bf16() -> bool:
     default ("none" everywhere: float32 inside) does not.
 
     Read on every decode call with bfloat16 weights, so through the getter behind that
-    property: with cold caches 27 us against 68 us for the property (the public
+    property: with cold caches 27 us against 68 us for the property (AMD EPYC Zen 4) (the public
     torch.get_float32_matmul_precision is cheaper still but answers "medium" after a later
     per-backend setting of "ieee"). The getter is private: should it change, the property."""
     if _PRECISION_GETTER is not None:
