@@ -120,6 +120,13 @@ def test_half_weight_decode_runs_one_round():
         assert f"| layer, {dtype} | " in done.stdout and f"| native call, {dtype} | " in done.stdout
 
 
+def test_compiled_decode_runs_one_round():
+    done = run_script("compiled_decode", "--repeats", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for layer in ("float32", "bfloat16 expert weights", "bfloat16 layer"):
+        assert f"| {layer} | " in done.stdout
+
+
 def test_batch_invariance_benchmark_runs():
     report = report_of("batch_invariance", "--shapes", "S3", "--repeats", "1")
     assert report.count("| S3 ") == 3 and "| fused | float32 |" in report

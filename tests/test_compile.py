@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moekit.experts.cpu import decode, skinny
 from tests.conftest import assert_rel_close, randomized_moe
+from tests.experts.cpu.conftest import count_calls
 from tests.reference import float64_params, reference_moe
 
 FIELDS = dict(dim=32, expert_dim=32, num_experts=4, top_k=2, z_loss_weight=0.01)
@@ -62,3 +64,32 @@ def test_grouped_mm_bfloat16_compiles_whole_and_matches_the_float64_reference():
     assert_rel_close(x.grad, x64.grad, 5e-2, "input grad")
     for name, param in moe.named_parameters():
         assert_rel_close(param.grad, p[name].grad, 5e-2, f"grad of {name}")
+
+
+@pytest.mark.skipif(not skinny.available(), reason="no skinny kernel")
+@pytest.mark.parametrize("kind", ["float32", "bfloat16 expert weights", "bfloat16 layer"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_decode_keeps_the_one_native_call_in_one_graph(kind, bias, monkeypatch):
+    """A decode-size batch without gradients compiles to one graph around the operator
+    moekit::fused_decode (the one native call), and equals eager: the same choices and counts,
+    y within the rounding of the router's math compiled. Before, the compiled layer broke the
+    graph four times and took the autograd op's path."""
+    moe = randomized_moe(bias=bias, **FIELDS).eval()
+    x = torch.randn(2, 5, 32)
+    if kind == "bfloat16 expert weights":
+        moe.experts.to(torch.bfloat16)
+    elif kind == "bfloat16 layer":
+        moe, x = moe.to(torch.bfloat16), x.to(torch.bfloat16)
+    calls = count_calls(monkeypatch, decode, "skinny_ffn")
+    with torch.no_grad():
+        y, aux = moe(x)
+        explanation = torch._dynamo.explain(moe)(x)
+        calls.clear()
+        y_compiled, aux_compiled = torch.compile(moe)(x)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
+    assert calls, "the compiled layer must reach the native call"
+    assert torch.equal(aux_compiled.expert_indices, aux.expert_indices)
+    assert torch.equal(aux_compiled.tokens_per_expert, aux.tokens_per_expert)
+    assert y_compiled.dtype == y.dtype
+    tolerance = 1e-5 if kind != "bfloat16 layer" else 2e-2
+    torch.testing.assert_close(y_compiled, y, rtol=tolerance, atol=tolerance)

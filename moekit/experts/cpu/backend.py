@@ -6,6 +6,12 @@ sorts, gathers, computes and combines (moekit/experts/cpu/decode.py); its sort i
 the plan, so nothing is sorted twice. In float32 both give the same bits; a layer held in
 bfloat16 or float16 gets the one call too, computed in float32 and rounded once (the autograd op
 rounds h and the activation as well), so there the two agree to that dtype's rounding.
+
+Under torch.compile the one call is the operator moekit::fused_decode (for plans without a kept
+mask), so a compiled decode step keeps it, in one graph: without it torch.compile would see
+the ctypes call, which it cannot trace, and the layer would take the autograd op's path, whose
+per-expert counts break the graph (with half-size expert weights that path casts the stacks to
+float32 on every step).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from moekit.contract import DispatchPlan
-from moekit.experts.activations import KERNEL_ACTIVATIONS
+from moekit.experts.activations import DEFAULT_PARAMS, KERNEL_ACTIVATIONS
 from moekit.experts.cpu import decode, skinny
 from moekit.experts.fused import fused_experts
 from moekit.experts.rows import expert_dropout_refusal
@@ -45,7 +51,8 @@ class FusedBackend:
         weights = (experts.first_proj, experts.down_proj, experts.first_proj_bias,
                    experts.down_proj_bias)
         reason = native_activation_declined(experts.config.activation) or decode.declined_because(
-            x_TD, plan, *(t for t in weights if t is not None), cpu_kernels=experts.config.cpu_kernels)
+            x_TD, plan, *(t for t in weights if t is not None),
+            cpu_kernels=experts.config.cpu_kernels, compiles_as_operator=True)
         if reason is not None:
             return f"fused: the autograd op (not the one native call: {reason})"
         detail = ""
@@ -64,7 +71,12 @@ class FusedBackend:
         activation, cpu_kernels = config.activation, config.cpu_kernels
         if not config.batch_invariant and activation in KERNEL_ACTIVATIONS and decode.applies_to(
                 x_TD, plan, *(t for t in (w1, w2, b1, b2) if t is not None),
-                cpu_kernels=cpu_kernels, count_rows=False):
+                cpu_kernels=cpu_kernels, count_rows=False, compiles_as_operator=True):
+            if torch.compiler.is_compiling():  # applies_to: only without a kept mask
+                y_TD, order_R, counts_E = torch.ops.moekit.fused_decode(
+                    x_TD, plan.ids_TK, plan.weights_TK, w1, w2, b1, b2, activation, cpu_kernels)
+                plan.adopt_sort(order_R, counts_E)
+                return y_TD
             decoded = decode.skinny_ffn(x_TD, plan.ids_TK, plan.weights_TK, w1, w2, activation,
                                         b1, b2, kept_TK=plan.kept_TK)
             if decoded is not None:  # None only if it declined after all: the general path
@@ -80,3 +92,29 @@ def native_activation_declined(activation: str) -> str | None:
     if activation in KERNEL_ACTIVATIONS:
         return None
     return f"the native kernel does not compute activation={activation!r}"
+
+
+@torch.library.custom_op("moekit::fused_decode", mutates_args=(), device_types="cpu")
+def _fused_decode_op(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                     w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, b1_EH: torch.Tensor | None,
+                     b2_ED: torch.Tensor | None, activation: str, cpu_kernels: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused backend's forward of a plan of all T*K choices without a gradient, as one
+    operator for torch.compile: (y_TD [T, D] in x's dtype, order_R [T*K] int64, counts_E [E]
+    int64) as decode.skinny_ffn gives them; where that call declines (an expert with more than
+    MAX_ROWS rows), the fused autograd op's result and the plan's own sort. Not differentiable
+    (FusedBackend calls it only where there is no gradient to record)."""
+    decoded = decode.skinny_ffn(x_TD, ids_TK, weights_TK, w1_EHD, w2_EDF, activation, b1_EH,
+                                b2_ED)
+    if decoded is not None:
+        return decoded.y_TD, decoded.order_R, decoded.counts_E
+    plan = DispatchPlan(ids_TK, weights_TK, w2_EDF.shape[0])
+    y_TD = fused_experts(x_TD, plan.token_R, plan.weights_R, plan.counts_E.tolist(), w1_EHD,
+                         w2_EDF, activation, b1_EH, b2_ED, cpu_kernels, DEFAULT_PARAMS)
+    return y_TD, plan.order_R, plan.counts_E
+
+
+@_fused_decode_op.register_fake
+def _(x_TD, ids_TK, weights_TK, w1_EHD, w2_EDF, b1_EH, b2_ED, activation, cpu_kernels):
+    return (x_TD.new_empty(x_TD.shape), ids_TK.new_empty(ids_TK.numel()),
+            ids_TK.new_empty(w2_EDF.shape[0]))

@@ -91,10 +91,13 @@ class DecodedExperts(NamedTuple):
 
 def applies_to(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor,
                cpu_kernels: str = "auto", count_rows: bool = True,
-               weight_dtype: torch.dtype | None = None) -> bool:
+               weight_dtype: torch.dtype | None = None, compiles_as_operator: bool = False
+               ) -> bool:
     """Whether the one-call path may run the plan on x_TD [T, D] with these expert weights: the
     plan has the routing's choices (not a rows plan), no gradient to record for any tensor, no
-    torch tool watching (compile, FlopCounterMode, the profiler; they would not see the C call),
+    torch tool watching (compile, FlopCounterMode, the profiler; they would not see the C call;
+    compiles_as_operator: the caller runs the call as the operator moekit::fused_decode under
+    torch.compile, for plans without a kept mask, see cpu/backend.py),
     and a decode-size batch (skinny.small_batch: x and the combine weights float32 on CPU,
     cpu_kernels not "off", the kernel available, at most skinny.MAX_ROWS rows for every expert),
     with expert weights on CPU of one dtype among WEIGHT_KINDS. x may also be bfloat16 or
@@ -106,19 +109,22 @@ def applies_to(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor,
     expert are declined here, and the call itself returns None when some expert has more than
     max_rows."""
     return declined_because(x_TD, plan, *weights, cpu_kernels=cpu_kernels, count_rows=count_rows,
-                            weight_dtype=weight_dtype) is None
+                            weight_dtype=weight_dtype,
+                            compiles_as_operator=compiles_as_operator) is None
 
 
 def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Tensor,
                      cpu_kernels: str = "auto", count_rows: bool = True,
-                     weight_dtype: torch.dtype | None = None) -> str | None:
+                     weight_dtype: torch.dtype | None = None,
+                     compiles_as_operator: bool = False) -> str | None:
     """Why the one-call path does not run this plan (see applies_to), or None when it does."""
     if plan.ids_TK is None:
         return "rows already grouped by expert (a rows plan)"
     tensors = (x_TD, plan.weights_TK, *weights)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "a gradient to record"
-    if skinny.observed(*tensors):
+    as_operator = compiles_as_operator and plan.kept_TK is None and torch.compiler.is_compiling()
+    if skinny.observed(*tensors) and not as_operator:
         return "a torch tool watches (compile, a dispatch mode or the profiler)"
     reason = _weights_declined(weights)
     if reason is not None:

@@ -51,23 +51,28 @@ def library() -> ctypes.CDLL:
 
 def _load() -> ctypes.CDLL | None:
     global _library, _reason, _tried
+    if _tried:  # set only once _library and _reason hold the outcome: no lock on the hot path
+        return _library
     with _lock:
-        if _tried:
-            return _library
-        _tried = True
-        if os.environ.get("MOEKIT_CPU_KERNELS", "1") == "0":
-            _reason = "disabled by MOEKIT_CPU_KERNELS=0"
-            return None
-        try:
-            library = ctypes.CDLL(str(build_library(_SOURCE)))
-            _declare(library)
-        except Exception as error:  # whatever stops the kernel, the callers fall back to torch.mm
-            _reason = f"the skinny CPU kernel could not be built: {error}"
-            warnings.warn(f"{_reason}; decode-size expert products fall back to torch.mm",
-                          RuntimeWarning, stacklevel=3)
-            return None
-        _library = library
-        return library
+        if not _tried:
+            _library, _reason = _build()
+            _tried = True
+        return _library
+
+
+def _build() -> tuple[ctypes.CDLL | None, str | None]:
+    """(the loaded library, None), or (None, why not)."""
+    if os.environ.get("MOEKIT_CPU_KERNELS", "1") == "0":
+        return None, "disabled by MOEKIT_CPU_KERNELS=0"
+    try:
+        library = ctypes.CDLL(str(build_library(_SOURCE)))
+        _declare(library)
+    except Exception as error:  # whatever stops the kernel, the callers fall back to torch.mm
+        reason = f"the skinny CPU kernel could not be built: {error}"
+        warnings.warn(f"{reason}; decode-size expert products fall back to torch.mm",
+                      RuntimeWarning, stacklevel=4)
+        return None, reason
+    return library, None
 
 
 def _declare(library: ctypes.CDLL) -> None:

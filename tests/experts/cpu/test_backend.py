@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from moekit.experts.cpu import backend, skinny
+import pytest
+
+from moekit.experts.cpu import backend, decode, skinny
 from tests.conftest import randomized_moe
 from tests.experts.cpu.conftest import count_calls
 
@@ -79,3 +81,41 @@ def test_cpu_kernels_off_keeps_every_product_in_torch(monkeypatch):
     (y.square().sum() + aux.loss).backward()
     assert native_calls == ([1] if skinny.available() else [])  # the auto layer's, only
     assert product_calls == []
+
+
+def _swiglu_reference(x, ids, weights, w1, w2):
+    """float64 y[t] = sum_j weights[t, j] * (silu(gate) * up) @ w2[e]^T, e = ids[t, j]."""
+    x, weights, w1, w2 = x.double(), weights.double(), w1.double(), w2.double()
+    y = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            gate, up = (w1[e] @ x[t]).chunk(2)
+            y[t] += weights[t, j] * (w2[e] @ (torch.nn.functional.silu(gate) * up))
+    return y
+
+
+@pytest.mark.skipif(not skinny.available(), reason="no skinny kernel")
+@pytest.mark.parametrize("tokens", [5, skinny.MAX_ROWS + 3])
+def test_the_decode_operator_is_the_one_call_or_its_fallback(tokens):
+    """moekit::fused_decode gives skinny_ffn's result, order and counts bit for bit where the
+    call runs, and where it declines (one expert with more than MAX_ROWS rows) the fused op's
+    result with the plan's sort; both against a float64 loop. torch.library.opcheck checks its
+    schema and fake kernel (what torch.compile traces)."""
+    generator = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 12, generator=generator)
+    w1 = torch.randn(3, 2 * 7, 12, generator=generator) / 4
+    w2 = torch.randn(3, 12, 7, generator=generator) / 3
+    ids = torch.stack([torch.tensor([0, 1 + t % 2]) for t in range(tokens)])  # expert 0: all
+    weights = torch.rand(tokens, 2, generator=generator)
+    args = (x, ids, weights, w1, w2, None, None, "swiglu", "auto")
+    y, order, counts = torch.ops.moekit.fused_decode(*args)
+    direct = decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu")
+    assert (direct is None) == (tokens > skinny.MAX_ROWS)
+    if direct is not None:
+        assert torch.equal(y, direct.y_TD)
+    assert counts.tolist() == torch.bincount(ids.reshape(-1), minlength=3).tolist()
+    assert torch.equal(order, torch.argsort(ids.reshape(-1), stable=True))
+    torch.testing.assert_close(y.double(), _swiglu_reference(x, ids, weights, w1, w2),
+                               rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.moekit.fused_decode, args)
