@@ -93,3 +93,21 @@ def test_compiled_decode_keeps_the_one_native_call_in_one_graph(kind, bias, monk
     assert y_compiled.dtype == y.dtype
     tolerance = 1e-5 if kind != "bfloat16 layer" else 2e-2
     torch.testing.assert_close(y_compiled, y, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(not skinny.available(), reason="no skinny kernel")
+def test_compiled_decode_over_the_row_limit_still_answers():
+    """20 tokens over 4 experts average 10 rows, under MAX_ROWS, so the compiled layer takes the
+    operator; but the router sends every token to experts 0 and 1 (20 rows each), so the native
+    call declines inside it and the fused op answers: the same as eager."""
+    moe = randomized_moe(**FIELDS).eval()
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.tensor([1.0, 1.0, -1.0, -1.0])[:, None].expand(4, 32))
+    x = torch.rand(20, 32)  # positive: logits of experts 0 and 1 positive, of 2 and 3 negative
+    assert 20 * 2 // 4 <= skinny.MAX_ROWS < 20
+    with torch.no_grad():
+        y, aux = moe(x)
+        y_compiled, aux_compiled = torch.compile(moe)(x)
+    assert aux.tokens_per_expert.tolist() == [20, 20, 0, 0]
+    assert torch.equal(aux_compiled.tokens_per_expert, aux.tokens_per_expert)
+    torch.testing.assert_close(y_compiled, y, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ float32 on every step).
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from moekit.contract import DispatchPlan
 from moekit.experts.activations import DEFAULT_PARAMS, KERNEL_ACTIVATIONS
@@ -118,3 +119,11 @@ def _fused_decode_op(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch
 def _(x_TD, ids_TK, weights_TK, w1_EHD, w2_EDF, b1_EH, b2_ED, activation, cpu_kernels):
     return (x_TD.new_empty(x_TD.shape), ids_TK.new_empty(ids_TK.numel()),
             ids_TK.new_empty(w2_EDF.shape[0]))
+
+
+@register_flop_formula(torch.ops.moekit.fused_decode)
+def _flops(x_shape, ids_shape, weights_shape, w1_shape, w2_shape, *args, out_shape=None,
+           **kwargs) -> int:
+    """Both products for every one of the T*K choices: 2 * T*K * (H*D + D*F)."""
+    choices = ids_shape[0] * ids_shape[1]
+    return 2 * choices * (w1_shape[1] * w1_shape[2] + w2_shape[1] * w2_shape[2])

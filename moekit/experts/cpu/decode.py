@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch.overrides import has_torch_function
 
 from moekit.contract import DispatchPlan
 from moekit.experts.activations import ACTIVATIONS, GATED, kernel_codes
@@ -123,7 +124,9 @@ def declined_because(x_TD: torch.Tensor, plan: DispatchPlan, *weights: torch.Ten
     tensors = (x_TD, plan.weights_TK, *weights)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "a gradient to record"
-    as_operator = compiles_as_operator and plan.kept_TK is None and torch.compiler.is_compiling()
+    # torch.compile (only) may see the call as the operator; a tensor subclass never does
+    as_operator = compiles_as_operator and plan.kept_TK is None \
+        and torch.compiler.is_compiling() and not has_torch_function(tensors)
     if skinny.observed(*tensors) and not as_operator:
         return "a torch tool watches (compile, a dispatch mode or the profiler)"
     reason = _weights_declined(weights)

@@ -83,39 +83,52 @@ def test_cpu_kernels_off_keeps_every_product_in_torch(monkeypatch):
     assert product_calls == []
 
 
-def _swiglu_reference(x, ids, weights, w1, w2):
-    """float64 y[t] = sum_j weights[t, j] * (silu(gate) * up) @ w2[e]^T, e = ids[t, j]."""
-    x, weights, w1, w2 = x.double(), weights.double(), w1.double(), w2.double()
+def _swiglu_reference(x, ids, weights, w1, w2, b1, b2):
+    """float64 y[t] = sum_j weights[t, j] * ((silu(gate) * up) @ w2[e]^T + b2[e]), e = ids[t, j],
+    (gate, up) = x[t] @ w1[e]^T + b1[e]."""
+    x, weights, w1, w2, b1, b2 = (t.double() for t in (x, weights, w1, w2, b1, b2))
     y = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
-            gate, up = (w1[e] @ x[t]).chunk(2)
-            y[t] += weights[t, j] * (w2[e] @ (torch.nn.functional.silu(gate) * up))
+            gate, up = (w1[e] @ x[t] + b1[e]).chunk(2)
+            y[t] += weights[t, j] * (w2[e] @ (torch.nn.functional.silu(gate) * up) + b2[e])
     return y
 
 
 @pytest.mark.skipif(not skinny.available(), reason="no skinny kernel")
+@pytest.mark.parametrize("kind", ["float32", "bfloat16 expert weights", "bfloat16 layer"])
 @pytest.mark.parametrize("tokens", [5, skinny.MAX_ROWS + 3])
-def test_the_decode_operator_is_the_one_call_or_its_fallback(tokens):
+def test_the_decode_operator_is_the_one_call_or_its_fallback(kind, tokens):
     """moekit::fused_decode gives skinny_ffn's result, order and counts bit for bit where the
     call runs, and where it declines (one expert with more than MAX_ROWS rows) the fused op's
-    result with the plan's sort; both against a float64 loop. torch.library.opcheck checks its
-    schema and fake kernel (what torch.compile traces)."""
+    result with the plan's sort; both against a float64 loop (within bfloat16's rounding for a
+    bfloat16 layer). torch.library.opcheck checks its schema and fake kernel (what
+    torch.compile traces); FlopCounterMode counts both products of every choice."""
+    from torch.utils.flop_counter import FlopCounterMode
     generator = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, 12, generator=generator)
     w1 = torch.randn(3, 2 * 7, 12, generator=generator) / 4
     w2 = torch.randn(3, 12, 7, generator=generator) / 3
+    b1, b2 = torch.randn(3, 14, generator=generator) / 4, torch.randn(3, 12, generator=generator) / 4
+    if kind != "float32":
+        w1, w2, b1, b2 = (t.bfloat16() for t in (w1, w2, b1, b2))
+    if kind == "bfloat16 layer":
+        x = x.bfloat16()
     ids = torch.stack([torch.tensor([0, 1 + t % 2]) for t in range(tokens)])  # expert 0: all
     weights = torch.rand(tokens, 2, generator=generator)
-    args = (x, ids, weights, w1, w2, None, None, "swiglu", "auto")
-    y, order, counts = torch.ops.moekit.fused_decode(*args)
-    direct = decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu")
+    args = (x, ids, weights, w1, w2, b1, b2, "swiglu", "auto")
+    with FlopCounterMode(display=False) as counter:
+        y, order, counts = torch.ops.moekit.fused_decode(*args)
+    assert counter.get_total_flops() == 2 * tokens * 2 * (14 * 12 + 12 * 7)
+    assert y.dtype == x.dtype
+    direct = decode.skinny_ffn(x, ids, weights, w1, w2, "swiglu", b1, b2)
     assert (direct is None) == (tokens > skinny.MAX_ROWS)
     if direct is not None:
         assert torch.equal(y, direct.y_TD)
     assert counts.tolist() == torch.bincount(ids.reshape(-1), minlength=3).tolist()
     assert torch.equal(order, torch.argsort(ids.reshape(-1), stable=True))
-    torch.testing.assert_close(y.double(), _swiglu_reference(x, ids, weights, w1, w2),
-                               rtol=1e-5, atol=1e-5)
+    tolerance = 2e-2 if kind == "bfloat16 layer" else 1e-5
+    torch.testing.assert_close(y.double(), _swiglu_reference(x, ids, weights, w1, w2, b1, b2),
+                               rtol=tolerance, atol=tolerance)
     torch.library.opcheck(torch.ops.moekit.fused_decode, args)
