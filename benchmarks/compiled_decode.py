@@ -2,77 +2,59 @@
 
 Run: python benchmarks/compiled_decode.py [--repeats N]
 
-One MoE layer of S3's shape (T=16 tokens, dim=1024, expert_dim=896, E=8, top-2, SwiGLU) under
-no_grad, as eager and as torch.compile(layer) (inductor), for three copies with the same weights:
-float32, bfloat16 expert weights (float32 x and y) and the layer held in bfloat16. A compiled
-decode-size layer keeps the one native call (the operator moekit::fused_decode) in one graph.
-Before each call a 128 MiB sum empties the caches, as a decode step finds them; every row is
-timed in the same rounds, round-robin; cells are medians, with the spread (max - min) / median.
+The S3 layers of benchmarks/half_weight_decode.py (T=16 tokens, dim=1024, expert_dim=896, E=8,
+top-2, SwiGLU, one set of weights: float32, bfloat16 or float16 expert weights with float32 x
+and y, the layer held in bfloat16) under no_grad, as eager and as torch.compile(layer)
+(inductor). A compiled decode-size layer keeps the one native call (the operator
+moekit::fused_decode) in one graph. Before each call a 128 MiB sum empties the caches, as a
+decode step finds them; every row is timed in the same rounds, round-robin; cells are medians,
+with the spread (max - min) / median.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
-import time
 
 import torch
 
-import moekit
+from moekit.bench.harness import time_cold_rounds
+from moekit.bench.peers import half_weight_layers
 from moekit.bench.shapes import SHAPES
 from moekit.experts.cpu import isa
 
-
-def _layers() -> dict[str, tuple[moekit.MoE, torch.dtype]]:
-    shape = SHAPES["S3"]
-    torch.manual_seed(0)
-    config = moekit.MoEConfig(dim=shape.dim, expert_dim=shape.expert_dim,
-                              num_experts=shape.num_experts, top_k=shape.top_k)
-    base = moekit.MoE(config).eval()
-    half_experts = copy.deepcopy(base)
-    half_experts.experts.to(torch.bfloat16)
-    return {"float32": (base, torch.float32),
-            "bfloat16 expert weights": (half_experts, torch.float32),
-            "bfloat16 layer": (copy.deepcopy(base).to(torch.bfloat16), torch.bfloat16)}
+KINDS = ("eager", "compiled")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=30, help="rounds (default 30)")
     args = parser.parse_args()
-    x = torch.randn(SHAPES["S3"].tokens, SHAPES["S3"].dim)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    shape = SHAPES["S3"]
+    x = torch.randn(shape.tokens, shape.dim)
+    layers = half_weight_layers(seed=0)
     calls = {}
-    for name, (layer, dtype) in _layers().items():
-        calls[(name, "eager")] = (layer, x.to(dtype))
-        calls[(name, "compiled")] = (torch.compile(layer), x.to(dtype))
-    flush = torch.randn(32 * 1024 * 1024)
-    times = {key: [] for key in calls}
-    with torch.no_grad():
-        for layer, x_in in calls.values():  # compile, and warm every path once
-            layer(x_in)
-            layer(x_in)
-        for _ in range(args.repeats):
-            for key, (layer, x_in) in calls.items():
-                flush.sum()
-                start = time.perf_counter()
-                layer(x_in)
-                times[key].append(time.perf_counter() - start)
+    for name, (layer, x_dtype) in layers.items():
+        compiled, x_in = torch.compile(layer), x.to(x_dtype)
+        calls[f"{name}, eager"] = lambda layer=layer, x_in=x_in: layer(x_in)
+        calls[f"{name}, compiled"] = lambda compiled=compiled, x_in=x_in: compiled(x_in)
+    times = time_cold_rounds(calls, args.repeats)  # the warm-up calls compile
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU "
-          f"{isa.cpu_isa().describe()}; S3 decode under no_grad, "
-          f"caches emptied before each call, {args.repeats} rounds\n")
+          f"{isa.cpu_isa().describe()}; S3 decode under no_grad, caches emptied before each "
+          f"call, {args.repeats} rounds\n")
     print("| layer | eager ms | compiled ms | compiled / eager |")
     print("|---|---|---|---|")
-    for name in _layers():
-        cells = []
-        for kind in ("eager", "compiled"):
-            samples = times[(name, kind)]
-            median = statistics.median(samples)
-            cells.append((median * 1e3, (max(samples) - min(samples)) / median * 100))
-        (eager, eager_spread), (compiled, compiled_spread) = cells
-        print(f"| {name} | {eager:.2f} (±{eager_spread:.0f}%) | {compiled:.2f} "
-              f"(±{compiled_spread:.0f}%) | {compiled / eager:.2f} |")
+    for name in layers:
+        cells, medians = [], {}
+        for kind in KINDS:
+            samples = times[f"{name}, {kind}"]
+            medians[kind] = statistics.median(samples)
+            spread = (max(samples) - min(samples)) / medians[kind]
+            cells.append(f"{medians[kind] * 1e3:.2f} (±{spread:.0%})")
+        print(f"| {name} | {cells[0]} | {cells[1]} | "
+              f"{medians['compiled'] / medians['eager']:.2f} |")
 
 if __name__ == "__main__":
     main()

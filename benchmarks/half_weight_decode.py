@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import statistics
-import time
 
 import torch
 
 import moekit
+from moekit.bench.harness import time_cold_rounds
+from moekit.bench.peers import half_weight_layers
 from moekit.bench.shapes import SHAPES
 from moekit.experts.cpu import decode, isa, skinny
 
@@ -41,20 +41,10 @@ ROUNDED = "bfloat16 expert weights, fp32 precision bf16"
 
 
 def _layers(seed: int) -> dict[str, tuple[moekit.MoE, torch.dtype]]:
-    """name -> (layer in eval mode, x's dtype), all with the float32 layer's weights."""
-    shape = SHAPES["S3"]
-    torch.manual_seed(seed)
-    config = moekit.MoEConfig(dim=shape.dim, expert_dim=shape.expert_dim,
-                              num_experts=shape.num_experts, top_k=shape.top_k)
-    base = moekit.MoE(config).eval()
-    layers = {"float32": (base, torch.float32)}
-    for name, dtype in (("bfloat16 expert weights", torch.bfloat16),
-                        ("float16 expert weights", torch.float16)):
-        layer = copy.deepcopy(base)
-        layer.experts.to(dtype)
-        layers[name] = (layer, torch.float32)
+    """name -> (layer in eval mode, x's dtype), all with the float32 layer's weights; the
+    ROUNDED row is the bfloat16-weight layer again, run at precision "bf16"."""
+    layers = half_weight_layers(seed)
     layers[ROUNDED] = layers["bfloat16 expert weights"]
-    layers["bfloat16 layer"] = (copy.deepcopy(base).to(torch.bfloat16), torch.bfloat16)
     return layers
 
 
@@ -119,22 +109,8 @@ def measure(repeats: int, seed: int) -> dict[str, list[float]]:
         rows[f"layer, {name}"] = lambda layer=layer, x_in=x_in: layer(x_in)
         rows[f"native call, {name}"] = _kernel_call(layer, x_in)
     _check_layers_take_the_call(rows)
-    flush = torch.randn(32 * 1024 * 1024)  # 128 MiB
-    times = {name: [] for name in rows}
-    with torch.no_grad():
-        for name, call in rows.items():
-            with float32_matmul_precision(_precision(name)):
-                call()
-                call()
-        for _ in range(repeats):
-            for name, call in rows.items():
-                with float32_matmul_precision(_precision(name)):
-                    flush.sum()
-                    start = time.perf_counter()
-                    call()
-                    times[name].append(time.perf_counter() - start)
-    return times
-
+    return time_cold_rounds(rows, repeats,
+                            lambda name: float32_matmul_precision(_precision(name)))
 
 def table(times: dict[str, list[float]]) -> str:
     medians = {name: statistics.median(t) for name, t in times.items()}

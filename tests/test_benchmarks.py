@@ -123,8 +123,11 @@ def test_half_weight_decode_runs_one_round():
 def test_compiled_decode_runs_one_round():
     done = run_script("compiled_decode", "--repeats", "1")
     assert done.returncode == 0, done.stderr[-3000:]
-    for layer in ("float32", "bfloat16 expert weights", "bfloat16 layer"):
+    for layer in ("float32", "bfloat16 expert weights", "float16 expert weights",
+                  "bfloat16 layer"):
         assert f"| {layer} | " in done.stdout
+    refused = run_script("compiled_decode", "--repeats", "0")
+    assert refused.returncode != 0 and "--repeats must be at least 1, got 0" in refused.stderr
 
 
 def test_batch_invariance_benchmark_runs():

@@ -1,16 +1,19 @@
 """The timing harness: a ``Row`` is one timed candidate; ``time_rows`` times rows
 interleaved, ``peak_memory_mib`` probes /proc for a call's peak memory, and
-``read_bandwidth_gbs`` measures the machine's best-case read bandwidth, and
+``read_bandwidth_gbs`` measures the machine's best-case read bandwidth,
+``time_cold_rounds`` times calls as a decode step finds the caches, and
 ``bf16_matmul_note`` says whether this CPU runs bf16 matrix products natively
 (moekit/experts/cpu/isa.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +53,31 @@ def time_rows(rows: list[Row], repeats: int) -> dict[tuple[str, str], list[float
                 start = time.perf_counter()
                 fn()
                 times.setdefault((row.name, kind), []).append(time.perf_counter() - start)
+    return times
+
+
+def time_cold_rounds(calls: dict[str, Callable[[], object]], repeats: int,
+                     setting: Callable[[str], AbstractContextManager] | None = None
+                     ) -> dict[str, list[float]]:
+    """name -> seconds of that call in each of ``repeats`` rounds, round-robin, after two warm-up
+    calls each, under no_grad; before every timed call a 128 MiB sum empties the caches, as a
+    decode step's weight stream leaves them. setting(name): a context the call of that name runs
+    in, entered before its timer starts (e.g. a float32 matmul precision)."""
+    setting = setting or (lambda name: contextlib.nullcontext())
+    flush = torch.randn(32 * 1024 * 1024)
+    times = {name: [] for name in calls}
+    with torch.no_grad():
+        for name, call in calls.items():
+            with setting(name):
+                call()
+                call()
+        for _ in range(repeats):
+            for name, call in calls.items():
+                with setting(name):
+                    flush.sum()
+                    start = time.perf_counter()
+                    call()
+                    times[name].append(time.perf_counter() - start)
     return times
 
 

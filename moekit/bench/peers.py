@@ -5,15 +5,36 @@ all with the same weights and routing. T tokens, D model dim.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 import moekit
 from moekit.bench.harness import Row, bf16_matmul_note
 from moekit.bench.limits import swiglu_chain
-from moekit.bench.shapes import Shape
+from moekit.bench.shapes import SHAPES, Shape
 from moekit.experts.cpu.isa import cpu_isa
 
 DECODE_TOKENS = 64  # at most this many tokens: a decode-size shape (S3)
+
+
+def half_weight_layers(seed: int) -> dict[str, tuple[moekit.MoE, torch.dtype]]:
+    """S3 layers in eval mode with one set of weights, name -> (layer, x's dtype): "float32";
+    "bfloat16 expert weights" and "float16 expert weights" (only the experts cast: float32 x
+    and y; docs/inference.md); "bfloat16 layer" (the whole layer cast, bfloat16 x and y)."""
+    shape = SHAPES["S3"]
+    torch.manual_seed(seed)
+    config = moekit.MoEConfig(dim=shape.dim, expert_dim=shape.expert_dim,
+                              num_experts=shape.num_experts, top_k=shape.top_k)
+    base = moekit.MoE(config).eval()
+    layers = {"float32": (base, torch.float32)}
+    for name, dtype in (("bfloat16 expert weights", torch.bfloat16),
+                        ("float16 expert weights", torch.float16)):
+        layer = copy.deepcopy(base)
+        layer.experts.to(dtype)
+        layers[name] = (layer, torch.float32)
+    layers["bfloat16 layer"] = (copy.deepcopy(base).to(torch.bfloat16), torch.bfloat16)
+    return layers
 
 
 def timed_module(name: str, module: torch.nn.Module, x: torch.Tensor, note: str = "",
